@@ -1,0 +1,118 @@
+"""The base every sequence attention layer builds on: q/k/v/o projections with logical axis names, positions,
+the KV cache and attention-weight capture.
+
+The uniform layer call is
+
+    layer(x, *, context=None, mask=None, positions=None, decode=False, deterministic=True)
+
+with x [batch, length, embed] -> [batch, length, embed]. Subclasses change `attend` (how q, k, v become the
+per-head output), or the projections, and keep the rest.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from attn.core import kv_cache
+from attn.core.masks import Mask
+from attn.core.validation import check_gqa, check_rank
+
+Array = jax.Array
+
+default_kernel_init = nn.initializers.lecun_normal()
+
+
+class AttentionLayer(nn.Module):
+    """Fields shared by every sequence attention mechanism (see attn.registry.COMMON_OPTION_DOCS)."""
+
+    num_heads: int
+    head_dim: int
+    num_kv_heads: int | None = None
+    dropout_rate: float = 0.0
+    use_bias: bool = False
+    capture: bool = False
+    implementation: str | None = None
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    # ------------------------------------------------------------------ checks
+    @property
+    def kv_heads(self) -> int:
+        kv = self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+        check_gqa(self.num_heads, kv)
+        return kv
+
+    def check_input(self, x: Array, context: Array | None) -> None:
+        check_rank("x", x, 3, "[batch, length, embed]")
+        if context is not None:
+            check_rank("context", context, 3, "[batch, context_length, embed]")
+            if context.shape[0] != x.shape[0]:
+                raise ValueError(f"context batch {context.shape[0]} != x batch {x.shape[0]}")
+        if self.num_heads <= 0 or self.head_dim <= 0:
+            raise ValueError(f"num_heads={self.num_heads} and head_dim={self.head_dim} must be positive")
+        _ = self.kv_heads
+
+    # ------------------------------------------------------------------ projections
+    def dense_heads(self, x: Array, heads: int, heads_axis: str, name: str) -> Array:
+        """[B, T, E] -> [B, T, heads, head_dim] with kernel axes ("embed", heads_axis, "head_dim")."""
+        y = nn.DenseGeneral(
+            features=(heads, self.head_dim),
+            axis=-1,
+            use_bias=self.use_bias,
+            kernel_init=nn.with_logical_partitioning(default_kernel_init, ("embed", heads_axis, "head_dim")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (heads_axis, "head_dim")),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name=name,
+        )(x)
+        return nn.with_logical_constraint(y, ("batch", "length", heads_axis, "head_dim"))
+
+    def project_qkv(self, x: Array, context: Array | None) -> tuple[Array, Array, Array]:
+        source = x if context is None else context
+        q = self.dense_heads(x, self.num_heads, "heads", "query")
+        k = self.dense_heads(source, self.kv_heads, "kv_heads", "key")
+        v = self.dense_heads(source, self.kv_heads, "kv_heads", "value")
+        return q, k, v
+
+    def project_out(self, y: Array, features: int) -> Array:
+        """[B, T, H, Dv] -> [B, T, features] with kernel axes ("heads", "head_dim", "embed")."""
+        out = nn.DenseGeneral(
+            features=features,
+            axis=(-2, -1),
+            use_bias=self.use_bias,
+            kernel_init=nn.with_logical_partitioning(default_kernel_init, ("heads", "head_dim", "embed")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="out",
+        )(y)
+        return nn.with_logical_constraint(out, ("batch", "length", "embed"))
+
+    # ------------------------------------------------------------------ positions, cache, capture
+    def query_positions(self, positions: Array | None, batch: int, length: int, offset: Any) -> Array:
+        """int32 [B, T]: the given positions, or offset + arange(T)."""
+        if positions is not None:
+            positions = jnp.asarray(positions, jnp.int32)
+            if positions.shape[-1] != length:
+                raise ValueError(f"positions has shape {positions.shape}; expected [batch, {length}] to match x")
+            return jnp.broadcast_to(positions if positions.ndim == 2 else positions[None], (batch, length))
+        return jnp.broadcast_to(offset + jnp.arange(length, dtype=jnp.int32), (batch, length))
+
+    def wants_weights(self) -> bool:
+        return self.capture or self.is_mutable_collection("intermediates")
+
+    def dropout_rng(self, deterministic: bool) -> Array | None:
+        if deterministic or self.dropout_rate == 0.0:
+            return None
+        return self.make_rng("dropout")
+
+    def cache_write(self, k: Array, v: Array, mask: Mask | None) -> tuple[Array, Array, Mask | None, Any]:
+        """Decode step: writes k, v into the cache; returns (keys, values, mask, q_offset) to attend with."""
+        keys, values, start = kv_cache.write(self, k, v)
+        if start is None:  # the creating call: an ordinary forward
+            return k, v, mask, 0
+        return keys, values, kv_cache.decode_mask(mask, k.shape[0], start, k.shape[1]), start

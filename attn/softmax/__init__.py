@@ -1,0 +1,1 @@
+"""Exact (dense) softmax-attention mechanisms."""

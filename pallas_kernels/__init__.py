@@ -1,0 +1,5 @@
+"""Pallas kernels (GPU and TPU) with their jnp references, custom VJPs and dispatch.
+
+This package imports nothing from the rest of the project. Kernel families live in subfolders
+(flash/, linear/, neighborhood/, block_sparse/, decode/, ring/) as they are added.
+"""

@@ -1,0 +1,37 @@
+"""Package metadata for `attn`: attention mechanisms in JAX, with Pallas kernels and a training harness."""
+
+from setuptools import find_packages, setup
+
+_REQUIRES = [
+    "jax>=0.7",
+    "flax>=0.11",
+    "optax>=0.2.4",
+    "orbax-checkpoint>=0.11",
+    "ml-collections>=1.0",
+    "absl-py>=2.0",
+    "numpy>=1.26",
+    "tensorboard>=2.15",  # event-file reading for tests/tools; no TensorFlow needed
+    "tensorboardX>=2.6",  # event-file writing without TensorFlow
+    "matplotlib>=3.8",  # PNG plots written by eval/
+]
+
+_EXTRAS = {
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "ruff>=0.6"],
+    "gpu": ["jax[cuda12]"],
+    "tpu": ["jax[tpu]"],
+}
+
+setup(
+    name="attn",
+    version="0.1.0",
+    description="Every attention mechanism of the seed papers in JAX: Flax modules, pure-JAX references, "
+    "Pallas kernels, a sharded training loop and evaluation tools.",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["attn", "attn.*", "pallas_kernels", "pallas_kernels.*", "train", "train.*", "eval", "eval.*"]),
+    install_requires=_REQUIRES,
+    extras_require=_EXTRAS,
+    license="Apache-2.0",
+    classifiers=["Programming Language :: Python :: 3", "Topic :: Scientific/Engineering :: Artificial Intelligence"],
+)
