@@ -1,11 +1,11 @@
 """attn: every attention mechanism of the seed papers in JAX.
 
-    import attn
-    attn.list_mechanisms()                       # registry names
-    spec = attn.get("softmax")                   # MechanismSpec: family, paper, options, ...
-    layer = attn.build("softmax", num_heads=8, head_dim=64, position="rope")
-    y = layer.apply(params, x, mask=attn.Mask(causal=True))
-    from attn import functional as F             # pure functions: F.softmax_attention(q, k, v, causal=True)
+import attn
+attn.list_mechanisms()                       # registry names
+spec = attn.get("softmax")                   # MechanismSpec: family, paper, options, ...
+layer = attn.build("softmax", num_heads=8, head_dim=64, position="rope")
+y = layer.apply(params, x, mask=attn.Mask(causal=True))
+from attn import functional as F             # pure functions: F.softmax_attention(q, k, v, causal=True)
 """
 
 from attn import functional

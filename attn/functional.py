@@ -85,7 +85,9 @@ def softmax_attention(
         implementation,
         {
             "pallas": _pallas_unavailable(),
-            "cudnn": _cudnn_unavailable(full_mask, softcap, sinks, dropout_rate, wants_aux, q_offset, q.dtype),
+            "cudnn": _cudnn_unavailable(
+                full_mask, softcap, sinks, dropout_rate, wants_aux, q_offset, q.dtype
+            ),
             "xla": None,
         },
     )
@@ -132,7 +134,11 @@ def _cudnn_unavailable(mask, softcap, sinks, dropout_rate, wants_aux, q_offset, 
     if not (isinstance(q_offset, int) and q_offset == 0):
         return "a query offset (decoding) is not supported by cuDNN"
     if mask is not None:
-        extra = [f for f in ("q_segment_ids", "prefix_lengths", "block_mask", "dense") if getattr(mask, f) is not None]
+        extra = [
+            f
+            for f in ("q_segment_ids", "prefix_lengths", "block_mask", "dense")
+            if getattr(mask, f) is not None
+        ]
         if extra or mask.mask_fn is not None:
             return f"mask parts {extra or ['mask_fn']} are not supported by cuDNN"
     return None

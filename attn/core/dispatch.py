@@ -20,7 +20,7 @@ def platform() -> str:
     return jax.devices()[0].platform
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def log_choice_once(op: str, choice: str, reason: str) -> None:
     logger.debug("%s: using the %s implementation (%s)", op, choice, reason)
 
@@ -43,7 +43,9 @@ def select(op: str, requested: str | None, available: dict[str, str | None]) -> 
     skipped = []
     for backend, reason in available.items():
         if reason is None:
-            log_choice_once(op, backend, "fastest available" + (f"; skipped {'; '.join(skipped)}" if skipped else ""))
+            log_choice_once(
+                op, backend, "fastest available" + (f"; skipped {'; '.join(skipped)}" if skipped else "")
+            )
             return backend
         skipped.append(f"{backend}: {reason}")
     raise ValueError(f"no implementation of {op} is available here: {'; '.join(skipped)}")

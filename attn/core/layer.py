@@ -92,13 +92,24 @@ class AttentionLayer(nn.Module):
         )(y)
         return nn.with_logical_constraint(out, ("batch", "length", "embed"))
 
+    def head_norm(self, x: Array, name: str) -> Array:
+        """RMS norm over head_dim with a learned scale ("head_dim",) (QK-norm)."""
+        return nn.RMSNorm(
+            scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("head_dim",)),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name=name,
+        )(x)
+
     # ------------------------------------------------------------------ positions, cache, capture
     def query_positions(self, positions: Array | None, batch: int, length: int, offset: Any) -> Array:
         """int32 [B, T]: the given positions, or offset + arange(T)."""
         if positions is not None:
             positions = jnp.asarray(positions, jnp.int32)
             if positions.shape[-1] != length:
-                raise ValueError(f"positions has shape {positions.shape}; expected [batch, {length}] to match x")
+                raise ValueError(
+                    f"positions has shape {positions.shape}; expected [batch, {length}] to match x"
+                )
             return jnp.broadcast_to(positions if positions.ndim == 2 else positions[None], (batch, length))
         return jnp.broadcast_to(offset + jnp.arange(length, dtype=jnp.int32), (batch, length))
 

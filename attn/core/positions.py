@@ -112,7 +112,9 @@ def _relative(q_positions: Array, kv_positions: Array) -> Array:
     return (k[:, None, None, :] - q[:, None, :, None]).astype(jnp.int32)  # [B, 1, Tq, Tk]
 
 
-def t5_relative_buckets(relative: Array, *, bidirectional: bool, num_buckets: int, max_distance: int) -> Array:
+def t5_relative_buckets(
+    relative: Array, *, bidirectional: bool, num_buckets: int, max_distance: int
+) -> Array:
     """T5 bucketing of relative positions (kv - q): exact buckets for small distances, logarithmic up to
     `max_distance`, then saturating. With `bidirectional`, half the buckets are for keys after the query."""
     buckets = jnp.zeros_like(relative)
@@ -125,7 +127,9 @@ def t5_relative_buckets(relative: Array, *, bidirectional: bool, num_buckets: in
         distance = jnp.maximum(-relative, 0)
     max_exact = n // 2
     is_small = distance < max_exact
-    log_ratio = jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / max_exact) / math.log(max_distance / max_exact)
+    log_ratio = jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / max_exact) / math.log(
+        max_distance / max_exact
+    )
     large = max_exact + (log_ratio * (n - max_exact)).astype(jnp.int32)
     large = jnp.minimum(large, n - 1)
     return buckets + jnp.where(is_small, distance, large)

@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from attn import functional as F
-from attn.core import kv_cache, positions as pos
+from attn.core import kv_cache
+from attn.core import positions as pos
 from attn.core.layer import AttentionLayer
 from attn.core.masks import Mask
 from attn.core.validation import check_choice, normalize_window
@@ -86,13 +87,14 @@ class MultiHeadAttention(AttentionLayer):
         check_choice("position", self.position, POSITIONS)
         normalize_window(self.window)
         if decode and context is not None:
-            raise ValueError("decode=True is for self-attention; got a context (cross-attention has no KV cache)")
+            raise ValueError(
+                "decode=True is for self-attention; got a context (cross-attention has no KV cache)"
+            )
         batch, length, features = x.shape
 
         q, k, v = self.project_qkv(x, context)
         if self.qk_norm:
-            q = nn.RMSNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="query_norm")(q)
-            k = nn.RMSNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="key_norm")(k)
+            q, k = self.head_norm(q, "query_norm"), self.head_norm(k, "key_norm")
 
         offset = kv_cache.current_index(self) if decode else 0
         q_pos = self.query_positions(positions, batch, length, offset)
@@ -111,7 +113,9 @@ class MultiHeadAttention(AttentionLayer):
         q_offset = 0
         if decode:
             k, v, mask, q_offset = self.cache_write(k, v, mask)
-        kv_pos = q_pos if (self_attention and k.shape[1] == length) else jnp.arange(k.shape[1], dtype=jnp.int32)
+        kv_pos = (
+            q_pos if (self_attention and k.shape[1] == length) else jnp.arange(k.shape[1], dtype=jnp.int32)
+        )
 
         bias = self.position_bias(q, q_pos, kv_pos, mask) if self_attention else None
         y = self.attend(q, k, v, mask=mask, bias=bias, q_offset=q_offset, deterministic=deterministic)

@@ -1,0 +1,98 @@
+"""Bidirectional encoder with a classification head (masked mean pool) or a masked-LM head.
+
+tokens int [B, T] (valid prefix of `lengths` per row) -> embedding (+ learned positions)
+-> num_layers pre-norm blocks (padding mask) -> final norm
+-> "classification": mean over valid tokens -> Dense -> logits float32 [B, num_classes]
+-> "mlm": tied or untied vocab head -> logits float32 [B, T, vocab_size]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+import attn
+from attn.models.fields import AttentionOptions, hash_fields
+from attn.models.layers import check_choice
+from attn.models.trunk import block_stack, embed_tokens, vocab_logits
+
+Dtype = Any
+
+HEADS = ("classification", "mlm")
+
+
+def classifier(num_classes: int, *, dtype: Dtype, param_dtype: Dtype, name: str = "classifier") -> nn.Dense:
+    """Dense classification head [..., E] -> [..., num_classes], axes ("embed", "classes")."""
+    return nn.Dense(
+        num_classes,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "classes")),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("classes",)),
+        name=name,
+    )
+
+
+class Encoder(nn.Module):
+    """Bidirectional transformer encoder.
+
+    `__call__(tokens int[B, T], *, lengths=None int[B], deterministic=True)` -> logits float32
+    [B, num_classes] (head="classification") or [B, T, vocab_size] (head="mlm"). Tokens at or beyond
+    `lengths[b]` are padding: no valid token attends to them and they are left out of the pooled mean.
+
+    Trunk fields as in `DecoderLM` (vocab_size, num_layers, d_model, num_heads, mlp_dim, head_dim,
+    num_kv_heads, attention, attention_options, norm, mlp, tie_embeddings, position_embedding, max_len,
+    dropout_rate, dtype, param_dtype); `head` and `num_classes` choose the output.
+    """
+
+    vocab_size: int
+    num_layers: int
+    d_model: int
+    num_heads: int
+    mlp_dim: int
+    head_dim: int | None = None
+    num_kv_heads: int | None = None
+    attention: str | Sequence[str] = "softmax"
+    attention_options: AttentionOptions = dataclasses.field(default_factory=dict)
+    norm: str = "rmsnorm"
+    mlp: str = "swiglu"
+    tie_embeddings: bool = True
+    position_embedding: str = "none"
+    max_len: int = 2048
+    dropout_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    head: str = "classification"
+    num_classes: int | None = None
+
+    def __hash__(self) -> int:
+        return hash_fields(self)
+
+    @nn.compact
+    def __call__(
+        self, tokens: jax.Array, *, lengths: jax.Array | None = None, deterministic: bool = True
+    ) -> jax.Array:
+        check_choice("head", self.head, HEADS)
+        if self.head == "classification" and (self.num_classes is None or self.num_classes <= 0):
+            raise ValueError(
+                f"head='classification' needs num_classes > 0; got num_classes={self.num_classes}"
+            )
+        if lengths is not None and jnp.shape(lengths) != tokens.shape[:1]:
+            raise ValueError(f"lengths must be int [batch={tokens.shape[0]}]; got shape {jnp.shape(lengths)}")
+        x, embedding = embed_tokens(self, tokens, None, deterministic=deterministic)
+        mask = None if lengths is None else attn.Mask(q_lengths=lengths, kv_lengths=lengths)
+        x = block_stack(self, x, mask=mask, deterministic=deterministic)
+        if self.head == "mlm":
+            return vocab_logits(self, embedding, x)
+        limit = tokens.shape[1] if lengths is None else lengths[:, None]
+        valid = jnp.arange(tokens.shape[1])[None, :] < limit
+        # where (not multiply) so that whatever the padded rows hold never reaches the mean.
+        summed = jnp.where(valid[..., None], x, 0).sum(axis=1, dtype=jnp.float32)
+        pooled = summed / jnp.maximum(valid.sum(axis=1, keepdims=True), 1)
+        logits = classifier(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype)(pooled)
+        return logits.astype(jnp.float32)

@@ -1,0 +1,113 @@
+"""Autoregressive generation with the KV cache: one prefill call for the prompt, then one token per step.
+
+    cache = init_cache(model, params, batch_size, max_len)        # zeros, shapes from jax.eval_shape
+    tokens = generate(model, params, prompt, 32)                  # greedy, int [B, P + 32]
+    tokens = generate(model, params, prompt, 32, temperature=0.8, top_k=40, rng=jax.random.key(0))
+
+`params` is either the "params" collection or a whole variables dict with a "params" entry (as returned by
+`model.init`); boxed (logically partitioned) parameters work as they are.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def _variables(params: Any) -> dict[str, Any]:
+    """A variables dict without any "cache" from either a params tree or a variables dict."""
+    if isinstance(params, Mapping) and "params" in params:
+        return {name: value for name, value in params.items() if name not in ("cache", "intermediates")}
+    return {"params": params}
+
+
+def init_cache(model: nn.Module, params: Any, batch_size: int, max_len: int) -> Any:
+    """A zero "cache" collection for decoding up to `max_len` tokens in rows of `batch_size`.
+
+    Shapes come from `jax.eval_shape` of the cache-creating decode call, so no forward pass runs.
+    Returns the pytree to pass as variables["cache"] (KV caches [B, max_len, ...] and int32 indices at 0).
+    """
+    if batch_size <= 0 or max_len <= 0:
+        raise ValueError(f"batch_size={batch_size} and max_len={max_len} must both be positive")
+    variables = _variables(params)
+
+    def create(variables: dict[str, Any], tokens: jax.Array) -> Any:
+        _, state = model.apply(variables, tokens, decode=True, mutable=["cache"])
+        return state["cache"]
+
+    tokens = jax.ShapeDtypeStruct((batch_size, max_len), jnp.int32)
+    shapes = jax.eval_shape(create, variables, tokens)
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def _next_token(logits: jax.Array, temperature: float, top_k: int | None, key: jax.Array) -> jax.Array:
+    """Next token int32 [B] from logits float32 [B, V]: argmax, or a (top-k) sample at `temperature`."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_k is not None:
+        kth_largest = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k"))
+def generate(
+    model: nn.Module,
+    params: Any,
+    prompt: jax.Array,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    rng: jax.Array | None = None,
+) -> jax.Array:
+    """Extend `prompt` int [B, P] by `max_new_tokens` tokens; returns int32 [B, P + max_new_tokens].
+
+    Every row shares the prompt length P. temperature == 0 is greedy (argmax); temperature > 0 samples
+    from softmax(logits / temperature), restricted to the `top_k` largest logits when top_k is set, and
+    needs `rng` (step i uses fold_in(rng, i), so a fixed rng reproduces the same tokens).
+    Jitted, with model, max_new_tokens, temperature and top_k static.
+    """
+    if prompt.ndim != 2 or prompt.shape[1] == 0 or not jnp.issubdtype(prompt.dtype, jnp.integer):
+        raise ValueError(f"prompt must be int [batch, length>=1]; got {prompt.dtype} {prompt.shape}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0 (0 means greedy)")
+    if top_k is not None and not 1 <= top_k <= getattr(model, "vocab_size", top_k):
+        raise ValueError(f"top_k={top_k} must be None or in [1, vocab_size]")
+    if temperature > 0 and rng is None:
+        raise ValueError(f"temperature={temperature} samples tokens and needs rng (a jax.random key)")
+    prompt = prompt.astype(jnp.int32)
+    if max_new_tokens == 0:
+        return prompt
+    batch, prompt_len = prompt.shape
+    total = prompt_len + max_new_tokens
+    if rng is None:
+        rng = jax.random.key(0)  # unused by greedy decoding; keeps one code path
+    variables = _variables(params)
+
+    def decode(cache: Any, tokens: jax.Array) -> tuple[jax.Array, Any]:
+        logits, state = model.apply({**variables, "cache": cache}, tokens, decode=True, mutable=["cache"])
+        return logits[:, -1], state["cache"]
+
+    logits, cache = decode(init_cache(model, variables, batch, total), prompt)
+    first = _next_token(logits, temperature, top_k, jax.random.fold_in(rng, 0))
+    out = jnp.zeros((batch, total), jnp.int32).at[:, :prompt_len].set(prompt).at[:, prompt_len].set(first)
+
+    def step(i: jax.Array, carry: tuple[jax.Array, Any]) -> tuple[jax.Array, Any]:
+        out, cache = carry
+        last = jax.lax.dynamic_slice_in_dim(out, prompt_len + i - 1, 1, axis=1)
+        logits, cache = decode(cache, last)
+        token = _next_token(logits, temperature, top_k, jax.random.fold_in(rng, i))
+        out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], prompt_len + i, axis=1)
+        return out, cache
+
+    out, _ = jax.lax.fori_loop(1, max_new_tokens, step, (out, cache))
+    return out

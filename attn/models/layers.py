@@ -1,0 +1,140 @@
+"""Building blocks shared by the models: norms, the feed-forward MLP, token and position embeddings.
+
+Every parameter is created through `nn.with_logical_partitioning`, so the boxed parameter tree carries
+logical axis names (`vocab`, `embed`, `mlp`, `length`) that the trainer maps onto a device mesh. Compute
+happens in `dtype`, parameters are stored in `param_dtype`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+NORMS = ("rmsnorm", "layernorm")
+MLPS = ("swiglu", "gelu")
+
+# The activation layout every model keeps between blocks.
+ACTIVATION_AXES = ("batch", "length", "embed")
+
+
+def check_choice(field: str, value: str, choices: tuple[str, ...]) -> None:
+    """Raise ValueError naming `field` when `value` is not one of `choices`."""
+    if value not in choices:
+        raise ValueError(f"{field}={value!r} is not supported; expected one of {list(choices)}")
+
+
+def make_norm(kind: str, *, dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.Module:
+    """Normalisation over the last (embed) axis: x [..., E] -> [..., E] in `dtype`.
+
+    kind: "rmsnorm" (scale only) or "layernorm" (scale and bias). Statistics are reduced in float32.
+    """
+    check_choice("norm", kind, NORMS)
+    scale_init = nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",))
+    if kind == "rmsnorm":
+        return nn.RMSNorm(
+            epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, scale_init=scale_init, name=name
+        )
+    bias_init = nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",))
+    return nn.LayerNorm(
+        epsilon=1e-6,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        scale_init=scale_init,
+        bias_init=bias_init,
+        name=name,
+    )
+
+
+def _dense(features: int, axes: tuple[str, str], dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Dense:
+    kernel_init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes)
+    return nn.Dense(
+        features, use_bias=False, dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, name=name
+    )
+
+
+class Mlp(nn.Module):
+    """Position-wise feed-forward network: x [..., E] -> [..., E] in `dtype`.
+
+    kind "swiglu": (silu(x W_gate) * (x W_up)) W_down; kind "gelu": gelu(x W_in) W_out. No biases.
+    Kernels: in ("embed", "mlp"), out ("mlp", "embed").
+    """
+
+    hidden_dim: int
+    kind: str = "swiglu"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        check_choice("mlp", self.kind, MLPS)
+        features = x.shape[-1]
+        args = (self.dtype, self.param_dtype)
+        if self.kind == "swiglu":
+            gate = _dense(self.hidden_dim, ("embed", "mlp"), *args, name="wi_gate")(x)
+            up = _dense(self.hidden_dim, ("embed", "mlp"), *args, name="wi_up")(x)
+            hidden = nn.silu(gate) * up
+        else:
+            hidden = nn.gelu(_dense(self.hidden_dim, ("embed", "mlp"), *args, name="wi")(x))
+        if hidden.ndim == 3:
+            hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
+        return _dense(features, ("mlp", "embed"), *args, name="wo")(hidden)
+
+
+class TokenEmbedding(nn.Module):
+    """Token embedding table `embedding` [vocab_size, features] with logical axes ("vocab", "embed").
+
+    `__call__(tokens int[...]) -> [..., features]` in `dtype`;
+    `attend(x [..., features]) -> [..., vocab_size]` projects onto the same table (tied output head).
+    Initialised N(0, 1/features) so that tied logits of a normalised input start with unit variance.
+    """
+
+    vocab_size: int
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self) -> None:
+        init = nn.initializers.normal(stddev=self.features**-0.5)
+        self.embedding = self.param(
+            "embedding",
+            nn.with_logical_partitioning(init, ("vocab", "embed")),
+            (self.vocab_size, self.features),
+            self.param_dtype,
+        )
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        if not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"tokens must be an integer array; got dtype {tokens.dtype}")
+        return jnp.take(jnp.asarray(self.embedding, self.dtype), tokens, axis=0)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return jnp.einsum("...e,ve->...v", x.astype(self.dtype), jnp.asarray(self.embedding, self.dtype))
+
+
+class PositionEmbedding(nn.Module):
+    """Learned absolute position embedding `embedding` [max_len, features], axes ("length", "embed").
+
+    `__call__(positions int[B, T]) -> [B, T, features]` in `dtype`. Positions must lie in [0, max_len):
+    callers check static lengths; a traced position beyond the table gathers NaN (jnp.take's fill mode),
+    which surfaces the error in the loss instead of silently reusing the last row.
+    """
+
+    max_len: int
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, positions: jax.Array) -> jax.Array:
+        table = self.param(
+            "embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), ("length", "embed")),
+            (self.max_len, self.features),
+            self.param_dtype,
+        )
+        return jnp.take(jnp.asarray(table, self.dtype), positions, axis=0)

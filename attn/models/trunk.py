@@ -1,0 +1,144 @@
+"""The part every model shares: a stack of transformer blocks, the final norm, and the vocab head.
+
+These helpers run inside a model's `nn.compact` method and read the model's trunk fields (`num_layers`,
+`d_model`, `num_heads`, `head_dim`, `num_kv_heads`, `mlp_dim`, `attention`, `attention_options`, `norm`,
+`mlp`, `dropout_rate`, `dtype`, `param_dtype`), so the submodules they create are the model's own children:
+`layers_<i>`, `final_norm`, `lm_head`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+import attn
+from attn.models.block import TransformerBlock, check_mechanism
+from attn.models.fields import per_layer_mechanisms, per_layer_options
+from attn.models.layers import (
+    ACTIVATION_AXES,
+    MLPS,
+    NORMS,
+    PositionEmbedding,
+    TokenEmbedding,
+    check_choice,
+    make_norm,
+)
+
+POSITION_EMBEDDINGS = ("none", "learned")
+
+
+def resolve_head_dim(model: Any) -> int:
+    """`model.head_dim`, or d_model // num_heads when it is None (then d_model must divide evenly)."""
+    if model.head_dim is not None:
+        if model.head_dim <= 0:
+            raise ValueError(f"head_dim={model.head_dim} must be positive")
+        return model.head_dim
+    if model.num_heads <= 0 or model.d_model % model.num_heads:
+        raise ValueError(
+            f"d_model={model.d_model} is not divisible by num_heads={model.num_heads}; "
+            "set head_dim explicitly"
+        )
+    return model.d_model // model.num_heads
+
+
+def resolve_layers(model: Any, *, grid: tuple[int, ...] | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """Validated (mechanism name, options) per layer; checks norm/mlp choices and mechanism kinds."""
+    if model.num_layers < 0:
+        raise ValueError(f"num_layers={model.num_layers} must be >= 0")
+    check_choice("norm", model.norm, NORMS)
+    check_choice("mlp", model.mlp, MLPS)
+    names = per_layer_mechanisms(model.attention, model.num_layers)
+    options = per_layer_options(model.attention_options, model.num_layers)
+    for name in set(names):
+        check_mechanism(name, grid=grid)
+    return list(zip(names, options, strict=True))
+
+
+def block_stack(
+    model: Any,
+    x: jax.Array,
+    *,
+    mask: attn.Mask | None = None,
+    positions: jax.Array | None = None,
+    decode: bool = False,
+    deterministic: bool = True,
+    grid: tuple[int, ...] | None = None,
+) -> jax.Array:
+    """Run the model's `num_layers` blocks and its final norm: x [B, T, d_model] -> [B, T, d_model]."""
+    head_dim = resolve_head_dim(model)
+    for i, (name, options) in enumerate(resolve_layers(model, grid=grid)):
+        x = TransformerBlock(
+            mechanism=name,
+            attention_options=options,
+            num_heads=model.num_heads,
+            head_dim=head_dim,
+            num_kv_heads=model.num_kv_heads,
+            mlp_dim=model.mlp_dim,
+            norm=model.norm,
+            mlp=model.mlp,
+            dropout_rate=model.dropout_rate,
+            grid=grid,
+            dtype=model.dtype,
+            param_dtype=model.param_dtype,
+            name=f"layers_{i}",
+        )(x, mask=mask, positions=positions, decode=decode, deterministic=deterministic)
+    return make_norm(model.norm, dtype=model.dtype, param_dtype=model.param_dtype, name="final_norm")(x)
+
+
+def embed_tokens(
+    model: Any, tokens: jax.Array, positions: jax.Array | None, *, deterministic: bool
+) -> tuple[jax.Array, TokenEmbedding]:
+    """Token (+ learned position) embeddings [B, T, d_model] in `model.dtype`, and the embedding module.
+
+    tokens int [B, T]; positions int [B, T] or None (then 0..T-1). Creates `embedding` and, with
+    position_embedding="learned", `position_embedding` with `model.max_len` rows.
+    """
+    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"tokens must be int [batch, length]; got {tokens.dtype} {tokens.shape}")
+    check_choice("position_embedding", model.position_embedding, POSITION_EMBEDDINGS)
+    embedding = TokenEmbedding(
+        model.vocab_size, model.d_model, dtype=model.dtype, param_dtype=model.param_dtype, name="embedding"
+    )
+    x = embedding(tokens)
+    if model.position_embedding == "learned":
+        batch, length = tokens.shape
+        if positions is None:
+            if length > model.max_len:
+                raise ValueError(
+                    f"sequence length {length} exceeds max_len={model.max_len} of the learned positions"
+                )
+            positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        table = PositionEmbedding(
+            model.max_len,
+            model.d_model,
+            dtype=model.dtype,
+            param_dtype=model.param_dtype,
+            name="position_embedding",
+        )
+        x = x + table(positions)
+    x = nn.with_logical_constraint(x, ACTIVATION_AXES)
+    return nn.Dropout(model.dropout_rate)(x, deterministic=deterministic), embedding
+
+
+def vocab_logits(model: Any, embedding: TokenEmbedding, x: jax.Array) -> jax.Array:
+    """Vocabulary logits float32 [B, T, vocab_size] from x [B, T, d_model].
+
+    Tied (`model.tie_embeddings`): x @ embedding.T. Untied: a Dense `lm_head` with axes ("embed", "vocab").
+    """
+    if model.tie_embeddings:
+        logits = embedding.attend(x)
+    else:
+        kernel_init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "vocab"))
+        logits = nn.Dense(
+            model.vocab_size,
+            use_bias=False,
+            dtype=model.dtype,
+            param_dtype=model.param_dtype,
+            kernel_init=kernel_init,
+            name="lm_head",
+        )(x)
+    logits = logits.astype(jnp.float32)
+    return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))

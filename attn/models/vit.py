@@ -1,0 +1,128 @@
+"""Vision Transformer: patchify, learned positions, pre-norm blocks of any mechanism, pooled classifier.
+
+    images float [B, H, W, C] -> Conv(kernel = stride = patch_size) -> [B, h*w, d_model] (+ class token)
+    -> + learned position embedding -> num_layers blocks -> final norm
+    -> pool ("cls": the class token; "mean": mean over patches) -> Dense -> logits float32 [B, num_classes]
+
+"sequence" mechanisms see the patches as a sequence [B, N, E]; "spatial" mechanisms (e.g. neighborhood
+attention) see the patch grid [B, h, w, E] and therefore need pool="mean" (a class token has no grid place).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+import attn
+from attn.models.encoder import classifier
+from attn.models.fields import AttentionOptions, hash_fields, per_layer_mechanisms
+from attn.models.layers import ACTIVATION_AXES, check_choice
+from attn.models.trunk import block_stack
+
+Dtype = Any
+
+POOLS = ("cls", "mean")
+
+
+class ViT(nn.Module):
+    """Image classifier: `__call__(images float[B, H, W, C], *, deterministic=True)` -> [B, num_classes].
+
+    Logits are float32.
+
+    H and W must be multiples of `patch_size`. Trunk fields as in `DecoderLM` (num_layers, d_model,
+    num_heads, mlp_dim, head_dim, num_kv_heads, attention, attention_options, norm, mlp, dropout_rate,
+    dtype, param_dtype); ViT defaults to layernorm + gelu. Parameters: `patch_embedding` (kernel axes
+    ("patch_height", "patch_width", "channels", "embed")), `position_embedding` ("length", "embed"),
+    `cls_token` with pool="cls", `layers_<i>`, `final_norm`, `classifier`.
+    """
+
+    num_classes: int
+    patch_size: int
+    num_layers: int
+    d_model: int
+    num_heads: int
+    mlp_dim: int
+    pool: str = "cls"
+    head_dim: int | None = None
+    num_kv_heads: int | None = None
+    attention: str | Sequence[str] = "softmax"
+    attention_options: AttentionOptions = dataclasses.field(default_factory=dict)
+    norm: str = "layernorm"
+    mlp: str = "gelu"
+    dropout_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def __hash__(self) -> int:
+        return hash_fields(self)
+
+    @nn.compact
+    def __call__(self, images: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        grid = self._grid(images)
+        x = nn.Conv(
+            self.d_model,
+            kernel_size=(self.patch_size, self.patch_size),
+            strides=(self.patch_size, self.patch_size),
+            padding="VALID",
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=nn.with_logical_partitioning(
+                nn.initializers.lecun_normal(), ("patch_height", "patch_width", "channels", "embed")
+            ),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+            name="patch_embedding",
+        )(images)
+        batch = x.shape[0]
+        x = x.reshape(batch, grid[0] * grid[1], self.d_model)
+        if self.pool == "cls":
+            cls = self.param(
+                "cls_token",
+                nn.with_logical_partitioning(nn.initializers.zeros_init(), (None, None, "embed")),
+                (1, 1, self.d_model),
+                self.param_dtype,
+            )
+            x = jnp.concatenate(
+                [jnp.broadcast_to(jnp.asarray(cls, self.dtype), (batch, 1, self.d_model)), x], 1
+            )
+        table = self.param(
+            "position_embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), ("length", "embed")),
+            (x.shape[1], self.d_model),
+            self.param_dtype,
+        )
+        x = x + jnp.asarray(table, self.dtype)[None]
+        x = nn.with_logical_constraint(x, ACTIVATION_AXES)
+        x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+        # Only a class-token-free sequence maps onto the patch grid that spatial mechanisms need.
+        x = block_stack(self, x, deterministic=deterministic, grid=grid if self.pool == "mean" else None)
+        pooled = x[:, 0] if self.pool == "cls" else x.mean(axis=1, dtype=jnp.float32)
+        logits = classifier(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype)(pooled)
+        return logits.astype(jnp.float32)
+
+    def _grid(self, images: jax.Array) -> tuple[int, int]:
+        """Validate fields and image shape; return the patch grid (H // patch_size, W // patch_size)."""
+        check_choice("pool", self.pool, POOLS)
+        if self.num_classes <= 0 or self.patch_size <= 0:
+            raise ValueError(
+                f"num_classes={self.num_classes} and patch_size={self.patch_size} must both be positive"
+            )
+        if images.ndim != 4:
+            raise ValueError(
+                f"images must be float [batch, height, width, channels]; got shape {images.shape}"
+            )
+        height, width = images.shape[1:3]
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(f"image size {height}x{width} is not divisible by patch_size={self.patch_size}")
+        if self.pool == "cls":
+            for name in set(per_layer_mechanisms(self.attention, self.num_layers)):
+                if attn.get(name).input_kind == "spatial":
+                    raise ValueError(
+                        f"attention={name!r} is a spatial mechanism (it attends over the patch grid) and "
+                        "needs pool='mean'; pool='cls' adds a class token that has no place on the grid"
+                    )
+        return height // self.patch_size, width // self.patch_size
