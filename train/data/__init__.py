@@ -1,0 +1,116 @@
+"""Deterministic, resumable host-side data pipelines (numpy only; no JAX import).
+
+`make_source(name, split=..., batch_size=..., seq_len=..., seed=..., **options)` builds a `DataSource`
+whose `next_batch()` returns a dict of numpy arrays with this process's rows. Batch i depends only on
+(seed, split, i, process_index); `get_state()` / `set_state()` resume exactly.
+
+Sources (vocabulary / output):
+  text            byte-level next-token prediction, vocab 256 (default corpus: the Python stdlib)
+  masked_lm       BERT-style masked bytes, mask id 256, vocab_size option (default 257)
+  mqar            multi-query associative recall, vocab_size option (default 8192)
+  selective_copy  selective copying, vocab_size option (default 16)
+  passkey         passkey retrieval, vocab_size option (default 64)
+  images          procedural red/blue square relation images, labels in [0, num_classes)
+  npz             user .npz images/labels
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+from train.data.base import SPLITS, DataSource, ElementSpec, check_options
+from train.data.images import NpzImageSource, RelationImageSource
+from train.data.masked_lm import MaskedLMSource
+from train.data.synthetic import MQARSource, PasskeySource, SelectiveCopySource
+from train.data.text import Corpus, TextSource, load_corpus
+
+_SOURCES: dict[str, type[DataSource]] = {
+    cls.name: cls
+    for cls in (
+        TextSource,
+        MaskedLMSource,
+        MQARSource,
+        SelectiveCopySource,
+        PasskeySource,
+        RelationImageSource,
+        NpzImageSource,
+    )
+}
+# Sources whose batches have no sequence axis; seq_len is ignored for them.
+_NO_SEQ_LEN = ("images", "npz")
+
+
+def list_sources() -> list[str]:
+    """Names accepted by `make_source`, sorted."""
+    return sorted(_SOURCES)
+
+
+def _source_class(name: str) -> type[DataSource]:
+    if name not in _SOURCES:
+        close = difflib.get_close_matches(str(name), list(_SOURCES), n=1, cutoff=0.0)
+        hint = f" (closest: {close[0]!r})" if close else ""
+        raise ValueError(f"unknown data source {name!r}{hint}; valid names: {list_sources()}")
+    return _SOURCES[name]
+
+
+def source_options(name: str) -> dict[str, Any]:
+    """The options source `name` accepts, with their defaults."""
+    return dict(_source_class(name).OPTIONS)
+
+
+def make_source(
+    name: str,
+    *,
+    split: str = "train",
+    batch_size: int,
+    seq_len: int | None = None,
+    seed: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+    **options: Any,
+) -> DataSource:
+    """Builds data source `name` for this process.
+
+    Args:
+      name: one of `list_sources()`.
+      split: "train" (endless) or "valid" (text, masked_lm and npz: a finite walk over held-out data,
+        `source.num_batches` batches; synthetic tasks: an endless stream disjoint from "train").
+      batch_size: the GLOBAL batch size; this process yields batch_size // process_count rows.
+      seq_len: tokens per row (required for sequence sources, ignored by "images" and "npz").
+      seed: non-negative int.
+      process_index, process_count: this process's place in a multi-host job.
+      **options: source options (see `source_options(name)`); an unknown one raises ValueError.
+    """
+    cls = _source_class(name)
+    merged = check_options(name, options, cls.OPTIONS)
+    if name not in _NO_SEQ_LEN and seq_len is None:
+        raise ValueError(f"data source {name!r} needs seq_len (an int >= 1), got None")
+    return cls(
+        split=split,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        seed=seed,
+        process_index=process_index,
+        process_count=process_count,
+        **merged,
+    )
+
+
+__all__ = [
+    "SPLITS",
+    "Corpus",
+    "DataSource",
+    "ElementSpec",
+    "MQARSource",
+    "MaskedLMSource",
+    "NpzImageSource",
+    "PasskeySource",
+    "RelationImageSource",
+    "SelectiveCopySource",
+    "TextSource",
+    "list_sources",
+    "load_corpus",
+    "make_source",
+    "source_options",
+]
