@@ -5,8 +5,9 @@
     attn.build("softmax", num_heads=8, head_dim=64, position="rope") -> flax.linen.Module
     attn.registry.feature_table() -> the README's Markdown table
 
-Mechanism files register themselves with the `register` decorator; `_MECHANISM_MODULES` lists those files so
-that the registry is complete on first use without import cycles.
+Mechanism files register themselves with the `register` decorator. On first use the registry imports every
+module of the family packages (attn/softmax/, attn/linear/, attn/local/, ...), so a new mechanism file is found
+without being listed anywhere, and there are no import cycles.
 """
 
 from __future__ import annotations
@@ -14,13 +15,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import pkgutil
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
-
-# Every file that registers mechanisms. A new mechanism file is added here.
-_MECHANISM_MODULES = ("attn.softmax.multi_head",)
 
 INPUT_KINDS = ("sequence", "spatial", "channels", "cross")
 FAMILIES = ("softmax", "linear", "local", "sparse", "kv", "channel", "cross", "pooling")
@@ -164,11 +163,20 @@ def register(
 
 
 def _ensure_loaded() -> None:
+    """Imports every module of every family package that exists (each registers its mechanisms)."""
     global _LOADED
-    if not _LOADED:
-        for module_name in _MECHANISM_MODULES:
-            importlib.import_module(module_name)
-        _LOADED = True
+    if _LOADED:
+        return
+    _LOADED = True
+    for family in FAMILIES:
+        try:
+            package = importlib.import_module(f"attn.{family}")
+        except ModuleNotFoundError as error:
+            if error.name != f"attn.{family}":
+                raise
+            continue
+        for info in pkgutil.iter_modules(package.__path__, prefix=f"attn.{family}."):
+            importlib.import_module(info.name)
 
 
 def list_mechanisms(family: str | None = None) -> list[str]:
