@@ -23,7 +23,68 @@ from attn.core.validation import check_gqa, check_rank
 
 Array = jax.Array
 
-default_kernel_init = nn.initializers.lecun_normal()
+
+class HeadProjection(nn.Module):
+    """x [..., E] -> [..., heads, head_dim]. The kernel is created in its final 3-D shape so that its logical axis
+    names apply under `nn.logical_axis_rules` (nn.DenseGeneral initialises a flat 2-D kernel)."""
+
+    heads: int
+    head_dim: int
+    heads_axis: str = "heads"
+    use_bias: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(
+                nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2)), ("embed", self.heads_axis, "head_dim")
+            ),
+            (x.shape[-1], self.heads, self.head_dim),
+            self.param_dtype,
+        )
+        y = jnp.einsum("...e,ehd->...hd", x.astype(self.dtype), jnp.asarray(kernel, self.dtype))
+        if self.use_bias:
+            bias = self.param(
+                "bias",
+                nn.with_logical_partitioning(nn.initializers.zeros, (self.heads_axis, "head_dim")),
+                (self.heads, self.head_dim),
+                self.param_dtype,
+            )
+            y = y + jnp.asarray(bias, self.dtype)
+        return y
+
+
+class OutputProjection(nn.Module):
+    """y [..., H, Dv] -> [..., features] with kernel [H, Dv, features] named ("heads", "head_dim", "embed")."""
+
+    features: int
+    use_bias: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, y: Array) -> Array:
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(
+                nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2), ("heads", "head_dim", "embed")
+            ),
+            (y.shape[-2], y.shape[-1], self.features),
+            self.param_dtype,
+        )
+        out = jnp.einsum("...hd,hde->...e", y.astype(self.dtype), jnp.asarray(kernel, self.dtype))
+        if self.use_bias:
+            bias = self.param(
+                "bias",
+                nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+                (self.features,),
+                self.param_dtype,
+            )
+            out = out + jnp.asarray(bias, self.dtype)
+        return out
 
 
 class AttentionLayer(nn.Module):
@@ -58,13 +119,12 @@ class AttentionLayer(nn.Module):
 
     # ------------------------------------------------------------------ projections
     def dense_heads(self, x: Array, heads: int, heads_axis: str, name: str) -> Array:
-        """[B, T, E] -> [B, T, heads, head_dim] with kernel axes ("embed", heads_axis, "head_dim")."""
-        y = nn.DenseGeneral(
-            features=(heads, self.head_dim),
-            axis=-1,
+        """[B, T, E] -> [B, T, heads, head_dim]; kernel [E, heads, head_dim] named ("embed", heads_axis, "head_dim")."""
+        y = HeadProjection(
+            heads=heads,
+            head_dim=self.head_dim,
+            heads_axis=heads_axis,
             use_bias=self.use_bias,
-            kernel_init=nn.with_logical_partitioning(default_kernel_init, ("embed", heads_axis, "head_dim")),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (heads_axis, "head_dim")),
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name=name,
@@ -79,16 +139,9 @@ class AttentionLayer(nn.Module):
         return q, k, v
 
     def project_out(self, y: Array, features: int) -> Array:
-        """[B, T, H, Dv] -> [B, T, features] with kernel axes ("heads", "head_dim", "embed")."""
-        out = nn.DenseGeneral(
-            features=features,
-            axis=(-2, -1),
-            use_bias=self.use_bias,
-            kernel_init=nn.with_logical_partitioning(default_kernel_init, ("heads", "head_dim", "embed")),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="out",
+        """[B, T, H, Dv] -> [B, T, features] with kernel [H, Dv, features] named ("heads", "head_dim", "embed")."""
+        out = OutputProjection(
+            features=features, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name="out"
         )(y)
         return nn.with_logical_constraint(out, ("batch", "length", "embed"))
 
@@ -107,9 +160,7 @@ class AttentionLayer(nn.Module):
         if positions is not None:
             positions = jnp.asarray(positions, jnp.int32)
             if positions.shape[-1] != length:
-                raise ValueError(
-                    f"positions has shape {positions.shape}; expected [batch, {length}] to match x"
-                )
+                raise ValueError(f"positions has shape {positions.shape}; expected [batch, {length}] to match x")
             return jnp.broadcast_to(positions if positions.ndim == 2 else positions[None], (batch, length))
         return jnp.broadcast_to(offset + jnp.arange(length, dtype=jnp.int32), (batch, length))
 
