@@ -112,9 +112,7 @@ def _relative(q_positions: Array, kv_positions: Array) -> Array:
     return (k[:, None, None, :] - q[:, None, :, None]).astype(jnp.int32)  # [B, 1, Tq, Tk]
 
 
-def t5_relative_buckets(
-    relative: Array, *, bidirectional: bool, num_buckets: int, max_distance: int
-) -> Array:
+def t5_relative_buckets(relative: Array, *, bidirectional: bool, num_buckets: int, max_distance: int) -> Array:
     """T5 bucketing of relative positions (kv - q): exact buckets for small distances, logarithmic up to
     `max_distance`, then saturating. With `bidirectional`, half the buckets are for keys after the query."""
     buckets = jnp.zeros_like(relative)
@@ -127,9 +125,7 @@ def t5_relative_buckets(
         distance = jnp.maximum(-relative, 0)
     max_exact = n // 2
     is_small = distance < max_exact
-    log_ratio = jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / max_exact) / math.log(
-        max_distance / max_exact
-    )
+    log_ratio = jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / max_exact) / math.log(max_distance / max_exact)
     large = max_exact + (log_ratio * (n - max_exact)).astype(jnp.int32)
     large = jnp.minimum(large, n - 1)
     return buckets + jnp.where(is_small, distance, large)
@@ -188,7 +184,11 @@ class ShawRelativeLogits(nn.Module):
 
 # ---------------------------------------------------------------------------------------------------- absolute
 class LearnedPositionEmbedding(nn.Module):
-    """Learned absolute position embedding table [max_len, features]; returns float [B|1, T, features]."""
+    """Learned absolute position embedding table [max_len, features] with axes ("length", "embed").
+
+    positions int [B, T] (or [T]) -> float [B|1, T, features] in `dtype`. A traced position outside [0, max_len)
+    gathers NaN (jnp.take's fill mode), so the error shows in the loss instead of silently reusing a row.
+    """
 
     max_len: int
     features: int
@@ -204,4 +204,5 @@ class LearnedPositionEmbedding(nn.Module):
             self.param_dtype,
         )
         positions = jnp.asarray(positions)
-        return jnp.asarray(table, self.dtype)[positions if positions.ndim > 1 else positions[None]]
+        positions = positions if positions.ndim > 1 else positions[None]
+        return jnp.take(jnp.asarray(table, self.dtype), positions, axis=0, mode="fill", fill_value=jnp.nan)

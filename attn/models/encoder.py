@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 
 import attn
+from attn.core.validation import check_choice
 from attn.models.fields import AttentionOptions, hash_fields
-from attn.models.layers import check_choice
 from attn.models.trunk import block_stack, embed_tokens, vocab_logits
 
 Dtype = Any
@@ -74,14 +74,10 @@ class Encoder(nn.Module):
         return hash_fields(self)
 
     @nn.compact
-    def __call__(
-        self, tokens: jax.Array, *, lengths: jax.Array | None = None, deterministic: bool = True
-    ) -> jax.Array:
+    def __call__(self, tokens: jax.Array, *, lengths: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
         check_choice("head", self.head, HEADS)
         if self.head == "classification" and (self.num_classes is None or self.num_classes <= 0):
-            raise ValueError(
-                f"head='classification' needs num_classes > 0; got num_classes={self.num_classes}"
-            )
+            raise ValueError(f"head='classification' needs num_classes > 0; got num_classes={self.num_classes}")
         if lengths is not None and jnp.shape(lengths) != tokens.shape[:1]:
             raise ValueError(f"lengths must be int [batch={tokens.shape[0]}]; got shape {jnp.shape(lengths)}")
         x, embedding = embed_tokens(self, tokens, None, deterministic=deterministic)

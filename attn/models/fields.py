@@ -41,8 +41,7 @@ def per_layer_options(
     options = tuple(attention_options)
     if len(options) != num_layers:
         raise ValueError(
-            f"attention_options has {len(options)} entries but num_layers={num_layers}; "
-            "give one dict, or one per layer"
+            f"attention_options has {len(options)} entries but num_layers={num_layers}; give one dict, or one per layer"
         )
     for entry in options:
         if not isinstance(entry, Mapping):

@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from attn.core.validation import check_choice
+
 Dtype = Any
 
 NORMS = ("rmsnorm", "layernorm")
@@ -20,12 +22,6 @@ MLPS = ("swiglu", "gelu")
 
 # The activation layout every model keeps between blocks.
 ACTIVATION_AXES = ("batch", "length", "embed")
-
-
-def check_choice(field: str, value: str, choices: tuple[str, ...]) -> None:
-    """Raise ValueError naming `field` when `value` is not one of `choices`."""
-    if value not in choices:
-        raise ValueError(f"{field}={value!r} is not supported; expected one of {list(choices)}")
 
 
 def make_norm(kind: str, *, dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.Module:
@@ -36,9 +32,7 @@ def make_norm(kind: str, *, dtype: Dtype, param_dtype: Dtype, name: str | None =
     check_choice("norm", kind, NORMS)
     scale_init = nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",))
     if kind == "rmsnorm":
-        return nn.RMSNorm(
-            epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, scale_init=scale_init, name=name
-        )
+        return nn.RMSNorm(epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, scale_init=scale_init, name=name)
     bias_init = nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",))
     return nn.LayerNorm(
         epsilon=1e-6,
@@ -52,9 +46,7 @@ def make_norm(kind: str, *, dtype: Dtype, param_dtype: Dtype, name: str | None =
 
 def _dense(features: int, axes: tuple[str, str], dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Dense:
     kernel_init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes)
-    return nn.Dense(
-        features, use_bias=False, dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, name=name
-    )
+    return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, name=name)
 
 
 class Mlp(nn.Module):
@@ -114,27 +106,3 @@ class TokenEmbedding(nn.Module):
 
     def attend(self, x: jax.Array) -> jax.Array:
         return jnp.einsum("...e,ve->...v", x.astype(self.dtype), jnp.asarray(self.embedding, self.dtype))
-
-
-class PositionEmbedding(nn.Module):
-    """Learned absolute position embedding `embedding` [max_len, features], axes ("length", "embed").
-
-    `__call__(positions int[B, T]) -> [B, T, features]` in `dtype`. Positions must lie in [0, max_len):
-    callers check static lengths; a traced position beyond the table gathers NaN (jnp.take's fill mode),
-    which surfaces the error in the loss instead of silently reusing the last row.
-    """
-
-    max_len: int
-    features: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, positions: jax.Array) -> jax.Array:
-        table = self.param(
-            "embedding",
-            nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), ("length", "embed")),
-            (self.max_len, self.features),
-            self.param_dtype,
-        )
-        return jnp.take(jnp.asarray(table, self.dtype), positions, axis=0)

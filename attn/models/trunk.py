@@ -15,15 +15,15 @@ import jax
 import jax.numpy as jnp
 
 import attn
+from attn.core.positions import LearnedPositionEmbedding
+from attn.core.validation import check_choice
 from attn.models.block import TransformerBlock, check_mechanism
 from attn.models.fields import per_layer_mechanisms, per_layer_options
 from attn.models.layers import (
     ACTIVATION_AXES,
     MLPS,
     NORMS,
-    PositionEmbedding,
     TokenEmbedding,
-    check_choice,
     make_norm,
 )
 
@@ -38,8 +38,7 @@ def resolve_head_dim(model: Any) -> int:
         return model.head_dim
     if model.num_heads <= 0 or model.d_model % model.num_heads:
         raise ValueError(
-            f"d_model={model.d_model} is not divisible by num_heads={model.num_heads}; "
-            "set head_dim explicitly"
+            f"d_model={model.d_model} is not divisible by num_heads={model.num_heads}; set head_dim explicitly"
         )
     return model.d_model // model.num_heads
 
@@ -107,11 +106,9 @@ def embed_tokens(
         batch, length = tokens.shape
         if positions is None:
             if length > model.max_len:
-                raise ValueError(
-                    f"sequence length {length} exceeds max_len={model.max_len} of the learned positions"
-                )
+                raise ValueError(f"sequence length {length} exceeds max_len={model.max_len} of the learned positions")
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-        table = PositionEmbedding(
+        table = LearnedPositionEmbedding(
             model.max_len,
             model.d_model,
             dtype=model.dtype,

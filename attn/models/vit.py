@@ -19,9 +19,10 @@ import jax
 import jax.numpy as jnp
 
 import attn
+from attn.core.validation import check_choice
 from attn.models.encoder import classifier
 from attn.models.fields import AttentionOptions, hash_fields, per_layer_mechanisms
-from attn.models.layers import ACTIVATION_AXES, check_choice
+from attn.models.layers import ACTIVATION_AXES
 from attn.models.trunk import block_stack
 
 Dtype = Any
@@ -86,9 +87,7 @@ class ViT(nn.Module):
                 (1, 1, self.d_model),
                 self.param_dtype,
             )
-            x = jnp.concatenate(
-                [jnp.broadcast_to(jnp.asarray(cls, self.dtype), (batch, 1, self.d_model)), x], 1
-            )
+            x = jnp.concatenate([jnp.broadcast_to(jnp.asarray(cls, self.dtype), (batch, 1, self.d_model)), x], 1)
         table = self.param(
             "position_embedding",
             nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), ("length", "embed")),
@@ -108,13 +107,9 @@ class ViT(nn.Module):
         """Validate fields and image shape; return the patch grid (H // patch_size, W // patch_size)."""
         check_choice("pool", self.pool, POOLS)
         if self.num_classes <= 0 or self.patch_size <= 0:
-            raise ValueError(
-                f"num_classes={self.num_classes} and patch_size={self.patch_size} must both be positive"
-            )
+            raise ValueError(f"num_classes={self.num_classes} and patch_size={self.patch_size} must both be positive")
         if images.ndim != 4:
-            raise ValueError(
-                f"images must be float [batch, height, width, channels]; got shape {images.shape}"
-            )
+            raise ValueError(f"images must be float [batch, height, width, channels]; got shape {images.shape}")
         height, width = images.shape[1:3]
         if height % self.patch_size or width % self.patch_size:
             raise ValueError(f"image size {height}x{width} is not divisible by patch_size={self.patch_size}")
