@@ -111,9 +111,7 @@ def _module_options(module: type[nn.Module], docs: Mapping[str, str]) -> dict[st
             default = REQUIRED
         doc = docs.get(field.name) or COMMON_OPTION_DOCS.get(field.name)
         if doc is None:
-            raise ValueError(
-                f"option {field.name!r} of {module.__name__} has no documentation; pass it in option_docs"
-            )
+            raise ValueError(f"option {field.name!r} of {module.__name__} has no documentation; pass it in option_docs")
         options[field.name] = OptionSpec(field.name, default, doc)
     return options
 
@@ -141,9 +139,7 @@ def register(
 
     def decorator(module: type[nn.Module]) -> type[nn.Module]:
         if name in _REGISTRY and _REGISTRY[name].module is not module:
-            raise ValueError(
-                f"mechanism {name!r} is already registered by {_REGISTRY[name].module.__qualname__}"
-            )
+            raise ValueError(f"mechanism {name!r} is already registered by {_REGISTRY[name].module.__qualname__}")
         _REGISTRY[name] = MechanismSpec(
             name=name,
             family=family,

@@ -43,9 +43,7 @@ def select(op: str, requested: str | None, available: dict[str, str | None]) -> 
     skipped = []
     for backend, reason in available.items():
         if reason is None:
-            log_choice_once(
-                op, backend, "fastest available" + (f"; skipped {'; '.join(skipped)}" if skipped else "")
-            )
+            log_choice_once(op, backend, "fastest available" + (f"; skipped {'; '.join(skipped)}" if skipped else ""))
             return backend
         skipped.append(f"{backend}: {reason}")
     raise ValueError(f"no implementation of {op} is available here: {'; '.join(skipped)}")

@@ -41,12 +41,8 @@ def write(module: nn.Module, k: Array, v: Array) -> tuple[Array, Array, Array | 
     if not initialized:
         return k, v, None
     start = index.value
-    cached_k.value = jax.lax.dynamic_update_slice_in_dim(
-        cached_k.value, k.astype(cached_k.value.dtype), start, 1
-    )
-    cached_v.value = jax.lax.dynamic_update_slice_in_dim(
-        cached_v.value, v.astype(cached_v.value.dtype), start, 1
-    )
+    cached_k.value = jax.lax.dynamic_update_slice_in_dim(cached_k.value, k.astype(cached_k.value.dtype), start, 1)
+    cached_v.value = jax.lax.dynamic_update_slice_in_dim(cached_v.value, v.astype(cached_v.value.dtype), start, 1)
     index.value = start + k.shape[1]
     return cached_k.value, cached_v.value, start
 

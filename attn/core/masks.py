@@ -57,9 +57,7 @@ class Mask:
     causal: bool = dataclasses.field(default=False, metadata=dict(static=True))
     window: tuple[int, int] | None = dataclasses.field(default=None, metadata=dict(static=True))
     block_size: tuple[int, int] | None = dataclasses.field(default=None, metadata=dict(static=True))
-    mask_fn: Callable[[Array, Array], Array] | None = dataclasses.field(
-        default=None, metadata=dict(static=True)
-    )
+    mask_fn: Callable[[Array, Array], Array] | None = dataclasses.field(default=None, metadata=dict(static=True))
 
     def __post_init__(self):
         object.__setattr__(self, "window", normalize_window(self.window))
@@ -67,13 +65,10 @@ class Mask:
             raise ValueError("prefix_lengths is set but causal=False; a prefix-LM mask needs causal=True")
         if (self.q_segment_ids is None) != (self.kv_segment_ids is None):
             raise ValueError(
-                "q_segment_ids and kv_segment_ids must be given together (pass the same array twice "
-                "for self-attention)"
+                "q_segment_ids and kv_segment_ids must be given together (pass the same array twice for self-attention)"
             )
         if (self.block_mask is None) != (self.block_size is None):
-            raise ValueError(
-                f"block_mask and block_size must be given together, got block_size={self.block_size!r}"
-            )
+            raise ValueError(f"block_mask and block_size must be given together, got block_size={self.block_size!r}")
         if self.block_size is not None:
             bs = self.block_size
             if not (isinstance(bs, tuple) and len(bs) == 2 and all(isinstance(b, int) and b > 0 for b in bs)):
@@ -115,9 +110,7 @@ class Mask:
                 w = (min(w[0], base.window[0]), min(w[1], base.window[1]))
             updates["window"] = w
         if segment_ids is not None:
-            q_seg, kv_seg = (
-                segment_ids if isinstance(segment_ids, (tuple, list)) else (segment_ids, segment_ids)
-            )
+            q_seg, kv_seg = segment_ids if isinstance(segment_ids, (tuple, list)) else (segment_ids, segment_ids)
             updates["q_segment_ids"], updates["kv_segment_ids"] = q_seg, kv_seg
         out = dataclasses.replace(base, **updates) if updates else base
         return None if out.is_empty() else out
@@ -190,14 +183,8 @@ class Mask:
             allowed = allowed & jnp.asarray(self.mask_fn(qi, kj), jnp.bool_)
         if self.dense is not None:
             dense = jnp.asarray(self.dense, jnp.bool_)
-            dense = (
-                jax.lax.dynamic_slice_in_dim(dense, q_start, q_size, axis=2) if dense.shape[2] != 1 else dense
-            )
-            dense = (
-                jax.lax.dynamic_slice_in_dim(dense, kv_start, kv_size, axis=3)
-                if dense.shape[3] != 1
-                else dense
-            )
+            dense = jax.lax.dynamic_slice_in_dim(dense, q_start, q_size, axis=2) if dense.shape[2] != 1 else dense
+            dense = jax.lax.dynamic_slice_in_dim(dense, kv_start, kv_size, axis=3) if dense.shape[3] != 1 else dense
             allowed = allowed & dense
         return allowed
 

@@ -16,9 +16,7 @@ def check_rank(name: str, x: Any, rank: int | tuple[int, ...], layout: str) -> N
     ranks = (rank,) if isinstance(rank, int) else rank
     if np.ndim(x) not in ranks:
         expected = " or ".join(str(r) for r in ranks)
-        raise ValueError(
-            f"{name} must have rank {expected} {layout}, got shape {shape_of(x)} (rank {np.ndim(x)})"
-        )
+        raise ValueError(f"{name} must have rank {expected} {layout}, got shape {shape_of(x)} (rank {np.ndim(x)})")
 
 
 def check_qkv(q: Any, k: Any, v: Any, *, spatial_axes: int = 1) -> tuple[int, int]:
@@ -30,15 +28,11 @@ def check_qkv(q: Any, k: Any, v: Any, *, spatial_axes: int = 1) -> tuple[int, in
     check_rank("v", v, rank, layout)
     qs, ks, vs = shape_of(q), shape_of(k), shape_of(v)
     if ks[0] != qs[0] or vs[0] != qs[0]:
-        raise ValueError(
-            f"batch sizes differ: q has {qs[0]}, k has {ks[0]}, v has {vs[0]}; expected all equal"
-        )
+        raise ValueError(f"batch sizes differ: q has {qs[0]}, k has {ks[0]}, v has {vs[0]}; expected all equal")
     if ks[:-1] != vs[:-1]:
         raise ValueError(f"k and v must agree on all but the last axis, got k {ks} and v {vs}")
     if ks[-1] != qs[-1]:
-        raise ValueError(
-            f"head_dim mismatch: q has head_dim={qs[-1]} but k has head_dim={ks[-1]}; expected equal"
-        )
+        raise ValueError(f"head_dim mismatch: q has head_dim={qs[-1]} but k has head_dim={ks[-1]}; expected equal")
     heads, kv_heads = qs[-2], ks[-2]
     check_gqa(heads, kv_heads)
     return heads, kv_heads
@@ -54,9 +48,7 @@ def check_gqa(num_heads: int, num_kv_heads: int) -> None:
 
 def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
     if value not in choices:
-        raise ValueError(
-            f"{name}={value!r} is not supported; expected one of {', '.join(map(repr, choices))}"
-        )
+        raise ValueError(f"{name}={value!r} is not supported; expected one of {', '.join(map(repr, choices))}")
 
 
 def check_positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
@@ -66,9 +58,7 @@ def check_positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
         raise ValueError(f"{name}={value!r} must be {bound}")
 
 
-def normalize_window(
-    window: Any, *, q_len: int | None = None, kv_len: int | None = None
-) -> tuple[int, int] | None:
+def normalize_window(window: Any, *, q_len: int | None = None, kv_len: int | None = None) -> tuple[int, int] | None:
     """Returns the sliding window as (left, right) or None.
 
     An int `w` means (w, w): each query sees `w` keys to its left and `w` to its right (with `causal=True` the

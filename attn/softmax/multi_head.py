@@ -87,9 +87,7 @@ class MultiHeadAttention(AttentionLayer):
         check_choice("position", self.position, POSITIONS)
         normalize_window(self.window)
         if decode and context is not None:
-            raise ValueError(
-                "decode=True is for self-attention; got a context (cross-attention has no KV cache)"
-            )
+            raise ValueError("decode=True is for self-attention; got a context (cross-attention has no KV cache)")
         batch, length, features = x.shape
 
         q, k, v = self.project_qkv(x, context)
@@ -113,9 +111,7 @@ class MultiHeadAttention(AttentionLayer):
         q_offset = 0
         if decode:
             k, v, mask, q_offset = self.cache_write(k, v, mask)
-        kv_pos = (
-            q_pos if (self_attention and k.shape[1] == length) else jnp.arange(k.shape[1], dtype=jnp.int32)
-        )
+        kv_pos = q_pos if (self_attention and k.shape[1] == length) else jnp.arange(k.shape[1], dtype=jnp.int32)
 
         bias = self.position_bias(q, q_pos, kv_pos, mask) if self_attention else None
         y = self.attend(q, k, v, mask=mask, bias=bias, q_offset=q_offset, deterministic=deterministic)
