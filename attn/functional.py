@@ -14,12 +14,13 @@ import numpy as np
 
 from attn.core import dispatch
 from attn.core.masks import Mask
+from attn.core.neighborhood import neighborhood_attention
 from attn.core.reference import reference_softmax_attention
 from attn.core.validation import check_qkv, normalize_window, shape_of
 
 Array = jax.Array
 
-__all__ = ["softmax_attention"]
+__all__ = ["neighborhood_attention", "softmax_attention"]
 
 
 def softmax_attention(
@@ -85,9 +86,7 @@ def softmax_attention(
         implementation,
         {
             "pallas": _pallas_unavailable(),
-            "cudnn": _cudnn_unavailable(
-                full_mask, softcap, sinks, dropout_rate, wants_aux, q_offset, q.dtype
-            ),
+            "cudnn": _cudnn_unavailable(full_mask, softcap, sinks, dropout_rate, wants_aux, q_offset, q.dtype),
             "xla": None,
         },
     )
@@ -134,11 +133,7 @@ def _cudnn_unavailable(mask, softcap, sinks, dropout_rate, wants_aux, q_offset, 
     if not (isinstance(q_offset, int) and q_offset == 0):
         return "a query offset (decoding) is not supported by cuDNN"
     if mask is not None:
-        extra = [
-            f
-            for f in ("q_segment_ids", "prefix_lengths", "block_mask", "dense")
-            if getattr(mask, f) is not None
-        ]
+        extra = [f for f in ("q_segment_ids", "prefix_lengths", "block_mask", "dense") if getattr(mask, f) is not None]
         if extra or mask.mask_fn is not None:
             return f"mask parts {extra or ['mask_fn']} are not supported by cuDNN"
     return None
@@ -154,3 +149,5 @@ def _cudnn_attention(q, k, v, mask: Mask | None, bias, scale) -> Array:
             local_window_size=mask.window,
         )
     return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, implementation="cudnn", **kwargs)
+
+

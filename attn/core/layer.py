@@ -1,6 +1,9 @@
 """The base every sequence attention layer builds on: q/k/v/o projections with logical axis names, positions,
 the KV cache and attention-weight capture.
 
+`SpatialAttentionLayer` is the base of layers over a token grid x [batch, *spatial, embed] (1 to 3 axes): the
+same projections, applied to the flattened tokens so the logical names apply.
+
 The uniform layer call is
 
     layer(x, *, context=None, mask=None, positions=None, decode=False, deterministic=True)
@@ -11,6 +14,7 @@ per-head output), or the projections, and keep the rest.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -178,3 +182,47 @@ class AttentionLayer(nn.Module):
         if start is None:  # the creating call: an ordinary forward
             return k, v, mask, 0
         return keys, values, kv_cache.decode_mask(mask, k.shape[0], start, k.shape[1]), start
+
+
+class SpatialAttentionLayer(AttentionLayer):
+    """Base of layers whose input is a token grid x [B, *spatial, E] (1 to 3 spatial axes) -> [B, *spatial, E]."""
+
+    def check_input(self, x: Array, context: Array | None) -> None:
+        check_rank("x", x, (3, 4, 5), "[batch, *spatial (1 to 3 axes), embed]")
+        if context is not None:
+            raise ValueError(
+                f"context is not supported by the spatial layer {type(self).__name__} (self-attention over the "
+                f"token grid only), got a context of shape {context.shape}"
+            )
+        if self.num_heads <= 0 or self.head_dim <= 0:
+            raise ValueError(f"num_heads={self.num_heads} and head_dim={self.head_dim} must be positive")
+        _ = self.kv_heads
+
+    def check_call(self, mask: Mask | None, positions: Array | None, decode: bool) -> None:
+        name = type(self).__name__
+        if decode:
+            raise ValueError(f"decode=True is not supported by the spatial layer {name} (it has no KV cache)")
+        if mask is not None:
+            raise ValueError(
+                f"mask is not supported by the spatial layer {name}; its pattern comes from its options "
+                "(e.g. causal=True)"
+            )
+        if positions is not None:
+            raise ValueError(f"positions is not supported by the spatial layer {name}; got shape {positions.shape}")
+
+    def spatial_qkv(self, x: Array) -> tuple[Array, Array, Array]:
+        """x [B, *S, E] -> q [B, *S, H, D], k and v [B, *S, KVH, D] (projected on the flattened tokens)."""
+        batch, *spatial, features = x.shape
+        q, k, v = self.project_qkv(x.reshape(batch, math.prod(spatial), features), None)
+        return (
+            q.reshape(batch, *spatial, *q.shape[-2:]),
+            k.reshape(batch, *spatial, *k.shape[-2:]),
+            v.reshape(batch, *spatial, *v.shape[-2:]),
+        )
+
+    def spatial_out(self, y: Array, features: int) -> Array:
+        """y [B, *S, H, Dv] -> [B, *S, features]."""
+        batch, *spatial = y.shape[:-2]
+        tokens = math.prod(spatial)
+        out = self.project_out(y.reshape(batch, tokens, *y.shape[-2:]), features)
+        return out.reshape(batch, *spatial, features)
