@@ -4,7 +4,7 @@ DecoderLM   tokens int [B, T] -> logits float32 [B, T, vocab_size] (causal; KV-c
 Encoder     tokens int [B, T], lengths int [B] -> float32 [B, num_classes] or [B, T, vocab_size]
 ViT         images float [B, H, W, C] -> float32 [B, num_classes]
 generate    greedy / top-k sampling with the KV cache; init_cache builds a zero cache
-build_model build_model("decoder" | "encoder" | "vit", **fields)
+build_model build_model("decoder" | "encoder" | "vit" | "cnn", **fields)
 """
 
 from __future__ import annotations
@@ -13,19 +13,20 @@ from typing import Any
 
 import flax.linen as nn
 
+from attn.models.cnn import CNN
 from attn.models.decoder import DecoderLM
 from attn.models.encoder import Encoder
 from attn.models.generate import generate, init_cache
 from attn.models.vit import ViT
 
-MODELS: dict[str, type[nn.Module]] = {"decoder": DecoderLM, "encoder": Encoder, "vit": ViT}
+MODELS: dict[str, type[nn.Module]] = {"decoder": DecoderLM, "encoder": Encoder, "vit": ViT, "cnn": CNN}
 
 
 def build_model(kind: str, **fields: Any) -> nn.Module:
-    """The model of `kind` ("decoder", "encoder" or "vit") built from its dataclass `fields`."""
+    """The model of `kind` ("decoder", "encoder", "vit" or "cnn") built from its dataclass `fields`."""
     if kind not in MODELS:
         raise ValueError(f"kind={kind!r} is not a model; expected one of {sorted(MODELS)}")
     return MODELS[kind](**fields)
 
 
-__all__ = ["DecoderLM", "Encoder", "ViT", "build_model", "generate", "init_cache"]
+__all__ = ["CNN", "DecoderLM", "Encoder", "ViT", "build_model", "generate", "init_cache"]

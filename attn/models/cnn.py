@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 import attn
-from attn.channel.common import conv, group_norm
+from attn.core.conv import conv, group_norm
 from attn.models.encoder import classifier
 from attn.models.fields import AttentionOptions, hash_fields, per_layer_options
 

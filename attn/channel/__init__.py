@@ -1,0 +1,8 @@
+"""Channel and spatial attention modules for convolutional networks (NHWC in, NHWC out).
+
+Each module gates or re-weights a feature map x [batch, height, width, channels] and returns the same shape:
+`eca` (ECA-Net), `ela` (Efficient Local Attention), `ulsam` (subspace attention), `polarized` (Polarized
+Self-Attention), `lka` (VAN large-kernel attention), `cape` (PDE-parameter-conditioned channel attention),
+`dual_attention` (position + channel attention with semantic guidance) and `class_semantic` (class
+semantics-based attention). `attn.models.cnn.CNN` inserts any of them per stage by registry name.
+"""
