@@ -1,0 +1,172 @@
+"""`cswin`: cross-shaped window self-attention with LePE, from "CSWin Transformer: A General Vision Transformer
+Backbone with Cross-Shaped Windows" (Dong et al., catalog [34]).
+
+The heads are split in two equal groups that attend in parallel within stripes of the 2-D token grid [H, W]:
+
+    heads [0, H/2)     horizontal stripes: sw consecutive rows x all W columns
+    heads [H/2, H)     vertical stripes:   all H rows x sw consecutive columns
+
+so that together every token sees the cross of its row band and column band. Per head group, with stripes S:
+
+    o_i = sum_{j in S(i)} softmax_j(q_i k_j^T / sqrt(D)) v_j + LePE(V)_i
+    LePE(V) = DWConv3x3(V), computed inside each stripe (zero padding at the stripe border)
+    y = concat_h(o) W_o
+
+LePE (locally-enhanced positional encoding) is a depthwise 3x3 convolution with bias on the values of each stripe,
+added to the attention output (option `lepe`); one convolution per head group, as in the official code. The paper's
+equation puts the horizontal stripes on the first half of the heads; the official code uses the opposite order
+(a relabelling of the heads, immaterial for a trained layer). Extents that are not a multiple of sw are padded at
+the end: the last stripe is narrower, padded keys are masked and the padded values are the convolution's zero
+padding (the official code requires multiples). A stripe width equal to both extents is the paper's last stage:
+full attention on every head.
+
+Implementation: stripes are windows of shape (sw, W) and (H, sw) partitioned by `attn.local.window.to_windows`,
+attention is `attn.functional.softmax_attention` batched over stripes.
+
+Shapes: x [B, H, W, E] -> [B, H, W, E]. Time O(B N sw (H + W) H_heads D / 2), memory O(B N sw (H + W) H_heads / 2)
+for N = H W tokens. stripe_width = H = W with lepe=False is plain softmax attention. No causal masking, no
+decoding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attn import functional as F
+from attn.core.conv import conv
+from attn.core.layer import SpatialAttentionLayer
+from attn.core.masks import Mask
+from attn.core.validation import check_rank
+from attn.local.halo import block_probs_to_dense
+from attn.local.window import from_windows, to_windows, window_partition_plan
+from attn.registry import register
+
+Array = jax.Array
+
+
+@register(
+    "cswin",
+    family="local",
+    paper="CSWin Transformer: A General Vision Transformer Backbone with Cross-Shaped Windows",
+    catalog=34,
+    input_kind="spatial",
+    supports_causal=False,
+    supports_decode=False,
+    summary="CSWin cross-shaped windows: half the heads in horizontal, half in vertical stripes, with LePE",
+    option_docs={
+        "stripe_width": "stripe width sw: horizontal stripes are sw rows, vertical stripes sw columns",
+        "lepe": "locally-enhanced positional encoding: depthwise 3x3 conv on V (per stripe) added to the output",
+        "scale": "logit scale (None = 1/sqrt(head_dim))",
+    },
+)
+class CSWinAttention(SpatialAttentionLayer):
+    """Cross-shaped window attention: x [B, H, W, E] -> [B, H, W, E]."""
+
+    stripe_width: int = 7
+    lepe: bool = True
+    scale: float | None = None
+
+    def check_input(self, x: Array, context: Array | None) -> None:
+        super().check_input(x, context)
+        check_rank("x", x, 4, "[batch, height, width, embed] (cross-shaped windows are 2-D)")
+        if self.num_heads % 2:
+            raise ValueError(
+                f"num_heads={self.num_heads} must be even: cswin gives half the heads horizontal stripes and half "
+                "vertical stripes"
+            )
+        if self.kv_heads % 2:
+            raise ValueError(
+                f"num_kv_heads={self.num_kv_heads} must be even (each stripe direction gets half the kv heads)"
+            )
+        height, width = x.shape[1:3]
+        sw = self.stripe_width
+        if isinstance(sw, bool) or not isinstance(sw, (int, np.integer)) or not 1 <= sw <= min(height, width):
+            raise ValueError(
+                f"stripe_width={sw!r} must be an int between 1 and min(height, width) = {min(height, width)} "
+                f"(grid {height} x {width})"
+            )
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        *,
+        context: Array | None = None,
+        mask: Mask | None = None,
+        positions: Array | None = None,
+        decode: bool = False,
+        deterministic: bool = True,
+    ) -> Array:
+        self.check_input(x, context)
+        self.check_call(mask, positions, decode)
+        batch, height, width, features = x.shape
+        q, k, v = self.spatial_qkv(x)
+        half, kv_half = self.num_heads // 2, self.kv_heads // 2
+        rng = self.dropout_rng(deterministic)
+        rngs = [None, None] if rng is None else list(jax.random.split(rng))
+        capture = self.wants_weights()
+        outputs, weights = [], []
+        directions = (("horizontal", (self.stripe_width, width)), ("vertical", (height, self.stripe_width)))
+        for branch, (name, stripe) in enumerate(directions):
+            heads, kv_heads = slice(branch * half, (branch + 1) * half), slice(branch * kv_half, (branch + 1) * kv_half)
+            out, probs = self.stripe_attention(
+                q[..., heads, :], k[..., kv_heads, :], v[..., kv_heads, :], stripe, name, rngs[branch], deterministic
+            )
+            outputs.append(out)
+            weights.append(probs)
+        if capture:
+            self.sow("intermediates", "attention_weights", jnp.concatenate(weights, axis=1))
+        return self.spatial_out(jnp.concatenate(outputs, axis=-2), features)
+
+    def stripe_attention(
+        self, q: Array, k: Array, v: Array, stripe: tuple[int, int], name: str, rng, deterministic: bool
+    ) -> tuple[Array, Array | None]:
+        """One head group: q [B, H, W, h, D], k/v [B, H, W, kvh, D] -> ([B, H, W, h, D], dense probs or None)."""
+        batch, *spatial = q.shape[:3]
+        spatial = tuple(spatial)
+        window, front, back = window_partition_plan(spatial, stripe, 0)
+        qw, kw, vw = (to_windows(t, window, front, back) for t in (q, k, v))
+        num_windows, size = qw.shape[1], qw.shape[2]
+        qw, kw, vw = (t.reshape(batch * num_windows, size, *t.shape[3:]) for t in (qw, kw, vw))
+        key_mask = None
+        if any(back):
+            real = to_windows(np.ones((1, *spatial), bool), window, front, back, fill=False)[0]  # [nW, T]
+            key_mask = jnp.asarray(np.tile(real, (batch, 1))[:, None, None, :])
+        capture = self.wants_weights()
+        result = F.softmax_attention(
+            qw,
+            kw,
+            vw,
+            mask=key_mask,
+            scale=self.scale,
+            dropout_rate=0.0 if deterministic else self.dropout_rate,
+            dropout_rng=rng,
+            return_probs=capture,
+            implementation=self.implementation,
+        )
+        dense = None
+        if capture:
+            result, aux = result
+            slots = to_windows(np.arange(math.prod(spatial)).reshape(1, *spatial), window, front, back)[0]
+            dense = block_probs_to_dense(aux["probs"], slots, spatial, window, front, back)
+        if self.lepe:
+            result = result + self.local_positional_encoding(vw, window, name)
+        y = result.reshape(batch, num_windows, size, *result.shape[2:])
+        return from_windows(y, spatial, window, front, back), dense
+
+    def local_positional_encoding(self, values: Array, window: tuple[int, int], name: str) -> Array:
+        """LePE: depthwise 3x3 conv of the stripe values [B * nW, T, kvh, D] -> [B * nW, T, h, D] (kv heads are
+        repeated to the query heads of their group first, so GQA layers get one filter per query head)."""
+        heads = self.num_heads // 2
+        values = jnp.repeat(values, heads // values.shape[2], axis=2)
+        channels = heads * values.shape[-1]
+        grid = values.reshape(values.shape[0], *window, channels)
+        encoded = conv(
+            channels, 3, groups=channels, dtype=self.dtype, param_dtype=self.param_dtype, name=f"lepe_{name}"
+        )(grid)
+        return encoded.reshape(values.shape).astype(values.dtype)

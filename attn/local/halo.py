@@ -1,0 +1,225 @@
+"""`halo`: blocked local self-attention with haloing, from "Scaling Local Self-Attention for Parameter Efficient
+Visual Backbones" (Vaswani et al., HaloNet, catalog [72]).
+
+The 2-D token grid [H, W] is split into non-overlapping query blocks of b_0 x b_1 tokens. Every query of a block
+attends to the same (b_0 + 2 h_0) x (b_1 + 2 h_1) key/value neighbourhood: its block plus a halo of h tokens on
+each side. Where the halo leaves the image the grid is zero-padded, and the padded keys are masked out (so a border
+block simply sees fewer keys). With 2-D relative position embeddings (HaloNet's row + column form, as in its
+reference code: one table per axis, shared by the heads):
+
+    q, k, v = x W_q, x W_k, x W_v                                             heads H, kv heads KVH
+    l_ij = (q_i . k_j + q_i . r^row[row(j) - row(i)] + q_i . r^col[col(j) - col(i)]) / sqrt(D)
+    o_i  = sum_{j in halo(block(i))} softmax_j(l_ij) v_j,        y = concat_h(o) W_o
+
+r^row: float [2 (b_0 + h_0) - 1, D], r^col: float [2 (b_1 + h_1) - 1, D] (option `rel_pos`); the offset key - query
+of a key in the haloed window lies in [-(b + h - 1), b + h - 1] per axis. The relative logits share the 1/sqrt(D)
+scale of the content logits (the Stand-Alone Self-Attention / BoTNet form).
+
+Extents that are not a multiple of the block are padded at the end (HaloNet requires multiples): the last block is
+partial, its padded queries are dropped and padded keys masked.
+
+Implementation: the query blocks come from `attn.local.window.to_windows`; the haloed key windows are gathered once
+per block with a flat index table (`halo_key_table`); attention is `attn.functional.softmax_attention` batched over
+blocks with the validity mask and the relative logits as its bias.
+
+Shapes: x [B, H, W, E] -> [B, H, W, E]. Time O(B N (b + 2h)^2 H D) and memory O(B N (b + 2h)^2 (H + KVH D / b^2))
+for N = H W tokens (never N x N). halo_size = 0 is non-overlapping window attention (`window` with
+window_size = block_size); block_size = (H, W) with halo_size = 0 and rel_pos=False is plain softmax attention
+over the flattened tokens. No causal masking, no decoding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attn import functional as F
+from attn.core.layer import SpatialAttentionLayer
+from attn.core.masks import Mask
+from attn.core.neighborhood import IntPerAxis, per_axis, window_probs_to_dense
+from attn.core.validation import check_rank
+from attn.local.window import from_windows, to_windows, window_partition_plan
+from attn.registry import register
+
+Array = jax.Array
+
+
+def halo_plan(
+    spatial: tuple[int, ...], block_size: IntPerAxis, halo_size: IntPerAxis
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Validated (block, halo) per axis; ValueError naming the option otherwise."""
+    rank = len(spatial)
+    block = per_axis("block_size", block_size, rank, int)
+    halo = per_axis("halo_size", halo_size, rank, int)
+    for axis, (n, b, h) in enumerate(zip(spatial, block, halo, strict=True)):
+        if not 1 <= b <= n:
+            raise ValueError(
+                f"block_size={block} must be between 1 and the extent on every axis; axis {axis} has block {b} "
+                f"and extent {n} (spatial shape {spatial})"
+            )
+        if h < 0:
+            raise ValueError(f"halo_size={halo} must be >= 0 on every axis (axis {axis} has {h})")
+    return block, halo
+
+
+def halo_key_table(spatial: tuple[int, ...], block: tuple[int, ...], halo: tuple[int, ...]):
+    """The haloed key window of every query block, as flat token indices.
+
+    Returns (keys int32 [num_blocks, K], valid bool [num_blocks, K]) with K = prod(b + 2h): blocks and window slots
+    are row-major (the block order of `to_windows`); keys outside the grid are clipped to a real token and marked
+    invalid.
+    """
+    keys = np.zeros((1,) * (2 * len(spatial)), np.int64)
+    valid = np.ones((1,) * (2 * len(spatial)), bool)
+    token_stride = 1
+    for axis in reversed(range(len(spatial))):
+        n, b, h = spatial[axis], block[axis], halo[axis]
+        index = np.arange(-(-n // b))[:, None] * b - h + np.arange(b + 2 * h)[None, :]  # [blocks, b + 2h]
+        shape = [1] * (2 * len(spatial))
+        shape[axis], shape[len(spatial) + axis] = index.shape
+        keys = keys + np.clip(index, 0, n - 1).reshape(shape) * token_stride
+        valid = valid & ((index >= 0) & (index < n)).reshape(shape)
+        token_stride *= n
+    full = np.broadcast_shapes(keys.shape, valid.shape)
+    num_blocks, size = math.prod(full[: len(spatial)]), math.prod(full[len(spatial) :])
+    keys = np.broadcast_to(keys, full).reshape(num_blocks, size).astype(np.int32)
+    return keys, np.broadcast_to(valid, full).reshape(num_blocks, size)
+
+
+def block_probs_to_dense(
+    probs: Array,
+    key_table: np.ndarray,
+    spatial: tuple[int, ...],
+    window: tuple[int, ...],
+    front: tuple[int, ...],
+    back: tuple[int, ...],
+) -> Array:
+    """Probabilities of block-partitioned attention -> float32 [B, H, N, N] over the original tokens.
+
+    probs: [B * nW, H, T, K] for queries partitioned by `to_windows(..., window, front, back)` (T = prod(window))
+    and the keys of each block in `key_table` int [nW, K] (flat token indices; slots whose probability is 0 may
+    hold any index in range). O(N^2) memory: for attention-weight capture and plots.
+    """
+    num_windows, size = key_table.shape
+    heads, tokens = probs.shape[1], math.prod(spatial)
+    per_window = probs.reshape(-1, num_windows, heads, probs.shape[2], size).transpose(0, 1, 3, 2, 4)
+    per_query = from_windows(per_window, spatial, window, front, back).reshape(-1, tokens, heads, size)
+    table = np.broadcast_to(key_table[None, :, None, :], (1, num_windows, probs.shape[2], size))
+    keys = from_windows(table, spatial, window, front, back).reshape(tokens, size)
+    return window_probs_to_dense(per_query.transpose(0, 2, 1, 3).astype(jnp.float32), keys, tokens)
+
+
+def relative_offsets(block: int, halo: int) -> np.ndarray:
+    """int32 [b, b + 2h]: index into a [2 (b + h) - 1] table of the offset (key - query) along one axis, for query
+    i of a block and slot t of its haloed window (the key at block_start - h + t)."""
+    return (np.arange(block + 2 * halo)[None, :] - halo - np.arange(block)[:, None] + block + halo - 1).astype(np.int32)
+
+
+@register(
+    "halo",
+    family="local",
+    paper="Scaling Local Self-Attention for Parameter Efficient Visual Backbones",
+    catalog=72,
+    input_kind="spatial",
+    supports_causal=False,
+    supports_decode=False,
+    summary="HaloNet blocked local attention: b x b query blocks attend to their block plus a halo, 2-D rel. pos.",
+    option_docs={
+        "block_size": "query block size per axis (int or pair); the grid is cut into non-overlapping blocks",
+        "halo_size": "halo per side (int or pair, >= 0): each block attends to (b + 2h) x (b + 2h) keys around it",
+        "rel_pos": "2-D relative position embeddings (row and column tables [2 (b + h) - 1, head_dim]), q . r logits",
+        "scale": "logit scale (None = 1/sqrt(head_dim)), applied to content and relative logits",
+    },
+)
+class HaloAttention(SpatialAttentionLayer):
+    """HaloNet attention: x [B, H, W, E] -> [B, H, W, E]."""
+
+    block_size: IntPerAxis = 8
+    halo_size: IntPerAxis = 3
+    rel_pos: bool = True
+    scale: float | None = None
+
+    def check_input(self, x: Array, context: Array | None) -> None:
+        super().check_input(x, context)
+        check_rank("x", x, 4, "[batch, height, width, embed] (halo attention is 2-D)")
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        *,
+        context: Array | None = None,
+        mask: Mask | None = None,
+        positions: Array | None = None,
+        decode: bool = False,
+        deterministic: bool = True,
+    ) -> Array:
+        self.check_input(x, context)
+        self.check_call(mask, positions, decode)
+        batch, *spatial, features = x.shape
+        spatial = tuple(spatial)
+        block, halo = halo_plan(spatial, self.block_size, self.halo_size)
+        _, front, back = window_partition_plan(spatial, block, 0)
+        q, k, v = self.spatial_qkv(x)
+        scale = self.head_dim**-0.5 if self.scale is None else self.scale
+
+        queries = to_windows(q, block, front, back)  # [B, nB, T, H, D]
+        num_blocks, size = queries.shape[1], queries.shape[2]
+        key_table, valid = halo_key_table(spatial, block, halo)
+        flat_keys = jnp.asarray(key_table.reshape(-1))
+        tokens = math.prod(spatial)
+
+        def gather(t: Array) -> Array:
+            flat = jnp.take(t.reshape(batch, tokens, *t.shape[-2:]), flat_keys, axis=1)
+            return flat.reshape(batch * num_blocks, key_table.shape[1], *t.shape[-2:])
+
+        keys, values = gather(k), gather(v)
+        key_mask = None
+        if not valid.all():
+            key_mask = jnp.asarray(np.tile(valid, (batch, 1))[:, None, None, :])
+        bias = None
+        if self.rel_pos:
+            bias = self.relative_logits(queries, block, halo) * scale
+
+        capture = self.wants_weights()
+        result = F.softmax_attention(
+            queries.reshape(batch * num_blocks, size, *q.shape[-2:]),
+            keys,
+            values,
+            mask=key_mask,
+            bias=bias,
+            scale=scale,
+            dropout_rate=0.0 if deterministic else self.dropout_rate,
+            dropout_rng=self.dropout_rng(deterministic),
+            return_probs=capture,
+            implementation=self.implementation,
+        )
+        if capture:
+            result, aux = result
+            dense = block_probs_to_dense(aux["probs"], key_table, spatial, block, front, back)
+            self.sow("intermediates", "attention_weights", dense)
+        y = from_windows(result.reshape(batch, num_blocks, size, *result.shape[2:]), spatial, block, front, back)
+        return self.spatial_out(y, features)
+
+    def relative_logits(self, queries: Array, block: tuple[int, ...], halo: tuple[int, ...]) -> Array:
+        """q . r^row + q . r^col for query blocks [B, nB, b0 * b1, H, D] -> float32 [B * nB, H, b0 * b1, K]."""
+        batch, num_blocks, _, heads, head_dim = queries.shape
+        tables = []
+        for axis, name in enumerate(("rel_height", "rel_width")):
+            table = self.param(
+                name,
+                nn.with_logical_partitioning(nn.initializers.normal(head_dim**-0.5), (None, "head_dim")),
+                (2 * (block[axis] + halo[axis]) - 1, head_dim),
+                self.param_dtype,
+            )
+            # [b, b + 2h, D]: the embedding of every (query row, window row) pair along this axis.
+            tables.append(jnp.take(jnp.asarray(table, jnp.float32), relative_offsets(block[axis], halo[axis]), 0))
+        q = queries.reshape(batch, num_blocks, block[0], block[1], heads, head_dim).astype(jnp.float32)
+        rows = jnp.einsum("bnijhd,itd->bnhijt", q, tables[0])
+        cols = jnp.einsum("bnijhd,jsd->bnhijs", q, tables[1])
+        logits = rows[..., :, None] + cols[..., None, :]  # [B, nB, H, b0, b1, b0 + 2h0, b1 + 2h1]
+        return logits.reshape(batch * num_blocks, heads, block[0] * block[1], -1)
