@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attn.core import dispatch
+from attn.core.linear_scan import linear_attention
 from attn.core.masks import Mask
 from attn.core.neighborhood import neighborhood_attention
 from attn.core.reference import reference_softmax_attention
@@ -20,7 +21,7 @@ from attn.core.validation import check_qkv, normalize_window, shape_of
 
 Array = jax.Array
 
-__all__ = ["neighborhood_attention", "softmax_attention"]
+__all__ = ["linear_attention", "neighborhood_attention", "softmax_attention"]
 
 
 def softmax_attention(

@@ -1,0 +1,187 @@
+"""`hedgehog`: learnable spiky linear attention ([217] "The Hedgehog & the Porcupine: Expressive Linear Attentions
+with Softmax Mimicry").
+
+Per head, a trainable feature map mimics the spiky, monotonic weights of softmax attention:
+
+    phi(x) = [softmax(x W + b) ⊕ softmax(-(x W + b))]      (softmax over the feature axis; W identity-initialised)
+    a_ij   = phi_q(q_i) . phi_k(k_j) / sum_{j' allowed} phi_q(q_i) . phi_k(k_j')
+    o_i    = sum_j a_ij v_j                               (computed linearly: normalised chunked-scan core)
+
+with separate maps for queries (one per query head) and keys (one per kv head); phi is positive and has 2D
+features (state [B, H, 2D, D + 1], the last column being the normaliser).
+
+Attention distillation (the paper's conversion recipe). With distill=True the layer also computes the softmax
+teacher weights p = softmax(q k^T / sqrt(D)) from its own (stop-gradient) queries and keys and the student
+weights a above from phi of the same stop-gradient q, k, and sows
+
+    hedgehog_distillation_loss(a, p) = mean over rows of KL(p || a) = cross-entropy(p, a) - H(p)
+
+under "losses"/"hedgehog_distillation". It differs from the paper's cross-entropy by the teacher's entropy, a
+constant for the feature maps, so the gradients are the same, and it is exactly 0 when the student equals the
+teacher. Only the feature maps receive its gradient. This step is O(T^2) (it builds both weight matrices).
+
+Converting a trained `softmax` model (position="none" or "rope"): build the same model with
+attention="hedgehog" (and position equal to the teacher's), init it, and copy every parameter of the softmax
+layers — `query`, `key`, `value`, `out` have the same names and shapes — keeping the new `query_feature_map` /
+`key_feature_map` parameters of the init. Stage 1: train with attention_options={"distill": True} and an
+optimizer restricted to the feature-map parameters (e.g. optax.multi_transform) on the sum of the sown
+"losses" (apply with mutable=["losses"]). Stage 2: set distill=False and fine-tune end to end on the task loss.
+
+Shapes: x [B, T, E] -> [B, T, E]. Time O(B H T (C D + D^2)), memory O(B H T (C + D)); decoding O(H D^2) per token
+with the state in "cache". Nothing reduces it exactly to softmax attention (it approximates it after
+distillation).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from attn import functional as F
+from attn.core import positions as pos
+from attn.core.linear_scan import repeat_kv
+from attn.core.masks import Mask
+from attn.core.validation import check_choice
+from attn.linear.linear import BASE_OPTION_DOCS, HeadwiseLinear, LinearAttentionBase
+from attn.registry import register
+
+Array = jax.Array
+
+POSITIONS = ("none", "rope")
+
+
+def spiky_features(x: Array) -> Array:
+    """[softmax(x) ⊕ softmax(-x)] over the last axis: [..., D] -> [..., 2D], positive, each half summing to 1."""
+    x = x.astype(jnp.float32)
+    return jnp.concatenate([jax.nn.softmax(x, axis=-1), jax.nn.softmax(-x, axis=-1)], axis=-1)
+
+
+def hedgehog_attention_weights(
+    q_features: Array, k_features: Array, *, causal: bool, kv_lengths: Array | None = None
+) -> Array:
+    """The normalised linear-attention weights a_ij, float32 [B, H, Tq, Tk] (quadratic; for distillation/tests).
+
+    q_features [B, Tq, H, F], k_features [B, Tk, KVH, F], positive. Rows without any allowed key are 0.
+    """
+    k_features = repeat_kv(k_features, q_features.shape[2])
+    scores = jnp.einsum("bthf,bshf->bhts", q_features.astype(jnp.float32), k_features.astype(jnp.float32))
+    allowed = jnp.ones(scores.shape[-2:], jnp.bool_)
+    if causal:
+        allowed = jnp.tril(allowed)
+    allowed = allowed[None, None]
+    if kv_lengths is not None:
+        allowed = allowed & (jnp.arange(scores.shape[-1]) < jnp.asarray(kv_lengths)[:, None, None, None])
+    scores = jnp.where(allowed, scores, 0.0)
+    total = jnp.sum(scores, axis=-1, keepdims=True)
+    return scores / jnp.where(total == 0.0, 1.0, total)
+
+
+def hedgehog_distillation_loss(student_probs: Array, teacher_probs: Array, *, eps: float = 1e-12) -> Array:
+    """Attention distillation: mean over (batch, head, query) rows of KL(teacher || student), a float32 scalar.
+
+    Both are attention weights [..., Tq, Tk] whose rows sum to 1 (or are all 0 for fully masked rows, which add 0).
+    Equal to the cross-entropy between teacher and student rows minus the teacher's entropy: the same gradient for
+    the student, and 0 exactly when student == teacher. Student entries are clipped at `eps` inside the log.
+    """
+    if student_probs.shape != teacher_probs.shape:
+        raise ValueError(
+            f"student_probs {student_probs.shape} and teacher_probs {teacher_probs.shape} must have the same shape"
+        )
+    p = teacher_probs.astype(jnp.float32)
+    a = student_probs.astype(jnp.float32)
+    positive = p > 0
+    log_ratio = jnp.log(jnp.where(positive, p, 1.0)) - jnp.log(jnp.maximum(a, eps))
+    return jnp.mean(jnp.sum(jnp.where(positive, p * log_ratio, 0.0), axis=-1))
+
+
+@register(
+    "hedgehog",
+    family="linear",
+    paper="The Hedgehog & the Porcupine: Expressive Linear Attentions with Softmax Mimicry",
+    catalog=217,
+    op=F.linear_attention,
+    input_kind="sequence",
+    supports_causal=True,
+    supports_decode=True,
+    summary="linear attention with learnable spiky maps softmax(Wx) ⊕ softmax(-Wx); attention distillation loss",
+    option_docs={
+        "distill": "also sow the attention-distillation loss against the layer's own softmax weights under 'losses'",
+        "position": "'none' or 'rope' (rotary q/k before the feature maps; match the softmax model being converted)",
+        "rope_base": "RoPE base (theta) when position='rope'",
+        **BASE_OPTION_DOCS,
+    },
+)
+class HedgehogAttention(LinearAttentionBase):
+    """Hedgehog linear attention with optional attention distillation. x [B, T, E] -> [B, T, E]."""
+
+    distill: bool = False
+    position: str = "none"
+    rope_base: float = 10000.0
+
+    mechanism_name = "hedgehog"
+
+    def check_options(self) -> None:
+        super().check_options()
+        check_choice("position", self.position, POSITIONS)
+
+    def uses_denominator(self) -> bool:
+        return True
+
+    def feature_maps(self) -> tuple[HeadwiseLinear, HeadwiseLinear]:
+        common = dict(features=self.head_dim, dtype=jnp.float32, param_dtype=self.param_dtype)
+        return (
+            HeadwiseLinear(groups=self.num_heads, heads_axis="heads", name="query_feature_map", **common),
+            HeadwiseLinear(groups=self.kv_heads, heads_axis="kv_heads", name="key_feature_map", **common),
+        )
+
+    def mix(
+        self,
+        q: Array,
+        k: Array,
+        v: Array,
+        *,
+        x: Array,
+        causal: bool,
+        q_lengths: Array | None,
+        kv_lengths: Array | None,
+        positions: Array | None,
+        decode: bool,
+        deterministic: bool,
+    ) -> Array:
+        batch, length = q.shape[:2]
+        offset = self.advance_decode_index(decode, length)
+        if self.position == "rope" and k.shape[1] == length:
+            q_pos = self.query_positions(positions, batch, length, offset)
+            inv_freq, _ = pos.rope_frequencies(self.head_dim, base=self.rope_base)
+            q, k = pos.apply_rope(q, q_pos, inv_freq), pos.apply_rope(k, q_pos, inv_freq)
+        query_map, key_map = self.feature_maps()
+        q_features, k_features = spiky_features(query_map(q)), spiky_features(key_map(k))
+        if self.distill and not decode:
+            self.sow_distillation_loss(q, k, v, query_map, key_map, causal=causal, kv_lengths=kv_lengths)
+        return self.linear_core(
+            q_features,
+            k_features,
+            v,
+            causal=causal,
+            decay=None,
+            q_lengths=q_lengths,
+            kv_lengths=kv_lengths,
+            decode=decode,
+        )
+
+    def sow_distillation_loss(self, q, k, v, query_map, key_map, *, causal, kv_lengths) -> None:
+        """Teacher: softmax weights of the frozen q, k; student: Hedgehog weights of phi(frozen q, k)."""
+        q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
+        _, aux = F.softmax_attention(
+            q,
+            k,
+            v,
+            causal=causal,
+            mask=None if kv_lengths is None else Mask(kv_lengths=kv_lengths),
+            return_probs=True,
+            implementation=self.implementation,
+        )
+        student = hedgehog_attention_weights(
+            spiky_features(query_map(q)), spiky_features(key_map(k)), causal=causal, kv_lengths=kv_lengths
+        )
+        self.sow("losses", "hedgehog_distillation", hedgehog_distillation_loss(student, aux["probs"]))

@@ -1,0 +1,147 @@
+"""`lightning`: TransNormerLLM's gated linear attention with Lightning Attention ([19] "Various Lengths, Constant
+Speed: Efficient Language Modeling with Lightning Attention"), tiled as in Lightning Attention-2 ([117]).
+
+TNL's token mixer (Gated Linear Attention, GLA), per head h of layer l:
+
+    q = phi(x W_q), k = phi(x W_k), phi = swish;  v = x W_v;  u = x W_u
+    q_s <- [q_s cos(theta s), q_s sin(theta s)], k_t likewise       (LRPE; with the decay below, TNL's LRPE-d:
+                                                                     q_s . k_t = sum_i q_i k_i cos(theta_i (s - t)))
+    o_s = sum_{t<=s} lambda_h^(s-t) (q_s . k_t) v_t                 (Lightning Attention; no softmax, no denominator)
+    y   = (SRMSNorm(concat_h o_h) ⊙ u) W_o,   SRMSNorm(z) = z / sqrt(mean(z^2) + eps)
+
+The decay is fixed, per head and layer (the schedule of the authors' released TNL code):
+
+    lambda_{h,l} = exp(-s_h (1 - l / (L - 1) + 1e-5)),   s_h = 2^(-8 h / H), h = 1..H   (ALiBi's slopes)
+
+so lower layers forget fastest and the last layer is nearly undecayed. The model passes `layer_index` and
+`num_layers` per layer through attention_options. The sum is computed by the chunked core (Lightning Attention-2):
+masked attention with the decay matrix inside each chunk, the decayed [D, D] state carried across chunks — no
+cumsum over the sequence, no T x T array. TNL is a causal LM; without a causal mask (encoders, ViT) this layer
+weighs key t by lambda_h^|s - t| (a causal pass plus a reversed one), still without a T x T array.
+
+Shapes: x [B, T, E] -> [B, T, E]; LRPE doubles the key dimension (state [B, H, 2D, D]). Time O(B H T (C D + D^2)),
+memory O(B H T (C + D)); decoding is O(H D^2) per token with the state in "cache". Setting decay="none",
+lrpe=False, output_norm="none", gate=False, feature_map="identity" gives exactly `linear` with
+feature_map="identity", normalize=False (the same parameters). Nothing reduces it to softmax attention.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attn import functional as F
+from attn.core.feature_maps import FEATURE_MAPS
+from attn.core.positions import alibi_slopes
+from attn.core.validation import check_choice
+from attn.linear.linear import BASE_OPTION_DOCS, LinearAttentionBase
+from attn.registry import register
+
+Array = jax.Array
+
+DECAYS = ("tnl", "none")
+
+
+def tnl_decay(num_heads: int, layer_index: int, num_layers: int) -> np.ndarray:
+    """TransNormerLLM's per-head decay lambda_h of layer `layer_index` (0-based) of `num_layers`: float32 [H]."""
+    if num_layers < 1 or not 0 <= layer_index < num_layers:
+        raise ValueError(f"layer_index={layer_index} must lie in [0, num_layers) with num_layers={num_layers} >= 1")
+    depth = 1.0 - layer_index / (num_layers - 1) if num_layers > 1 else 1.0
+    rate = alibi_slopes(num_heads).astype(np.float64) * (depth + 1e-5)
+    return np.exp(-rate).astype(np.float32)
+
+
+class Lrpe(nn.Module):
+    """LRPE (linearized relative positional encoding) of TransNormerLLM: x [B, T, heads, D] -> [B, T, heads, 2D].
+
+    theta [KVH, D] is learned, initialised to 10000^(-2 i / (KVH D)) over the flattened (head, dim) index; query
+    head h uses the theta of its kv head, so q_s . k_t depends on s - t only.
+    """
+
+    kv_heads: int
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, positions: Array) -> Array:
+        dim = x.shape[-1]
+
+        def init(key, shape, dtype):
+            del key
+            return (
+                (10000.0 ** (-2.0 / (shape[0] * shape[1]) * jnp.arange(shape[0] * shape[1])))
+                .reshape(shape)
+                .astype(dtype)
+            )
+
+        theta = self.param(
+            "theta",
+            nn.with_logical_partitioning(init, ("kv_heads", "head_dim")),
+            (self.kv_heads, dim),
+            self.param_dtype,
+        )
+        theta = jnp.repeat(jnp.asarray(theta, jnp.float32), x.shape[2] // self.kv_heads, axis=0)
+        angle = jnp.asarray(positions, jnp.float32)[:, :, None, None] * theta
+        x = x.astype(jnp.float32)
+        return jnp.concatenate([x * jnp.cos(angle), x * jnp.sin(angle)], axis=-1)
+
+
+@register(
+    "lightning",
+    family="linear",
+    paper="Various Lengths, Constant Speed: Efficient Language Modeling with Lightning Attention",
+    catalog=19,
+    op=F.linear_attention,
+    input_kind="sequence",
+    supports_causal=True,
+    supports_decode=True,
+    summary="TransNormerLLM gated linear attention: per-head decay, LRPE, SRMSNorm; Lightning-2 chunked scan [117]",
+    option_docs={
+        "feature_map": "phi on q and k: 'silu' (TNL's swish), 'elu_plus_one', 'relu' or 'identity'",
+        "decay": "'tnl' (lambda_h = exp(-2^(-8h/H) (1 - l/(L-1) + 1e-5))) or 'none' (lambda = 1)",
+        "layer_index": "this layer's index l (0-based), for the TNL decay schedule",
+        "num_layers": "number of layers L of the model, for the TNL decay schedule",
+        "lrpe": "apply LRPE (learned relative cos/sin encoding of q and k; doubles the key dimension)",
+        "output_norm": "norm of the concatenated head outputs: 'srms' (TNL), 'rmsnorm', 'layernorm' or 'none'",
+        "gate": "multiply the normalised output by the gate u = x W_u (TNL's GLA)",
+        **BASE_OPTION_DOCS,
+    },
+)
+class LightningAttention(LinearAttentionBase):
+    """TransNormerLLM gated linear attention on the Lightning chunked scan. x [B, T, E] -> [B, T, E]."""
+
+    feature_map: str = "silu"
+    decay: str = "tnl"
+    layer_index: int = 0
+    num_layers: int = 1
+    lrpe: bool = True
+    output_norm: str = "srms"
+    gate: bool = True
+
+    mechanism_name = "lightning"
+
+    def check_options(self) -> None:
+        super().check_options()
+        check_choice("feature_map", self.feature_map, tuple(FEATURE_MAPS))
+        check_choice("decay", self.decay, DECAYS)
+        tnl_decay(1, self.layer_index, self.num_layers)
+
+    def map_features(self, q: Array, k: Array, q_pos: Array, k_pos: Array) -> tuple[Array, Array]:
+        phi = FEATURE_MAPS[self.feature_map]
+        q, k = phi(q), phi(k)
+        if self.lrpe:
+            lrpe = Lrpe(kv_heads=self.kv_heads, param_dtype=self.param_dtype, name="lrpe")
+            q, k = lrpe(q, q_pos), lrpe(k, k_pos)
+        return q, k
+
+    def decay_rates(self) -> Array | None:
+        if self.decay == "none":
+            return None
+        return jnp.asarray(tnl_decay(self.num_heads, self.layer_index, self.num_layers))
+
+    def finish(self, y: Array, x: Array) -> Array:
+        y = self.norm_heads(y, self.output_norm)
+        if self.gate:
+            y = y * self.dense_heads(x, self.num_heads, "heads", "gate")
+        return y

@@ -1,0 +1,76 @@
+"""`lightning`: the TNL decay schedule, the exact reduction to `linear`, decode == forward, causality, LRPE."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import attn
+from attn.linear.lightning import tnl_decay
+
+
+def test_tnl_decay_schedule():
+    # Layer 0 of 1: lambda_h = exp(-2^(-8h/H)), h = 1..H (ALiBi's slopes), times (1 + 1e-5).
+    np.testing.assert_allclose(tnl_decay(8, 0, 1), np.exp(-(2.0 ** -np.arange(1, 9)) * (1 + 1e-5)), rtol=1e-6)
+    layers = np.stack([tnl_decay(4, layer, 6) for layer in range(6)])
+    assert np.all(np.diff(layers, axis=0) > 0), "deeper layers decay less"
+    assert np.all(np.diff(layers, axis=1) > 0), "later heads decay less"
+    np.testing.assert_allclose(layers[-1], np.exp(-(2.0 ** -np.arange(2, 10, 2)) * 1e-5), rtol=1e-6)
+    with pytest.raises(ValueError, match="layer_index=3 must lie in"):
+        tnl_decay(4, 3, 3)
+
+
+def test_without_decay_norm_gate_and_lrpe_it_is_linear_attention(layer_checks):
+    """decay='none', lrpe=False, output_norm='none', gate=False, feature_map='identity' == `linear` with
+    feature_map='identity', normalize=False: the same parameters give the same outputs."""
+    c = layer_checks
+    x = c.inputs()
+    lightning = c.build(
+        "lightning", decay="none", lrpe=False, output_norm="none", gate=False, feature_map="identity", num_kv_heads=2
+    )
+    linear = c.build("linear", feature_map="identity", normalize=False, num_kv_heads=2)
+    variables = c.init(lightning, x)
+    assert set(variables["params"]) == {"query", "key", "value", "out"}
+    for mask in (c.CAUSAL, None):
+        np.testing.assert_allclose(
+            c.forward(lightning, variables, x, mask=mask), c.forward(linear, variables, x, mask=mask), atol=1e-5
+        )
+
+
+def test_decode_with_state_equals_full_forward_and_is_causal(layer_checks):
+    c = layer_checks
+    layer = c.build("lightning", num_kv_heads=2, layer_index=1, num_layers=4, chunk_size=4)
+    x = c.inputs()
+    variables = c.init(layer, x)
+    assert {"gate", "lrpe"} <= set(variables["params"])
+    full = c.forward(layer, variables, x)
+    decoded, cache = c.decode_in_chunks(layer, variables, x, c.CHUNKS)
+    np.testing.assert_allclose(decoded, full, atol=2e-5, rtol=2e-5)
+    assert cache["state"].shape == (2, 4, 16, 8)  # LRPE doubles the key features
+    assert c.causality_gap(layer, variables, x, t=6) < 1e-5
+
+
+def test_lrpe_and_decay_depend_on_relative_positions_only(layer_checks):
+    c = layer_checks
+    layer = c.build("lightning", num_kv_heads=2)
+    x = c.inputs()
+    variables = c.init(layer, x)
+    theta = nn.unbox(variables["params"]["lrpe"]["theta"])
+    assert theta.shape == (2, 8)
+    base = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+    shifted = c.forward(layer, variables, x, positions=base + 37)
+    np.testing.assert_allclose(shifted, c.forward(layer, variables, x, positions=base), atol=2e-5, rtol=2e-5)
+
+
+def test_options_are_checked(layer_checks):
+    c = layer_checks
+    x = c.inputs()
+    with pytest.raises(ValueError, match="decay='learned' is not supported"):
+        c.build("lightning", decay="learned").init(jax.random.key(0), x, mask=c.CAUSAL)
+    with pytest.raises(ValueError, match="layer_index=4 must lie in"):
+        c.build("lightning", layer_index=4, num_layers=4).init(jax.random.key(0), x, mask=c.CAUSAL)
+    with pytest.raises(ValueError, match="output_norm='batchnorm' is not supported"):
+        c.build("lightning", output_norm="batchnorm").init(jax.random.key(0), x, mask=c.CAUSAL)
+    spec = attn.get("lightning")
+    assert spec.catalog == 19 and spec.supports_decode and spec.op is attn.functional.linear_attention
