@@ -98,7 +98,20 @@ _REGISTRY: dict[str, MechanismSpec] = {}
 _LOADED = False
 
 
+def _inherited_docs(module: type[nn.Module]) -> dict[str, str]:
+    """Option docs of the registered mechanisms `module` derives from (nearest base wins)."""
+    docs: dict[str, str] = {}
+    for base in reversed(module.__mro__[1:]):
+        for spec in _REGISTRY.values():
+            if spec.module is base:
+                docs.update({name: option.doc for name, option in spec.options.items()})
+    return docs
+
+
 def _module_options(module: type[nn.Module], docs: Mapping[str, str]) -> dict[str, OptionSpec]:
+    """Options from the module's dataclass fields; a field's doc comes from `docs`, else from a registered base
+    class (a subclass of `softmax` documents only its new fields), else from COMMON_OPTION_DOCS."""
+    docs = {**_inherited_docs(module), **docs}
     options = {}
     for field in dataclasses.fields(module):
         if field.name in ("parent", "name") or not field.init:

@@ -1,0 +1,129 @@
+"""`swap`: swapped spatiotemporal cross-attention (Swap-CA) in 3-D windows, from "VideoFactory: Swap Attention in
+Spatiotemporal Diffusions for Text-to-Video Generation" (Wang et al., catalog [147]).
+
+A video block has a spatial stream (attention among the tokens of one frame) and a temporal stream (attention
+among the frames at one spatial location). Swap-CA couples them with a cross-attention inside 3-D (time x height x
+width) windows whose query comes from one stream and whose keys and values come from the other, and the "query"
+role alternates between consecutive blocks (`query_stream`): spatial queries read temporal features in one block,
+temporal queries read spatial features in the next.
+
+With x [B, T, *S, E] (frames first, then 1 or 2 spatial axes; N = T prod(S) tokens):
+
+    F_s = SA_spatial(x)      softmax attention among the prod(S) tokens of each frame    (params spatial_*)
+    F_t = SA_temporal(x)     softmax attention among the T frames of each location       (params temporal_*)
+    (A, C) = (F_s, F_t) if query_stream == "spatial" else (F_t, F_s)
+    Q = A W_q, K = C W_k, V = C W_v                                                        (params swap_*)
+    o_i = sum_{j in win(i)} softmax_j(Q_i K_j^T / sqrt(D)) V_j      win = the 3-D window of i (window_size, shift)
+    y = A + o W_o
+
+Windows are the `window` layer's partition (non-overlapping, optional Swin shift, partial windows at borders; a
+window larger than an extent covers the axis). Only the abstract and the catalog entry of the paper could be read
+here; the stream definitions (full-frame spatial and full-length temporal attention, as in the text-to-image
+U-Nets the paper extends), the residual to the query stream and the window defaults are this implementation's
+reading of "a swapped cross-attention mechanism in 3D windows that alternates the query role between spatial and
+temporal blocks". Models alternate query_stream (and typically shift) from layer to layer.
+
+Shapes: x [B, T, *S, E] -> same. Time O(B H D (T prod(S)^2 + prod(S) T^2 + N prod(window))), memory
+O(B H (T prod(S)^2 + prod(S) T^2 + N prod(window))). No causal masking, no decoding, no dropout.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+
+from attn import functional as F
+from attn.core.layer import OutputProjection, SpatialAttentionLayer
+from attn.core.masks import Mask
+from attn.core.neighborhood import IntPerAxis
+from attn.core.validation import check_choice, check_rank
+from attn.local.spatial_sparse import windowed_attention
+from attn.registry import register
+
+Array = jax.Array
+
+QUERY_STREAMS = ("spatial", "temporal")
+
+
+@register(
+    "swap",
+    family="local",
+    paper="VideoFactory: Swap Attention in Spatiotemporal Diffusions for Text-to-Video Generation",
+    catalog=147,
+    op=None,
+    input_kind="spatial",
+    supports_causal=False,
+    supports_decode=False,
+    summary="VideoFactory Swap-CA: spatial and temporal streams joined by 3-D window cross-attention whose query "
+    "stream alternates between blocks",
+    option_docs={
+        "window_size": "3-D window (frames, height, width) of the swapped cross-attention; clipped to the extents",
+        "shift": "window shift per axis, 0 <= shift < window_size (Swin-style; alternate it between blocks)",
+        "query_stream": "which stream queries the other: 'spatial' or 'temporal' (alternate between blocks)",
+        "scale": "logit scale of all three attentions (None = 1/sqrt(head_dim))",
+    },
+)
+class SwapAttention(SpatialAttentionLayer):
+    """Swap attention: x [B, T, *spatial, E] (frames first, 1 or 2 spatial axes) -> same shape."""
+
+    window_size: IntPerAxis = 8
+    shift: IntPerAxis = 0
+    query_stream: str = "spatial"
+    scale: float | None = None
+
+    def stream(self, x: Array, prefix: str) -> Array:
+        """Self-attention within each row of x [B', L, E] -> [B', L, E] with params <prefix>_{query,key,value,out}."""
+        q = self.dense_heads(x, self.num_heads, "heads", f"{prefix}_query")
+        k = self.dense_heads(x, self.kv_heads, "kv_heads", f"{prefix}_key")
+        v = self.dense_heads(x, self.kv_heads, "kv_heads", f"{prefix}_value")
+        y = F.softmax_attention(q, k, v, scale=self.scale, implementation=self.implementation)
+        return self.output(y, x.shape[-1], f"{prefix}_out")
+
+    def output(self, y: Array, features: int, name: str) -> Array:
+        return OutputProjection(
+            features=features, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+        )(y)
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        *,
+        context: Array | None = None,
+        mask: Mask | None = None,
+        positions: Array | None = None,
+        decode: bool = False,
+        deterministic: bool = True,
+    ) -> Array:
+        self.check_input(x, context)
+        check_rank("x", x, (4, 5), "[batch, frames, *spatial (1 or 2 axes), embed]")
+        self.check_call(mask, positions, decode)
+        check_choice("query_stream", self.query_stream, QUERY_STREAMS)
+        if self.dropout_rate:
+            raise ValueError(f"dropout_rate={self.dropout_rate!r} is not supported by swap (use 0.0)")
+        batch, frames, *spatial, features = x.shape
+        pixels = math.prod(spatial)
+
+        per_frame = x.reshape(batch * frames, pixels, features)
+        f_spatial = self.stream(per_frame, "spatial").reshape(x.shape)
+        per_location = x.reshape(batch, frames, pixels, features).swapaxes(1, 2).reshape(-1, frames, features)
+        f_temporal = self.stream(per_location, "temporal").reshape(batch, pixels, frames, features).swapaxes(1, 2)
+        f_temporal = f_temporal.reshape(x.shape)
+
+        queries, memory = (f_spatial, f_temporal) if self.query_stream == "spatial" else (f_temporal, f_spatial)
+        tokens = frames * pixels
+        q = self.dense_heads(queries.reshape(batch, tokens, features), self.num_heads, "heads", "swap_query")
+        k = self.dense_heads(memory.reshape(batch, tokens, features), self.kv_heads, "kv_heads", "swap_key")
+        v = self.dense_heads(memory.reshape(batch, tokens, features), self.kv_heads, "kv_heads", "swap_value")
+        grid = (batch, frames, *spatial)
+        o = windowed_attention(
+            q.reshape(*grid, *q.shape[-2:]),
+            k.reshape(*grid, *k.shape[-2:]),
+            v.reshape(*grid, *v.shape[-2:]),
+            window_size=self.window_size,
+            shift=self.shift,
+            scale=self.scale,
+        )
+        return queries + self.output(o, features, "swap_out")
