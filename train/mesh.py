@@ -261,4 +261,3 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
 
 
 # Old private name, still used by train/trainer.py; prefer rules_for_mesh.
-_rules_for_mesh = rules_for_mesh

@@ -1,0 +1,131 @@
+"""Fields every training config shares, with their defaults; each experiment file overrides what it needs.
+
+Not a config itself: `configs/lm_tiny.py` and the others call `base_config()` and one of the model
+helpers, then set their own values. The trainer (train/config_checks.py) rejects any field not listed
+here or in the model helpers, naming the closest valid one, so a typo never trains silently.
+
+Optional fields are `placeholder(type)` (value None) so that `--config.x.y=value` can still set them.
+Durations are in steps. The batch size is global (all processes and devices together).
+"""
+
+from __future__ import annotations
+
+from ml_collections import ConfigDict, config_dict
+
+from train import mesh as mesh_lib
+
+
+def base_config() -> ConfigDict:
+    """The run-level fields shared by all experiments (model and data are filled in by each file)."""
+    config = ConfigDict()
+    config.seed = 0  # seeds parameter init, dropout and the data order; same seed -> same run
+    config.total_steps = 1000  # optimizer steps to train for (the schedule decays over these)
+    config.batch_size = 16  # global examples per step, over all processes; divisible by data x fsdp
+    config.seq_len = 128  # tokens per example (sequence tasks); ignored by image tasks
+    config.log_every = 50  # steps between train-metric logs (TensorBoard, metrics.jsonl, console)
+    config.eval_every = 500  # steps between evaluations (also at the last step); 0 = only at the end
+    config.checkpoint_every = 500  # steps between checkpoints (also at the last step and on SIGTERM)
+    config.keep_checkpoints = 3  # most recent checkpoints kept on disk; older ones are deleted
+
+    config.model = ConfigDict()  # the network: kind, size, attention mechanism
+    config.model.kind = "decoder"  # "decoder" (causal LM), "encoder" (mlm / classification) or "vit"
+    config.model.attention = "softmax"  # registry name (attn.list_mechanisms()) used in every layer
+    # Extra attn.build options of the mechanism, e.g. --config.model.attention_options="{'window': (64, 0)}"
+    config.model.attention_options = ConfigDict()
+
+    config.data = ConfigDict()  # train.data source and its options
+    config.data.name = "text"  # train.data source name (train.data.list_sources()); other fields = options
+
+    config.optimizer = ConfigDict()  # AdamW + warmup/decay schedule (train/optim.py)
+    config.optimizer.learning_rate = 1e-3  # peak learning rate, reached after warmup
+    config.optimizer.warmup_steps = 100  # linear warmup from 0 to learning_rate
+    config.optimizer.schedule = "cosine"  # decay after warmup: "cosine", "linear" or "constant"
+    config.optimizer.min_lr_ratio = 0.1  # the decay ends at learning_rate * min_lr_ratio at total_steps
+    config.optimizer.weight_decay = 0.1  # AdamW decoupled decay (matrices only, not norms/embeddings)
+    config.optimizer.b1 = 0.9  # Adam first-moment decay
+    config.optimizer.b2 = 0.95  # Adam second-moment decay
+    config.optimizer.eps = 1e-8  # Adam denominator epsilon
+    config.optimizer.clip_norm = 1.0  # global gradient-norm clipping; 0 disables it
+    config.optimizer.grad_accum_steps = 1  # micro-batches per optimizer update (optax.MultiSteps when > 1)
+
+    config.precision = ConfigDict()  # mixed precision
+    # Activations/matmuls run in this dtype; parameters and optimizer state stay float32.
+    config.precision.compute_dtype = "float32"  # "float32" or "bfloat16"
+
+    config.mesh = ConfigDict()  # device mesh and logical-axis sharding rules (train/mesh.py)
+    config.mesh.shape = (-1,)  # devices per mesh axis; one -1 takes all remaining devices
+    config.mesh.axes = ("data",)  # names of the mesh axes, from ("data", "fsdp", "tensor", "context")
+    # Logical axis -> mesh axes, in precedence order. Parameters and activations carry logical names; the
+    # defaults (train/mesh.py DEFAULT_RULES) give data parallelism over ("data", "fsdp"), ZeRO-3 style
+    # sharding of "embed" over "fsdp", Megatron-style tensor parallelism of heads/mlp/vocab over "tensor"
+    # and sequence parallelism of "length" over "context". Axes absent from the mesh are ignored.
+    config.mesh.rules = mesh_lib.DEFAULT_RULES
+
+    config.eval = ConfigDict()  # evaluation on the valid split
+    config.eval.num_batches = 8  # validation batches per evaluation (same batches every time)
+    config.eval.stats_batch_size = 4  # examples in the probe batch for attention entropy / first-key mass
+
+    config.distributed = ConfigDict()  # multi-process / multi-host start-up (train/distributed.py)
+    config.distributed.initialize = False  # call jax.distributed.initialize() (multi-host / multi-process)
+    # Coordinator "host:port"; None lets JAX auto-detect it (TPU pods, SLURM, Kubernetes)
+    config.distributed.coordinator_address = config_dict.placeholder(str)
+    config.distributed.num_processes = config_dict.placeholder(int)  # None = auto-detect
+    config.distributed.process_id = config_dict.placeholder(int)  # None = auto-detect
+    return config
+
+
+def trunk_fields(model: ConfigDict) -> ConfigDict:
+    """Adds the transformer-trunk fields every model kind shares to `model` (defaults: a tiny model)."""
+    model.num_layers = 4  # transformer blocks
+    model.d_model = 128  # residual stream width
+    model.num_heads = 4  # query heads per layer
+    model.num_kv_heads = config_dict.placeholder(int)  # key/value heads (GQA/MQA); None = num_heads
+    model.head_dim = config_dict.placeholder(int)  # per-head width; None = d_model // num_heads
+    model.mlp_dim = 512  # hidden width of the feed-forward block
+    model.norm = "rmsnorm"  # "rmsnorm" or "layernorm"
+    model.mlp = "swiglu"  # "swiglu" or "gelu"
+    model.dropout_rate = 0.0  # dropout on embeddings, sublayer outputs and attention
+    return model
+
+
+def sequence_model_fields(model: ConfigDict) -> ConfigDict:
+    """Adds the token-model fields (decoder and encoder) to `model`: vocabulary and positions."""
+    model.vocab_size = 256  # token vocabulary; must match the data source's
+    model.tie_embeddings = True  # output head reuses the token embedding (transposed)
+    model.position_embedding = "none"  # "none" (mechanism handles positions, e.g. RoPE) or "learned"
+    model.max_len = 2048  # rows of the learned position table (unused with "none")
+    return model
+
+
+def decoder_model(config: ConfigDict) -> ConfigDict:
+    """Makes `config.model` a causal decoder LM (attn.models.DecoderLM) with tiny defaults."""
+    config.model.kind = "decoder"  # see model.kind in base_config
+    sequence_model_fields(trunk_fields(config.model))
+    return config.model
+
+
+def encoder_model(config: ConfigDict) -> ConfigDict:
+    """Makes `config.model` a bidirectional encoder (attn.models.Encoder) with tiny defaults."""
+    config.model.kind = "encoder"  # see model.kind in base_config
+    sequence_model_fields(trunk_fields(config.model))
+    config.model.head = "mlm"  # "mlm" (per-token vocab logits) or "classification" (pooled)
+    config.model.num_classes = config_dict.placeholder(int)  # classes of the classification head
+    return config.model
+
+
+def vit_model(config: ConfigDict) -> ConfigDict:
+    """Makes `config.model` a Vision Transformer classifier (attn.models.ViT) with tiny defaults."""
+    config.model.kind = "vit"  # see model.kind in base_config
+    trunk_fields(config.model)
+    config.model.num_classes = 10  # classes; must match the image source's num_classes
+    config.model.patch_size = 4  # square patch side in pixels; image_size must be a multiple
+    config.model.pool = "cls"  # "cls" (class token) or "mean" (mean over patches)
+    return config.model
+
+
+def check_preset(name: str, arg: str | None, presets: tuple[str, ...]) -> str:
+    """Returns the preset named by `--config file.py:arg` ("" when none), or a ValueError listing them."""
+    arg = arg or ""
+    if arg not in presets:
+        raise ValueError(f"unknown preset {arg!r} for configs/{name}.py; expected one of {presets}")
+    return arg

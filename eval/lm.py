@@ -1,0 +1,145 @@
+"""Language-model evaluation of a trained run, with length extrapolation.
+
+    python -m eval.lm --workdir runs/lm_tiny [--output results.json] [--factors 1,2,4] [--step N]
+
+Loads the latest (or `--step`) checkpoint of the workdir with the config saved inside it, and measures
+validation loss, perplexity and next-token accuracy at 1x, 2x and 4x the training sequence length (the
+factors are configurable). Longer sequences use proportionally fewer rows per batch, so every length sees
+about the same number of tokens. Lengths a model cannot run (learned positions shorter than the length)
+are reported with the reason instead of a number.
+
+Writes JSON to <workdir>/eval_lm.json and, with --output, also to that path.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import ml_collections
+
+from train import mesh as mesh_lib
+from train import trainer
+from train.checkpointing import Checkpointer
+from train.data import make_source
+
+
+def load_run(workdir: str, step: int | None = None) -> tuple[trainer.Setup, trainer.StateLayout, Any, int]:
+    """(setup, layout, params, step) of a checkpoint in `workdir`, restored onto this machine's mesh.
+
+    The config is the one saved with the checkpoint. Its mesh is kept when this machine has the devices
+    for it; otherwise evaluation falls back to pure data parallelism over all devices.
+    """
+    checkpointer = Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"), keep=1, save_every=1)
+    try:
+        meta = checkpointer.read_meta(step)
+        config = ml_collections.ConfigDict(meta["config"])
+        try:
+            mesh_lib.make_mesh(config.mesh.shape, config.mesh.axes)
+        except ValueError:
+            config.mesh.shape, config.mesh.axes = (-1,), ("data",)
+        config.distributed.initialize = False
+        s = trainer.setup(config, workdir)
+        layout = trainer.layout_state(s)
+        state, _, _, _ = checkpointer.restore(meta["step"], abstract_state=layout.abstract_state)
+    finally:
+        checkpointer.close()
+    return s, layout, state.params, int(meta["step"])
+
+
+def rows_for_length(batch_size: int, factor: int, divisor: int) -> int:
+    """Rows per batch at `factor` x the training length: batch_size / factor, a multiple of `divisor`."""
+    rows = max(batch_size // factor, divisor)
+    return max(rows // divisor * divisor, divisor)
+
+
+def evaluate_lengths(
+    s: trainer.Setup, layout: trainer.StateLayout, params: Any, factors: Sequence[int], num_batches: int
+) -> list[dict[str, Any]]:
+    """One result dict per factor: seq_len, rows, batches, and loss / perplexity / accuracy (or skipped)."""
+    config = s.config
+    eval_step = trainer.make_eval_step(s, layout)
+    divisor = mesh_lib.batch_size_divisor(s.mesh) * jax.process_count()
+    options = {k: v for k, v in config.data.to_dict().items() if k != "name" and v is not None}
+    results = []
+    for factor in factors:
+        seq_len = config.seq_len * factor
+        entry: dict[str, Any] = {"factor": factor, "seq_len": seq_len}
+        max_len = getattr(s.task.model, "max_len", None)
+        if getattr(s.task.model, "position_embedding", "none") == "learned" and seq_len > max_len:
+            entry["skipped"] = f"learned positions cover max_len={max_len} < seq_len={seq_len}"
+            results.append(entry)
+            continue
+        rows = rows_for_length(config.batch_size, factor, divisor)
+        source = make_source(
+            config.data.name,
+            split="valid",
+            batch_size=rows,
+            seq_len=seq_len,
+            seed=config.seed,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            **options,
+        )
+        # About as many tokens at every length as `num_batches` full training-size batches hold.
+        batches = max(1, math.ceil(config.batch_size * num_batches / (rows * factor)))
+        metrics = trainer.evaluate_loss(s, eval_step, params, source, batches)
+        entry.update(rows=rows, batches=batches, **metrics)
+        results.append(entry)
+    return results
+
+
+def main(argv: Sequence[str]) -> None:
+    """Entry point of `python -m eval.lm` (flags are defined below, only when run as a program)."""
+    from absl import flags
+
+    if len(argv) > 1:
+        raise SystemExit(f"error: unexpected arguments {' '.join(argv[1:])}")
+    args = flags.FLAGS
+    factors = [int(f) for f in args.factors.split(",") if f.strip()]
+    if not factors or any(f < 1 for f in factors):
+        raise SystemExit(f"error: --factors={args.factors!r} must be positive integers, e.g. 1,2,4")
+    s, layout, params, step = load_run(args.workdir, args.step)
+    if not s.task.is_language_model:
+        raise SystemExit(f"error: eval.lm evaluates language models; this run's model.kind is {s.task.kind!r}")
+    results = evaluate_lengths(s, layout, params, factors, args.num_batches or s.config.eval.num_batches)
+    report = {
+        "workdir": os.path.abspath(args.workdir),
+        "step": step,
+        "attention": s.config.model.attention,
+        "train_seq_len": s.config.seq_len,
+        "data": s.config.data.to_dict(),
+        "results": results,
+    }
+    if jax.process_index() != 0:
+        return
+    paths = [os.path.join(args.workdir, "eval_lm.json")] + ([args.output] if args.output else [])
+    for path in paths:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+    for entry in results:
+        head = f"seq_len {entry['seq_len']:>6} ({entry['factor']}x):"
+        if "skipped" in entry:
+            print(f"{head} skipped, {entry['skipped']}")
+        else:
+            ppl = entry.get("perplexity", float("nan"))
+            print(f"{head} loss {entry['loss']:.4f}, perplexity {ppl:.3f}, accuracy {entry['accuracy']:.4f}")
+    print(f"wrote {', '.join(paths)}")
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    flags.DEFINE_string("workdir", None, "Run directory with checkpoints/ (required).")
+    flags.DEFINE_string("output", None, "Also write the JSON here.")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+    flags.DEFINE_string("factors", "1,2,4", "Multiples of the training sequence length.")
+    flags.DEFINE_integer("num_batches", None, "Batches per length (default: the config's eval.num_batches).")
+    flags.mark_flag_as_required("workdir")
+    app.run(main)

@@ -1,0 +1,128 @@
+"""`python -m train` as real processes: SIGTERM saves and exits 0; two CPU processes train together."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from configs import lm_tiny
+from train import trainer
+from train.checkpointing import Checkpointer
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SMOKE = "configs/lm_tiny.py:smoke"
+
+
+def _env(devices: int) -> dict:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def _train_command(workdir, *overrides):
+    return [sys.executable, "-m", "train", "--config", SMOKE, "--workdir", str(workdir), *overrides]
+
+
+def test_sigterm_saves_a_restorable_checkpoint_and_exits_0(tmp_path):
+    workdir = tmp_path / "run"
+    process = subprocess.Popen(
+        _train_command(
+            workdir,
+            "--config.total_steps=100000",  # far more than the test waits for
+            "--config.log_every=1",
+            "--config.eval_every=0",
+            "--config.checkpoint_every=50000",
+        ),
+        cwd=REPO,
+        env=_env(8),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines = []
+    try:
+        deadline = time.monotonic() + 240
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith("step "):  # training is under way
+                process.send_signal(signal.SIGTERM)
+                break
+            assert time.monotonic() < deadline, "no progress line:\n" + "".join(lines)
+        rest, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    output = "".join(lines) + rest
+    assert process.returncode == 0, output
+    assert "SIGTERM" in output and "saved checkpoint" in output, output
+
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=2, save_every=1)
+    try:
+        step = checkpointer.latest_step()
+        assert step is not None and 1 <= step < 100000
+        assert str(os.path.join(workdir, "checkpoints", str(step))) in output
+        s = trainer.setup(lm_tiny.get_config("smoke"), str(workdir))
+        layout = trainer.layout_state(s)
+        state, data_state, _, _ = checkpointer.restore(step, abstract_state=layout.abstract_state)
+        assert int(state.step) == step and data_state["step"] == step
+    finally:
+        checkpointer.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_train_together(tmp_path):
+    workdir = tmp_path / "run"
+    port = _free_port()
+    processes = [
+        subprocess.Popen(
+            _train_command(
+                workdir,
+                "--config.distributed.initialize=True",
+                f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                "--config.distributed.num_processes=2",
+                f"--config.distributed.process_id={index}",
+            ),
+            cwd=REPO,
+            env=_env(4),  # 2 processes x 4 devices = the usual 8-device mesh
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for index in range(2)
+    ]
+    outputs = [""] * 2
+
+    def drain(i):
+        outputs[i], _ = processes[i].communicate(timeout=300)
+
+    threads = [threading.Thread(target=drain, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=320)
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+    for i, process in enumerate(processes):
+        assert process.returncode == 0, f"process {i}:\n{outputs[i]}"
+    # Only process 0 prints progress and writes metrics; both took part in the checkpoint.
+    assert "step 6/6" in outputs[0] and "step 6/6" not in outputs[1]
+    assert "mesh {'data': 8}" in outputs[0]
+    assert os.path.exists(os.path.join(workdir, "metrics.jsonl"))
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=2, save_every=3)
+    try:
+        assert checkpointer.all_steps() == [3, 6]
+    finally:
+        checkpointer.close()

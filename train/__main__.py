@@ -1,0 +1,105 @@
+"""Command line: `python -m train --config configs/x.py[:preset] --workdir runs/x [--config.a.b=value ...]`.
+
+Rerunning the same command resumes from the latest checkpoint in the workdir. Config problems, divergence
+(nan/inf loss) and checkpoint/config mismatches exit non-zero with a one-line message; SIGTERM saves a
+checkpoint and exits 0.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Sequence
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, optionally with a preset: configs/lm_tiny.py or configs/lm_tiny.py:smoke."
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, TensorBoard events, metrics.jsonl.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _load_config_file(argv: Sequence[str]):
+    """The config named by --config, without overrides (for explaining a bad override); None if absent."""
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith("--config="):
+            value = arg.split("=", 1)[1]
+        else:
+            continue
+        path, _, preset = value.partition(":")
+        spec = importlib.util.spec_from_file_location("_train_config_file", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.get_config(preset) if preset else module.get_config()
+    return None
+
+
+def _explain_bad_override(argv: Sequence[str]) -> str | None:
+    """A one-line message for the first `--config.<field>=...` override that names no config field."""
+    from train.config_checks import unknown_override_message
+
+    try:
+        config = _load_config_file(argv)
+    except Exception:  # noqa: BLE001 - the original parse error is reported instead
+        return None
+    if config is None:
+        return None
+    for arg in argv:
+        if arg.startswith("--config."):
+            dotted = arg.removeprefix("--config.").split("=", 1)[0]
+            message = unknown_override_message(config, dotted)
+            if message:
+                return message
+    return None
+
+
+def _one_line(message: str) -> str:
+    """A flag error in one line: config_flags embeds the config file's traceback; keep its last line."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if len(lines) > 1 and "Traceback" in message:
+        return f"--config: {lines[-1]}"
+    return lines[0] if lines else message
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, but config mistakes end in one line instead of a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as error:  # config_flags refusing an unknown --config.x override
+        sys.exit(f"error: {_explain_bad_override(argv) or error}")
+    except flags.Error as error:
+        sys.exit(f"error: {_one_line(str(error))}")
+    except (ValueError, TypeError, OSError) as error:  # the config file itself (e.g. an unknown preset)
+        sys.exit(f"error: --config: {error}")
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; --verbosity=0 brings it back
+    # Imported here so `--help` and flag errors do not wait for JAX.
+    from train import trainer
+    from train.config_checks import ConfigError
+
+    try:
+        config = _CONFIG.value
+        config.keys()  # config_flags defers a config-file load failure to the first access
+    except OSError as error:
+        sys.exit(f"error: --config: {str(error).strip().splitlines()[-1].strip()}")
+    try:
+        result = trainer.run(config, _WORKDIR.value)
+    except (ConfigError, trainer.TrainingDiverged) as error:
+        sys.exit(f"error: {error}")
+    if result.preempted:
+        print(f"stopped by SIGTERM at step {result.step}; resume with the same command", flush=True)
+    else:
+        print(f"done: step {result.step}; checkpoint {result.checkpoint}", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse_flags)

@@ -1,0 +1,157 @@
+"""What is trained, per model kind: the model built from `config.model`, its inputs, loss and metrics.
+
+    decoder  batch {inputs, targets, weights [, segment_ids]} -> next-token cross-entropy, accuracy, ppl
+    encoder  head "mlm": batch {inputs, targets, weights [, lengths]} -> masked-token cross-entropy, accuracy
+             head "classification": batch {inputs, labels [, lengths, weights]} -> cross-entropy, accuracy
+    vit      batch {images, labels} -> cross-entropy, accuracy
+
+Losses are weighted means. `loss_sums` returns sums (loss, correct predictions, weight) so that evaluation
+over several batches averages over tokens/examples exactly, not over batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import attn.models
+
+MODEL_KINDS = ("decoder", "encoder", "vit")
+
+# Registry input kinds each model accepts (vit's spatial mechanisms attend over the patch grid).
+INPUT_KINDS: dict[str, tuple[str, ...]] = {
+    "decoder": ("sequence",),
+    "encoder": ("sequence",),
+    "vit": ("sequence", "spatial"),
+}
+
+# Model dataclass fields the trainer sets itself (from precision.compute_dtype) rather than config.model.
+_TRAINER_SET = ("parent", "name", "dtype", "param_dtype")
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def model_fields(kind: str) -> frozenset[str]:
+    """Names allowed in `config.model` for model `kind`: "kind" plus the model class's dataclass fields."""
+    module = attn.models.MODELS[kind]
+    return frozenset({"kind"} | {f.name for f in dataclasses.fields(module) if f.name not in _TRAINER_SET})
+
+
+def _plain(value: Any) -> Any:
+    """ConfigDict / lists -> dicts / tuples, so the model gets hashable, JSON-like field values."""
+    if hasattr(value, "to_dict"):
+        value = value.to_dict()
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return tuple(_plain(item) for item in value)
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """A model and how to feed it and score it.
+
+    Attributes:
+      kind: "decoder", "encoder" or "vit".
+      model: the flax.linen Module (compute dtype from the config, float32 parameters).
+      head: the encoder head ("mlm" or "classification"); None for the other kinds.
+    """
+
+    kind: str
+    model: nn.Module
+    head: str | None = None
+
+    @property
+    def is_language_model(self) -> bool:
+        """True when the loss is a per-token cross-entropy over a vocabulary (perplexity is meaningful)."""
+        return self.kind == "decoder" or self.head == "mlm"
+
+    def apply(
+        self,
+        variables: Mapping[str, Any],
+        batch: Mapping[str, jax.Array],
+        *,
+        deterministic: bool = True,
+        rng: jax.Array | None = None,
+        mutable: Any = False,
+    ) -> Any:
+        """Logits float32 ([B, T, V] or [B, C]) for `batch`; with `mutable`, (logits, updated collections)."""
+        rngs = {} if rng is None else {"dropout": rng}
+        if self.kind == "vit":
+            args, kwargs = (batch["images"],), {}
+        elif self.kind == "encoder":
+            args, kwargs = (batch["inputs"],), {"lengths": batch.get("lengths")}
+        else:
+            args, kwargs = (batch["inputs"],), {"segment_ids": batch.get("segment_ids")}
+        return self.model.apply(variables, *args, deterministic=deterministic, rngs=rngs, mutable=mutable, **kwargs)
+
+    def init(self, rng: jax.Array, batch: Mapping[str, Any]) -> Any:
+        """Boxed (logically partitioned) variables for a batch like `batch` (arrays or ShapeDtypeStructs)."""
+        dummy = {key: jnp.zeros(value.shape, value.dtype) for key, value in batch.items()}
+        if self.kind == "vit":
+            return self.model.init(rng, dummy["images"])
+        return self.model.init(rng, dummy["inputs"])
+
+    def loss_sums(self, logits: jax.Array, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        """Float32 scalars: "loss_sum" (weighted cross-entropy, nats), "correct" and "weight" sums."""
+        if self.kind == "vit" or self.head == "classification":
+            labels = batch["labels"]
+            weights = batch.get("weights", jnp.ones(labels.shape, jnp.float32))
+        else:
+            labels, weights = batch["targets"], batch["weights"]
+        weights = weights.astype(jnp.float32)
+        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        nll = -jnp.take_along_axis(log_probs, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+        correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+        return {
+            "loss_sum": jnp.sum(nll * weights),
+            "correct": jnp.sum(correct * weights),
+            "weight": jnp.sum(weights),
+        }
+
+    def metrics(self, sums: Mapping[str, Any]) -> dict[str, Any]:
+        """ "loss" (mean nats), "accuracy" and, for language models, "perplexity" = exp(loss)."""
+        weight = jnp.maximum(sums["weight"], 1e-9)
+        loss = sums["loss_sum"] / weight
+        out = {"loss": loss, "accuracy": sums["correct"] / weight}
+        if self.is_language_model:
+            out["perplexity"] = jnp.exp(loss)
+        return out
+
+    def tokens_per_example(self, batch_spec: Mapping[str, tuple[tuple[int, ...], Any]]) -> int:
+        """Positions the model attends over per example: sequence length, or patches (+ class token)."""
+        if self.kind == "vit":
+            height, width = batch_spec["images"][0][1:3]
+            patches = (height // self.model.patch_size) * (width // self.model.patch_size)
+            return patches + (1 if self.model.pool == "cls" else 0)
+        return int(batch_spec["inputs"][0][1])
+
+
+def build_task(model_config: Mapping[str, Any], compute_dtype: str = "float32") -> Task:
+    """The Task of `model_config` (config.model): model kind, fields, compute dtype; params stay float32."""
+    fields = _plain(model_config)
+    kind = fields.pop("kind")
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"model.kind={kind!r} must be one of {MODEL_KINDS}")
+    fields["attention_options"] = fields.get("attention_options") or {}
+    model = attn.models.build_model(kind, **fields, dtype=DTYPES[compute_dtype], param_dtype=jnp.float32)
+    return Task(kind=kind, model=model, head=model.head if kind == "encoder" else None)
+
+
+def count_params(params: Any) -> int:
+    """Number of scalars in a parameter tree (boxed or not)."""
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(nn.unbox(params))))
+
+
+def attention_layout(task: Task) -> tuple[int, int, int]:
+    """(num_layers, num_heads, head_dim) of the model, for the attention part of the FLOP estimate."""
+    model = task.model
+    head_dim = model.head_dim or model.d_model // model.num_heads
+    return model.num_layers, model.num_heads, head_dim
