@@ -20,8 +20,8 @@ the end: the last stripe is narrower, padded keys are masked and the padded valu
 padding (the official code requires multiples). A stripe width equal to both extents is the paper's last stage:
 full attention on every head.
 
-Implementation: stripes are windows of shape (sw, W) and (H, sw) partitioned by `attn.local.window.to_windows`,
-attention is `attn.functional.softmax_attention` batched over stripes.
+Implementation: stripes are windows of shape (sw, W) and (H, sw): attention is `attn.core.windows.window_attention`
+and LePE runs on the values partitioned by `attn.core.windows.partition_windows`.
 
 Shapes: x [B, H, W, E] -> [B, H, W, E]. Time O(B N sw (H + W) H_heads D / 2), memory O(B N sw (H + W) H_heads / 2)
 for N = H W tokens. stripe_width = H = W with lepe=False is plain softmax attention. No causal masking, no
@@ -30,20 +30,16 @@ decoding.
 
 from __future__ import annotations
 
-import math
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attn import functional as F
 from attn.core.conv import conv
 from attn.core.layer import SpatialAttentionLayer
 from attn.core.masks import Mask
 from attn.core.validation import check_rank
-from attn.local.halo import block_probs_to_dense
-from attn.local.window import from_windows, to_windows, window_partition_plan
+from attn.core.windows import dense_window_probs, partition_windows, unpartition_windows, window_attention
 from attn.registry import register
 
 Array = jax.Array
@@ -127,22 +123,13 @@ class CSWinAttention(SpatialAttentionLayer):
         self, q: Array, k: Array, v: Array, stripe: tuple[int, int], name: str, rng, deterministic: bool
     ) -> tuple[Array, Array | None]:
         """One head group: q [B, H, W, h, D], k/v [B, H, W, kvh, D] -> ([B, H, W, h, D], dense probs or None)."""
-        batch, *spatial = q.shape[:3]
-        spatial = tuple(spatial)
-        window, front, back = window_partition_plan(spatial, stripe, 0)
-        qw, kw, vw = (to_windows(t, window, front, back) for t in (q, k, v))
-        num_windows, size = qw.shape[1], qw.shape[2]
-        qw, kw, vw = (t.reshape(batch * num_windows, size, *t.shape[3:]) for t in (qw, kw, vw))
-        key_mask = None
-        if any(back):
-            real = to_windows(np.ones((1, *spatial), bool), window, front, back, fill=False)[0]  # [nW, T]
-            key_mask = jnp.asarray(np.tile(real, (batch, 1))[:, None, None, :])
+        spatial = tuple(q.shape[1:3])
         capture = self.wants_weights()
-        result = F.softmax_attention(
-            qw,
-            kw,
-            vw,
-            mask=key_mask,
+        result = window_attention(
+            q,
+            k,
+            v,
+            window=stripe,
             scale=self.scale,
             dropout_rate=0.0 if deterministic else self.dropout_rate,
             dropout_rng=rng,
@@ -152,12 +139,12 @@ class CSWinAttention(SpatialAttentionLayer):
         dense = None
         if capture:
             result, aux = result
-            slots = to_windows(np.arange(math.prod(spatial)).reshape(1, *spatial), window, front, back)[0]
-            dense = block_probs_to_dense(aux["probs"], slots, spatial, window, front, back)
+            dense = dense_window_probs(aux["probs"], spatial, stripe)
         if self.lepe:
-            result = result + self.local_positional_encoding(vw, window, name)
-        y = result.reshape(batch, num_windows, size, *result.shape[2:])
-        return from_windows(y, spatial, window, front, back), dense
+            # LePE convolves the values of each stripe (zero padded at its borders), so it runs in stripe layout.
+            encoded = self.local_positional_encoding(partition_windows(v, stripe)[0], stripe, name)
+            result = result + unpartition_windows(encoded, spatial, stripe)
+        return result, dense
 
     def local_positional_encoding(self, values: Array, window: tuple[int, int], name: str) -> Array:
         """LePE: depthwise 3x3 conv of the stripe values [B * nW, T, kvh, D] -> [B * nW, T, h, D] (kv heads are

@@ -44,6 +44,7 @@ from attn.core.layer import SpatialAttentionLayer
 from attn.core.masks import Mask
 from attn.core.neighborhood import IntPerAxis, per_axis
 from attn.core.validation import check_choice
+from attn.core.windows import window_plan
 from attn.local.window import WindowAttention
 from attn.registry import register
 
@@ -132,7 +133,7 @@ class DaViTAttention(SpatialAttentionLayer):
             scale=self.scale,
         )
         if self.mode != "channel":
-            clipped = tuple(min(w, n) for w, n in zip(window, spatial, strict=True))
+            clipped = window_plan(spatial, window, clip=True, window_name="window_size")[0]
             attend = WindowAttention(window_size=clipped, rpb=False, name="spatial", **common)
             s = attend(x, deterministic=deterministic)
             if self.mode == "spatial":

@@ -18,9 +18,9 @@ scale of the content logits (the Stand-Alone Self-Attention / BoTNet form).
 Extents that are not a multiple of the block are padded at the end (HaloNet requires multiples): the last block is
 partial, its padded queries are dropped and padded keys masked.
 
-Implementation: the query blocks come from `attn.local.window.to_windows`; the haloed key windows are gathered once
-per block with a flat index table (`halo_key_table`); attention is `attn.functional.softmax_attention` batched over
-blocks with the validity mask and the relative logits as its bias.
+Implementation: the query blocks come from `attn.core.windows.partition_windows`; the haloed key windows are
+gathered once per block with a flat index table (`halo_key_table`); attention is `attn.functional.softmax_attention`
+batched over blocks with the validity mask and the relative logits as its bias.
 
 Shapes: x [B, H, W, E] -> [B, H, W, E]. Time O(B N (b + 2h)^2 H D) and memory O(B N (b + 2h)^2 (H + KVH D / b^2))
 for N = H W tokens (never N x N). halo_size = 0 is non-overlapping window attention (`window` with
@@ -40,9 +40,9 @@ import numpy as np
 from attn import functional as F
 from attn.core.layer import SpatialAttentionLayer
 from attn.core.masks import Mask
-from attn.core.neighborhood import IntPerAxis, per_axis, window_probs_to_dense
+from attn.core.neighborhood import IntPerAxis, per_axis
 from attn.core.validation import check_rank
-from attn.local.window import from_windows, to_windows, window_partition_plan
+from attn.core.windows import dense_window_probs, partition_windows, unpartition_windows, window_key_mask
 from attn.registry import register
 
 Array = jax.Array
@@ -70,7 +70,7 @@ def halo_key_table(spatial: tuple[int, ...], block: tuple[int, ...], halo: tuple
     """The haloed key window of every query block, as flat token indices.
 
     Returns (keys int32 [num_blocks, K], valid bool [num_blocks, K]) with K = prod(b + 2h): blocks and window slots
-    are row-major (the block order of `to_windows`); keys outside the grid are clipped to a real token and marked
+    are row-major (the block order of `partition_windows`); keys outside the grid are clipped to a real token and marked
     invalid.
     """
     keys = np.zeros((1,) * (2 * len(spatial)), np.int64)
@@ -88,29 +88,6 @@ def halo_key_table(spatial: tuple[int, ...], block: tuple[int, ...], halo: tuple
     num_blocks, size = math.prod(full[: len(spatial)]), math.prod(full[len(spatial) :])
     keys = np.broadcast_to(keys, full).reshape(num_blocks, size).astype(np.int32)
     return keys, np.broadcast_to(valid, full).reshape(num_blocks, size)
-
-
-def block_probs_to_dense(
-    probs: Array,
-    key_table: np.ndarray,
-    spatial: tuple[int, ...],
-    window: tuple[int, ...],
-    front: tuple[int, ...],
-    back: tuple[int, ...],
-) -> Array:
-    """Probabilities of block-partitioned attention -> float32 [B, H, N, N] over the original tokens.
-
-    probs: [B * nW, H, T, K] for queries partitioned by `to_windows(..., window, front, back)` (T = prod(window))
-    and the keys of each block in `key_table` int [nW, K] (flat token indices; slots whose probability is 0 may
-    hold any index in range). O(N^2) memory: for attention-weight capture and plots.
-    """
-    num_windows, size = key_table.shape
-    heads, tokens = probs.shape[1], math.prod(spatial)
-    per_window = probs.reshape(-1, num_windows, heads, probs.shape[2], size).transpose(0, 1, 3, 2, 4)
-    per_query = from_windows(per_window, spatial, window, front, back).reshape(-1, tokens, heads, size)
-    table = np.broadcast_to(key_table[None, :, None, :], (1, num_windows, probs.shape[2], size))
-    keys = from_windows(table, spatial, window, front, back).reshape(tokens, size)
-    return window_probs_to_dense(per_query.transpose(0, 2, 1, 3).astype(jnp.float32), keys, tokens)
 
 
 def relative_offsets(block: int, halo: int) -> np.ndarray:
@@ -163,12 +140,11 @@ class HaloAttention(SpatialAttentionLayer):
         batch, *spatial, features = x.shape
         spatial = tuple(spatial)
         block, halo = halo_plan(spatial, self.block_size, self.halo_size)
-        _, front, back = window_partition_plan(spatial, block, 0)
         q, k, v = self.spatial_qkv(x)
         scale = self.head_dim**-0.5 if self.scale is None else self.scale
 
-        queries = to_windows(q, block, front, back)  # [B, nB, T, H, D]
-        num_blocks, size = queries.shape[1], queries.shape[2]
+        queries, _ = partition_windows(q, block)  # [B * nB, T, H, D]
+        num_blocks = queries.shape[0] // batch
         key_table, valid = halo_key_table(spatial, block, halo)
         flat_keys = jnp.asarray(key_table.reshape(-1))
         tokens = math.prod(spatial)
@@ -178,19 +154,16 @@ class HaloAttention(SpatialAttentionLayer):
             return flat.reshape(batch * num_blocks, key_table.shape[1], *t.shape[-2:])
 
         keys, values = gather(k), gather(v)
-        key_mask = None
-        if not valid.all():
-            key_mask = jnp.asarray(np.tile(valid, (batch, 1))[:, None, None, :])
         bias = None
         if self.rel_pos:
-            bias = self.relative_logits(queries, block, halo) * scale
+            bias = self.relative_logits(queries.reshape(batch, num_blocks, *queries.shape[1:]), block, halo) * scale
 
         capture = self.wants_weights()
         result = F.softmax_attention(
-            queries.reshape(batch * num_blocks, size, *q.shape[-2:]),
+            queries,
             keys,
             values,
-            mask=key_mask,
+            mask=window_key_mask(valid, batch),
             bias=bias,
             scale=scale,
             dropout_rate=0.0 if deterministic else self.dropout_rate,
@@ -200,10 +173,9 @@ class HaloAttention(SpatialAttentionLayer):
         )
         if capture:
             result, aux = result
-            dense = block_probs_to_dense(aux["probs"], key_table, spatial, block, front, back)
+            dense = dense_window_probs(aux["probs"], spatial, block, key_indices=key_table)
             self.sow("intermediates", "attention_weights", dense)
-        y = from_windows(result.reshape(batch, num_blocks, size, *result.shape[2:]), spatial, block, front, back)
-        return self.spatial_out(y, features)
+        return self.spatial_out(unpartition_windows(result, spatial, block), features)
 
     def relative_logits(self, queries: Array, block: tuple[int, ...], halo: tuple[int, ...]) -> Array:
         """q . r^row + q . r^col for query blocks [B, nB, b0 * b1, H, D] -> float32 [B * nB, H, b0 * b1, K]."""

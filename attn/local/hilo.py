@@ -19,8 +19,8 @@ slices are the paper's separate projections). Pooling x before the key/value pro
 projected keys/values (both linear), and is cheaper.
 
 Implementation: Hi-Fi is `attn.functional.neighborhood_attention` with kernel_size = stride = s (blocked windows);
-Lo-Fi pools with `attn.local.window.to_windows` and attends with `attn.functional.softmax_attention`. H and W must
-be multiples of s (as in the paper).
+Lo-Fi pools with `attn.core.windows.partition_windows` and attends with `attn.functional.softmax_attention`. H and
+W must be multiples of s (as in the paper).
 
 Shapes: x [B, H, W, E] -> [B, H, W, E]. Time O(B N (s^2 h_hi + N / s^2 h_lo) D), memory O(B N (s^2 h_hi +
 N h_lo / s^2)) for N = H W tokens. s = 1 (any alpha) is plain softmax attention over the tokens; alpha = 0 with
@@ -40,7 +40,7 @@ from attn.core.layer import SpatialAttentionLayer
 from attn.core.masks import Mask
 from attn.core.neighborhood import window_probs_to_dense
 from attn.core.validation import check_rank
-from attn.local.window import to_windows
+from attn.core.windows import partition_windows, unpartition_windows
 from attn.registry import register
 
 Array = jax.Array
@@ -137,7 +137,7 @@ class HiLoAttention(SpatialAttentionLayer):
 
         if lofi:
             # One pooled token per s x s window (row-major windows): the mean of its tokens.
-            pooled = to_windows(x, (s, s), (0, 0), (0, 0)).mean(axis=2)  # [B, M, E]
+            pooled = partition_windows(x, (s, s))[0].reshape(batch, -1, s * s, features).mean(axis=2)  # [B, M, E]
             k = self.dense_heads(pooled, lofi, "kv_heads", "lofi_key")
             v = self.dense_heads(pooled, lofi, "kv_heads", "lofi_value")
             result = F.softmax_attention(
@@ -145,8 +145,9 @@ class HiLoAttention(SpatialAttentionLayer):
             )
             if capture:
                 result, aux = result
-                # Token j is averaged into pooled key m(j) with weight 1/s^2 (row-major windows, as to_windows).
-                window_of = (np.arange(height)[:, None] // s) * (width // s) + np.arange(width)[None, :] // s
+                # Token j is averaged into pooled key m(j) (its window) with weight 1/s^2.
+                windows = np.broadcast_to(np.arange(pooled.shape[1])[:, None], (pooled.shape[1], s * s))
+                window_of = unpartition_windows(windows, (height, width), (s, s))
                 weights.append(jnp.take(aux["probs"], jnp.asarray(window_of.reshape(-1)), axis=-1) / (s * s))
             outputs.append(result)
 

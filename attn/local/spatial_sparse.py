@@ -20,8 +20,9 @@ As in the paper's code: the key blocks get a learned intra-block position embedd
 of a kv group and over the compressed blocks of each selection block, top-k is taken per query token and kv group,
 and the three gates are one sigmoid linear map of the token (shared by the heads). Pooling: "mean" (the paper's
 compression block mean-pools; its v2 block adds a GroupNorm/SiLU/conv stack, not reproduced) or "learned" (a
-learned weighted sum over the block's positions, initialised to the mean). The window branch uses the `window`
-layer's partition (Swin-style shift, partial windows at the border), as the paper's sparse-voxel windows do.
+learned weighted sum over the block's positions, initialised to the mean). The window branch is
+`attn.core.windows.window_attention` (Swin-style shift, partial windows at the border), as the paper's sparse-voxel
+windows do.
 
 This dense-grid version requires every extent to be a multiple of the selection block (blocks and windows larger
 than an extent are clipped to it). Shapes: x [B, *S, E] ->
@@ -45,47 +46,12 @@ from attn.core.layer import SpatialAttentionLayer
 from attn.core.masks import Mask
 from attn.core.neighborhood import IntPerAxis, per_axis
 from attn.core.validation import check_choice, check_qkv, check_rank, shape_of
-from attn.local.window import from_windows, to_windows, window_partition_plan
+from attn.core.windows import partition_windows, window_attention, window_plan
 from attn.registry import register
 
 Array = jax.Array
 
 POOLINGS = ("mean", "learned")
-
-
-# ---------------------------------------------------------------------------------------------- window branch
-def windowed_attention(
-    q: Array,
-    k: Array,
-    v: Array,
-    *,
-    window_size: IntPerAxis,
-    shift: IntPerAxis = 0,
-    scale: float | None = None,
-) -> Array:
-    """Attention within non-overlapping windows of a token grid (the `window` layer's partition).
-
-    q [B, *S, H, D] (1 to 3 spatial axes); k, v [B, *S, KVH, D|Dv] (same grid; k/v may come from a different stream
-    than q: windowed cross-attention). A window larger than an extent covers the whole axis; `shift` moves the
-    window boundaries (0 <= shift < window). Returns [B, *S, H, Dv].
-    """
-    check_rank("q", q, (4, 5, 6), "[batch, *spatial (1 to 3 axes), heads, head_dim]")
-    check_qkv(q, k, v, spatial_axes=np.ndim(q) - 3)
-    batch, spatial = q.shape[0], tuple(q.shape[1:-2])
-    if tuple(shape_of(k)[1:-2]) != spatial:
-        raise ValueError(f"k and v have spatial shape {tuple(shape_of(k)[1:-2])} but q has {spatial}")
-    requested = per_axis("window_size", window_size, len(spatial), int)
-    window = tuple(min(w, n) for w, n in zip(requested, spatial, strict=True))
-    window, front, back = window_partition_plan(spatial, window, shift)
-    qw, kw, vw = (to_windows(t, window, front, back) for t in (q, k, v))
-    num_windows, size = qw.shape[1], qw.shape[2]
-    qw, kw, vw = (t.reshape(batch * num_windows, size, *t.shape[3:]) for t in (qw, kw, vw))
-    key_mask = None
-    if any(front) or any(back):  # padded slots of border windows are not keys
-        real = to_windows(np.ones((1, *spatial), bool), window, front, back, fill=False)[0]  # [nW, T]
-        key_mask = jnp.asarray(np.tile(real, (batch, 1))[:, None, None, :])
-    out = F.softmax_attention(qw, kw, vw, mask=key_mask, scale=scale)
-    return from_windows(out.reshape(batch, num_windows, size, *out.shape[2:]), spatial, window, front, back)
 
 
 # ---------------------------------------------------------------------------------------------- blocks
@@ -169,11 +135,13 @@ def spatial_sparse_attention(
         raise ValueError(f"key_pe must have shape (c^r, KVH, D) = {(comp_size, kv_heads, head_dim)}")
     if pool_weights is not None and shape_of(pool_weights) != (comp_size,):
         raise ValueError(f"pool_weights must have shape (c^r,) = ({comp_size},), got {shape_of(pool_weights)}")
-    no_pad = (0,) * len(spatial)
     flat_q = q.reshape(batch, tokens, heads, head_dim)
 
+    def blocks(t: Array, block: tuple[int, ...]) -> Array:  # [B, *S, KVH, D] -> [B, blocks, prod(block), KVH, D]
+        return partition_windows(t, block)[0].reshape(batch, -1, math.prod(block), *t.shape[-2:])
+
     # compression: pool every c^r-token block of keys (with the intra-block position embedding) and values
-    kc, vc = to_windows(k, comp, no_pad, no_pad), to_windows(v, comp, no_pad, no_pad)  # [B, C, c^r, KVH, D]
+    kc, vc = blocks(k, comp), blocks(v, comp)  # [B, C, c^r, KVH, D]
     if key_pe is not None:
         kc = kc + jnp.asarray(key_pe, kc.dtype)
     if pool_weights is None:
@@ -188,7 +156,7 @@ def spatial_sparse_attention(
     group_probs = probs.reshape(batch, kv_heads, groups, tokens, -1).sum(axis=2)  # [B, KVH, N, C]
     scores = jax.lax.stop_gradient(jnp.einsum("bgnc,cs->bgns", group_probs, owner_onehot))
     _, selected = jax.lax.top_k(scores, topk)  # [B, KVH, N, topk]; ties -> lower block index
-    ks, vs = to_windows(k, sel, no_pad, no_pad), to_windows(v, sel, no_pad, no_pad)  # [B, S, s^r, KVH, D]
+    ks, vs = blocks(k, sel), blocks(v, sel)  # [B, S, s^r, KVH, D]
 
     def gather(blocks: Array) -> Array:  # [B, S, s^r, KVH, D] -> [B, KVH, N, topk * s^r, D]
         per_head = blocks.transpose(0, 3, 1, 2, 4)  # [B, KVH, S, s^r, D]
@@ -201,7 +169,9 @@ def spatial_sparse_attention(
     weights = jax.nn.softmax(logits, axis=-1)
     o_slc = jnp.einsum("bkngw,bknwd->bnkgd", weights.astype(v.dtype), gather(vs), preferred_element_type=jnp.float32)
 
-    o_win = windowed_attention(q, k, v, window_size=window_size, shift=shift, scale=scale)
+    # a window larger than an extent covers that axis (as blocks do)
+    window = window_plan(spatial, window_size, shift, clip=True, window_name="window_size")[0]
+    o_win = window_attention(q, k, v, window=window, shift=shift, scale=scale)
     out_shape = (batch, *spatial, heads, v.shape[-1])
     return (
         o_cmp.reshape(out_shape),

@@ -16,12 +16,12 @@ With x [B, T, *S, E] (frames first, then 1 or 2 spatial axes; N = T prod(S) toke
     o_i = sum_{j in win(i)} softmax_j(Q_i K_j^T / sqrt(D)) V_j      win = the 3-D window of i (window_size, shift)
     y = A + o W_o
 
-Windows are the `window` layer's partition (non-overlapping, optional Swin shift, partial windows at borders; a
-window larger than an extent covers the axis). Only the abstract and the catalog entry of the paper could be read
-here; the stream definitions (full-frame spatial and full-length temporal attention, as in the text-to-image
-U-Nets the paper extends), the residual to the query stream and the window defaults are this implementation's
-reading of "a swapped cross-attention mechanism in 3D windows that alternates the query role between spatial and
-temporal blocks". Models alternate query_stream (and typically shift) from layer to layer.
+The windowed attention is `attn.core.windows.window_attention` (non-overlapping, optional Swin shift, partial
+windows at borders; a window larger than an extent covers the axis). Only the abstract and the catalog entry of the
+paper could be read here; the stream definitions (full-frame spatial and full-length temporal attention, as in the
+text-to-image U-Nets the paper extends), the residual to the query stream and the window defaults are this
+implementation's reading of "a swapped cross-attention mechanism in 3D windows that alternates the query role
+between spatial and temporal blocks". Models alternate query_stream (and typically shift) from layer to layer.
 
 Shapes: x [B, T, *S, E] -> same. Time O(B H D (T prod(S)^2 + prod(S) T^2 + N prod(window))), memory
 O(B H (T prod(S)^2 + prod(S) T^2 + N prod(window))). No causal masking, no decoding, no dropout.
@@ -39,7 +39,7 @@ from attn.core.layer import OutputProjection, SpatialAttentionLayer
 from attn.core.masks import Mask
 from attn.core.neighborhood import IntPerAxis
 from attn.core.validation import check_choice, check_rank
-from attn.local.spatial_sparse import windowed_attention
+from attn.core.windows import window_attention, window_plan
 from attn.registry import register
 
 Array = jax.Array
@@ -118,11 +118,13 @@ class SwapAttention(SpatialAttentionLayer):
         k = self.dense_heads(memory.reshape(batch, tokens, features), self.kv_heads, "kv_heads", "swap_key")
         v = self.dense_heads(memory.reshape(batch, tokens, features), self.kv_heads, "kv_heads", "swap_value")
         grid = (batch, frames, *spatial)
-        o = windowed_attention(
+        # a window larger than an extent covers that axis
+        window = window_plan(grid[1:], self.window_size, self.shift, clip=True, window_name="window_size")[0]
+        o = window_attention(
             q.reshape(*grid, *q.shape[-2:]),
             k.reshape(*grid, *k.shape[-2:]),
             v.reshape(*grid, *v.shape[-2:]),
-            window_size=self.window_size,
+            window=window,
             shift=self.shift,
             scale=self.scale,
         )

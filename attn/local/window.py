@@ -15,8 +15,8 @@ not a multiple of the window are padded at the end (and, with a shift, at the st
 so a border window is smaller rather than padded (Swin pads with zeros that are attended to).
 `rpb` adds Swin's learned relative position bias, float [H, 2w - 1 per axis].
 
-Implemented with a reshape into windows and the reference softmax attention batched over windows (masked keys
-only where padding exists). With shift = 0 and window_size dividing the extent it equals
+Implemented with `attn.core.windows.window_attention` (a reshape into windows and softmax attention batched over
+windows, masked keys only where padding exists). With shift = 0 and window_size dividing the extent it equals
 `F.neighborhood_attention(kernel_size=w, stride=w)`.
 
 Shapes: x [B, *spatial, E] -> same. Time O(B N prod(w) H D), memory O(B N prod(w) H). window_size = spatial
@@ -25,73 +25,18 @@ shape, shift = 0, rpb = False reduces exactly to plain softmax attention. No cau
 
 from __future__ import annotations
 
-import math
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attn import functional as F
 from attn.core.layer import SpatialAttentionLayer
 from attn.core.masks import Mask
-from attn.core.neighborhood import IntPerAxis, per_axis
+from attn.core.neighborhood import IntPerAxis
+from attn.core.windows import dense_window_probs, window_attention, window_plan
 from attn.registry import register
 
 Array = jax.Array
-
-
-def window_partition_plan(
-    spatial: tuple[int, ...], window_size: IntPerAxis, shift: IntPerAxis
-) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    """Validated (window, front padding, back padding) per axis for partitioning `spatial` into windows."""
-    rank = len(spatial)
-    window = per_axis("window_size", window_size, rank, int)
-    shifts = per_axis("shift", shift, rank, int)
-    for axis, (n, w, s) in enumerate(zip(spatial, window, shifts, strict=True)):
-        if not 1 <= w <= n:
-            raise ValueError(
-                f"window_size={window} must be between 1 and the extent on every axis; axis {axis} has "
-                f"window {w} and extent {n} (spatial shape {spatial})"
-            )
-        if not 0 <= s < w:
-            raise ValueError(f"shift={shifts} must satisfy 0 <= shift < window_size={window} (axis {axis} has {s})")
-    front = tuple((w - s) % w for w, s in zip(window, shifts, strict=True))
-    back = tuple((-(f + n)) % w for n, w, f in zip(spatial, window, front, strict=True))
-    return window, front, back
-
-
-def to_windows(x: Array | np.ndarray, window: tuple[int, ...], front: tuple[int, ...], back: tuple[int, ...], fill=0):
-    """[B, *S, *rest] -> [B, num_windows, prod(window), *rest], padding each spatial axis by (front, back)."""
-    xp = np if isinstance(x, np.ndarray) else jnp
-    rank = len(window)
-    rest = x.shape[1 + rank :]
-    pad = [(0, 0)] + list(zip(front, back, strict=True)) + [(0, 0)] * len(rest)
-    x = xp.pad(x, pad, constant_values=fill)
-    padded = x.shape[1 : 1 + rank]
-    counts = [p // w for p, w in zip(padded, window, strict=True)]
-    split = [x.shape[0]] + [d for c, w in zip(counts, window, strict=True) for d in (c, w)] + list(rest)
-    x = x.reshape(split)
-    order = [0] + [1 + 2 * a for a in range(rank)] + [2 + 2 * a for a in range(rank)]
-    order += list(range(1 + 2 * rank, 1 + 2 * rank + len(rest)))
-    x = x.transpose(order)
-    return x.reshape(x.shape[0], math.prod(counts), math.prod(window), *rest)
-
-
-def from_windows(
-    y: Array, spatial: tuple[int, ...], window: tuple[int, ...], front: tuple[int, ...], back: tuple[int, ...]
-) -> Array:
-    """Inverse of `to_windows`: [B, num_windows, prod(window), *rest] -> [B, *spatial, *rest]."""
-    rank = len(window)
-    rest = y.shape[3:]
-    padded = [n + f + b for n, f, b in zip(spatial, front, back, strict=True)]
-    counts = [p // w for p, w in zip(padded, window, strict=True)]
-    y = y.reshape(y.shape[0], *counts, *window, *rest)
-    order = [0] + [d for a in range(rank) for d in (1 + a, 1 + rank + a)]
-    order += list(range(1 + 2 * rank, 1 + 2 * rank + len(rest)))
-    y = y.transpose(order).reshape(y.shape[0], *padded, *rest)
-    crop = (slice(None),) + tuple(slice(f, f + n) for f, n in zip(front, spatial, strict=True))
-    return y[crop]
 
 
 def _relative_index(window: tuple[int, ...]) -> np.ndarray:
@@ -141,18 +86,9 @@ class WindowAttention(SpatialAttentionLayer):
     ) -> Array:
         self.check_input(x, context)
         self.check_call(mask, positions, decode)
-        batch, *spatial, features = x.shape
-        spatial = tuple(spatial)
-        window, front, back = window_partition_plan(spatial, self.window_size, self.shift)
+        spatial = tuple(x.shape[1:-1])
+        window = window_plan(spatial, self.window_size, self.shift, window_name="window_size")[0]
         q, k, v = self.spatial_qkv(x)
-        qw, kw, vw = (to_windows(t, window, front, back) for t in (q, k, v))
-        num_windows, size = qw.shape[1], qw.shape[2]
-        qw, kw, vw = (t.reshape(batch * num_windows, size, *t.shape[3:]) for t in (qw, kw, vw))
-
-        key_mask = None
-        if any(front) or any(back):
-            real = to_windows(np.ones((1, *spatial), bool), window, front, back, fill=False)[0]  # [nW, T]
-            key_mask = jnp.asarray(np.tile(real, (batch, 1))[:, None, None, :])
         bias = None
         if self.rpb:
             table = self.param(
@@ -167,11 +103,12 @@ class WindowAttention(SpatialAttentionLayer):
             bias = jnp.take(flat, jnp.asarray(_relative_index(window)), axis=1)[None]
 
         capture = self.wants_weights()
-        result = F.softmax_attention(
-            qw,
-            kw,
-            vw,
-            mask=key_mask,
+        result = window_attention(
+            q,
+            k,
+            v,
+            window=window,
+            shift=self.shift,
             bias=bias,
             scale=self.scale,
             dropout_rate=0.0 if deterministic else self.dropout_rate,
@@ -182,17 +119,6 @@ class WindowAttention(SpatialAttentionLayer):
         if capture:
             result, aux = result
             self.sow(
-                "intermediates", "attention_weights", self.dense_weights(aux["probs"], spatial, window, front, back)
+                "intermediates", "attention_weights", dense_window_probs(aux["probs"], spatial, window, self.shift)
             )
-        y = from_windows(result.reshape(batch, num_windows, size, *result.shape[2:]), spatial, window, front, back)
-        return self.spatial_out(y, features)
-
-    def dense_weights(self, probs: Array, spatial, window, front, back) -> Array:
-        """Window probabilities [B * nW, H, T, T] -> float32 [B, H, N, N] over the original tokens."""
-        tokens = math.prod(spatial)
-        index = np.arange(tokens).reshape(1, *spatial)
-        slots = to_windows(index, window, front, back, fill=tokens)[0]  # [nW, T]; padding -> out of range
-        num_windows, size = slots.shape
-        probs = probs.reshape(-1, num_windows, self.num_heads, size, size).transpose(0, 2, 1, 3, 4)
-        dense = jnp.zeros((probs.shape[0], self.num_heads, tokens, tokens), jnp.float32)
-        return dense.at[:, :, slots[:, :, None], slots[:, None, :]].add(probs.astype(jnp.float32), mode="drop")
+        return self.spatial_out(result, x.shape[-1])
