@@ -1,0 +1,75 @@
+"""`minimal`: collapsed Q/K and V/O reproduce softmax exactly; symmetric form; no-V/O formula; decode."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from layer_checks import apply, assert_causal, assert_decode_matches, assert_finite_grads, init, trace_init
+
+import attn
+from attn import functional as F
+from attn.softmax.minimal import symmetric_matrix
+
+B, T, E, H, D = 2, 8, 16, 4, 4
+MASK = attn.Mask(causal=True)
+X = jax.random.normal(jax.random.key(0), (B, T, E))
+
+
+def test_collapsed_products_of_softmax_weights_reproduce_softmax():
+    softmax = attn.build("softmax", num_heads=H, head_dim=D, position="none")
+    p = nn.unbox(jax.jit(softmax.init)(jax.random.key(1), X))["params"]
+    collapsed = {
+        "query_key": {"kernel": jnp.einsum("ehd,fhd->ehf", p["query"]["kernel"], p["key"]["kernel"])},
+        "out": {"kernel": jnp.einsum("ehd,hdf->hef", p["value"]["kernel"], p["out"]["kernel"])},
+    }
+    layer = attn.build("minimal", num_heads=H, head_dim=D, value="collapsed")
+    for mask in (MASK, None):
+        want = apply(softmax, {"params": p}, X, mask=mask)
+        np.testing.assert_allclose(apply(layer, {"params": collapsed}, X, mask=mask), want, atol=1e-5)
+
+
+def test_symmetric_similarity_and_parameter_counts():
+    layer, params = init("minimal", X, None, num_heads=H, head_dim=D, qk="symmetric")
+    upper = nn.unbox(params)["params"]["query_key"]
+    assert upper.shape == (H, E * (E + 1) // 2)
+    w = symmetric_matrix(upper, E)
+    np.testing.assert_array_equal(w, jnp.swapaxes(w, -1, -2))
+    logits = np.einsum("bie,hef,bjf->bhij", X, w, X)
+    np.testing.assert_allclose(logits, np.swapaxes(logits, -1, -2), atol=1e-4)
+    collapsed = attn.build("minimal", num_heads=H, head_dim=D)
+    as_full = {"params": {"query_key": {"kernel": jnp.moveaxis(w, 0, 1)}}}
+    np.testing.assert_allclose(apply(layer, params, X), apply(collapsed, as_full, X), atol=1e-5)
+    full = trace_init(attn.build("minimal", num_heads=H, head_dim=D, value="collapsed"), X)
+    sizes = {k: sum(a.size for a in jax.tree.leaves(v)) for k, v in nn.unbox(full)["params"].items()}
+    assert sizes == {"query_key": E * H * E, "out": H * E * E}
+
+
+def test_no_value_projection_averages_heads_over_the_tokens():
+    layer, params = init("minimal", X, MASK, num_heads=H, head_dim=D)
+    w = nn.unbox(params)["params"]["query_key"]["kernel"]  # [E, H, E]
+    q = jnp.einsum("bte,ehf->bthf", X, w) * (E / D) ** 0.5  # the layer keeps scale 1/sqrt(head_dim)
+    heads = F.softmax_attention(q, X[:, :, None], X[:, :, None], causal=True)
+    np.testing.assert_allclose(apply(layer, params, X, mask=MASK), heads.mean(axis=2), atol=1e-5)
+
+
+def test_causal_decode_and_gradients():
+    layer, params = init("minimal", X, MASK, num_heads=H, head_dim=D, value="collapsed", position="alibi")
+    assert_causal(layer, params, X, cut=5)
+    assert_decode_matches(layer, params, X, MASK)
+    assert_finite_grads(layer, params, X)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(qk="asymmetric"), r"qk='asymmetric' is not supported; expected one of 'collapsed', 'symmetric'"),
+        (dict(value="full"), r"value='full' is not supported; expected one of 'none', 'collapsed'"),
+        (dict(position="rope"), r"position='rope' is not supported; expected one of 'none', 'alibi', 't5'"),
+        (dict(qk_norm=True), r"qk_norm=True has no query/key to normalise"),
+    ],
+)
+def test_bad_options_name_the_option(options, message):
+    layer = attn.build("minimal", num_heads=H, head_dim=D, **options)
+    with pytest.raises(ValueError, match=message):
+        trace_init(layer, X)
