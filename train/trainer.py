@@ -207,7 +207,7 @@ def layout_state(s: Setup) -> StateLayout:
     """
     replicated = NamedSharding(s.mesh, PartitionSpec())
     batch_shapes = global_batch_shapes(s.train_source, s.mesh)
-    with _tracing_context(s):
+    with tracing_context(s):
         boxed = jax.eval_shape(lambda rng: s.task.init(rng, batch_shapes), jax.random.key(0))
     param_shardings = mesh_lib.shardings_for(boxed["params"], s.mesh, s.rules)
     # Outside the rules context: unboxing there would apply sharding constraints to abstract values.
@@ -251,12 +251,12 @@ def init_state(s: Setup, layout: StateLayout, rng: jax.Array) -> TrainState:
         variables = s.task.init(rng, layout.batch_shapes)
         return TrainState.create(nn.unbox(variables["params"]), s.tx)
 
-    with _tracing_context(s):
+    with tracing_context(s):
         return jax.jit(init, out_shardings=layout.state_shardings)(rng)
 
 
 @contextlib.contextmanager
-def _tracing_context(s: Setup) -> Iterator[None]:
+def tracing_context(s: Setup) -> Iterator[None]:
     """`jax.set_mesh(mesh)` + `nn.logical_axis_rules(rules)`: what tracing the model needs."""
     with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
         yield
@@ -309,7 +309,7 @@ def make_train_step(s: Setup, layout: StateLayout) -> tuple[Any, float]:
         return new_state, metrics
 
     started = time.perf_counter()
-    with _tracing_context(s):
+    with tracing_context(s):
         rng_shape = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=layout.replicated)
         jitted = jax.jit(
             train_step,
@@ -372,7 +372,7 @@ def evaluate_loss(s: Setup, eval_step: Any, params: Any, source: Any, num_batche
     if source.num_batches is not None:
         num_batches = min(num_batches, source.num_batches)
     totals = None
-    with _tracing_context(s):
+    with tracing_context(s):
         for _ in range(num_batches):
             sums = eval_step(params, mesh_lib.shard_batch(source.next_batch(), s.mesh))
             totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
@@ -391,7 +391,7 @@ def evaluate(s: Setup, steps: Steps, params: Any) -> dict[str, float]:
             key: jax.make_array_from_callback(value.shape, replicated, lambda index, v=value: v[index])
             for key, value in s.probe_batch.items()
         }
-        with _tracing_context(s):
+        with tracing_context(s):
             stats = steps.stats_step(params, probe)
         out.update({key: float(value) for key, value in jax.device_get(stats).items()})
     return out
