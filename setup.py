@@ -29,7 +29,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["attn", "attn.*", "pallas_kernels", "pallas_kernels.*", "train", "train.*", "eval", "eval.*"]),
+    packages=find_packages(
+        include=["attn", "attn.*", "pallas_kernels", "pallas_kernels.*", "train", "train.*", "eval", "eval.*"]
+    ),
     install_requires=_REQUIRES,
     extras_require=_EXTRAS,
     license="Apache-2.0",

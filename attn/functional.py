@@ -150,5 +150,3 @@ def _cudnn_attention(q, k, v, mask: Mask | None, bias, scale) -> Array:
             local_window_size=mask.window,
         )
     return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, implementation="cudnn", **kwargs)
-
-

@@ -78,10 +78,7 @@ def _allgather_json(obj: Any) -> list[Any]:
     padded = np.zeros(int(np.max(lengths)), np.uint8)
     padded[: data.size] = data
     gathered = np.asarray(multihost_utils.process_allgather(padded))
-    return [
-        json.loads(row[: int(n)].tobytes().decode())
-        for row, n in zip(gathered, np.ravel(lengths), strict=True)
-    ]
+    return [json.loads(row[: int(n)].tobytes().decode()) for row, n in zip(gathered, np.ravel(lengths), strict=True)]
 
 
 def _to_host(x: Any) -> np.ndarray:
@@ -284,9 +281,7 @@ class Checkpointer:
         return int(step)
 
     def _check_shapes(self, step: int, saved: dict[str, list[int]], current: dict[str, list[int]]) -> None:
-        where = (
-            f"checkpoint {os.path.join(self.directory, str(step))} was written for a different model config"
-        )
+        where = f"checkpoint {os.path.join(self.directory, str(step))} was written for a different model config"
         for path, shape in current.items():
             if path not in saved:
                 raise ValueError(
@@ -294,8 +289,7 @@ class Checkpointer:
                 )
             if list(saved[path]) != list(shape):
                 raise ValueError(
-                    f"{where}: {path} has shape {tuple(saved[path])} in the checkpoint but {tuple(shape)} in "
-                    "this model"
+                    f"{where}: {path} has shape {tuple(saved[path])} in the checkpoint but {tuple(shape)} in this model"
                 )
         for path, shape in saved.items():
             if path not in current:

@@ -59,14 +59,10 @@ def make_mesh(shape: Sequence[int], axes: Sequence[str], *, devices: Sequence[An
     shape = tuple(int(s) for s in shape)
     axes = tuple(axes)
     if len(shape) != len(axes):
-        raise ValueError(
-            f"shape={shape} and axes={axes} must have the same length, got {len(shape)} and {len(axes)}"
-        )
+        raise ValueError(f"shape={shape} and axes={axes} must have the same length, got {len(shape)} and {len(axes)}")
     for name in axes:
         if name not in MESH_AXES:
-            raise ValueError(
-                f"axes={axes} contains unknown axis name {name!r}; expected names from {MESH_AXES}"
-            )
+            raise ValueError(f"axes={axes} contains unknown axis name {name!r}; expected names from {MESH_AXES}")
     if len(set(axes)) != len(axes):
         raise ValueError(f"axes={axes} repeats an axis name; each axis may appear once")
     if any(s == 0 or s < -1 for s in shape):
@@ -121,8 +117,7 @@ def _normalise_mesh_axes(logical: str, value: Any) -> MeshAxes:
         names = tuple(value)
     else:
         raise ValueError(
-            f"rules entry for {logical!r} maps to {value!r}; expected a mesh axis name, a sequence of "
-            "them, or None"
+            f"rules entry for {logical!r} maps to {value!r}; expected a mesh axis name, a sequence of them, or None"
         )
     for name in names:
         if name not in MESH_AXES:
@@ -186,9 +181,7 @@ def _fit_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh, where: st
         while axes and dim % math.prod(mesh.shape[a] for a in axes):
             axes = axes[:-1]
         if axes != wanted:
-            _log.info(
-                "%s: size %d is not divisible by mesh axes %s; sharding over %s", where, dim, wanted, axes
-            )
+            _log.info("%s: size %d is not divisible by mesh axes %s; sharding over %s", where, dim, wanted, axes)
         fitted.append(None if not axes else axes[0] if len(axes) == 1 else axes)
     return PartitionSpec(*fitted)
 
@@ -217,8 +210,7 @@ def shardings_for(abstract_tree: Any, mesh: Mesh, rules: Any = DEFAULT_RULES) ->
         value = leaf.value if isinstance(leaf, nn.Partitioned) else leaf.unbox() if is_box(leaf) else leaf
         if not hasattr(value, "shape"):
             raise ValueError(
-                f"abstract_tree leaf at {where} is {type(value).__name__}; expected an array or "
-                "jax.ShapeDtypeStruct"
+                f"abstract_tree leaf at {where} is {type(value).__name__}; expected an array or jax.ShapeDtypeStruct"
             )
         if isinstance(leaf, nn.Partitioned):
             spec = nn.logical_to_mesh_axes(leaf.names, rules)

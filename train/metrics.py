@@ -89,9 +89,7 @@ class MetricWriter:
         if not self.is_primary:
             return
         if "step" in values:
-            raise ValueError(
-                "values has a metric named 'step', which is reserved for the step in metrics.jsonl"
-            )
+            raise ValueError("values has a metric named 'step', which is reserved for the step in metrics.jsonl")
         step = int(step)
         floats = {name: _to_float(name, value) for name, value in values.items()}
         for name, value in floats.items():

@@ -81,9 +81,7 @@ def decay_mask(params: Any) -> Any:
         names = _path_names(path)
         leaf_name = names[-1] if names else ""
         modules = names[:-1]
-        excluded = bool(_NO_DECAY.search(leaf_name)) or any(
-            re.search("norm", m, re.IGNORECASE) for m in modules
-        )
+        excluded = bool(_NO_DECAY.search(leaf_name)) or any(re.search("norm", m, re.IGNORECASE) for m in modules)
         decay = len(getattr(value, "shape", ())) >= 2 and not excluded
         return leaf.replace_boxed(decay) if is_box(leaf) else decay
 
@@ -152,9 +150,7 @@ def make_optimizer(
     if total_steps < 1:
         raise ValueError(f"total_steps={total_steps}; expected >= 1")
     if not 0 <= warmup <= total_steps:
-        raise ValueError(
-            f"opt_cfg.warmup_steps={warmup}; expected 0 <= warmup_steps <= total_steps={total_steps}"
-        )
+        raise ValueError(f"opt_cfg.warmup_steps={warmup}; expected 0 <= warmup_steps <= total_steps={total_steps}")
     min_lr_ratio = float(_get(opt_cfg, "min_lr_ratio"))
     if not 0.0 <= min_lr_ratio <= 1.0:
         raise ValueError(f"opt_cfg.min_lr_ratio={min_lr_ratio}; expected a ratio in [0, 1]")

@@ -37,9 +37,7 @@ def test_window_larger_than_allowed_and_negative():
         match=r"window=\(100, 0\) is larger than allowed for q_len=8, kv_len=8: each side must be <= 8",
     ):
         F.softmax_attention(q, kv, kv, window=(100, 0))
-    with pytest.raises(
-        ValueError, match=r"window=\(-1, 2\) must be a pair \(left, right\) of non-negative ints"
-    ):
+    with pytest.raises(ValueError, match=r"window=\(-1, 2\) must be a pair \(left, right\) of non-negative ints"):
         F.softmax_attention(q, kv, kv, window=(-1, 2))
     with pytest.raises(ValueError, match="window"):
         attn.Mask(window=(2, 3, 4))
@@ -86,9 +84,7 @@ def test_bad_option_values_in_layer():
     import jax
 
     x = jnp.zeros((1, 4, 16))
-    with pytest.raises(
-        ValueError, match="position='sinusoid' is not supported; expected one of 'none', 'rope'"
-    ):
+    with pytest.raises(ValueError, match="position='sinusoid' is not supported; expected one of 'none', 'rope'"):
         attn.build("softmax", num_heads=2, head_dim=8, position="sinusoid").init(jax.random.key(0), x)
     with pytest.raises(ValueError, match="rope_scaling='dynamic' is not supported"):
         attn.build("softmax", num_heads=2, head_dim=8, rope_scaling="dynamic").init(jax.random.key(0), x)

@@ -86,9 +86,7 @@ def test_materialize_matches_predicate(
         lo, hi = mask.block_bounds(q0, qs, q_offset=offset)
         for k0 in range(0, tk, 3):
             ks = min(3, tk - k0)
-            tile = np.broadcast_to(np.asarray(mask.tile(q0, qs, k0, ks, q_offset=offset)), (1, 1, qs, ks))[
-                0, 0
-            ]
+            tile = np.broadcast_to(np.asarray(mask.tile(q0, qs, k0, ks, q_offset=offset)), (1, 1, qs, ks))[0, 0]
             np.testing.assert_array_equal(tile, want[q0 : q0 + qs, k0 : k0 + ks])
         visible = np.nonzero(want[q0 : q0 + qs].any(0))[0]
         assert all(lo <= j < hi for j in visible)

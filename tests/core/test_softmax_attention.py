@@ -194,9 +194,7 @@ def test_jit():
 
 def test_xla_forced_and_pallas_error_on_cpu():
     q, k, v = qkv()
-    np.testing.assert_array_equal(
-        F.softmax_attention(q, k, v, implementation="xla"), F.softmax_attention(q, k, v)
-    )
+    np.testing.assert_array_equal(F.softmax_attention(q, k, v, implementation="xla"), F.softmax_attention(q, k, v))
     with pytest.raises(ValueError, match="implementation='pallas' is not available.*platform 'cpu'"):
         F.softmax_attention(q, k, v, implementation="pallas")
     with pytest.raises(ValueError, match="implementation='fast' is not supported"):

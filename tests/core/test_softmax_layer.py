@@ -22,9 +22,7 @@ def setup(**options):
 def decode_all(layer, params, x, mask, chunks):
     cache = layer.init(jax.random.key(1), x, mask=mask, decode=True)["cache"]
     cache = jax.tree.map(jnp.zeros_like, cache)
-    step = jax.jit(
-        lambda variables, chunk: layer.apply(variables, chunk, mask=mask, decode=True, mutable=["cache"])
-    )
+    step = jax.jit(lambda variables, chunk: layer.apply(variables, chunk, mask=mask, decode=True, mutable=["cache"]))
     outs, start = [], 0
     for size in chunks:
         y, mutated = step({**params, "cache": cache}, x[:, start : start + size])
@@ -105,10 +103,7 @@ def test_every_parameter_has_logical_axis_names():
 def test_gradients_finite_under_jit():
     layer, x, params = setup(num_kv_heads=2, dropout_rate=0.1)
     loss = lambda p: jnp.sum(
-        layer.apply(
-            p, x, mask=attn.Mask(causal=True), deterministic=False, rngs={"dropout": jax.random.key(2)}
-        )
-        ** 2
+        layer.apply(p, x, mask=attn.Mask(causal=True), deterministic=False, rngs={"dropout": jax.random.key(2)}) ** 2
     )
     grads = jax.jit(jax.grad(loss))(params)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))

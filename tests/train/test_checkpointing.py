@@ -28,9 +28,7 @@ def _state(mesh, *, heads=4, spec=P("data")):
 
 def _abstract(state, mesh, spec):
     return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(
-            x.shape, x.dtype, sharding=NamedSharding(mesh, spec if x.ndim == 2 else P())
-        ),
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec if x.ndim == 2 else P())),
         state,
     )
 
@@ -141,12 +139,8 @@ def test_different_model_error(tmp_path, mesh8):
         ):
             ckpt.restore(abstract_state=bigger)
         extra = _abstract(_state(mesh8), mesh8, P("data"))
-        extra["params"]["new_layer"] = jax.ShapeDtypeStruct(
-            (2,), jnp.float32, sharding=NamedSharding(mesh8, P())
-        )
-        with pytest.raises(
-            ValueError, match=r"params/new_layer with shape \(2,\) is in this model but not in the"
-        ):
+        extra["params"]["new_layer"] = jax.ShapeDtypeStruct((2,), jnp.float32, sharding=NamedSharding(mesh8, P()))
+        with pytest.raises(ValueError, match=r"params/new_layer with shape \(2,\) is in this model but not in the"):
             ckpt.restore(abstract_state=extra)
 
 
@@ -155,9 +149,7 @@ def test_abstract_state_needs_shardings(tmp_path, mesh8):
     with Checkpointer(tmp_path, keep=1, save_every=1) as ckpt:
         ckpt.save(1, state=state, data_state={}, rng=None, config={})
         no_sharding = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-        with pytest.raises(
-            ValueError, match=r"abstract_state leaf 'opt_state/0/mu/layers_0/bias'.*\.sharding set"
-        ):
+        with pytest.raises(ValueError, match=r"abstract_state leaf 'opt_state/0/mu/layers_0/bias'.*\.sharding set"):
             ckpt.restore(abstract_state=no_sharding)
 
 

@@ -26,9 +26,7 @@ def test_bad_product_message_names_numbers():
 
 
 def test_unknown_axis_message():
-    with pytest.raises(
-        ValueError, match=r"unknown axis name 'model'.*\('data', 'fsdp', 'tensor', 'context'\)"
-    ):
+    with pytest.raises(ValueError, match=r"unknown axis name 'model'.*\('data', 'fsdp', 'tensor', 'context'\)"):
         mesh_lib.make_mesh((4, 2), ("data", "model"))
 
 
@@ -37,9 +35,7 @@ def test_batch_divisibility_message():
     assert mesh_lib.batch_size_divisor(mesh) == 4
     mesh_lib.check_batch_size(12, mesh)  # 12 = 3 * 4: fine
     mesh8 = mesh_lib.make_mesh((4, 2), ("data", "fsdp"))
-    with pytest.raises(
-        ValueError, match=r"batch_size=12 is not divisible by the mesh's batch axes data x fsdp = 8"
-    ):
+    with pytest.raises(ValueError, match=r"batch_size=12 is not divisible by the mesh's batch axes data x fsdp = 8"):
         mesh_lib.check_batch_size(12, mesh8)
 
 
@@ -59,9 +55,9 @@ class _TwoDense(nn.Module):
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
         )(x)
         # Unboxed bias on the second layer: must come out replicated.
-        return nn.Dense(
-            4, kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("mlp", "embed"))
-        )(x)
+        return nn.Dense(4, kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("mlp", "embed")))(
+            x
+        )
 
 
 def test_shardings_for_boxed_params():
@@ -84,9 +80,7 @@ def test_shardings_for_drops_missing_axes_and_non_divisible_dims():
     # embed -> fsdp is not in this mesh; mlp -> tensor divides 16.
     assert mesh_lib.shardings_for(abstract, mesh)["k"].spec == P(None, "tensor")
     one_head = {
-        "k": nn.LogicallyPartitioned(
-            jax.ShapeDtypeStruct((16, 1, 4), jnp.float32), ("embed", "kv_heads", "head_dim")
-        )
+        "k": nn.LogicallyPartitioned(jax.ShapeDtypeStruct((16, 1, 4), jnp.float32), ("embed", "kv_heads", "head_dim"))
     }
     assert mesh_lib.shardings_for(one_head, mesh)["k"].spec == P(None, None, None)
 

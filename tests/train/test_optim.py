@@ -76,9 +76,7 @@ def test_grad_accumulation_equals_one_step_on_mean_gradient():
     key = jax.random.key(0)
     params0 = {"dense": {"kernel": jax.random.normal(key, (3, 5)), "bias": jnp.ones(5)}}
     micro = [
-        jax.tree.map(
-            lambda p, i=i: jnp.sin(jnp.arange(p.size, dtype=jnp.float32).reshape(p.shape) + i), params0
-        )
+        jax.tree.map(lambda p, i=i: jnp.sin(jnp.arange(p.size, dtype=jnp.float32).reshape(p.shape) + i), params0)
         for i in range(2 * k)
     ]
     # Two accumulated updates over 2k micro-steps ...
@@ -109,9 +107,7 @@ class _Model(nn.Module):
         x = nn.Embed(16, 8, name="embed")(tokens)
         x = x + self.param("pos_embedding", nn.initializers.zeros, (1, tokens.shape[1], 8))
         x = nn.LayerNorm(name="norm")(x)
-        x = nn.Dense(
-            8, kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp"))
-        )(x)
+        x = nn.Dense(8, kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp")))(x)
         x = x * self.param("qk_scale", nn.initializers.ones, (2, 4)).reshape(8)
         return nn.Dense(16, name="head")(x)
 

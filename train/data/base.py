@@ -128,9 +128,7 @@ class DataSource(abc.ABC):
         """Batch number `step` without moving the iterator (random access; same result as iterating)."""
         step = check_int("step", step, 0)
         if self.num_batches is not None and step >= self.num_batches:
-            raise ValueError(
-                f"step must be < num_batches={self.num_batches} for this finite source, got {step}"
-            )
+            raise ValueError(f"step must be < num_batches={self.num_batches} for this finite source, got {step}")
         return self._make_batch(self.rng_for(step), step)
 
     def next_batch(self) -> dict[str, np.ndarray]:

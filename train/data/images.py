@@ -185,9 +185,7 @@ class RelationImageSource(DataSource):
 
     def sample(self, rng: np.random.Generator) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """(batch, geometry) from `rng`; the geometry (square positions) lets tests check the labels."""
-        geometry = sample_relation_geometry(
-            rng, self.batch_size, self.image_size, self.square_size, self.num_classes
-        )
+        geometry = sample_relation_geometry(rng, self.batch_size, self.image_size, self.square_size, self.num_classes)
         images = render_relation_images(
             rng, geometry, self.image_size, self.square_size, self.num_distractors, self.noise_std
         )
@@ -216,19 +214,15 @@ def _load_npz(resolved: str, mtime_ns: int) -> tuple[np.ndarray, np.ndarray]:
                 break
         else:
             raise ValueError(
-                f"data.path {resolved!r} must hold arrays 'images' and 'labels' (or 'x' and 'y'); "
-                f"found keys {keys}"
+                f"data.path {resolved!r} must hold arrays 'images' and 'labels' (or 'x' and 'y'); found keys {keys}"
             )
     if images.ndim == 3:
         images = images[..., None]
     if images.ndim != 4:
-        raise ValueError(
-            f"images in {resolved!r} must be [N, H, W, C] or [N, H, W], got shape {images.shape}"
-        )
+        raise ValueError(f"images in {resolved!r} must be [N, H, W, C] or [N, H, W], got shape {images.shape}")
     if labels.ndim != 1 or len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(
-            f"labels in {resolved!r} must be integer [N] with N={len(images)}, "
-            f"got {labels.dtype} {labels.shape}"
+            f"labels in {resolved!r} must be integer [N] with N={len(images)}, got {labels.dtype} {labels.shape}"
         )
     if len(labels) and labels.min() < 0:
         raise ValueError(f"labels in {resolved!r} must be >= 0, got min {labels.min()}")
@@ -316,9 +310,7 @@ class NpzImageSource(DataSource):
 
     def _make_batch(self, rng: np.random.Generator, step: int) -> dict[str, np.ndarray]:
         count = len(self._indices)
-        position = (
-            step * self.global_batch_size + self.process_index * self.batch_size + np.arange(self.batch_size)
-        )
+        position = step * self.global_batch_size + self.process_index * self.batch_size + np.arange(self.batch_size)
         if self.split == "train":
             epochs, offsets = np.divmod(position, count)
             rows = np.empty(self.batch_size, dtype=np.int64)

@@ -26,9 +26,7 @@ from train.data.text import (
 MASK_ID = VOCAB_SIZE  # 256, the first id after the bytes
 
 
-def mask_tokens(
-    tokens: np.ndarray, rng: np.random.Generator, mask_rate: float = 0.15
-) -> tuple[np.ndarray, np.ndarray]:
+def mask_tokens(tokens: np.ndarray, rng: np.random.Generator, mask_rate: float = 0.15) -> tuple[np.ndarray, np.ndarray]:
     """Applies the 80/10/10 masking rule to int tokens [B, T] (byte values).
 
     Returns (inputs int32 [B, T], chosen bool [B, T]); `tokens` itself is the target.

@@ -112,9 +112,7 @@ class MQARSource(_TokenTask):
         self.num_kv_pairs = check_int("num_kv_pairs", num_kv_pairs, 1)
         n = self.num_kv_pairs
         self._require("seq_len", self.seq_len, 4 * n, f"4 * num_kv_pairs with num_kv_pairs={n}")
-        self._require(
-            "vocab_size", self.vocab_size, 2 * (n + 1), f"num_kv_pairs={n} distinct keys in [1, vocab/2)"
-        )
+        self._require("vocab_size", self.vocab_size, 2 * (n + 1), f"num_kv_pairs={n} distinct keys in [1, vocab/2)")
 
     def _make_batch(self, rng: np.random.Generator, step: int) -> dict[str, np.ndarray]:
         b, t, n, v = self.batch_size, self.seq_len, self.num_kv_pairs, self.vocab_size
@@ -242,9 +240,7 @@ class PasskeySource(_TokenTask):
         d = self.num_digits
         self._require("seq_len", self.seq_len, 2 * d + 1, f"2 * num_digits + 1 with num_digits={d}")
         self._require("vocab_size", self.vocab_size, self.FIRST_FILLER + 1, "10 digits, 2 markers, 1 filler")
-        if depth is not None and (
-            isinstance(depth, bool) or not isinstance(depth, int | float) or not 0 <= depth <= 1
-        ):
+        if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int | float) or not 0 <= depth <= 1):
             raise ValueError(f"depth must be None (random) or a number in [0, 1], got {depth!r}")
         if filler not in ("random", "repeat"):
             raise ValueError(f"filler must be 'random' or 'repeat', got {filler!r}")

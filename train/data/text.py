@@ -67,9 +67,7 @@ def load_corpus(
         return _load(str(stdlib_root()), glob or "*.py", valid_fraction, True)
     resolved = Path(os.path.expanduser(os.fspath(path))).resolve()
     if not resolved.exists():
-        raise FileNotFoundError(
-            f"data.path {os.fspath(path)!r} does not exist (resolved to {str(resolved)!r})"
-        )
+        raise FileNotFoundError(f"data.path {os.fspath(path)!r} does not exist (resolved to {str(resolved)!r})")
     return _load(str(resolved), glob, valid_fraction, False)
 
 
@@ -230,9 +228,7 @@ class TextSource(DataSource):
             real = np.ones(self.batch_size, dtype=bool)
         else:
             first = step * self.global_batch_size + self.process_index * self.batch_size
-            windows, real = strided_windows(
-                self._data, first, self.batch_size, length, self.seq_len, self._num_windows
-            )
+            windows, real = strided_windows(self._data, first, self.batch_size, length, self.seq_len, self._num_windows)
         windows = windows.astype(np.int32)
         weights = np.broadcast_to(real[:, None], (self.batch_size, self.seq_len)).astype(np.float32)
         return {

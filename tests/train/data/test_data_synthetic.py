@@ -9,9 +9,7 @@ from train.data import make_source
 @pytest.mark.parametrize("seq_len", [16, 37, 200])
 def test_mqar_answers_are_the_values_paired_with_the_queried_keys(seq_len):
     n, vocab = 4, 40
-    batch = make_source(
-        "mqar", batch_size=16, seq_len=seq_len, seed=1, num_kv_pairs=n, vocab_size=vocab
-    ).next_batch()
+    batch = make_source("mqar", batch_size=16, seq_len=seq_len, seed=1, num_kv_pairs=n, vocab_size=vocab).next_batch()
     for inputs, targets, weights in zip(batch["inputs"], batch["targets"], batch["weights"], strict=True):
         keys, values = inputs[0 : 2 * n : 2], inputs[1 : 2 * n : 2]
         assert len(set(keys)) == n and keys.min() >= 1 and keys.max() < vocab // 2
@@ -33,9 +31,7 @@ def test_mqar_rejects_short_sequences_and_small_vocabularies():
 
 
 def test_mqar_long_sequences_use_the_sparse_sampler():
-    batch = make_source(
-        "mqar", batch_size=2, seq_len=4096, seed=0, num_kv_pairs=16, vocab_size=256
-    ).next_batch()
+    batch = make_source("mqar", batch_size=2, seq_len=4096, seed=0, num_kv_pairs=16, vocab_size=256).next_batch()
     assert batch["weights"].sum() == 2 * 16
 
 
@@ -61,9 +57,7 @@ def test_selective_copy_rejects_short_sequences():
 @pytest.mark.parametrize(("seq_len", "depth"), [(11, None), (300, None), (300, 0.0), (300, 1.0)])
 def test_passkey_answers_are_the_digits_after_the_needle_marker(seq_len, depth):
     d = 5
-    batch = make_source(
-        "passkey", batch_size=16, seq_len=seq_len, seed=3, num_digits=d, depth=depth
-    ).next_batch()
+    batch = make_source("passkey", batch_size=16, seq_len=seq_len, seed=3, num_digits=d, depth=depth).next_batch()
     for inputs, targets, weights in zip(batch["inputs"], batch["targets"], batch["weights"], strict=True):
         needle = np.flatnonzero(inputs == 10)
         assert len(needle) == 1

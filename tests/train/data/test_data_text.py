@@ -12,9 +12,7 @@ def test_stdlib_corpus_is_large_and_split_by_file():
     assert len(corpus.train) > 1_000_000
     assert corpus.valid_files and corpus.train_files
     assert not set(corpus.train_files) & set(corpus.valid_files)
-    assert all(
-        f.endswith(".py") and "site-packages" not in f for f in corpus.train_files + corpus.valid_files
-    )
+    assert all(f.endswith(".py") and "site-packages" not in f for f in corpus.train_files + corpus.valid_files)
     # About 2% of the files are held out.
     share = len(corpus.valid_files) / (len(corpus.train_files) + len(corpus.valid_files))
     assert 0.005 < share < 0.05
