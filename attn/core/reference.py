@@ -23,6 +23,26 @@ from attn.core.masks import Mask
 Array = jax.Array
 
 
+def grouped_logits(q: Array, k: Array) -> Array:
+    """q [B, Tq, H, D] . k [B, Tk, KVH, D] -> float32 [B, H, Tq, Tk] (unscaled); query heads are grouped over the
+    kv heads with a reshape, so k is never repeated (GQA/MQA)."""
+    batch, q_len, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    qg = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    return logits.reshape(batch, heads, q_len, k.shape[1])
+
+
+def grouped_weighted_values(weights: Array, v: Array) -> Array:
+    """Attention weights [B, H, Tq, Tk] times values [B, Tk, KVH, Dv] -> float32 [B, Tq, H, Dv], grouped like
+    `grouped_logits` (v is never repeated)."""
+    batch, heads, q_len, kv_len = weights.shape
+    kv_heads = v.shape[2]
+    grouped = weights.reshape(batch, kv_heads, heads // kv_heads, q_len, kv_len)
+    out = jnp.einsum("bkgts,bskd->btkgd", grouped.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(batch, q_len, heads, v.shape[-1])
+
+
 def _grouped(x: Array, batch: int, kv_heads: int, groups: int) -> Array:
     """Broadcasts a [B|1, H|1, Tq, Tk] array to the grouped layout [B|1, KVH|1, G|1, Tq, Tk]."""
     b, h, tq, tk = x.shape
@@ -64,8 +84,7 @@ def reference_softmax_attention(
     groups = heads // kv_heads
     scale = head_dim**-0.5 if scale is None else scale
 
-    qg = q.reshape(batch, q_len, kv_heads, groups, head_dim)
-    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    logits = grouped_logits(q, k).reshape(batch, kv_heads, groups, q_len, kv_len) * scale
     if softcap is not None:
         logits = softcap * jnp.tanh(logits / softcap)
     if bias is not None:
@@ -94,8 +113,7 @@ def reference_softmax_attention(
             raise ValueError("dropout_rate > 0 needs dropout_rng (a jax.random key)")
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
         attended = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
-    out = jnp.einsum("bkgts,bskd->btkgd", attended.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    out = out.reshape(batch, q_len, heads, v.shape[-1]).astype(q.dtype)
+    out = grouped_weighted_values(attended.reshape(batch, heads, q_len, kv_len), v).astype(q.dtype)
     if not (return_probs or return_lse):
         return out
     aux: dict[str, Array] = {}

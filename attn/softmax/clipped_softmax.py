@@ -31,8 +31,7 @@ Time O(B H T^2 D), memory O(B H T^2) (the probabilities are materialised: the cl
 Reduction to softmax: zeta = 1, gamma = 0 (and alpha None), gate = "none" is exactly the `softmax` layer with the
 same parameters (clip(p, 0, 1) = p).
 
-`weighted_values` (probabilities times values with GQA grouping) is shared with the other normalised-weight
-mechanisms of this package.
+Probabilities times values (with GQA grouping) is `attn.core.reference.grouped_weighted_values`.
 """
 
 from __future__ import annotations
@@ -46,6 +45,7 @@ import jax.numpy as jnp
 
 from attn import functional as F
 from attn.core.masks import Mask
+from attn.core.reference import grouped_weighted_values
 from attn.core.validation import check_choice
 from attn.registry import register
 from attn.softmax.gated import OutputGatedAttention
@@ -53,18 +53,6 @@ from attn.softmax.gated import OutputGatedAttention
 Array = jax.Array
 
 GATES = ("none", "linear", "mlp", "all_features")
-
-
-def weighted_values(weights: Array, v: Array) -> Array:
-    """Attention weights float32 [B, H, Tq, Tk] times values [B, Tk, KVH, Dv] -> [B, Tq, H, Dv] (float32 accumulate).
-
-    Query heads are grouped over the kv heads with a reshape (GQA/MQA); v is never repeated.
-    """
-    batch, heads, q_len, kv_len = weights.shape
-    kv_heads = v.shape[2]
-    grouped = weights.reshape(batch, kv_heads, heads // kv_heads, q_len, kv_len)
-    out = jnp.einsum("bkgts,bskd->btkgd", grouped.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.reshape(batch, q_len, heads, v.shape[-1])
 
 
 def check_stretch(zeta: float, gamma: float) -> None:
@@ -132,7 +120,7 @@ def clipped_softmax_attention(
             raise ValueError("dropout_rate > 0 needs dropout_rng (a jax.random key)")
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
         attended = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
-    out = weighted_values(attended, v).astype(q.dtype)
+    out = grouped_weighted_values(attended, v).astype(q.dtype)
     return (out, {"probs": probs}) if return_probs else out
 
 

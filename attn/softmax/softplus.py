@@ -40,21 +40,12 @@ import jax
 import jax.numpy as jnp
 
 from attn.core.masks import Mask
+from attn.core.reference import grouped_logits, grouped_weighted_values
 from attn.core.validation import check_positive, check_qkv
 from attn.registry import register
-from attn.softmax.clipped_softmax import weighted_values
 from attn.softmax.multi_head import MultiHeadAttention
 
 Array = jax.Array
-
-
-def _grouped_logits(q: Array, k: Array) -> Array:
-    """q [B, Tq, H, D] . k [B, Tk, KVH, D] -> float32 [B, H, Tq, Tk] without repeating k over the groups."""
-    batch, q_len, heads, dim = q.shape
-    kv_heads = k.shape[2]
-    qg = q.reshape(batch, q_len, kv_heads, heads // kv_heads, dim)
-    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-    return logits.reshape(batch, heads, q_len, k.shape[1])
 
 
 def softplus_attention(
@@ -110,7 +101,7 @@ def softplus_attention(
         allowed = full.materialize(q_len, kv_len, q_offset=q_offset)
     n = jnp.sum(allowed, axis=-1, keepdims=True, dtype=jnp.float32)  # [B|1, H|1, Tq, 1]
 
-    logits = _grouped_logits(q, k) * scale
+    logits = grouped_logits(q, k) * scale
     if length_scale:
         logits = logits * (jnp.log(jnp.maximum(n, 1.0)) / math.log(base))
     if bias is not None:
@@ -132,7 +123,7 @@ def softplus_attention(
             raise ValueError("dropout_rate > 0 needs dropout_rng (a jax.random key)")
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
         attended = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
-    out = weighted_values(attended, v).astype(q.dtype)
+    out = grouped_weighted_values(attended, v).astype(q.dtype)
     return (out, {"probs": weights}) if return_probs else out
 
 
