@@ -21,7 +21,7 @@ from typing import Any
 
 import flax.linen as nn
 
-INPUT_KINDS = ("sequence", "spatial", "channels", "cross")
+INPUT_KINDS = ("sequence", "spatial", "channels", "cross", "pooling")
 FAMILIES = ("softmax", "linear", "local", "sparse", "kv", "channel", "cross", "pooling")
 
 
@@ -72,7 +72,8 @@ class MechanismSpec:
       catalog: entry number in shared/catalog (None for baselines outside the seeds).
       module: the flax.linen Module class; `build` instantiates it.
       op: the pure function behind it (e.g. attn.functional.softmax_attention), or None.
-      input_kind: "sequence" [B, T, E], "spatial" [B, *S, E], "channels" (NHWC) or "cross".
+      input_kind: "sequence" [B, T, E], "spatial" [B, *S, E], "channels" (NHWC), "cross", or "pooling"
+        ([B, T, E] -> [B, F]: a pooling head, e.g. the models' `pool=`).
       supports_causal / supports_decode: causal masking / autoregressive decoding with a KV cache.
       options: name -> OptionSpec (defaults and docs), from the module's dataclass fields.
       summary: one line for the feature table.

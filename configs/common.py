@@ -110,6 +110,8 @@ def encoder_model(config: ConfigDict) -> ConfigDict:
     sequence_model_fields(trunk_fields(config.model))
     config.model.head = "mlm"  # "mlm" (per-token vocab logits) or "classification" (pooled)
     config.model.num_classes = config_dict.placeholder(int)  # classes of the classification head
+    config.model.pool = "mean"  # classification pooling: "mean" or a "pooling" mechanism (attentive_pooling)
+    config.model.pool_options = ConfigDict()  # attn.build options of that pooling mechanism
     return config.model
 
 
@@ -119,7 +121,8 @@ def vit_model(config: ConfigDict) -> ConfigDict:
     trunk_fields(config.model)
     config.model.num_classes = 10  # classes; must match the image source's num_classes
     config.model.patch_size = 4  # square patch side in pixels; image_size must be a multiple
-    config.model.pool = "cls"  # "cls" (class token) or "mean" (mean over patches)
+    config.model.pool = "cls"  # "cls" (class token), "mean" (mean over patches) or a "pooling" mechanism
+    config.model.pool_options = ConfigDict()  # attn.build options of that pooling mechanism
     return config.model
 
 

@@ -2,7 +2,8 @@
 
 tokens int [B, T] (valid prefix of `lengths` per row) -> embedding (+ learned positions)
 -> num_layers pre-norm blocks (padding mask) -> final norm
--> "classification": mean over valid tokens -> Dense -> logits float32 [B, num_classes]
+-> "classification": pool over valid tokens (masked mean, or a registered "pooling" mechanism such as
+   attentive_pooling) -> Dense -> logits float32 [B, num_classes]
 -> "mlm": tied or untied vocab head -> logits float32 [B, T, vocab_size]
 """
 
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import attn
 from attn.core.validation import check_choice
 from attn.models.fields import AttentionOptions, hash_fields
+from attn.models.pooling import check_pool, pool_tokens
 from attn.models.trunk import block_stack, embed_tokens, vocab_logits
 
 Dtype = Any
@@ -47,7 +49,9 @@ class Encoder(nn.Module):
 
     Trunk fields as in `DecoderLM` (vocab_size, num_layers, d_model, num_heads, mlp_dim, head_dim,
     num_kv_heads, attention, attention_options, norm, mlp, tie_embeddings, position_embedding, max_len,
-    dropout_rate, dtype, param_dtype); `head` and `num_classes` choose the output.
+    dropout_rate, dtype, param_dtype); `head` and `num_classes` choose the output; `pool` ("mean" or the
+    registry name of a "pooling" mechanism, with `pool_options` for `attn.build`) reduces the tokens for the
+    classification head.
     """
 
     vocab_size: int
@@ -69,6 +73,8 @@ class Encoder(nn.Module):
     param_dtype: Dtype = jnp.float32
     head: str = "classification"
     num_classes: int | None = None
+    pool: str = "mean"
+    pool_options: AttentionOptions = dataclasses.field(default_factory=dict)
 
     def __hash__(self) -> int:
         return hash_fields(self)
@@ -76,6 +82,7 @@ class Encoder(nn.Module):
     @nn.compact
     def __call__(self, tokens: jax.Array, *, lengths: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
         check_choice("head", self.head, HEADS)
+        check_pool(self.pool, ("mean",))
         if self.head == "classification" and (self.num_classes is None or self.num_classes <= 0):
             raise ValueError(f"head='classification' needs num_classes > 0; got num_classes={self.num_classes}")
         if lengths is not None and jnp.shape(lengths) != tokens.shape[:1]:
@@ -85,10 +92,16 @@ class Encoder(nn.Module):
         x = block_stack(self, x, mask=mask, deterministic=deterministic)
         if self.head == "mlm":
             return vocab_logits(self, embedding, x)
-        limit = tokens.shape[1] if lengths is None else lengths[:, None]
-        valid = jnp.arange(tokens.shape[1])[None, :] < limit
-        # where (not multiply) so that whatever the padded rows hold never reaches the mean.
-        summed = jnp.where(valid[..., None], x, 0).sum(axis=1, dtype=jnp.float32)
-        pooled = summed / jnp.maximum(valid.sum(axis=1, keepdims=True), 1)
+        pooled = pool_tokens(
+            self,
+            x,
+            pool=self.pool,
+            lengths=lengths,
+            num_heads=self.num_heads,
+            head_dim=self.head_dim or self.d_model // self.num_heads,
+            pool_options=self.pool_options,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
         logits = classifier(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype)(pooled)
         return logits.astype(jnp.float32)

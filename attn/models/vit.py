@@ -2,10 +2,12 @@
 
     images float [B, H, W, C] -> Conv(kernel = stride = patch_size) -> [B, h*w, d_model] (+ class token)
     -> + learned position embedding -> num_layers blocks -> final norm
-    -> pool ("cls": the class token; "mean": mean over patches) -> Dense -> logits float32 [B, num_classes]
+    -> pool ("cls": the class token; "mean": mean over patches; or a registered "pooling" mechanism such as
+       attentive_pooling over the patches) -> Dense -> logits float32 [B, num_classes]
 
 "sequence" mechanisms see the patches as a sequence [B, N, E]; "spatial" mechanisms (e.g. neighborhood
-attention) see the patch grid [B, h, w, E] and therefore need pool="mean" (a class token has no grid place).
+attention) see the patch grid [B, h, w, E] and therefore need a pool other than "cls" (a class token has no
+grid place).
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ import jax
 import jax.numpy as jnp
 
 import attn
-from attn.core.validation import check_choice
 from attn.models.encoder import classifier
 from attn.models.fields import AttentionOptions, hash_fields, per_layer_mechanisms
 from attn.models.layers import ACTIVATION_AXES
+from attn.models.pooling import check_pool, pool_tokens
 from attn.models.trunk import block_stack
 
 Dtype = Any
@@ -39,7 +41,8 @@ class ViT(nn.Module):
     num_heads, mlp_dim, head_dim, num_kv_heads, attention, attention_options, norm, mlp, dropout_rate,
     dtype, param_dtype); ViT defaults to layernorm + gelu. Parameters: `patch_embedding` (kernel axes
     ("patch_height", "patch_width", "channels", "embed")), `position_embedding` ("length", "embed"),
-    `cls_token` with pool="cls", `layers_<i>`, `final_norm`, `classifier`.
+    `cls_token` with pool="cls", `pool` with a pooling mechanism (options `pool_options`), `layers_<i>`,
+    `final_norm`, `classifier`.
     """
 
     num_classes: int
@@ -49,6 +52,7 @@ class ViT(nn.Module):
     num_heads: int
     mlp_dim: int
     pool: str = "cls"
+    pool_options: AttentionOptions = dataclasses.field(default_factory=dict)
     head_dim: int | None = None
     num_kv_heads: int | None = None
     attention: str | Sequence[str] = "softmax"
@@ -98,14 +102,27 @@ class ViT(nn.Module):
         x = nn.with_logical_constraint(x, ACTIVATION_AXES)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
         # Only a class-token-free sequence maps onto the patch grid that spatial mechanisms need.
-        x = block_stack(self, x, deterministic=deterministic, grid=grid if self.pool == "mean" else None)
-        pooled = x[:, 0] if self.pool == "cls" else x.mean(axis=1, dtype=jnp.float32)
+        x = block_stack(self, x, deterministic=deterministic, grid=None if self.pool == "cls" else grid)
+        if self.pool == "cls":
+            pooled = x[:, 0]
+        else:
+            pooled = pool_tokens(
+                self,
+                x,
+                pool=self.pool,
+                lengths=None,
+                num_heads=self.num_heads,
+                head_dim=self.head_dim or self.d_model // self.num_heads,
+                pool_options=self.pool_options,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+            )
         logits = classifier(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype)(pooled)
         return logits.astype(jnp.float32)
 
     def _grid(self, images: jax.Array) -> tuple[int, int]:
         """Validate fields and image shape; return the patch grid (H // patch_size, W // patch_size)."""
-        check_choice("pool", self.pool, POOLS)
+        check_pool(self.pool, POOLS)
         if self.num_classes <= 0 or self.patch_size <= 0:
             raise ValueError(f"num_classes={self.num_classes} and patch_size={self.patch_size} must both be positive")
         if images.ndim != 4:
@@ -118,6 +135,7 @@ class ViT(nn.Module):
                 if attn.get(name).input_kind == "spatial":
                     raise ValueError(
                         f"attention={name!r} is a spatial mechanism (it attends over the patch grid) and "
-                        "needs pool='mean'; pool='cls' adds a class token that has no place on the grid"
+                        "needs pool='mean' (or a pooling mechanism); pool='cls' adds a class token that has no place "
+                        "on the grid"
                     )
         return height // self.patch_size, width // self.patch_size

@@ -1,0 +1,65 @@
+"""Token-axis helpers shared by the mechanisms that reduce over the whole sequence (attentive pooling, and the
+Gaussian gates whose statistics are taken over the tokens): padding lengths from a `Mask`, and a softmax over the
+valid tokens only."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from attn.core.linear_scan import length_mask
+from attn.core.masks import Mask
+
+Array = jax.Array
+
+
+def padding_lengths(mask: Mask | None, batch: int, mechanism: str) -> Array | None:
+    """int32 [batch] valid-token counts from a padding-only mask (kv_lengths, else q_lengths), or None.
+
+    A reduction over the whole sequence has no query/key pairs, so only padding can be honoured: causal, window,
+    segment, block, dense and function masks raise a ValueError naming `mechanism`.
+    """
+    if mask is None:
+        return None
+    if not isinstance(mask, Mask):
+        raise TypeError(f"mask for {mechanism} must be an attn.Mask with padding lengths, got {type(mask).__name__}")
+    other = [
+        f.name
+        for f in dataclasses.fields(mask)
+        if f.name not in ("q_lengths", "kv_lengths") and getattr(mask, f.name) not in (None, False)
+    ]
+    if other:
+        raise ValueError(
+            f"mask for {mechanism} may only hold padding lengths (q_lengths / kv_lengths): it reduces over the "
+            f"whole sequence, so {other} cannot apply"
+        )
+    lengths = mask.kv_lengths if mask.kv_lengths is not None else mask.q_lengths
+    if lengths is None:
+        return None
+    lengths = jnp.asarray(lengths, jnp.int32)
+    if lengths.shape != (batch,):
+        raise ValueError(f"mask lengths have shape {lengths.shape}; expected [batch] = ({batch},)")
+    return lengths
+
+
+def valid_tokens(lengths: Any, batch: int, length: int) -> Array:
+    """bool [batch, length]: True below each row's length (all True when lengths is None)."""
+    if lengths is None:
+        return jnp.ones((batch, length), bool)
+    return length_mask(lengths, batch, length, "lengths") > 0
+
+
+def token_softmax(logits: Array, valid: Array, axis: int) -> Array:
+    """float32 softmax of `logits` along the token `axis`, over the positions where `valid` (broadcastable) is True.
+
+    Padded positions get weight exactly 0, and a row with no valid token is all zeros (not NaN, in value or
+    gradient): the masked logits are a finite minimum, not -inf.
+    """
+    logits = logits.astype(jnp.float32)
+    valid = jnp.broadcast_to(valid, logits.shape)
+    masked = jnp.where(valid, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(masked, axis=axis)
+    return jnp.where(valid, weights, 0.0)
