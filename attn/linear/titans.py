@@ -1,0 +1,366 @@
+"""`titans`: Titans ([8] "Titans: Learning to Memorize at Test Time", Behrouz, Zhong, Mirrokni): a neural long-term
+memory trained at test time, next to attention as a short-term memory, in the paper's three architectures.
+
+The memory (attn.linear.titans_memory; per head h, memory MLP M with L = memory_depth layers, L = 1 a matrix):
+
+    k_t = l2norm(SiLU(x_t W_K)),  v_t = SiLU(x_t W_V),  q_t = l2norm(SiLU(x_t W_Q))          (paper section 4.4)
+    alpha_t = sigmoid(x_t w_alpha - 4), eta_t = sigmoid(x_t w_eta + 2), theta_t = theta_max sigmoid(x_t w_theta)
+    S_t = eta_t S_{t-1} - theta_t grad ||M_{t'}(k_t) - v_t||^2,   M_t = (1 - alpha_t) M_{t-1} + S_t,   m_t = M_t(q_t)
+
+with M_0 a learned parameter (the outer loop) and t' the start of t's chunk of `chunk_size` tokens: gradients
+inside a chunk are taken at the chunk-start memory (the paper's parallel training, eq. 16-18); chunk_size=1 is the
+token-level rule of eqs. 13-14 exactly. Given the chunk-start gradients, the momentum, the forgetting and the
+per-token memory M_t used for retrieval are exact (titans_memory's docstring has the closed form).
+
+Variants (`variant`), with persistent memory P = [p_1 .. p_Np] (learned tokens in embedding space, eq. 19):
+  "mac"  memory as context (eq. 21-25): the sequence is cut into segments of `segment_size`; for segment S,
+         h = M_{start}(q) with the memory at the segment start, attention over [P || h || S] (token j of the
+         segment sees P, h_1..h_j and S_1..S_j: causal), y = Attn(...), the memory then learns from y
+         (keys/values/queries are per-head maps of y) and o_t = y_t * sigmoid(RMSNorm(M_t(q'_t))).
+  "mag"  memory as gate (eq. 26-28): o = RMSNorm(SWA*(P || x)) * sigmoid(RMSNorm(M(P || x))), SWA* sliding-window
+         attention (`window` keys back) that always sees the persistent prefix.
+  "mal"  memory as layer (eq. 29-31): y = M(P || x) projected back to the embedding, o = SWA*(y).
+  "lmm"  the memory alone, o = M(P || x) (the paper's Titans (LMM)).
+Outputs of the persistent positions are dropped; the output projection maps [B, T, H, D] to [B, T, E].
+
+Interpretive choices (the paper leaves them open): the gate parameterisation and its offsets (forgetting starts
+near 0.02, momentum near 0.88), theta_max, a bias-free SiLU MLP memory with hidden width memory_expansion * D, the
+gating "⊗" as product with a sigmoid of the RMS-normalised memory output, MAC's per-token causal masking of the
+retrieved tokens, and no depthwise convolutions after the projections (section 4.4 says they barely matter).
+
+Shapes: x [B, T, E] -> [B, T, E]; heads H, head_dim D; memory state per head O(P_M) (P_M = memory parameters:
+D^2 for L = 1, 2 e D^2 for L = 2 with expansion e). Time: memory O(B H T (b (D + e D) + P_M)) with chunk b; SWA
+O(B H T window D) (the XLA reference builds the T x T mask); MAC attention O(B H T (Np + 2 C) D) and a sequential
+scan over segments. Only causal masks (plus q_lengths) are supported; decoding with a cache is not (decode=True
+raises). Nothing reduces it to plain softmax attention (the memory branch is always present); theta = 0 keeps the
+memory at its learned initial weights M_0 (up to forgetting), the reductions of the memory itself are in
+titans_memory (linear memory, eta = alpha = 0: linear attention for one chunk, the delta rule for chunk 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from attn import functional as F
+from attn.core.layer import AttentionLayer, HeadProjection, OutputProjection
+from attn.core.linear_scan import length_mask, linear_mask_parts, repeat_kv
+from attn.core.masks import Mask
+from attn.core.validation import check_choice
+from attn.linear.titans_memory import memory_apply, neural_memory
+from attn.registry import register
+
+Array = jax.Array
+
+VARIANTS = ("mac", "mag", "mal", "lmm")
+# Gate offsets added to the projected logits, so that a fresh layer forgets little and keeps most momentum.
+ALPHA_OFFSET = -4.0
+ETA_OFFSET = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixWindow:
+    """mask_fn (with causal=True): the first `prefix` keys are always visible, others at most `window` back."""
+
+    prefix: int
+    window: int
+
+    def __call__(self, q_idx: Array, kv_idx: Array) -> Array:
+        return (kv_idx < self.prefix) | (q_idx - kv_idx <= self.window)
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentContext:
+    """mask_fn of MAC: keys [persistent (prefix) | retrieved h (segment) | segment tokens (segment)], queries the
+    segment tokens; query j sees the persistent keys and the h and tokens at positions <= j."""
+
+    prefix: int
+    segment: int
+
+    def __call__(self, q_idx: Array, kv_idx: Array) -> Array:
+        pos = kv_idx - self.prefix
+        pos = jnp.where(pos >= self.segment, pos - self.segment, pos)
+        return (kv_idx < self.prefix) | (pos <= q_idx)
+
+
+def l2_normalize(x: Array, eps: float = 1e-6) -> Array:
+    return x * jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True) + eps)
+
+
+def rms_normalize(x: Array, scale: Array, eps: float = 1e-6) -> Array:
+    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps) * scale
+
+
+def _identity_heads(key: Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> Array:
+    del key
+    return jnp.broadcast_to(jnp.eye(shape[-2], shape[-1], dtype=dtype), shape)
+
+
+@register(
+    "titans",
+    family="linear",
+    paper="Titans: Learning to Memorize at Test Time",
+    catalog=8,
+    op=neural_memory,
+    input_kind="sequence",
+    supports_causal=True,
+    supports_decode=False,
+    summary="neural long-term memory (MLP) learned at test time: momentum surprise + forgetting; MAC/MAG/MAL",
+    option_docs={
+        "variant": "'mac' (memory as context), 'mag' (memory as gate with SWA), 'mal' (memory then SWA) or 'lmm'",
+        "memory_depth": "layers L_M >= 1 of the memory MLP (1 = a linear, matrix-valued memory)",
+        "memory_expansion": "hidden width of the memory MLP as a multiple of head_dim (memory_depth >= 2)",
+        "chunk_size": "tokens whose memory gradients are taken at the chunk-start memory (1 = exact online rule)",
+        "window": "sliding-window attention of 'mag' / 'mal': keys at most this many positions back",
+        "segment_size": "segment length C of 'mac' (attention within a segment, memory read at its start)",
+        "num_persistent": "learned persistent memory tokens prepended (0 = none)",
+        "theta_max": "largest memory step size: theta_t = theta_max * sigmoid(x_t w_theta)",
+    },
+)
+class TitansAttention(AttentionLayer):
+    """Titans (MAC / MAG / MAL / LMM) with a neural long-term memory. x [B, T, E] -> [B, T, E]."""
+
+    variant: str = "mag"
+    memory_depth: int = 2
+    memory_expansion: int = 2
+    chunk_size: int = 16
+    window: int = 64
+    segment_size: int = 32
+    num_persistent: int = 4
+    theta_max: float = 0.2
+
+    def check_options(self) -> None:
+        check_choice("variant", self.variant, VARIANTS)
+        for name in ("memory_depth", "memory_expansion", "chunk_size", "window", "segment_size"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+                raise ValueError(f"{name}={value!r} must be a positive int")
+        if not (isinstance(self.num_persistent, int) and self.num_persistent >= 0):
+            raise ValueError(f"num_persistent={self.num_persistent!r} must be an int >= 0")
+        if not (isinstance(self.theta_max, (int, float)) and self.theta_max > 0):
+            raise ValueError(f"theta_max={self.theta_max!r} must be a number > 0")
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        *,
+        context: Array | None = None,
+        mask: Mask | None = None,
+        positions: Array | None = None,
+        decode: bool = False,
+        deterministic: bool = True,
+    ) -> Array:
+        """x [B, T, E] -> [B, T, E]. `positions` is unused: order comes from the causal recurrence and mask."""
+        self.check_input(x, context)
+        self.check_options()
+        if context is not None:
+            raise ValueError(f"titans is self-attention only (a causal recurrence); got a context {context.shape}")
+        if decode:
+            raise ValueError(
+                "decode=True is not supported by titans (supports_decode=False): the memory state is not cached; "
+                "run the full forward instead"
+            )
+        causal, q_lengths, _ = linear_mask_parts(mask, "titans")
+        if not causal:
+            raise ValueError(
+                "titans is causal only (a memory trained token by token); pass attn.Mask(causal=True), "
+                f"got mask={mask!r}"
+            )
+        del positions
+
+        persistent = None
+        if self.num_persistent:
+            persistent = self.param(
+                "persistent",
+                nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
+                (self.num_persistent, x.shape[-1]),
+                self.param_dtype,
+            )
+            persistent = jnp.broadcast_to(jnp.asarray(persistent, x.dtype)[None], (x.shape[0],) + persistent.shape)
+        if self.variant == "mac":
+            y = self.memory_as_context(x, persistent, deterministic)
+        else:
+            y = self.memory_variants(x, persistent, deterministic)
+        out = self.project_out(y.astype(self.dtype), x.shape[-1])
+        if q_lengths is not None:
+            out = out * length_mask(q_lengths, x.shape[0], x.shape[1], "q_lengths")[:, :, None].astype(out.dtype)
+        return out
+
+    # ------------------------------------------------------------------ memory pieces
+    def memory_weights(self) -> tuple[Array, ...]:
+        """The learned initial memory M_0: one [H, in, out] array per MLP layer."""
+        dim, hidden = self.head_dim, self.memory_expansion * self.head_dim
+        dims = [dim] + [hidden] * (self.memory_depth - 1) + [dim]
+        weights = []
+        for layer in range(self.memory_depth):
+            w = self.param(
+                f"memory_{layer}",
+                nn.with_logical_partitioning(
+                    nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=1, out_axis=2),
+                    ("heads", None, None),
+                ),
+                (self.num_heads, dims[layer], dims[layer + 1]),
+                self.param_dtype,
+            )
+            weights.append(jnp.asarray(w, jnp.float32))
+        return tuple(weights)
+
+    def gates(self, x: Array) -> tuple[Array, Array, Array]:
+        """alpha, eta, theta [B, T, H] from x [B, T, E]."""
+        z = HeadProjection(
+            heads=self.num_heads,
+            head_dim=3,
+            use_bias=True,
+            dtype=jnp.float32,
+            param_dtype=self.param_dtype,
+            name="gates",
+        )(x.astype(jnp.float32))
+        alpha = jax.nn.sigmoid(z[..., 0] + ALPHA_OFFSET)
+        eta = jax.nn.sigmoid(z[..., 1] + ETA_OFFSET)
+        theta = self.theta_max * jax.nn.sigmoid(z[..., 2])
+        return alpha, eta, theta
+
+    def memory_inputs(self, x: Array) -> tuple[Array, Array, Array]:
+        """Memory queries, keys (SiLU, l2-normalised) and values (SiLU): [B, T, H, D] float32."""
+        q, k, v = (
+            jax.nn.silu(self.dense_heads(x, self.num_heads, "heads", name).astype(jnp.float32))
+            for name in ("memory_query", "memory_key", "memory_value")
+        )
+        return l2_normalize(q), l2_normalize(k), v
+
+    def run_memory(self, x: Array) -> Array:
+        """The memory branch over x [B, T, E]: m_t = M_t(q_t), [B, T, H, D] float32."""
+        q, k, v = self.memory_inputs(x)
+        alpha, eta, theta = self.gates(x)
+        return neural_memory(
+            q, k, v, alpha, eta, theta, initial_weights=self.memory_weights(), chunk_size=self.chunk_size
+        )
+
+    def scale_param(self, name: str) -> Array:
+        scale = self.param(
+            name,
+            nn.with_logical_partitioning(nn.initializers.ones, ("heads", "head_dim")),
+            (self.num_heads, self.head_dim),
+            self.param_dtype,
+        )
+        return jnp.asarray(scale, jnp.float32)
+
+    def sliding_attention(self, q: Array, k: Array, v: Array, deterministic: bool) -> Array:
+        """Causal sliding-window attention over [persistent || tokens] that always sees the persistent prefix."""
+        if self.num_persistent:
+            mask = Mask(causal=True, mask_fn=PrefixWindow(self.num_persistent, self.window))
+        else:
+            mask = Mask(causal=True, window=(self.window, 0))
+        return F.softmax_attention(
+            q,
+            k,
+            v,
+            mask=mask,
+            dropout_rate=self.dropout_rate,
+            dropout_rng=self.dropout_rng(deterministic),
+            implementation=self.implementation,
+        )
+
+    # ------------------------------------------------------------------ variants
+    def memory_variants(self, x: Array, persistent: Array | None, deterministic: bool) -> Array:
+        """'mag', 'mal' and 'lmm' over x~ = P || x; returns [B, T, H, D] (persistent positions dropped)."""
+        prefix = self.num_persistent
+        xt = x if persistent is None else jnp.concatenate([persistent, x], axis=1)
+        memory = self.run_memory(xt)
+        if self.variant == "lmm":
+            return memory[:, prefix:]
+        if self.variant == "mal":
+            layer_out = OutputProjection(
+                features=x.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype, name="memory_out"
+            )(memory)
+            q, k, v = self.project_qkv(layer_out, None)
+            return self.sliding_attention(q, k, v, deterministic)[:, prefix:]
+        q, k, v = self.project_qkv(xt, None)
+        y = self.sliding_attention(q, k, v, deterministic)
+        y = rms_normalize(y.astype(jnp.float32), self.scale_param("attention_norm"))
+        gate = jax.nn.sigmoid(rms_normalize(memory, self.scale_param("memory_norm")))
+        return (y * gate)[:, prefix:]
+
+    def memory_as_context(self, x: Array, persistent: Array | None, deterministic: bool) -> Array:
+        """'mac': a scan over segments; returns [B, T, H, D]."""
+        batch, length, _ = x.shape
+        heads, dim, prefix = self.num_heads, self.head_dim, self.num_persistent
+        size = min(self.segment_size, length)
+        segments = -(-length // size)
+        pad = segments * size - length
+
+        q = self.dense_heads(x, heads, "heads", "query")
+        xt = x if persistent is None else jnp.concatenate([persistent, x], axis=1)
+        k = repeat_kv(self.dense_heads(xt, self.kv_heads, "kv_heads", "key"), heads)
+        v = repeat_kv(self.dense_heads(xt, self.kv_heads, "kv_heads", "value"), heads)
+        persistent_k, persistent_v, k, v = k[:, :prefix], v[:, :prefix], k[:, prefix:], v[:, prefix:]
+        retrieve_q = l2_normalize(jax.nn.silu(self.dense_heads(x, heads, "heads", "memory_query").astype(jnp.float32)))
+        alpha, eta, theta = self.gates(x)
+
+        def head_map(name: str) -> Array:
+            w = self.param(
+                name,
+                nn.with_logical_partitioning(_identity_heads, ("heads", "head_dim", None)),
+                (heads, dim, dim),
+                self.param_dtype,
+            )
+            return jnp.asarray(w, jnp.float32)
+
+        context_k, context_v = head_map("context_key"), head_map("context_value")
+        update_q, update_k, update_v = head_map("update_query"), head_map("update_key"), head_map("update_value")
+        memory_scale = self.scale_param("memory_norm")
+        initial = tuple(jnp.broadcast_to(w[None], (batch,) + w.shape) for w in self.memory_weights())
+        momentum = tuple(jnp.zeros_like(w) for w in initial)
+        mask = Mask(mask_fn=SegmentContext(prefix, size))
+        rng = self.dropout_rng(deterministic)
+        dtype = q.dtype
+
+        def blocks(a: Array) -> Array:  # [B, T, ..] -> [N, B, C, ..], zero-padded at the end (causal: harmless)
+            a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+            return jnp.moveaxis(a.reshape((batch, segments, size) + a.shape[2:]), 1, 0)
+
+        def per_head(a: Array, w: Array) -> Array:
+            return jnp.einsum("bchd,hde->bche", a, w)
+
+        def segment(carry, inputs):
+            weights, state = carry
+            index, q_s, k_s, v_s, rq_s, alpha_s, eta_s, theta_s = inputs
+            # h = M*_{start}(q): the memory before this segment, read with the segment's queries (eq. 21).
+            h = jnp.swapaxes(memory_apply(weights, jnp.swapaxes(rq_s, 1, 2)), 1, 2)
+            keys = jnp.concatenate([persistent_k, per_head(h, context_k).astype(dtype), k_s], axis=1)
+            values = jnp.concatenate([persistent_v, per_head(h, context_v).astype(dtype), v_s], axis=1)
+            y = F.softmax_attention(
+                q_s,
+                keys,
+                values,
+                mask=mask,
+                dropout_rate=self.dropout_rate,
+                dropout_rng=None if rng is None else jax.random.fold_in(rng, index),
+                implementation=self.implementation,
+            ).astype(jnp.float32)
+            mq = l2_normalize(jax.nn.silu(per_head(y, update_q)))
+            mk = l2_normalize(jax.nn.silu(per_head(y, update_k)))
+            mv = jax.nn.silu(per_head(y, update_v))
+            m, (weights, state) = neural_memory(
+                mq,
+                mk,
+                mv,
+                alpha_s,
+                eta_s,
+                theta_s,
+                initial_weights=weights,
+                initial_momentum=state,
+                chunk_size=self.chunk_size,
+                return_state=True,
+            )
+            return (weights, state), y * jax.nn.sigmoid(rms_normalize(m, memory_scale))
+
+        xs = (jnp.arange(segments),) + tuple(blocks(a) for a in (q, k, v, retrieve_q, alpha, eta, theta))
+        _, out = jax.lax.scan(segment, (initial, momentum), xs)
+        out = jnp.moveaxis(out, 0, 1).reshape(batch, segments * size, heads, dim)
+        return out[:, :length]
