@@ -1,4 +1,5 @@
-"""`combiner`: Combiner-Fixed ([135] "Combiner: Full Attention Transformer with Sparse Computation Cost").
+"""`combiner`: Combiner-Fixed and Combiner-Axial ([135] "Combiner: Full Attention Transformer with Sparse
+Computation Cost").
 
 Attention is a conditional expectation E_{p(j|i)}[v_j]; Combiner keeps full support (every query reaches every
 visible key) but factorises p(j | i) through regions. The sequence is cut into blocks Omega_r of `block_size` s
@@ -20,8 +21,22 @@ and one softmax normalises direct and region logits jointly (s = 1 / sqrt(d)):
 so every row of p(j | i) is a distribution over all visible keys (`return_probs` materialises it). Cost: local
 O(T s), regions O(T T/s) and O(T D) for the summaries: O(T sqrt(T)) with s = sqrt(T); no T x T array.
 
-The paper also gives Combiner-Logsparse, -Axial and -Mixture; this file implements -Fixed (summary = "max" as in
-the official code, or "mean"). position="rope" rotates q and k first (the paper's models carry their own position
+factorization="axial" (Combiner-Axial, the authors' `_SelfAttAxialRowmajor` / `axial_rowmajor`): the sequence is
+a matrix of rows of s = block_size tokens, position i = (row g(i), column c(i)). Query i attends directly to its own
+row (causal: j <= i), and reaches every other visible row r (causal r < g(i), bidirectional r != g(i)) through
+the token (r, c(i)) in its column, whose own attention over the whole row r is the abstraction:
+
+        p(j | Omega_r, i) = softmax_{j in row r}(s q_(r,c(i)) . k_j),   v_(r,c(i)) = sum_j p(j | Omega_r, i) v_j
+        logits: s q_i . k_j (own row), s q_i . k_(r,c(i)) (row r); one joint softmax as above
+
+so again every row of p(j | i) is a distribution over all visible keys (the query/key at (r, c) play the roles of
+qbar_r / k_r, now per column). Cost O(T s) for rows and O(T T/s) for the column logits; with s ~ sqrt(T),
+O(T sqrt(T)). (The official JAX layer passes the row outputs through a learned projection + LayerNorm to form the
+column key; the TF code's `row_summary='none'`, used here, keys a row by the column token's own key.) In the
+bidirectional case the own row is only attended directly (the TF code would also add it as an abstraction).
+
+The paper also gives Combiner-Logsparse and -Mixture (not implemented); -Fixed uses summary = "max" as in the
+official code, or "mean". position="rope" rotates q and k first (the paper's models carry their own position
 embeddings; "none" is the paper's layer). Decoding keeps keys, values and queries (for the summary queries) in the
 "cache": a new token attends to its block's cached keys and to the summaries of the completed blocks, so decode
 equals the full forward (a decode chunk gathers its queries' blocks: O(L s D) memory for L new tokens).
@@ -51,6 +66,7 @@ from attn.registry import register
 Array = jax.Array
 
 SUMMARIES = ("max", "mean")
+FACTORIZATIONS = ("fixed", "axial")
 POSITIONS = ("rope", "none")
 
 
@@ -62,6 +78,7 @@ def combiner_attention(
     block_size: int,
     causal: bool = False,
     summary: str = "max",
+    factorization: str = "fixed",
     scale: float | None = None,
     summary_queries: Array | None = None,
     q_offset: Any = 0,
@@ -71,13 +88,15 @@ def combiner_attention(
     dropout_rng: Array | None = None,
     return_probs: bool = False,
 ) -> Array | tuple[Array, Array]:
-    """Combiner-Fixed attention (see the module docstring for the factorisation).
+    """Combiner-Fixed or Combiner-Axial attention (see the module docstring for the factorisations).
 
     Args:
       q: [B, Tq, H, D]. k: [B, S, KVH, D]. v: [B, S, KVH, Dv]. H % KVH == 0.
       block_size: s, tokens per region.
       causal: queries see keys at or before their position; False: every key (then Tq == S, q_offset == 0).
-      summary: "max" or "mean" pooling of the keys and queries of a region.
+      summary: "max" or "mean" pooling of the keys and queries of a region (factorization="fixed" only).
+      factorization: "fixed" (regions are blocks summarised by pooling) or "axial" (rows of `block_size` tokens;
+        a previous row is reached through its token in the query's column).
       scale: logit scale (default 1/sqrt(D)).
       summary_queries: [B, S, H, D], the queries at the key positions, for the summary queries; default q (needs
         Tq == S). Decoding passes the cached queries.
@@ -94,6 +113,7 @@ def combiner_attention(
     if not (isinstance(block_size, (int, np.integer)) and block_size > 0):
         raise ValueError(f"block_size={block_size!r} must be a positive int")
     check_choice("summary", summary, SUMMARIES)
+    check_choice("factorization", factorization, FACTORIZATIONS)
     if summary_queries is None:
         if q_len != kv_len:
             raise ValueError(f"summary_queries are needed when q_len={q_len} != kv_len={kv_len}")
@@ -125,14 +145,27 @@ def combiner_attention(
     kb, vb = blocks(repeat_kv(k, heads).astype(f32)), blocks(repeat_kv(v, heads).astype(f32))  # [B, n, s, H, D]
     valid = blocks(kv_valid)  # [B, n, s]
     sqb = blocks(summary_queries.astype(f32))
-    summary_k, summary_v, has_keys = _region_summaries(sqb, kb, vb, valid, summary, scale)
-
     positions = q_offset + jnp.arange(q_len)
     own = positions // size  # [Tq] block of each query
-    region_logits = scale * jnp.einsum("bthd,bnhd->bthn", qf, summary_k)
+    column = positions % size  # [Tq] slot of each query inside its block (its column for axial)
     regions = jnp.arange(num_blocks)
     region_ok = (regions[None, :] < own[:, None]) if causal else (regions[None, :] != own[:, None])
-    region_ok = region_ok[None, :, None, :] & has_keys[:, None, None, :]  # [B, Tq, 1, n]
+    if factorization == "fixed":
+        summary_k, summary_v, has_keys = _region_summaries(sqb, kb, vb, valid, summary, scale)
+        region_logits = scale * jnp.einsum("bthd,bnhd->bthn", qf, summary_k)
+        region_ok = region_ok[None, :, None, :] & has_keys[:, None, None, :]  # [B, Tq, 1, n]
+    else:
+        # Row r is reached through its token (r, c) in the query's column c: key k_(r,c), value the attention of
+        # q_(r,c) over the whole row r (complete, so causal for every later row).
+        row_p = _row_probs(sqb, kb, valid, scale)  # [B, n, s (query slot c), H, s (key slot)]
+        row_out = jnp.einsum("bncht,bnthd->bnchd", row_p, vb)  # [B, n, s, H, D]
+        if full:  # queries in rows: no gather, [B, n (query row), s, H, n (region row)]
+            region_logits = scale * jnp.einsum("bqchd,brchd->bqchr", blocks(qf), kb)
+            region_logits = region_logits.reshape((batch, num_blocks * size) + region_logits.shape[3:])[:, :q_len]
+        else:
+            region_logits = scale * jnp.einsum("bthd,brthd->bthr", qf, kb[:, :, column])
+        column_ok = jnp.moveaxis(valid[:, :, column], 1, 2)  # [B, Tq, n]: the column token of row r is a real key
+        region_ok = region_ok[None, :, None, :] & column_ok[:, :, None, :]
 
     if full:  # blocked: each block's queries against its own keys, [B, n, H, s, s]
         local_logits = scale * jnp.einsum("bnthd,bnshd->bnths", blocks(qf), kb)
@@ -168,10 +201,25 @@ def combiner_attention(
         local_out = local_out.reshape(batch, num_blocks * size, heads, -1)[:, :q_len]
     else:
         local_out = jnp.einsum("bths,btshd->bthd", local_p, local_v)
-    out = (local_out + jnp.einsum("bthn,bnhd->bthd", region_p, summary_v)).astype(q.dtype)
+    if factorization == "fixed":
+        region_out = jnp.einsum("bthn,bnhd->bthd", region_p, summary_v)
+    elif full:
+        padded = jnp.pad(region_p, ((0, 0), (0, num_blocks * size - q_len), (0, 0), (0, 0)))
+        padded = padded.reshape(batch, num_blocks, size, heads, num_blocks)
+        region_out = jnp.einsum("bqchr,brchd->bqchd", padded, row_out)
+        region_out = region_out.reshape(batch, num_blocks * size, heads, -1)[:, :q_len]
+    else:
+        region_out = jnp.einsum("bthr,brthd->bthd", region_p, row_out[:, :, column])
+    out = (local_out + region_out).astype(q.dtype)
     if not return_probs:
         return out
-    return out, _dense_probs(probs[..., :size], probs[..., size:], own, sqb, kb, valid, summary, scale, kv_len)
+    if factorization == "fixed":  # p(j | Omega_r), the same for every query: [B, H, 1, S']
+        within = _within_probs(sqb, kb, valid, summary, scale)  # [B, n, H, s]
+        within = jnp.moveaxis(within, 2, 1).reshape(batch, heads, 1, num_blocks * size)
+    else:  # p(j | Omega_r, column of i): [B, H, Tq, S']
+        keys = jnp.arange(num_blocks * size)
+        within = jnp.moveaxis(row_p, 3, 1)[:, :, keys[None, :] // size, column[:, None], keys[None, :] % size]
+    return out, _dense_probs(probs[..., :size], probs[..., size:], own, within, size, kv_len)
 
 
 def _pool(x: Array, valid: Array, summary: str) -> Array:
@@ -190,6 +238,12 @@ def _within_probs(sqb: Array, kb: Array, valid: Array, summary: str, scale: floa
     return masked_softmax(logits, valid[:, :, None, :])
 
 
+def _row_probs(sqb: Array, kb: Array, valid: Array, scale: float) -> Array:
+    """Axial: the attention of every query slot c of row r over the valid keys of row r, [B, n, s, H, s]."""
+    logits = scale * jnp.einsum("bnchd,bnthd->bncht", sqb, kb)
+    return masked_softmax(logits, valid[:, :, None, None, :])
+
+
 def _region_summaries(sqb: Array, kb: Array, vb: Array, valid: Array, summary: str, scale: float):
     """Per block r: summary key k_r, value v_r = sum_j p(j | Omega_r) v_j, and whether r has any valid key."""
     within = _within_probs(sqb, kb, valid, summary, scale)
@@ -205,15 +259,12 @@ def masked_softmax(logits: Array, allowed: Array) -> Array:
     return weights / jnp.where(total > 0, total, 1.0)
 
 
-def _dense_probs(local_p, region_p, own, sqb, kb, valid, summary, scale, kv_len) -> Array:
+def _dense_probs(local_p, region_p, own, within, size, kv_len) -> Array:
     """p(j | i) over all S keys, float32 [B, H, Tq, S]: the direct probabilities in the own block,
-    p(Omega_r | i) p(j | Omega_r) in the other blocks."""
-    batch, num_blocks, size = valid.shape
-    keys = jnp.arange(num_blocks * size)
+    p(Omega_r | i) p(j | Omega_r) in the other blocks. within: p(j | Omega_r) as [B, H, Tq|1, S'] (S' = n s)."""
+    keys = jnp.arange(within.shape[-1])
     key_block, key_slot = keys // size, keys % size
-    within = _within_probs(sqb, kb, valid, summary, scale)  # [B, n, H, s]
-    within = jnp.moveaxis(within, 2, 1).reshape(batch, kb.shape[3], num_blocks * size)  # [B, H, S']
-    region = jnp.moveaxis(region_p[..., key_block], 2, 1) * within[:, :, None, :]  # [B, H, Tq, S']
+    region = jnp.moveaxis(region_p[..., key_block], 2, 1) * within  # [B, H, Tq, S']
     same = (key_block[None, :] == own[:, None])[None, None]  # [1, 1, Tq, S']
     local = jnp.moveaxis(local_p[..., key_slot], 2, 1)
     return jnp.where(same, local, region)[..., :kv_len]
@@ -228,19 +279,22 @@ def _dense_probs(local_p, region_p, own, sqb, kb, valid, summary, scale, kv_len)
     input_kind="sequence",
     supports_causal=True,
     supports_decode=True,
-    summary="Combiner-Fixed: direct attention in the own block, p(region) p(token | region) via block summaries",
+    summary="Combiner-Fixed / -Axial: direct attention in the own block, p(region) p(token | region) elsewhere",
     option_docs={
         "block_size": "tokens per region s (the paper's O(T sqrt T) choice is s ~ sqrt(T))",
-        "summary": "pooling of a region's keys and queries into its summary: 'max' (official code) or 'mean'",
+        "factorization": "'fixed' (block regions with pooled summaries) or 'axial' (rows reached via the column)",
+        "summary": "fixed only: pooling of a region's keys and queries into its summary: 'max' (official) or 'mean'",
         "position": "'rope' (rotary q and k before the factorisation) or 'none' (the paper's layer)",
         "rope_base": "RoPE base (theta) when position='rope'",
         "scale": "logit scale (None = 1/sqrt(head_dim))",
     },
 )
 class CombinerAttention(AttentionLayer):
-    """Combiner-Fixed attention, causal or bidirectional, with a KV (and query) cache. x [B, T, E] -> [B, T, E]."""
+    """Combiner-Fixed or -Axial attention, causal or bidirectional, with a KV (and query) cache. x [B, T, E] ->
+    [B, T, E]."""
 
     block_size: int = 64
+    factorization: str = "fixed"
     summary: str = "max"
     position: str = "rope"
     rope_base: float = 10000.0
@@ -261,6 +315,7 @@ class CombinerAttention(AttentionLayer):
         if not (isinstance(self.block_size, int) and self.block_size > 0):
             raise ValueError(f"block_size={self.block_size!r} must be a positive int")
         check_choice("summary", self.summary, SUMMARIES)
+        check_choice("factorization", self.factorization, FACTORIZATIONS)
         check_choice("position", self.position, POSITIONS)
         if context is not None:
             raise ValueError(f"combiner is self-attention (regions are blocks of x); got a context {context.shape}")
@@ -298,6 +353,7 @@ class CombinerAttention(AttentionLayer):
             block_size=self.block_size,
             causal=causal,
             summary=self.summary,
+            factorization=self.factorization,
             scale=self.scale,
             summary_queries=summary_queries,
             q_offset=q_offset,

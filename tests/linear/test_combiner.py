@@ -45,6 +45,48 @@ def factorised_probs(q, k, block, causal, pool):
     return probs
 
 
+def axial_probs(q, k, block, causal):
+    """p(j | i) by Combiner-Axial in numpy: direct softmax weights in the own row; row r reached through the token
+    (r, c(i)) of the query's column, expanded by that token's attention over row r. [B, H, T, T]."""
+    batch, length, heads, dim = q.shape
+    k = np.repeat(k, heads // k.shape[2], axis=2)
+    s = dim**-0.5
+    rows = [list(range(r, min(r + block, length))) for r in range(0, length, block)]
+    probs = np.zeros((batch, heads, length, length))
+    for b in range(batch):
+        for h in range(heads):
+            for i in range(length):
+                own, col = divmod(i, block)
+                local = [j for j in rows[own] if not causal or j <= i]
+                others = [r for r in range(len(rows)) if (r < own if causal else r != own) and col < len(rows[r])]
+                logits = [s * q[b, i, h] @ k[b, j, h] for j in local]
+                logits += [s * q[b, i, h] @ k[b, rows[r][col], h] for r in others]
+                weights = np.exp(np.array(logits) - max(logits))
+                weights /= weights.sum()
+                probs[b, h, i, local] = weights[: len(local)]
+                for r, p_row in zip(others, weights[len(local) :], strict=True):
+                    inner = np.array([s * q[b, rows[r][col], h] @ k[b, j, h] for j in rows[r]])
+                    inner = np.exp(inner - inner.max())
+                    probs[b, h, i, rows[r]] = p_row * inner / inner.sum()
+    return probs
+
+
+@pytest.mark.parametrize(("causal", "length"), [(True, 11), (False, 12)])
+def test_axial_probabilities_are_the_row_column_factorisation_over_all_keys(causal, length):
+    q, k, v = qkv(length=length, seed=5)
+    run = jax.jit(
+        lambda q, k, v: combiner_attention(
+            q, k, v, block_size=3, causal=causal, factorization="axial", return_probs=True
+        )
+    )
+    out, probs = run(q, k, v)
+    np.testing.assert_allclose(probs, axial_probs(q, k, 3, causal), atol=1e-5)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+    visible = np.tril(np.ones((length, length))) if causal else np.ones((length, length))
+    assert np.all(np.asarray(probs)[:, :, visible > 0] > 0) and np.all(np.asarray(probs)[:, :, visible == 0] == 0)
+    np.testing.assert_allclose(out, jnp.einsum("bhts,bshd->bthd", probs, np.repeat(v, 2, axis=2)), atol=1e-5)
+
+
 @pytest.mark.parametrize(("causal", "summary"), [(True, "max"), (False, "mean")])
 def test_probabilities_are_the_factorised_distribution_over_all_keys(causal, summary):
     q, k, v = qkv()
@@ -61,9 +103,10 @@ def test_probabilities_are_the_factorised_distribution_over_all_keys(causal, sum
     np.testing.assert_allclose(out, jnp.einsum("bhts,bshd->bthd", probs, np.repeat(v, 2, axis=2)), atol=1e-5)
 
 
-def test_one_block_covering_the_sequence_is_softmax_attention():
+@pytest.mark.parametrize("factorization", ["fixed", "axial"])
+def test_one_block_covering_the_sequence_is_softmax_attention(factorization):
     options = dict(num_heads=4, head_dim=8, num_kv_heads=2)
-    combiner = attn.build("combiner", block_size=16, **options)
+    combiner = attn.build("combiner", block_size=16, factorization=factorization, **options)
     softmax = attn.build("softmax", position="rope", **options)
     x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 11, 16)), jnp.float32)
     params = jax.jit(combiner.init)(KEY, x)
@@ -72,10 +115,11 @@ def test_one_block_covering_the_sequence_is_softmax_attention():
     )
 
 
-def test_decode_equals_full_forward_and_is_causal():
+@pytest.mark.parametrize("factorization", ["fixed", "axial"])
+def test_decode_equals_full_forward_and_is_causal(factorization):
     """Prefill, a step and a prefill crossing block boundaries: local keys from the cache, summaries of the
-    completed blocks from the cached keys and queries."""
-    layer = attn.build("combiner", num_heads=4, head_dim=8, num_kv_heads=2, block_size=3)
+    completed blocks (axial: the row attention of each column token) from the cached keys and queries."""
+    layer = attn.build("combiner", num_heads=4, head_dim=8, num_kv_heads=2, block_size=3, factorization=factorization)
     x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 11, 16)), jnp.float32)
     params = {"params": jax.jit(layer.init)(KEY, x, mask=CAUSAL)["params"]}
     forward = jax.jit(lambda p, x: layer.apply(p, x, mask=CAUSAL))
@@ -94,8 +138,9 @@ def test_decode_equals_full_forward_and_is_causal():
     assert float(jnp.abs(after[:, 7:] - full[:, 7:]).max()) > 1e-4
 
 
-def test_padding_and_weights_capture():
-    layer = attn.build("combiner", num_heads=4, head_dim=8, block_size=3)
+@pytest.mark.parametrize("factorization", ["fixed", "axial"])
+def test_padding_and_weights_capture(factorization):
+    layer = attn.build("combiner", num_heads=4, head_dim=8, block_size=3, factorization=factorization)
     x = jnp.asarray(np.random.default_rng(3).standard_normal((1, 11, 16)), jnp.float32)
     params = jax.jit(layer.init)(KEY, x)
     lengths = jnp.asarray([7])
@@ -125,6 +170,8 @@ def test_errors_name_the_problem():
         build(block_size=0).init(KEY, x)
     with pytest.raises(ValueError, match="summary='min' is not supported"):
         build(summary="min").init(KEY, x)
+    with pytest.raises(ValueError, match="factorization='logsparse' is not supported"):
+        build(factorization="logsparse").init(KEY, x)
     with pytest.raises(ValueError, match="combiner supports only the mask parts causal, q_lengths and kv_lengths"):
         build().init(KEY, x, mask=attn.Mask(causal=True, window=2))
     with pytest.raises(ValueError, match="decode=True needs a causal mask"):
