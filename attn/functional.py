@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attn.core import dispatch
+from attn.core import dispatch, kernels
 from attn.core.linear_scan import linear_attention
 from attn.core.masks import Mask
 from attn.core.neighborhood import neighborhood_attention
@@ -59,7 +59,9 @@ def softmax_attention(
       dropout_rate, dropout_rng: dropout on the attention probabilities.
       return_probs, return_lse: also return a dict with "probs" float32 [B, H, Tq, Tk] and/or
         "lse" float32 [B, H, Tq] (log-sum-exp of the masked logits, -inf for rows with no visible key).
-      implementation: None (fastest available), "xla" (the jnp reference), "cudnn" (GPU), "pallas".
+      implementation: None (fastest available: the Pallas flash kernel on GPU/TPU when the options allow it —
+        see attn/core/kernels.py — then cuDNN, then XLA), "xla" (the jnp reference), "cudnn" (GPU), "pallas"
+        (`pallas_kernels.flash_attention`; raises where it cannot serve the call, e.g. on CPU).
     Returns:
       [B, Tq, H, Dv] in q.dtype, or (out, aux) if return_probs or return_lse.
     Rows whose keys are all masked produce zeros.
@@ -86,13 +88,19 @@ def softmax_attention(
         "softmax_attention",
         implementation,
         {
-            "pallas": _pallas_unavailable(),
+            "pallas": kernels.flash_unavailable(
+                q, v, full_mask, dropout_rate=dropout_rate, return_probs=return_probs, q_offset=q_offset
+            ),
             "cudnn": _cudnn_unavailable(full_mask, softcap, sinks, dropout_rate, wants_aux, q_offset, q.dtype),
             "xla": None,
         },
     )
     if choice == "cudnn":
         return _cudnn_attention(q, k, v, full_mask, bias, scale)
+    if choice == "pallas":
+        return kernels.flash_attention_call(
+            q, k, v, full_mask, bias=bias, scale=scale, softcap=softcap, sinks=sinks, return_lse=return_lse
+        )
     return reference_softmax_attention(
         q,
         k,
@@ -118,10 +126,6 @@ def _check_broadcast(name: str, x: Any, target: tuple[int, ...]) -> None:
         np.broadcast_shapes(shape, target)
     except ValueError:
         raise ValueError(f"{name} of shape {shape} does not broadcast to [B, H, Tq, Tk] = {target}") from None
-
-
-def _pallas_unavailable() -> str | None:
-    return f"no Pallas softmax-attention kernel is registered for platform {dispatch.platform()!r}"
 
 
 def _cudnn_unavailable(mask, softcap, sinks, dropout_rate, wants_aux, q_offset, dtype) -> str | None:

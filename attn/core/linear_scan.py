@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attn.core import dispatch
+from attn.core import dispatch, kernels
 from attn.core.feature_maps import FeatureMap, resolve_feature_map
 from attn.core.masks import Mask
 from attn.core.validation import check_qkv, shape_of
@@ -94,7 +94,9 @@ def linear_attention(
         the `return_state` of the previous piece of the sequence.
       return_state: also return the state after the last token (same shape, float32).
       form: None / "chunked", "recurrent" or "quadratic" (reference; builds the T x T matrix).
-      implementation: None or "xla" (this jnp code); "pallas" is not available yet and raises.
+      implementation: None (the Pallas lightning kernel on GPU/TPU when the call allows it — causal, no or a
+        per-head decay, chunked form — else this jnp code), "xla" (this jnp code), "pallas" (the kernel; raises
+        where it cannot serve the call, e.g. on CPU).
     Returns:
       out [B, Tq, H, Dv] in q.dtype, or (out, final_state) when return_state.
     """
@@ -109,11 +111,8 @@ def linear_attention(
         raise ValueError(f"chunk_size={chunk_size!r} must be a positive int")
     if form is not None and form not in FORMS:
         raise ValueError(f"form={form!r} is not supported; expected None or one of {FORMS}")
-    dispatch.select(
-        "linear_attention",
-        implementation,
-        {"pallas": "no Pallas linear-attention kernel is registered yet (planned)", "xla": None},
-    )
+    if implementation not in dispatch.IMPLEMENTATIONS:
+        dispatch.select("linear_attention", implementation, {})  # raises the usual message
     phi = resolve_feature_map(feature_map)
     dtype = jnp.result_type(q.dtype, jnp.float32)
 
@@ -142,6 +141,15 @@ def linear_attention(
             raise ValueError(f"initial_state has shape {shape_of(initial_state)}; expected {layout} = {state_shape}")
         state = jnp.asarray(initial_state).astype(dtype)
 
+    choice = dispatch.select(
+        "linear_attention",
+        implementation,
+        {
+            "pallas": kernels.lightning_unavailable(causal, decay, form, heads, qf.shape[-1], vf.shape[-1]),
+            "xla": None,
+        },
+    )
+
     # [B, H, T, D] from here on.
     qh, kh, vh = (jnp.swapaxes(x, 1, 2) for x in (qf, kf, vf))
     form = form or "chunked"
@@ -153,7 +161,9 @@ def linear_attention(
             return _recurrent(q_, k_, v_, g_, s_)
         return _chunked(q_, k_, v_, g_, s_, min(int(chunk_size), kv_len))
 
-    if causal:
+    if causal and choice == "pallas":
+        out, final = kernels.lightning_attention_call(qh, kh, vh, log_decay, state)
+    elif causal:
         out, final = causal_form(qh, kh, vh, log_decay, state)
     elif log_decay is not None:
         if initial_state is not None or return_state or q_len != kv_len:
