@@ -41,7 +41,6 @@ def get_config(arg: str | None = None) -> ConfigDict:
     model.mlp_dim = 384  # SwiGLU, 3x d_model
     model.vocab_size = 257  # 256 bytes + the mask id; must equal data.vocab_size
     model.head = "mlm"  # per-token vocabulary logits
-    model.attention_options = ConfigDict({"position": "rope"})
 
     config.data.name = "masked_lm"  # BERT-style masked bytes
     config.data.path = config_dict.placeholder(str)  # None = the Python standard library sources

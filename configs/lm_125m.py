@@ -44,7 +44,6 @@ def get_config(arg: str | None = None) -> ConfigDict:
     model.num_heads = 12  # 64-wide heads
     model.mlp_dim = 2048  # SwiGLU: 3 x 768 x 2048 ~ GPT-2's 2 x 768 x 3072 parameters
     model.vocab_size = 256  # bytes
-    model.attention_options = ConfigDict({"position": "rope"})  # rotary positions
 
     config.data.name = "text"  # bytes of local text files
     config.data.path = config_dict.placeholder(str)  # None = the Python standard library sources

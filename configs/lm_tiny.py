@@ -47,7 +47,6 @@ def get_config(arg: str | None = None) -> ConfigDict:
     model.num_heads = 4  # 32-wide heads
     model.mlp_dim = 384  # SwiGLU hidden width (3x d_model: SwiGLU has three matrices)
     model.vocab_size = 256  # bytes
-    model.attention_options = ConfigDict({"position": "rope"})  # rotary positions inside attention
 
     config.data.name = "text"  # bytes of local text files
     config.data.path = config_dict.placeholder(str)  # None = the Python standard library sources

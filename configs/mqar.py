@@ -42,7 +42,6 @@ def get_config(arg: str | None = None) -> ConfigDict:
     model.num_heads = 2
     model.mlp_dim = 128
     model.vocab_size = 256  # must equal data.vocab_size
-    model.attention_options = ConfigDict({"position": "rope"})
 
     config.data.name = "mqar"  # multi-query associative recall
     config.data.num_kv_pairs = 8  # pairs to memorise per sequence (needs seq_len >= 4 x pairs)

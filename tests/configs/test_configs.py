@@ -92,7 +92,6 @@ def test_shared_fields_match_the_trainer_schema():
 def test_any_causal_mechanism_can_be_chosen_by_name(mechanism):
     config = _load("lm_tiny", "smoke")
     config.model.attention = mechanism
-    config.model.attention_options = {}
     config.model.num_heads = 4  # some mechanisms give each head a different pattern (s2_attention)
     config_checks.check_config(config)
     assert _param_count(tasks.build_task(config.model), config) > 0
