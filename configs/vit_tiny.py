@@ -6,7 +6,8 @@ distant patches. 4x4 patches -> 64 patch tokens + a class token, 4 layers, d_mod
 
     python -m train --config configs/vit_tiny.py --workdir runs/vit_tiny
     python -m train --config configs/vit_tiny.py --workdir runs/vit_<name> --config.model.attention=<name>
-    (spatial mechanisms attend over the 8x8 patch grid and need --config.model.pool=mean)
+    (mean pooling over the patches, big_vision's "gap", so spatial mechanisms can attend over the 8x8 patch
+    grid; --config.model.pool=cls for a class token, --config.model.pool=attentive_pooling for a probe)
 
 Hardware: CPU (2 cores) or any accelerator. Expected: ~10 minutes on 2 CPU cores; eval/accuracy well above
 the 0.25 chance level (estimate, not measured).
@@ -48,7 +49,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     model.mlp = "gelu"
     model.num_classes = 4  # must equal data.num_classes
     model.patch_size = 4  # 32 / 4 = 8x8 patch grid
-    model.pool = "cls"  # class-token pooling; "mean" for spatial mechanisms
+    model.pool = "mean"  # mean over patches (a class token has no place on the grid of spatial mechanisms)
 
     config.data.name = "images"  # procedural relation images
     config.data.image_size = 32  # pixels per side
@@ -84,7 +85,6 @@ def get_config(arg: str | None = None) -> ConfigDict:
         model.num_layers = 2
         model.d_model = 64
         model.mlp_dim = 128
-        model.pool = "mean"  # spatial mechanisms attend over the patch grid only
         config.optimizer.learning_rate = 2e-3
         config.optimizer.warmup_steps = 40
     return config

@@ -95,3 +95,11 @@ def test_any_causal_mechanism_can_be_chosen_by_name(mechanism):
     config.model.num_heads = 4  # some mechanisms give each head a different pattern (s2_attention)
     config_checks.check_config(config)
     assert _param_count(tasks.build_task(config.model), config) > 0
+
+
+@pytest.mark.parametrize("mechanism", [n for n in attn.list_mechanisms() if attn.get(n).input_kind == "spatial"])
+def test_any_spatial_mechanism_can_be_chosen_by_name_for_vit(mechanism):
+    config = _load("vit_tiny", "")  # the 8x8 patch grid fits every mechanism's default window
+    config.model.attention = mechanism
+    config_checks.check_config(config)
+    assert _param_count(tasks.build_task(config.model), config) > 0
