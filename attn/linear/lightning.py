@@ -9,12 +9,24 @@ TNL's token mixer (Gated Linear Attention, GLA), per head h of layer l:
     o_s = sum_{t<=s} lambda_h^(s-t) (q_s . k_t) v_t                 (Lightning Attention; no softmax, no denominator)
     y   = (SRMSNorm(concat_h o_h) ⊙ u) W_o,   SRMSNorm(z) = z / sqrt(mean(z^2) + eps)
 
-The decay is fixed, per head and layer (the schedule of the authors' released TNL code):
+The decay is fixed (not learned: the paper found learnable lambda unstable), per head h and layer l. Two forms:
 
-    lambda_{h,l} = exp(-s_h (1 - l / (L - 1) + 1e-5)),   s_h = 2^(-8 h / H), h = 1..H   (ALiBi's slopes)
+    "tnl" (default; the authors' released code, OpenNLPLab/TransnormerLLM modeling_transnormer.py):
+        lambda_{h,l} = exp(-s_h (1 - l / (L - 1) + 1e-5)),  s_h = 2^(-8 h / H), h = 1..H,  l = 0..L-1
+        (s_h are ALiBi's slopes, with ALiBi's rule for H not a power of two)
+    "tnl_paper" (Eq. 10 of the paper, as printed): lambda_{h,l} = exp(-(8 h / H) (1 - l / L)), h = 1..H, l = 1..L
+        (ordinals: "the h-th head in the l-th layer"; the last layer is undecayed)
 
-so lower layers forget fastest and the last layer is nearly undecayed. The model passes `layer_index` and
-`num_layers` per layer through attention_options. The sum is computed by the chunked core (Lightning Attention-2):
+The two differ in the head rate (8h/H in (0, 8] vs 2^(-8h/H) in [2^-8, 1/2)): read literally, Eq. 10 gives every
+head of the first layer lambda <= e^-1 (a receptive field of a few tokens), which contradicts the paper's aim of
+"retaining full attention at the lower layers"; the released models were trained with "tnl", so it is the default.
+In both, lower layers forget fastest. The paper applies LRPE to the first layer only (other layers keep only the
+decay); `lrpe` is a per-layer option here. The model passes `layer_index` and `num_layers` per layer through
+attention_options. Checked against the paper (Eqs. 9-14: LRPE-d a_st = q_s^T k_t lambda^(s-t) exp(i theta (s-t))
+with learned theta; GLA O = Norm(Q K^T V) ⊙ U with U = X W_u, no activation on U or V; phi = swish;
+SRMSNorm(x) = x / (||x||_2 / sqrt(d)) over the concatenated heads) and the released code (theta initialised to
+10000^(-2 i / (H D)) over the flattened (head, dim) index; q, k <- [x cos(theta t), x sin(theta t)]).
+The sum is computed by the chunked core (Lightning Attention-2):
 masked attention with the decay matrix inside each chunk, the decayed [D, D] state carried across chunks — no
 cumsum over the sequence, no T x T array. TNL is a causal LM; without a causal mask (encoders, ViT) this layer
 weighs key t by lambda_h^|s - t| (a causal pass plus a reversed one), still without a T x T array.
@@ -41,13 +53,21 @@ from attn.registry import register
 
 Array = jax.Array
 
-DECAYS = ("tnl", "none")
+DECAYS = ("tnl", "tnl_paper", "none")
 
 
-def tnl_decay(num_heads: int, layer_index: int, num_layers: int) -> np.ndarray:
-    """TransNormerLLM's per-head decay lambda_h of layer `layer_index` (0-based) of `num_layers`: float32 [H]."""
+def tnl_decay(num_heads: int, layer_index: int, num_layers: int, form: str = "tnl") -> np.ndarray:
+    """TransNormerLLM's per-head decay lambda_h of layer `layer_index` (0-based) of `num_layers`: float32 [H].
+
+    form="tnl": the released code's schedule; form="tnl_paper": the paper's Eq. 10 (see the module docstring).
+    """
     if num_layers < 1 or not 0 <= layer_index < num_layers:
         raise ValueError(f"layer_index={layer_index} must lie in [0, num_layers) with num_layers={num_layers} >= 1")
+    check_choice("decay", form, DECAYS[:2])
+    if form == "tnl_paper":
+        heads = np.arange(1, num_heads + 1, dtype=np.float64)
+        rate = 8.0 * heads / num_heads * (1.0 - (layer_index + 1) / num_layers)
+        return np.exp(-rate).astype(np.float32)
     depth = 1.0 - layer_index / (num_layers - 1) if num_layers > 1 else 1.0
     rate = alibi_slopes(num_heads).astype(np.float64) * (depth + 1e-5)
     return np.exp(-rate).astype(np.float32)
@@ -99,7 +119,8 @@ class Lrpe(nn.Module):
     summary="TransNormerLLM gated linear attention: per-head decay, LRPE, SRMSNorm; Lightning-2 chunked scan [117]",
     option_docs={
         "feature_map": "phi on q and k: 'silu' (TNL's swish), 'elu_plus_one', 'relu' or 'identity'",
-        "decay": "'tnl' (lambda_h = exp(-2^(-8h/H) (1 - l/(L-1) + 1e-5))) or 'none' (lambda = 1)",
+        "decay": "'tnl' (released code: lambda_h = exp(-2^(-8h/H) (1 - l/(L-1) + 1e-5))), 'tnl_paper' (Eq. 10 as "
+        "printed: exp(-(8h/H)(1 - l/L)), h, l 1-based) or 'none' (lambda = 1)",
         "layer_index": "this layer's index l (0-based), for the TNL decay schedule",
         "num_layers": "number of layers L of the model, for the TNL decay schedule",
         "lrpe": "apply LRPE (learned relative cos/sin encoding of q and k; doubles the key dimension)",
@@ -138,7 +159,7 @@ class LightningAttention(LinearAttentionBase):
     def decay_rates(self) -> Array | None:
         if self.decay == "none":
             return None
-        return jnp.asarray(tnl_decay(self.num_heads, self.layer_index, self.num_layers))
+        return jnp.asarray(tnl_decay(self.num_heads, self.layer_index, self.num_layers, self.decay))
 
     def finish(self, y: Array, x: Array) -> Array:
         y = self.norm_heads(y, self.output_norm)

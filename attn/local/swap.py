@@ -17,11 +17,20 @@ With x [B, T, *S, E] (frames first, then 1 or 2 spatial axes; N = T prod(S) toke
     y = A + o W_o
 
 The windowed attention is `attn.core.windows.window_attention` (non-overlapping, optional Swin shift, partial
-windows at borders; a window larger than an extent covers the axis). Only the abstract and the catalog entry of the
-paper could be read here; the stream definitions (full-frame spatial and full-length temporal attention, as in the
-text-to-image U-Nets the paper extends), the residual to the query stream and the window defaults are this
-implementation's reading of "a swapped cross-attention mechanism in 3D windows that alternates the query role
-between spatial and temporal blocks". Models alternate query_stream (and typically shift) from layer to layer.
+windows at borders; a window larger than an extent covers the axis).
+
+STATUS — INTERPRETATION. The paper's method section could not be read here (searched: arXiv 2305.10874 full text,
+its HTML/markdown mirrors, which are stored only from their opening, and code search for "Swap-CA" / "swapped
+cross-attention"; no model code by the authors was found). What the abstract fixes: cross-attention
+"in 3D windows" that "alternates the 'query' role between spatial and temporal blocks".
+This implementation's reading, which may differ from the paper:
+  1. the streams: full-frame spatial self-attention and full-length temporal self-attention (as in the
+     text-to-image U-Nets extended with temporal layers that the paper builds on); the paper's blocks may also
+     hold convolutions and text cross-attention, which are outside this layer;
+  2. the swap cross-attention sees both streams' outputs of the same block (rather than, e.g., the previous
+     block's output), with the residual added to the query stream;
+  3. window size, shift and their alternation (`window_size`, `shift`) are free options; the paper's values are
+     unknown here. Models alternate query_stream (and typically shift) from layer to layer.
 
 Shapes: x [B, T, *S, E] -> same. Time O(B H D (T prod(S)^2 + prod(S) T^2 + N prod(window))), memory
 O(B H (T prod(S)^2 + prod(S) T^2 + N prod(window))). No causal masking, no decoding, no dropout.

@@ -21,6 +21,29 @@ def test_tnl_decay_schedule():
         tnl_decay(4, 3, 3)
 
 
+def test_paper_eq10_decay_form():
+    """decay='tnl_paper' is Eq. 10 of the paper as printed: lambda = exp(-(8h/H)(1 - l/L)), h = 1..H, l = 1..L."""
+    heads, layers = 4, 3
+    for layer in range(layers):
+        want = np.exp(-8.0 * np.arange(1, heads + 1) / heads * (1 - (layer + 1) / layers))
+        np.testing.assert_allclose(tnl_decay(heads, layer, layers, "tnl_paper"), want, rtol=1e-6)
+    np.testing.assert_array_equal(tnl_decay(heads, layers - 1, layers, "tnl_paper"), np.ones(heads, np.float32))
+    # the released code's head rates 2^(-8h/H) are far slower than Eq. 10's 8h/H
+    assert np.all(tnl_decay(heads, 0, layers) > tnl_decay(heads, 0, layers, "tnl_paper"))
+    with pytest.raises(ValueError, match="decay='none' is not supported"):
+        tnl_decay(heads, 0, layers, "none")
+
+
+def test_paper_decay_layer_runs_and_is_causal(layer_checks):
+    c = layer_checks
+    layer = c.build("lightning", decay="tnl_paper", layer_index=0, num_layers=2, chunk_size=4)
+    x = c.inputs()
+    variables = c.init(layer, x)
+    full = c.forward(layer, variables, x)
+    assert bool(jnp.all(jnp.isfinite(full)))
+    assert c.causality_gap(layer, variables, x, t=6) < 1e-5
+
+
 def test_without_decay_norm_gate_and_lrpe_it_is_linear_attention(layer_checks):
     """decay='none', lrpe=False, output_norm='none', gate=False, feature_map='identity' == `linear` with
     feature_map='identity', normalize=False: the same parameters give the same outputs."""
