@@ -12,12 +12,20 @@ position, controls how spiky each row is; a value temperature scales each value 
     v_j           <- (1 + tanh(x_j u_g)) * v_j       u_g in R^E per kv head, zero-initialised  (value temperature)
     o_i            = softmax(scale q_i K^T + bias + mask) V
 
-n_i is the number of keys row i attends to (i + 1 for causal self-attention, as the official code's
-`row_length`). The position term 1 + exp(-exp(beta)) log n is the official code's form; the token terms use a
-bounded 1 + tanh(.) of one small projection per head (E * (H + KVH) new parameters, about 0.4% of a GPT-2 layer's
-attention parameters, within the paper's < 0.5% budget). The paper's exact token-temperature parameterisation
-(its weight sharing with W_q) was not available here; this is a faithful-in-spirit form whose temperatures are
-exactly 1 at initialisation of w and u.
+Verified against the official code (github.com/umich-sota/selective_attention, lit_gpt/model_finetune_att.py,
+lit_gpt/gpt_2_PTS.py): the position term multiplies the logits of row i by 1 + exp(-exp(beta)) log(row_length_i),
+row_length_i = i + 1 (causal), beta a learned scalar initialised to 2.0 (1.5 in the GPT-2 script). That repository
+holds only this position-aware part: it has no token-aware query temperature and no value temperature, and the
+paper text was not reachable here. Secondary descriptions of the paper's Section 3 (its ablation columns
+"tau_pos + tau_tok"; a public re-implementation writing tau_tok = tanh(f(x)), tau_pos = 1 + sigmoid(a) log n)
+suggest the paper ADDS the two query terms, tau = tau_tok + tau_pos, where this layer multiplies them; the two
+agree at initialisation (w = 0) and whenever either term is off, and differ once both are trained. Unresolved.
+
+Choices of ours: n_i is the number of keys row i attends to (covers padding and windows; = the official
+row_length for causal self-attention); beta is one per head (official: one per layer) initialised to 2; the
+token terms are a bounded 1 + tanh(.) of one zero-initialised projection per head (the paper's weight sharing
+with W_q could not be checked); E * (H + KVH) + H new parameters, about 0.4% of a GPT-2 layer's attention
+parameters, within the paper's < 0.5% budget.
 
 Because the temperatures scale q (before RoPE, which commutes with scaling, and after it for tau_pos) and v,
 any softmax kernel computes SSA unchanged. Shapes: x [B, T, E] -> [B, T, E]. Time and memory as `softmax`,

@@ -38,6 +38,7 @@ def test_unit_temperatures_are_softmax_exactly():
     layer, params = init("selective", X, MASK, num_heads=H, head_dim=D)
     p = nn.unbox(params)["params"]
     assert not p["query_temperature"].any() and not p["value_temperature"].any()  # zero-initialised
+    np.testing.assert_array_equal(p["position_beta"], 2.0)  # the official code's initial beta
     unit = {"params": {**p, "position_beta": jnp.full((H,), 50.0)}}  # exp(-exp(50)) == 0
     np.testing.assert_array_equal(apply(layer, unit, X, mask=MASK), softmax_output(shared_params(unit)))
 
