@@ -60,6 +60,7 @@ from attn.core import positions as pos
 from attn.core.layer import AttentionLayer
 from attn.core.linear_scan import repeat_kv
 from attn.core.masks import Mask
+from attn.core.padding import masked_softmax
 from attn.core.validation import check_choice, check_qkv, shape_of
 from attn.registry import register
 
@@ -248,15 +249,6 @@ def _region_summaries(sqb: Array, kb: Array, vb: Array, valid: Array, summary: s
     """Per block r: summary key k_r, value v_r = sum_j p(j | Omega_r) v_j, and whether r has any valid key."""
     within = _within_probs(sqb, kb, valid, summary, scale)
     return _pool(kb, valid, summary), jnp.einsum("bnhs,bnshd->bnhd", within, vb), jnp.any(valid, axis=2)
-
-
-def masked_softmax(logits: Array, allowed: Array) -> Array:
-    """Softmax over the last axis restricted to `allowed`; rows with nothing allowed are 0 (not NaN)."""
-    logits = jnp.where(allowed, logits, -jnp.inf)
-    top = jnp.max(logits, axis=-1, keepdims=True)
-    weights = jnp.where(allowed, jnp.exp(logits - jnp.where(jnp.isfinite(top), top, 0.0)), 0.0)
-    total = jnp.sum(weights, axis=-1, keepdims=True)
-    return weights / jnp.where(total > 0, total, 1.0)
 
 
 def _dense_probs(local_p, region_p, own, within, size, kv_len) -> Array:

@@ -53,8 +53,8 @@ from attn.core.feature_maps import FEATURE_MAPS
 from attn.core.layer import AttentionLayer
 from attn.core.linear_scan import linear_mask_parts, repeat_kv
 from attn.core.masks import Mask
+from attn.core.padding import masked_softmax
 from attn.core.validation import check_choice, check_qkv
-from attn.linear.combiner import masked_softmax
 from attn.linear.hedgehog import hedgehog_distillation_loss
 from attn.linear.linear import HeadwiseLinear
 from attn.registry import register

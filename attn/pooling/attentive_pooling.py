@@ -38,8 +38,8 @@ import jax.numpy as jnp
 from attn import functional as F
 from attn.core.layer import AttentionLayer
 from attn.core.masks import Mask
+from attn.core.padding import masked_softmax, padding_lengths, valid_tokens
 from attn.core.validation import check_choice, check_rank
-from attn.pooling.tokens import padding_lengths, token_softmax, valid_tokens
 from attn.registry import register
 
 Array = jax.Array
@@ -69,7 +69,7 @@ def efficient_probing(x: Array, values: Array, queries: Array, *, lengths: Array
             f"num_queries={num_queries}"
         )
     logits = jnp.einsum("mc,bnc->bmn", queries.astype(jnp.float32), x.astype(jnp.float32)) / math.sqrt(channels)
-    weights = token_softmax(logits, valid_tokens(lengths, batch, tokens)[:, None, :], axis=-1)
+    weights = masked_softmax(logits, valid_tokens(lengths, batch, tokens)[:, None, :], axis=-1)
     chunks = values.astype(jnp.float32).reshape(batch, tokens, num_queries, -1)
     pooled = jnp.einsum("bmn,bnmd->bmd", weights, chunks).reshape(batch, -1)
     return pooled.astype(values.dtype), weights

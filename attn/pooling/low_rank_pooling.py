@@ -35,8 +35,8 @@ import jax.numpy as jnp
 
 from attn.core.layer import AttentionLayer
 from attn.core.masks import Mask
+from attn.core.padding import masked_softmax, padding_lengths, valid_tokens
 from attn.core.validation import check_choice, check_rank
-from attn.pooling.tokens import padding_lengths, token_softmax, valid_tokens
 from attn.registry import register
 
 Array = jax.Array
@@ -76,7 +76,7 @@ def low_rank_pooling(
     query = phi(context.astype(jnp.float32) @ u.astype(jnp.float32))  # [r]
     keys = phi(xf @ v.astype(jnp.float32))  # [B, T, r]
     logits = jnp.einsum("btr,r,rh->bht", keys, query, p.astype(jnp.float32))
-    weights = token_softmax(logits, valid_tokens(lengths, batch, length)[:, None, :], axis=-1)
+    weights = masked_softmax(logits, valid_tokens(lengths, batch, length)[:, None, :], axis=-1)
     pooled = jnp.einsum("bht,bte->bhe", weights, xf).reshape(batch, -1)
     return pooled.astype(x.dtype), weights
 

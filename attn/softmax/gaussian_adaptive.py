@@ -48,8 +48,8 @@ import jax.numpy as jnp
 
 from attn.core.layer import AttentionLayer
 from attn.core.masks import Mask
+from attn.core.padding import masked_softmax, padding_lengths, valid_tokens
 from attn.core.validation import check_choice, check_positive, check_rank
-from attn.pooling.tokens import padding_lengths, token_softmax, valid_tokens
 from attn.registry import register
 
 Array = jax.Array
@@ -118,7 +118,7 @@ def gaussian_adaptive_weights(
         else:
             log_mix = jax.nn.log_softmax(mixture_logits.astype(jnp.float32), axis=-1)
         log_a = jax.nn.logsumexp(log_g + log_mix[:, None, :], axis=-1)
-    return token_softmax(log_a, valid, axis=reduce)
+    return masked_softmax(log_a, valid, axis=reduce)
 
 
 def gaussian_adaptive_attention(

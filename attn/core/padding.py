@@ -1,6 +1,6 @@
-"""Token-axis helpers shared by the mechanisms that reduce over the whole sequence (attentive pooling, and the
-Gaussian gates whose statistics are taken over the tokens): padding lengths from a `Mask`, and a softmax over the
-valid tokens only."""
+"""Padding and masked-softmax helpers shared by mechanisms that do not go through the reference softmax: padding
+lengths from a `Mask` (attentive pooling, the Gaussian gates whose statistics are taken over the tokens), the
+valid-token mask, and a softmax restricted to allowed positions (pooling, Combiner, SEA)."""
 
 from __future__ import annotations
 
@@ -52,8 +52,8 @@ def valid_tokens(lengths: Any, batch: int, length: int) -> Array:
     return length_mask(lengths, batch, length, "lengths") > 0
 
 
-def token_softmax(logits: Array, valid: Array, axis: int) -> Array:
-    """float32 softmax of `logits` along the token `axis`, over the positions where `valid` (broadcastable) is True.
+def masked_softmax(logits: Array, valid: Array, axis: int = -1) -> Array:
+    """float32 softmax of `logits` along `axis`, over the positions where `valid` (broadcastable) is True.
 
     Padded positions get weight exactly 0, and a row with no valid token is all zeros (not NaN, in value or
     gradient): the masked logits are a finite minimum, not -inf.
