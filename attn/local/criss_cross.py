@@ -66,6 +66,8 @@ def criss_cross_keys(height: int, width: int) -> np.ndarray:
         "recurrence": "number of criss-cross steps with shared weights, h <- h + gamma * CCA(h) (the paper's R = 2)",
         "qk_reduction": "query/key channels are head_dim // qk_reduction per head (the paper's C/8 with 8)",
         "scale": "logit scale; 1.0 is the paper's unscaled dot product, None = 1/sqrt(query/key channels)",
+        "gamma_init": "initial gate gamma; 0 is the paper's (inside a transformer trained from scratch with Adam it "
+        "can stay stuck near 0, see benchmarks/results/vit_spatial_cpu.json; 1 opens the gate from the start)",
     },
 )
 class CrissCrossAttention(SpatialAttentionLayer):
@@ -74,6 +76,7 @@ class CrissCrossAttention(SpatialAttentionLayer):
     recurrence: int = 2
     qk_reduction: int = 8
     scale: float | None = 1.0
+    gamma_init: float = 0.0
 
     @property
     def qk_dim(self) -> int:
@@ -110,7 +113,8 @@ class CrissCrossAttention(SpatialAttentionLayer):
         key = HeadProjection(self.kv_heads, self.qk_dim, "kv_heads", name="key", **common)
         value = HeadProjection(self.kv_heads, self.head_dim, "kv_heads", name="value", **common)
         out = OutputProjection(x.shape[-1], name="out", **common)
-        gamma = self.param("gamma", nn.with_logical_partitioning(nn.initializers.zeros, ()), (), self.param_dtype)
+        gamma_init = nn.initializers.constant(self.gamma_init)
+        gamma = self.param("gamma", nn.with_logical_partitioning(gamma_init, ()), (), self.param_dtype)
 
         rng = self.dropout_rng(deterministic)
         h = x

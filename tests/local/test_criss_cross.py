@@ -104,3 +104,12 @@ def test_errors():
         attn.build("criss_cross", num_heads=1, head_dim=8, qk_reduction=16).init(jax.random.key(0), x)
     with pytest.raises(ValueError, match=r"x must have rank 4"):
         attn.build("criss_cross", num_heads=1, head_dim=8).init(jax.random.key(0), jnp.zeros((1, 4, 8)))
+
+
+def test_gamma_init_opens_the_gate():
+    layer = attn.build("criss_cross", num_heads=1, head_dim=8, gamma_init=1.0)
+    x = normal((1, 3, 4, 8))
+    params = layer.init(jax.random.key(0), x)
+    assert float(nn.meta.unbox(params)["params"]["gamma"]) == 1.0
+    grads = jax.grad(lambda p: jnp.sum(layer.apply(p, x) ** 2))(params)
+    assert float(jnp.abs(nn.meta.unbox(grads)["params"]["query"]["kernel"]).max()) > 0  # q/k learn from step 0
