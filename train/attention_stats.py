@@ -22,22 +22,25 @@ import jax.numpy as jnp
 _LAYER = re.compile(r"layers_(\d+)")
 
 
-def attention_weights_by_layer(intermediates: Mapping[str, Any]) -> dict[int, jax.Array]:
-    """Layer index -> attention probabilities [B, H, Tq, Tk] found in an "intermediates" tree.
+def sown_by_layer(intermediates: Mapping[str, Any], name: str) -> dict[int, jax.Array]:
+    """Layer index -> the value sown under `name` inside `layers_<i>` of an "intermediates" tree.
 
     A layer sown more than once (sow appends to a tuple) contributes its last value.
     """
     found: dict[int, jax.Array] = {}
-    flat = jax.tree_util.tree_flatten_with_path(intermediates)[0]
-    for path, value in flat:
+    for path, value in jax.tree_util.tree_flatten_with_path(intermediates)[0]:
         keys = [str(getattr(entry, "key", getattr(entry, "name", entry))) for entry in path]
-        if "attention_weights" not in keys:
+        if name not in keys:
             continue
         layers = [int(m.group(1)) for key in keys if (m := _LAYER.fullmatch(key))]
-        if not layers:
-            continue
-        found[layers[-1]] = value
+        if layers:
+            found[layers[-1]] = value
     return found
+
+
+def attention_weights_by_layer(intermediates: Mapping[str, Any]) -> dict[int, jax.Array]:
+    """Layer index -> attention probabilities [B, H, Tq, Tk] found in an "intermediates" tree."""
+    return sown_by_layer(intermediates, "attention_weights")
 
 
 def layer_stats(probs: jax.Array) -> dict[str, jax.Array]:
