@@ -11,10 +11,14 @@ mask functions, dropout, returned probabilities, a query offset (decoding), head
 pallas_kernels.lightning_attention: causal linear attention with no decay or a per-head constant decay, any
 feature map and normaliser applied outside, initial / final state; not: non-causal, a data-dependent decay, the
 "quadratic"/"recurrent" reference forms, head dims > 256.
+
+Setting the environment variable ATTN_KERNELS=0 makes every kernel unavailable (the reason says so), so
+`implementation=None` never picks one.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
@@ -27,12 +31,16 @@ from attn.core.masks import Mask
 Array = jax.Array
 
 KERNEL_PLATFORMS = ("gpu", "tpu")
+# ATTN_KERNELS=0 keeps every op on XLA/cuDNN (an escape hatch should a kernel not compile on some device).
+DISABLE_ENV = "ATTN_KERNELS"
 MAX_KERNEL_HEAD_DIM = 256
 # Segment ids given to padded rows / keys: distinct, so a padded query never matches a padded key.
 _PAD_QUERY, _PAD_KEY = np.iinfo(np.int32).min, np.iinfo(np.int32).min + 1
 
 
 def _platform_reason(op: str) -> str | None:
+    if os.environ.get(DISABLE_ENV, "1") == "0":
+        return f"Pallas kernels are switched off ({DISABLE_ENV}=0 in the environment)"
     platform = dispatch.platform()
     if platform not in KERNEL_PLATFORMS:
         return f"no Pallas {op} kernel for platform {platform!r} (kernels run on {' and '.join(KERNEL_PLATFORMS)})"

@@ -120,3 +120,13 @@ def test_linear_attention_fallbacks(fake_gpu):
     assert "data-dependent" in kernels.lightning_unavailable(True, data_decay, None, 2, 16, 16)
     with pytest.raises(ValueError, match="causal only"):
         F.linear_attention(q, k, v, causal=False, implementation="pallas")
+
+
+def test_environment_switch_keeps_everything_on_xla(fake_gpu, monkeypatch):
+    monkeypatch.setenv("ATTN_KERNELS", "0")
+    q, k, v = _qkv(jax.random.key(7), batch=1, q_len=8, kv_len=8)
+    F.softmax_attention(q, k, v, causal=True)
+    F.linear_attention(q, k, v)
+    assert fake_gpu == []
+    with pytest.raises(ValueError, match="ATTN_KERNELS=0"):
+        F.softmax_attention(q, k, v, implementation="pallas")
