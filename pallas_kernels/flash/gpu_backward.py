@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.flash.gpu_plan import GpuPlan, broadcast_index
+from pallas_kernels.flash.gpu_plan import GpuPlan, broadcast_index, query_block_specs
 from pallas_kernels.flash.tiling import (
     dot,
     kv_block_range,
@@ -192,34 +192,6 @@ def _operand_specs_dkv(q, k, q_seg, kv_seg, bias, u, vf, groups, bk):
     return specs, (bias_per_head, u_per_head, vf_per_head)
 
 
-def _operand_specs_dq(q, k, q_seg, kv_seg, bias, u, vf, groups, bq):
-    """BlockSpecs of the dQ kernel's inputs (grid (i, b, h))."""
-    dim, kv_len = q.shape[-1], k.shape[1]
-    specs = [
-        pl.BlockSpec((None, bq, None, dim), lambda i, b, h: (b, i, h, 0)),
-        pl.BlockSpec((None, kv_len, None, dim), lambda i, b, h: (b, 0, h // groups, 0)),
-        pl.BlockSpec((None, kv_len, None, dim), lambda i, b, h: (b, 0, h // groups, 0)),
-        None if q_seg is None else pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
-        None if kv_seg is None else pl.BlockSpec((None, kv_len), lambda i, b, h: (b, 0)),
-    ]
-    if bias is None:
-        specs.append(None)
-    else:
-        bidx = broadcast_index(bias.shape, 0, 1)
-        specs.append(pl.BlockSpec((None, None, bq, kv_len), lambda i, b, h: (*bidx(b, h), i, 0)))
-    if u is None:
-        specs += [None, None]
-    else:
-        rank = u.shape[-1]
-        uidx, vidx = broadcast_index(u.shape, 0, 2), broadcast_index(vf.shape, 0, 2)
-        specs.append(pl.BlockSpec((None, bq, None, rank), lambda i, b, h: (uidx(b, h)[0], i, uidx(b, h)[1], 0)))
-        specs.append(pl.BlockSpec((None, kv_len, None, rank), lambda i, b, h: (vidx(b, h)[0], 0, vidx(b, h)[1], 0)))
-    specs.append(pl.BlockSpec((None, bq, None, dim), lambda i, b, h: (b, i, h, 0)))  # dO
-    specs.append(pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i)))  # lse
-    specs.append(pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i)))  # delta
-    return specs
-
-
 def backward(plan: GpuPlan, q, k, v, q_seg, kv_seg, bias, u, vf, do, lse, delta):
     """Padded inputs, dO [B, Tq_p, H, Dp], lse and delta f32 [B, H, Tq_p] ->
     (dq, dk, dv, dS f32 [B, H, Tq_p, Tk_p] | None, du f32 [B, Tq_p, H, R] | None, dvf f32 [B, Tk_p, H, R] | None)."""
@@ -249,7 +221,10 @@ def backward(plan: GpuPlan, q, k, v, q_seg, kv_seg, bias, u, vf, do, lse, delta)
     dvf = dkv_out[2] if u is not None else None
 
     bq = plan.block_q_dq
-    in_specs = _operand_specs_dq(q, k, q_seg, kv_seg, bias, u, vf, groups, bq)
+    in_specs = query_block_specs(q, k, q_seg, kv_seg, bias, u, vf, groups, bq)
+    in_specs.append(pl.BlockSpec((None, bq, None, q.shape[-1]), lambda i, b, h: (b, i, h, 0)))  # dO
+    in_specs.append(pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i)))  # lse
+    in_specs.append(pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i)))  # delta
     out_specs = [pl.BlockSpec((None, bq, None, dim), lambda i, b, h: (b, i, h, 0))]
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
     if u is not None:

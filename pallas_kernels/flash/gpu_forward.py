@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.flash.gpu_plan import GpuPlan, broadcast_index
+from pallas_kernels.flash.gpu_plan import GpuPlan, broadcast_index, query_block_specs
 from pallas_kernels.flash.tiling import dot, kv_block_range, q_block_range, tile_logits, tile_mask, tile_probs
 
 Array = jax.Array
@@ -79,30 +79,11 @@ def _forward_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, bias_ref, u_ref, vf_ref
 def forward(plan: GpuPlan, q, k, v, q_seg, kv_seg, bias, u, vf, sinks) -> tuple[Array, Array]:
     """Padded inputs (see gpu.py) -> (out [B, Tq_p, H, Dp] in q.dtype, lse f32 [B, H, Tq_p])."""
     batch, q_len, heads, dim = q.shape
-    kv_len = k.shape[1]
     groups = heads // k.shape[2]
     bq = plan.block_q
     grid = (q_len // bq, batch, heads)
 
-    in_specs = [
-        pl.BlockSpec((None, bq, None, dim), lambda i, b, h: (b, i, h, 0)),
-        pl.BlockSpec((None, kv_len, None, dim), lambda i, b, h: (b, 0, h // groups, 0)),
-        pl.BlockSpec((None, kv_len, None, dim), lambda i, b, h: (b, 0, h // groups, 0)),
-        None if q_seg is None else pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
-        None if kv_seg is None else pl.BlockSpec((None, kv_len), lambda i, b, h: (b, 0)),
-    ]
-    if bias is None:
-        in_specs.append(None)
-    else:
-        bidx = broadcast_index(bias.shape, 0, 1)
-        in_specs.append(pl.BlockSpec((None, None, bq, kv_len), lambda i, b, h: (*bidx(b, h), i, 0)))
-    if u is None:
-        in_specs += [None, None]
-    else:
-        uidx, vidx = broadcast_index(u.shape, 0, 2), broadcast_index(vf.shape, 0, 2)
-        rank = u.shape[-1]
-        in_specs.append(pl.BlockSpec((None, bq, None, rank), lambda i, b, h: (uidx(b, h)[0], i, uidx(b, h)[1], 0)))
-        in_specs.append(pl.BlockSpec((None, kv_len, None, rank), lambda i, b, h: (vidx(b, h)[0], 0, vidx(b, h)[1], 0)))
+    in_specs = query_block_specs(q, k, q_seg, kv_seg, bias, u, vf, groups, bq)
     sink_rows = None
     if sinks is None:
         in_specs.append(None)

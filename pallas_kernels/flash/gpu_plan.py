@@ -19,6 +19,8 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+from jax.experimental import pallas as pl
+
 from pallas_kernels.flash.tiling import MaskSpec
 
 BLOCK_SIZE_KEYS = ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq")
@@ -101,3 +103,29 @@ def broadcast_index(shape: tuple[int, ...], batch_axis: int, head_axis: int) -> 
     per_batch = shape[batch_axis] > 1
     per_head = shape[head_axis] > 1
     return lambda b, h: (b if per_batch else 0, h if per_head else 0)
+
+
+def query_block_specs(q, k, q_seg, kv_seg, bias, u, vf, groups: int, bq: int) -> list:
+    """BlockSpecs of q, k, v, segment ids, bias and bias factors for the kernels whose grid is (q block i, b, h):
+    one [bq] block of queries of head h against the whole key range of its kv head h // groups."""
+    dim, kv_len = q.shape[-1], k.shape[1]
+    specs = [
+        pl.BlockSpec((None, bq, None, dim), lambda i, b, h: (b, i, h, 0)),
+        pl.BlockSpec((None, kv_len, None, dim), lambda i, b, h: (b, 0, h // groups, 0)),
+        pl.BlockSpec((None, kv_len, None, dim), lambda i, b, h: (b, 0, h // groups, 0)),
+        None if q_seg is None else pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
+        None if kv_seg is None else pl.BlockSpec((None, kv_len), lambda i, b, h: (b, 0)),
+    ]
+    if bias is None:
+        specs.append(None)
+    else:
+        bidx = broadcast_index(bias.shape, 0, 1)
+        specs.append(pl.BlockSpec((None, None, bq, kv_len), lambda i, b, h: (*bidx(b, h), i, 0)))
+    if u is None:
+        specs += [None, None]
+    else:
+        rank = u.shape[-1]
+        uidx, vidx = broadcast_index(u.shape, 0, 2), broadcast_index(vf.shape, 0, 2)
+        specs.append(pl.BlockSpec((None, bq, None, rank), lambda i, b, h: (uidx(b, h)[0], i, uidx(b, h)[1], 0)))
+        specs.append(pl.BlockSpec((None, kv_len, None, rank), lambda i, b, h: (vidx(b, h)[0], 0, vidx(b, h)[1], 0)))
+    return specs
