@@ -10,8 +10,6 @@ layer's KV cache under `layers_<i>/attention`, and, with learned positions, `pos
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -19,13 +17,13 @@ import jax
 import jax.numpy as jnp
 
 import attn
-from attn.models.fields import AttentionOptions, hash_fields, per_layer_mechanisms
-from attn.models.trunk import block_stack, embed_tokens, vocab_logits
+from attn.models.fields import hash_fields, per_layer_mechanisms
+from attn.models.trunk import TokenTrunk, block_stack, embed_tokens, vocab_logits
 
 Dtype = Any
 
 
-class DecoderLM(nn.Module):
+class DecoderLM(TokenTrunk):
     """Causal language model: `__call__(tokens int[B, T]) -> logits float32 [B, T, vocab_size]`.
 
     Attributes:
@@ -42,25 +40,7 @@ class DecoderLM(nn.Module):
       dtype / param_dtype: compute / parameter dtypes (logits are always float32).
     """
 
-    vocab_size: int
-    num_layers: int
-    d_model: int
-    num_heads: int
-    mlp_dim: int
-    head_dim: int | None = None
-    num_kv_heads: int | None = None
-    attention: str | Sequence[str] = "softmax"
-    attention_options: AttentionOptions = dataclasses.field(default_factory=dict)
-    norm: str = "rmsnorm"
-    mlp: str = "swiglu"
-    tie_embeddings: bool = True
-    position_embedding: str = "none"
-    max_len: int = 2048
-    dropout_rate: float = 0.0
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    def __hash__(self) -> int:
+    def __hash__(self) -> int:  # each dataclass subclass needs its own (dict-valued fields)
         return hash_fields(self)
 
     @nn.compact

@@ -10,7 +10,6 @@ tokens int [B, T] (valid prefix of `lengths` per row) -> embedding (+ learned po
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -21,7 +20,7 @@ import attn
 from attn.core.validation import check_choice
 from attn.models.fields import AttentionOptions, hash_fields
 from attn.models.pooling import check_pool, pool_tokens
-from attn.models.trunk import block_stack, embed_tokens, vocab_logits
+from attn.models.trunk import TokenTrunk, block_stack, embed_tokens, vocab_logits
 
 Dtype = Any
 
@@ -40,7 +39,7 @@ def classifier(num_classes: int, *, dtype: Dtype, param_dtype: Dtype, name: str 
     )
 
 
-class Encoder(nn.Module):
+class Encoder(TokenTrunk):
     """Bidirectional transformer encoder.
 
     `__call__(tokens int[B, T], *, lengths=None int[B], deterministic=True)` -> logits float32
@@ -54,29 +53,12 @@ class Encoder(nn.Module):
     classification head.
     """
 
-    vocab_size: int
-    num_layers: int
-    d_model: int
-    num_heads: int
-    mlp_dim: int
-    head_dim: int | None = None
-    num_kv_heads: int | None = None
-    attention: str | Sequence[str] = "softmax"
-    attention_options: AttentionOptions = dataclasses.field(default_factory=dict)
-    norm: str = "rmsnorm"
-    mlp: str = "swiglu"
-    tie_embeddings: bool = True
-    position_embedding: str = "none"
-    max_len: int = 2048
-    dropout_rate: float = 0.0
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
     head: str = "classification"
     num_classes: int | None = None
     pool: str = "mean"
     pool_options: AttentionOptions = dataclasses.field(default_factory=dict)
 
-    def __hash__(self) -> int:
+    def __hash__(self) -> int:  # each dataclass subclass needs its own (dict-valued fields)
         return hash_fields(self)
 
     @nn.compact

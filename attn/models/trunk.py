@@ -8,6 +8,8 @@ These helpers run inside a model's `nn.compact` method and read the model's trun
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -18,7 +20,7 @@ import attn
 from attn.core.positions import LearnedPositionEmbedding
 from attn.core.validation import check_choice
 from attn.models.block import TransformerBlock, check_mechanism
-from attn.models.fields import per_layer_mechanisms, per_layer_options
+from attn.models.fields import AttentionOptions, hash_fields, per_layer_mechanisms, per_layer_options
 from attn.models.layers import (
     ACTIVATION_AXES,
     MLPS,
@@ -28,6 +30,32 @@ from attn.models.layers import (
 )
 
 POSITION_EMBEDDINGS = ("none", "learned")
+
+
+class TokenTrunk(nn.Module):
+    """The fields of a token model's trunk (embedding, blocks, final norm, vocab head), shared by `DecoderLM` and
+    `Encoder`, which add their own fields and `__call__`. See `DecoderLM` for what each field means."""
+
+    vocab_size: int
+    num_layers: int
+    d_model: int
+    num_heads: int
+    mlp_dim: int
+    head_dim: int | None = None
+    num_kv_heads: int | None = None
+    attention: str | Sequence[str] = "softmax"
+    attention_options: AttentionOptions = dataclasses.field(default_factory=dict)
+    norm: str = "rmsnorm"
+    mlp: str = "swiglu"
+    tie_embeddings: bool = True
+    position_embedding: str = "none"
+    max_len: int = 2048
+    dropout_rate: float = 0.0
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def __hash__(self) -> int:  # dict-valued fields: hash a frozen copy (see fields.hash_fields)
+        return hash_fields(self)
 
 
 def resolve_head_dim(model: Any) -> int:
