@@ -1,37 +1,40 @@
-"""`rcmha`: Relative Convolutional Multi-Head Attention — depthwise causal convolutions on Q, K, V plus a relative
-position term.
+"""`rcmha`: Relative Convolutional Multi-Head Attention — depthwise causal convolutions on Q, K, V plus a
+Transformer-XL relative position term.
 
 Paper: "RCMHA: Relative Convolutional Multi-Head Attention for Natural Language Modelling" (Sugiharto, Aradea,
-Mubarok, 2023). No official code is published.
+Mubarok, 2023; arXiv 2308.03429). The abstract names the two parts; the equations below were checked against the
+authors' code (github.com/hermansh-id/rcmha, rcmha/attention.py `RelativeMultiHeadAttention`, rcmha/util.py,
+rcmha/model.py), which builds on labml's Primer MDHA and Transformer-XL layers. The paper's full text was not
+reachable; where it differs from that code, the code is what is implemented here.
 
-The paper combines two known parts, both here:
+(1) Multi-DConv-Head Attention (Primer): after each of the Q, K and V projections, a depthwise convolution of width
+    w (authors: 3) along the sequence, one filter per channel of a head, the same filter for every head, with a
+    bias; padded with w - 1 zeros on the left so that token t sees only tokens t - w + 1 .. t:
 
-(1) Multi-DConv-Head Attention (Primer, So et al. 2021): after each of the Q, K and V projections, a depthwise
-    convolution of width w (Primer: 3) along the sequence, one filter per head and channel, padded on the left
-    so that token t sees only tokens t - w + 1 .. t (the layer stays causal):
+        q'_t,h,c = b^q[c] + sum_{s=0}^{w-1} W^q[s, c] q_{t-w+1+s, h, c}        (same for k', v' with W^k, W^v)
 
-        q'_t,h,c = sum_{s=0}^{w-1} W^q[s, h, c] q_{t-w+1+s, h, c}        (same for k', v' with W^k, W^v)
+(2) The Transformer-XL relative term (relative="xl", the authors' form), with learned per-head tables:
 
-(2) A relative position term in the scores. The paper's abstract describes it as the relative encoding of
-    "Transformer-XL or Relative Multi-Head Attention (RMHA)"; its full text was not reachable while this was
-    written, so the relative term is the memory-efficient one of the Music Transformer (`relative_music`, the
-    "relative multi-head attention" of Huang et al.), computed from the convolved queries:
+        S[i, j] = (q'_i + u) . k'_j + q'_i . R[j - i] + d[j - i]                 u [H, D], R [H, M, D], d [H, M]
+        o       = softmax(S / sqrt(D) + mask) v'                                 (the whole S is scaled)
 
-        o = softmax((q' k'^T + Skew(q' E_r^T)) / sqrt(D) + mask) v'       relative="music"
-        o = softmax(q' k'^T / sqrt(D) + mask) v'                          relative="none" (= MDHA / Primer)
+    relative="music" drops u and d (the Music Transformer's q'_i . R[j - i] only); relative="none" drops the whole
+    relative term (MDHA alone). The relative term reuses `relative_music`'s tables and skew/gather, so it covers
+    keys at or before the query, distances -(M-1) .. 0 with M = max_distance (the authors: 4096 rows each side of 0,
+    under a causal mask). R is learned directly per head (no sinusoids, no W_R projection), as in the authors' code.
 
-    Transformer-XL's extra global biases u, v and sinusoidal R are not included.
-
-The convolution filters start as the identity (tap w - 1 = 1, others 0), so a fresh layer is the attention it
-extends; Primer learns them from that start too in spirit (its code initialises them randomly).
+Our choices: the filters start as the identity (tap w - 1 = 1, others 0, bias 0) and u, d at 0, so a fresh
+relative="none" layer is exactly the attention it extends (the authors' code initialises u, R, d to zeros and the
+filters as PyTorch's Conv1d default); R starts as in `relative_music`. The projections follow the layer's
+`use_bias` (the authors: no bias on q and k, a bias on v and on the output).
 
 Decoding: the KV cache holds the convolved k', v'; the last w - 1 pre-convolution q, k, v rows are kept in the
 "cache" collection (`conv_query`, `conv_key`, `conv_value`), so a chunk is convolved exactly as in the full
 forward. The convolution runs along the array axis: packed sequences (segment ids) leak w - 1 tokens across a
-boundary, like Primer's.
+boundary, like the authors' and Primer's.
 
-Shapes: x [B, T, E] -> [B, T, E]; filters [w, H|KVH, D]. Cost: the relative layer's O(B H T (T + M) D) plus
-O(B T H D w) for the convolutions.
+Shapes: x [B, T, E] -> [B, T, E]; filters [w, D], conv biases [D]. Cost: the relative layer's O(B H T (T + M) D)
+plus O(B T H D w) for the convolutions.
 
 Reduction to softmax: relative="none" with identity filters (the initial state) is exactly the `softmax` layer
 with position="none" and the same q/k/v/o parameters.
@@ -44,19 +47,19 @@ import jax
 import jax.numpy as jnp
 
 from attn.core import kv_cache
-from attn.core.validation import check_choice, check_positive
+from attn.core.validation import check_choice, check_positive, check_rank
 from attn.registry import get, register
-from attn.softmax.relative_music import MusicRelativeAttention
+from attn.softmax.relative_music import MusicRelativeAttention, music_relative_logits, relative_table
 
 Array = jax.Array
 
-RELATIVE = ("music", "none")
+RELATIVE = ("xl", "music", "none")
 
 
-def causal_depthwise_conv(x: Array, kernel: Array, state: Array | None = None) -> Array:
-    """y_t = sum_s kernel[s] * x_{t - w + 1 + s}: x [B, T, H, D], kernel [w, H, D] -> [B, T, H, D].
+def causal_depthwise_conv(x: Array, kernel: Array, state: Array | None = None, bias: Array | None = None) -> Array:
+    """y_t = bias + sum_s kernel[s] * x_{t - w + 1 + s}: x [B, T, H, D], kernel [w, D] or [w, H, D] -> [B, T, H, D].
 
-    `state` [B, w - 1, H, D] holds the w - 1 rows before x (zeros when None: left zero padding).
+    `state` [B, w - 1, H, D] holds the w - 1 rows before x (zeros when None: left zero padding); `bias` [D] or None.
     """
     width = kernel.shape[0]
     if state is None:
@@ -64,11 +67,12 @@ def causal_depthwise_conv(x: Array, kernel: Array, state: Array | None = None) -
     padded = jnp.concatenate([state.astype(x.dtype), x], axis=1)
     kernel = jnp.asarray(kernel, x.dtype)
     length = x.shape[1]
-    return sum(kernel[s] * padded[:, s : s + length] for s in range(width))
+    y = sum(kernel[s] * padded[:, s : s + length] for s in range(width))
+    return y if bias is None else y + jnp.asarray(bias, x.dtype)
 
 
 def identity_filter(key, shape, dtype=jnp.float32) -> Array:
-    """[w, H, D] filter that passes the current token through: tap w - 1 is 1, the others 0."""
+    """[w, ...] filter that passes the current token through: tap w - 1 is 1, the others 0."""
     return jnp.zeros(shape, dtype).at[-1].set(1.0)
 
 
@@ -81,18 +85,19 @@ def identity_filter(key, shape, dtype=jnp.float32) -> Array:
     input_kind="sequence",
     supports_causal=True,
     supports_decode=True,
-    summary="depthwise causal convolution on Q, K, V (Primer MDHA) plus Music-Transformer relative logits",
+    summary="depthwise causal convolution on Q, K, V (Primer MDHA) plus Transformer-XL relative logits",
     option_docs={
         **{n: o.doc for n, o in get("relative_music").options.items()},
         "conv_width": "width w of the causal depthwise convolutions on q, k and v (Primer: 3; 1 = none)",
-        "relative": "'music' (skewed relative embeddings) or 'none' (convolutions only: Primer's MDHA)",
+        "relative": "'xl' ((q + u) k + q R + d, the authors' Transformer-XL form), 'music' (q R only) or 'none' "
+        "(convolutions only: Primer's MDHA)",
     },
 )
 class RelativeConvolutionalAttention(MusicRelativeAttention):
     """Depthwise causal convolutions after the q/k/v projections plus relative logits. x [B, T, E] -> [B, T, E]."""
 
     conv_width: int = 3
-    relative: str = "music"
+    relative: str = "xl"
 
     def qkv(self, x: Array, context: Array | None, decode: bool) -> tuple[Array, Array, Array]:
         check_positive("conv_width", self.conv_width)
@@ -102,15 +107,18 @@ class RelativeConvolutionalAttention(MusicRelativeAttention):
         q, k, v = self.project_qkv(x, None)
         streaming = decode and kv_cache.cache_is_initialized(self)
         out = []
-        for name, y, heads, axis in (
-            ("query", q, self.num_heads, "heads"),
-            ("key", k, self.kv_heads, "kv_heads"),
-            ("value", v, self.kv_heads, "kv_heads"),
-        ):
+        for name, y, heads in (("query", q, self.num_heads), ("key", k, self.kv_heads), ("value", v, self.kv_heads)):
+            # one filter and bias per channel of a head, shared by all heads (the authors' SpatialDepthWiseConvolution)
             kernel = self.param(
                 f"{name}_conv",
-                nn.with_logical_partitioning(identity_filter, (None, axis, "head_dim")),
-                (self.conv_width, heads, self.head_dim),
+                nn.with_logical_partitioning(identity_filter, (None, "head_dim")),
+                (self.conv_width, self.head_dim),
+                self.param_dtype,
+            )
+            conv_bias = self.param(
+                f"{name}_conv_bias",
+                nn.with_logical_partitioning(nn.initializers.zeros, ("head_dim",)),
+                (self.head_dim,),
                 self.param_dtype,
             )
             state = None
@@ -121,10 +129,37 @@ class RelativeConvolutionalAttention(MusicRelativeAttention):
                     state = cached.value
                     history = jnp.concatenate([state.astype(y.dtype), y], axis=1)
                     cached.value = history[:, history.shape[1] - (self.conv_width - 1) :]
-            out.append(causal_depthwise_conv(y, kernel, state))
+            out.append(causal_depthwise_conv(y, kernel, state, conv_bias))
         return tuple(out)
 
     def relative_logits(self, q: Array, kv_len: int, positions: Array | None, q_offset, decode: bool) -> Array | None:
         if self.relative == "none":
             return None
-        return super().relative_logits(q, kv_len, positions, q_offset, decode)
+        if self.relative == "music":
+            return super().relative_logits(q, kv_len, positions, q_offset, decode)
+        if positions is not None:
+            check_rank("positions", positions, (1, 2), "[batch, length] or [length]")
+        heads = 1 if self.share_heads else self.num_heads
+        table = relative_table(self, "relative_embeddings", heads, self.max_distance, self.head_dim, self.param_dtype)
+        scalar = self.param(
+            "relative_bias",
+            nn.with_logical_partitioning(nn.initializers.zeros, ("heads" if heads > 1 else None, "relative_distance")),
+            (heads, self.max_distance),
+            self.param_dtype,
+        )
+        # q . R[j - i] + d[j - i] = [q, 1] . [R, d][j - i]: one skew/gather gives both terms
+        table = jnp.concatenate([table, jnp.asarray(scalar, jnp.float32)[..., None]], axis=-1)
+        q = jnp.concatenate([q, jnp.ones((*q.shape[:-1], 1), q.dtype)], axis=-1)
+        return music_relative_logits(self, table, q, kv_len, positions, q_offset)
+
+    def attend(self, q: Array, k: Array, v: Array, *, mask, bias, q_offset, deterministic: bool) -> Array:
+        if self.relative == "xl":
+            # Transformer-XL's global content bias u joins the queries in q . k only (the relative term used q)
+            u = self.param(
+                "query_bias",
+                nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "head_dim")),
+                (self.num_heads, self.head_dim),
+                self.param_dtype,
+            )
+            q = q + jnp.asarray(u, q.dtype)
+        return super().attend(q, k, v, mask=mask, bias=bias, q_offset=q_offset, deterministic=deterministic)

@@ -1,4 +1,5 @@
-"""`minimal`: collapsed Q/K and V/O reproduce softmax exactly; symmetric form; no-V/O formula; decode."""
+"""`minimal`: collapsed Q/K and V/O reproduce softmax exactly; symmetric and shared (W_q = W_k) forms; the paper's
+single-head no-V/O formula in numpy; decode."""
 
 import flax.linen as nn
 import jax
@@ -53,6 +54,37 @@ def test_no_value_projection_averages_heads_over_the_tokens():
     np.testing.assert_allclose(apply(layer, params, X, mask=MASK), heads.mean(axis=2), atol=1e-5)
 
 
+def test_single_head_without_value_is_the_papers_convex_combination_numpy():
+    # the paper's minimum variant: W^K = I, W^V = W^O = I, so z_i = sum_j softmax_j(x_i W^QK x_j / sqrt(d)) x_j
+    layer, params = init("minimal", X, MASK, num_heads=1, head_dim=E)
+    w = np.asarray(nn.unbox(params)["params"]["query_key"]["kernel"][:, 0], np.float64)  # [E, E]
+    x = np.asarray(X, np.float64)
+    logits = np.einsum("bie,ef,bjf->bij", x, w, x) / np.sqrt(E)
+    logits = np.where(np.tril(np.ones((T, T), bool)), logits, -np.inf)
+    a = np.exp(logits - logits.max(-1, keepdims=True))
+    a /= a.sum(-1, keepdims=True)
+    np.testing.assert_allclose(apply(layer, params, X, mask=MASK), np.einsum("bij,bje->bie", a, x), atol=1e-5)
+
+
+def test_shared_query_key_is_softmax_with_key_kernel_equal_to_query_kernel():
+    softmax = attn.build("softmax", num_heads=H, head_dim=D, position="none")
+    p = dict(nn.unbox(jax.jit(softmax.init)(jax.random.key(2), X))["params"])
+    p["key"] = p["query"]  # the paper's symmetric variant: W^K_h reuses W^Q_h
+    layer = attn.build("minimal", num_heads=H, head_dim=D, qk="shared", value="collapsed")
+    shared = {
+        "query_key": p["query"]["kernel"],
+        "out": {"kernel": jnp.einsum("ehd,hdf->hef", p["value"]["kernel"], p["out"]["kernel"])},
+    }
+    out = apply(layer, {"params": shared}, X)
+    np.testing.assert_allclose(out, apply(softmax, {"params": p}, X), atol=1e-5)
+    s = np.asarray(p["query"]["kernel"], np.float64)
+    logits = np.einsum("bie,ehd,fhd,bjf->bhij", X, s, s, X)
+    np.testing.assert_allclose(logits, np.swapaxes(logits, -1, -2), atol=1e-4)
+    assert (np.diagonal(logits, axis1=-2, axis2=-1) >= 0).all()  # S S^T is positive semi-definite
+    full = trace_init(attn.build("minimal", num_heads=H, head_dim=D, qk="shared"), X)
+    assert nn.unbox(full)["params"]["query_key"].shape == (E, H, D)
+
+
 def test_causal_decode_and_gradients():
     layer, params = init("minimal", X, MASK, num_heads=H, head_dim=D, value="collapsed", position="alibi")
     assert_causal(layer, params, X, cut=5)
@@ -63,7 +95,10 @@ def test_causal_decode_and_gradients():
 @pytest.mark.parametrize(
     "options, message",
     [
-        (dict(qk="asymmetric"), r"qk='asymmetric' is not supported; expected one of 'collapsed', 'symmetric'"),
+        (
+            dict(qk="asymmetric"),
+            r"qk='asymmetric' is not supported; expected one of 'collapsed', 'symmetric', 'shared'",
+        ),
         (dict(value="full"), r"value='full' is not supported; expected one of 'none', 'collapsed'"),
         (dict(position="rope"), r"position='rope' is not supported; expected one of 'none', 'alibi', 't5'"),
         (dict(qk_norm=True), r"qk_norm=True has no query/key to normalise"),

@@ -1,5 +1,6 @@
-"""`rcmha`: identity filters without the relative term are softmax; the convolution + relative formula; causality
-through the convolution padding; decode with the convolution state."""
+"""`rcmha`: identity filters without the relative term are softmax; the authors' convolution + Transformer-XL
+formula re-implemented in numpy; the music variant; causality through the convolution padding; decode with the
+convolution state."""
 
 import flax.linen as nn
 import jax
@@ -19,7 +20,8 @@ X = jax.random.normal(jax.random.key(0), (B, T, E))
 
 def random_filters(params):
     p = dict(nn.unbox(params)["params"])
-    for i, name in enumerate(("query_conv", "key_conv", "value_conv")):
+    names = [n for n in p if n.endswith(("_conv", "_conv_bias")) or n in ("query_bias", "relative_bias")]
+    for i, name in enumerate(sorted(names)):
         p[name] = jax.random.normal(jax.random.key(10 + i), p[name].shape)
     return {"params": p}
 
@@ -31,19 +33,51 @@ def test_identity_filters_without_relative_term_are_softmax():
     np.testing.assert_array_equal(apply(layer, params, X, mask=MASK), apply(softmax, shared, X, mask=MASK))
 
 
-def test_layer_equals_convolution_then_relative_attention():
-    layer, params = init("rcmha", X, MASK, num_heads=H, head_dim=D, num_kv_heads=2, conv_width=3, max_distance=5)
+def causal_conv_numpy(y, w, b):
+    """Token by token: out_t = b + sum_s w[s] y_{t-2+s} (width 3, zeros before the start); w [3, D] for all heads."""
+    out = np.zeros_like(y) + b
+    for t in range(y.shape[1]):
+        for s in range(3):
+            if t - 2 + s >= 0:
+                out[:, t] += w[s] * y[:, t - 2 + s]
+    return out
+
+
+def test_xl_form_matches_the_authors_equations_in_numpy():
+    layer, params = init("rcmha", X, MASK, num_heads=H, head_dim=D, conv_width=3, max_distance=5)
+    params = random_filters(params)
+    p = {k: np.asarray(v, np.float64) if not isinstance(v, dict) else v for k, v in params["params"].items()}
+    x = np.asarray(X, np.float64)
+
+    def proj(name):
+        y = np.einsum("bte,ehd->bthd", x, np.asarray(p[name]["kernel"], np.float64))
+        return causal_conv_numpy(y, p[f"{name}_conv"], p[f"{name}_conv_bias"])
+
+    q, k, v = proj("query"), proj("key"), proj("value")
+    r, d, u = p["relative_embeddings"], p["relative_bias"], p["query_bias"]  # [H, 5, D], [H, 5], [H, D]
+    s = np.einsum("bihd,bjhd->bhij", q + u, k)
+    for i in range(T):
+        for j in range(max(0, i - 4), i + 1):  # distance j - i in -(M-1)..0 is row M - 1 + j - i
+            s[:, :, i, j] += np.einsum("bhd,hd->bh", q[:, i], r[:, 4 + j - i]) + d[:, 4 + j - i]
+    s = np.where(np.tril(np.ones((T, T), bool)), s / np.sqrt(D), -np.inf)
+    a = np.exp(s - s.max(-1, keepdims=True))
+    a /= a.sum(-1, keepdims=True)
+    want = np.einsum("bhij,bjhd,hde->bie", a, v, np.asarray(p["out"]["kernel"], np.float64))
+    np.testing.assert_allclose(apply(layer, params, X, mask=MASK), want, atol=2e-5)
+    shapes = {n: p[n].shape for n in ("query_conv", "query_conv_bias", "relative_bias", "query_bias")}
+    assert shapes == {"query_conv": (3, D), "query_conv_bias": (D,), "relative_bias": (H, 5), "query_bias": (H, D)}
+
+
+def test_music_form_equals_convolution_then_relative_attention():
+    layer, params = init(
+        "rcmha", X, MASK, num_heads=H, head_dim=D, num_kv_heads=2, conv_width=3, max_distance=5, relative="music"
+    )
     params = random_filters(params)
     p = params["params"]
 
-    def conv(name):  # explicit causal depthwise convolution, token by token
+    def conv(name):
         y = np.asarray(jnp.einsum("bte,ehd->bthd", X, p[name]["kernel"]), np.float64)
-        w = np.asarray(p[f"{name}_conv"], np.float64)
-        out = np.zeros_like(y)
-        for t in range(T):
-            for s in range(3):
-                if t - 2 + s >= 0:
-                    out[:, t] += w[s] * y[:, t - 2 + s]
+        out = causal_conv_numpy(y, np.asarray(p[f"{name}_conv"], np.float64), np.asarray(p[f"{name}_conv_bias"]))
         return jnp.asarray(out, jnp.float32)
 
     q, k, v = conv("query"), conv("key"), conv("value")
@@ -64,7 +98,7 @@ def test_causal_decode_and_gradients():
     "options, message",
     [
         (dict(conv_width=0), "conv_width=0 must be > 0"),
-        (dict(relative="xl"), "relative='xl' is not supported; expected one of 'music', 'none'"),
+        (dict(relative="rmha"), "relative='rmha' is not supported; expected one of 'xl', 'music', 'none'"),
     ],
 )
 def test_bad_options_name_the_option(options, message):
