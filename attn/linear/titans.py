@@ -31,8 +31,21 @@ retrieved tokens, and no depthwise convolutions after the projections (section 4
 Shapes: x [B, T, E] -> [B, T, E]; heads H, head_dim D; memory state per head O(P_M) (P_M = memory parameters:
 D^2 for L = 1, 2 e D^2 for L = 2 with expansion e). Time: memory O(B H T (b (D + e D) + P_M)) with chunk b; SWA
 O(B H T window D) (the XLA reference builds the T x T mask); MAC attention O(B H T (Np + 2 C) D) and a sequential
-scan over segments. Only causal masks (plus q_lengths) are supported; decoding with a cache is not (decode=True
-raises). Nothing reduces it to plain softmax attention (the memory branch is always present); theta = 0 keeps the
+scan over segments. Only causal masks (plus q_lengths) are supported.
+
+Decoding (decode=True, flax convention: the first call without a cache creates a zero cache sized by its input and
+runs an ordinary forward; later calls take the next tokens x [B, L, E], L >= 1) for 'lmm', 'mag' and 'mal': the
+"cache" collection holds the memory weights M, its momentum S and the chunk-start snapshot (per MLP layer,
+[B, H, in, out]), the number of tokens seen ("cache_index") and, for the sliding-window attention, keys and values
+of [P || x] ([B, Np + T_max, KVH, D]). The first decode step (index 0) runs the persistent tokens through the memory
+from M_0 and stores their keys and values; every step then continues the memory token by token
+(titans_memory.continue_memory) with the same chunk boundaries as the full forward (positions counted over P || x),
+so decoding in pieces of any sizes equals the full forward on the concatenated tokens (up to float rounding).
+Cost per token O(H P_M) for the memory and O(H (Np + T_max) D) for the attention (the reference masks the whole
+cache; the window bounds what is seen). 'mac' does not decode (decode=True raises a ValueError naming it): its
+attention and memory restart per segment (h read at the segment start), which this cache does not model.
+
+Nothing reduces it to plain softmax attention (the memory branch is always present); theta = 0 keeps the
 memory at its learned initial weights M_0 (up to forgetting), the reductions of the memory itself are in
 titans_memory (linear memory, eta = alpha = 0: linear attention for one chunk, the delta rule for chunk 1).
 """
@@ -47,11 +60,12 @@ import jax
 import jax.numpy as jnp
 
 from attn import functional as F
+from attn.core import kv_cache
 from attn.core.layer import AttentionLayer, HeadProjection, OutputProjection
 from attn.core.linear_scan import length_mask, linear_mask_parts, repeat_kv
 from attn.core.masks import Mask
 from attn.core.validation import check_choice
-from attn.linear.titans_memory import memory_apply, neural_memory
+from attn.linear.titans_memory import continue_memory, memory_apply, neural_memory
 from attn.registry import register
 
 Array = jax.Array
@@ -108,10 +122,12 @@ def _identity_heads(key: Array, shape: tuple[int, ...], dtype: Any = jnp.float32
     op=neural_memory,
     input_kind="sequence",
     supports_causal=True,
-    supports_decode=False,
-    summary="neural long-term memory (MLP) learned at test time: momentum surprise + forgetting; MAC/MAG/MAL",
+    supports_decode=True,
+    summary="neural long-term memory (MLP) learned at test time: momentum surprise + forgetting; MAC/MAG/MAL "
+    "(decode: all but 'mac')",
     option_docs={
-        "variant": "'mac' (memory as context), 'mag' (memory as gate with SWA), 'mal' (memory then SWA) or 'lmm'",
+        "variant": "'mac' (memory as context), 'mag' (memory as gate with SWA), 'mal' (memory then SWA) or 'lmm'; "
+        "decode=True works for all but 'mac' (which raises)",
         "memory_depth": "layers L_M >= 1 of the memory MLP (1 = a linear, matrix-valued memory)",
         "memory_expansion": "hidden width of the memory MLP as a multiple of head_dim (memory_depth >= 2)",
         "chunk_size": "tokens whose memory gradients are taken at the chunk-start memory (1 = exact online rule)",
@@ -160,10 +176,11 @@ class TitansAttention(AttentionLayer):
         self.check_options()
         if context is not None:
             raise ValueError(f"titans is self-attention only (a causal recurrence); got a context {context.shape}")
-        if decode:
+        if decode and self.variant == "mac":
             raise ValueError(
-                "decode=True is not supported by titans (supports_decode=False): the memory state is not cached; "
-                "run the full forward instead"
+                "decode=True is not supported by titans variant='mac' (memory as context restarts its attention "
+                "and memory read per segment, which the decode cache does not model); use variant 'mag', 'mal' or "
+                "'lmm', or run the full forward"
             )
         causal, q_lengths, _ = linear_mask_parts(mask, "titans")
         if not causal:
@@ -171,6 +188,8 @@ class TitansAttention(AttentionLayer):
                 "titans is causal only (a memory trained token by token); pass attn.Mask(causal=True), "
                 f"got mask={mask!r}"
             )
+        if decode and q_lengths is not None:
+            raise ValueError("q_lengths is not supported by titans with decode=True (decode one row per sequence)")
         del positions
 
         persistent = None
@@ -185,26 +204,30 @@ class TitansAttention(AttentionLayer):
         if self.variant == "mac":
             y = self.memory_as_context(x, persistent, deterministic)
         else:
-            y = self.memory_variants(x, persistent, deterministic)
+            y = self.memory_variants(x, persistent, deterministic, decode)
         out = self.project_out(y.astype(self.dtype), x.shape[-1])
         if q_lengths is not None:
             out = out * length_mask(q_lengths, x.shape[0], x.shape[1], "q_lengths")[:, :, None].astype(out.dtype)
         return out
 
     # ------------------------------------------------------------------ memory pieces
-    def memory_weights(self) -> tuple[Array, ...]:
-        """The learned initial memory M_0: one [H, in, out] array per MLP layer."""
+    def memory_shapes(self) -> list[tuple[int, int, int]]:
+        """[H, in, out] of each memory MLP layer."""
         dim, hidden = self.head_dim, self.memory_expansion * self.head_dim
         dims = [dim] + [hidden] * (self.memory_depth - 1) + [dim]
+        return [(self.num_heads, dims[layer], dims[layer + 1]) for layer in range(self.memory_depth)]
+
+    def memory_weights(self) -> tuple[Array, ...]:
+        """The learned initial memory M_0: one [H, in, out] array per MLP layer."""
         weights = []
-        for layer in range(self.memory_depth):
+        for layer, shape in enumerate(self.memory_shapes()):
             w = self.param(
                 f"memory_{layer}",
                 nn.with_logical_partitioning(
                     nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=1, out_axis=2),
                     ("heads", None, None),
                 ),
-                (self.num_heads, dims[layer], dims[layer + 1]),
+                shape,
                 self.param_dtype,
             )
             weights.append(jnp.asarray(w, jnp.float32))
@@ -250,28 +273,45 @@ class TitansAttention(AttentionLayer):
         )
         return jnp.asarray(scale, jnp.float32)
 
-    def sliding_attention(self, q: Array, k: Array, v: Array, deterministic: bool) -> Array:
-        """Causal sliding-window attention over [persistent || tokens] that always sees the persistent prefix."""
+    def sliding_attention(
+        self, q: Array, k: Array, v: Array, deterministic: bool, q_offset: Array | None = None
+    ) -> Array:
+        """Causal sliding-window attention over [persistent || tokens] that always sees the persistent prefix.
+
+        q [B, Tq, H, D], k, v [B, Tk, KVH, D]. Decoding passes q_offset (int32 scalar), the key position of the
+        first query: keys are then the cache, filled up to q_offset + Tq."""
         if self.num_persistent:
             mask = Mask(causal=True, mask_fn=PrefixWindow(self.num_persistent, self.window))
         else:
             mask = Mask(causal=True, window=(self.window, 0))
+        if q_offset is not None:
+            mask = kv_cache.decode_mask(mask, q.shape[0], q_offset, q.shape[1])
         return F.softmax_attention(
             q,
             k,
             v,
             mask=mask,
+            q_offset=0 if q_offset is None else q_offset,
             dropout_rate=self.dropout_rate,
             dropout_rng=self.dropout_rng(deterministic),
             implementation=self.implementation,
         )
 
     # ------------------------------------------------------------------ variants
-    def memory_variants(self, x: Array, persistent: Array | None, deterministic: bool) -> Array:
-        """'mag', 'mal' and 'lmm' over x~ = P || x; returns [B, T, H, D] (persistent positions dropped)."""
+    def memory_variants(self, x: Array, persistent: Array | None, deterministic: bool, decode: bool = False) -> Array:
+        """'mag', 'mal' and 'lmm' over x~ = P || x; returns [B, T, H, D] (persistent positions dropped).
+
+        With decode=True and a cache, x is the next tokens and the memory and the attention continue from the
+        cache; without a cache, the cache is created (zeros, sized by x) and the call is an ordinary forward."""
         prefix = self.num_persistent
         xt = x if persistent is None else jnp.concatenate([persistent, x], axis=1)
-        memory = self.run_memory(xt)
+        start = None
+        if decode and self.has_variable("cache", "cache_index"):
+            memory, start = self.decode_memory(xt)
+        else:
+            memory = self.run_memory(xt)
+            if decode:
+                self.create_cache(x)
         if self.variant == "lmm":
             return memory[:, prefix:]
         if self.variant == "mal":
@@ -279,12 +319,81 @@ class TitansAttention(AttentionLayer):
                 features=x.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype, name="memory_out"
             )(memory)
             q, k, v = self.project_qkv(layer_out, None)
-            return self.sliding_attention(q, k, v, deterministic)[:, prefix:]
-        q, k, v = self.project_qkv(xt, None)
-        y = self.sliding_attention(q, k, v, deterministic)
+        else:
+            q, k, v = self.project_qkv(xt, None)
+        if start is None:
+            y = self.sliding_attention(q, k, v, deterministic)[:, prefix:]
+        else:
+            k, v = self.cached_keys_values(k, v, start)
+            y = self.sliding_attention(q[:, prefix:], k, v, deterministic, q_offset=start + prefix)
+        if self.variant == "mal":
+            return y
         y = rms_normalize(y.astype(jnp.float32), self.scale_param("attention_norm"))
-        gate = jax.nn.sigmoid(rms_normalize(memory, self.scale_param("memory_norm")))
-        return (y * gate)[:, prefix:]
+        gate = jax.nn.sigmoid(rms_normalize(memory[:, prefix:], self.scale_param("memory_norm")))
+        return y * gate
+
+    # ------------------------------------------------------------------ decoding ('mag', 'mal', 'lmm')
+    def create_cache(self, x: Array) -> None:
+        """Zero cache for x [B, T, E] (T = the longest sequence to decode): memory state, index and KV cache."""
+        batch = x.shape[0]
+        self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+        for layer, shape in enumerate(self.memory_shapes()):
+            for part in ("weights", "momentum", "snapshot"):
+                self.variable("cache", f"memory_{part}_{layer}", jnp.zeros, (batch,) + shape, jnp.float32)
+        if self.variant != "lmm":
+            shape = (batch, self.num_persistent + x.shape[1], self.kv_heads, self.head_dim)
+            self.variable("cache", "cached_key", jnp.zeros, shape, self.dtype)
+            self.variable("cache", "cached_value", jnp.zeros, shape, self.dtype)
+
+    def decode_memory(self, xt: Array) -> tuple[Array, Array]:
+        """Continues the cached memory over the next tokens x, given xt = [P || x] [B, Np + L, E].
+
+        Returns (m [B, Np + L, H, D] float32, start): the memory outputs of the persistent tokens (computed from
+        M_0 on the first step, start = 0; zeros and unused afterwards) followed by those of x, and the number of
+        tokens decoded before x (int32 scalar). Advances the cache."""
+        batch, prefix = xt.shape[0], self.num_persistent
+        inputs = self.memory_inputs(xt) + self.gates(xt)  # one call: the projections are named submodules
+        prefix_inputs, inputs = tuple(a[:, :prefix] for a in inputs), tuple(a[:, prefix:] for a in inputs)
+        index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+        initial = tuple(jnp.broadcast_to(w[None], (batch,) + w.shape) for w in self.memory_weights())
+        parts = ("weights", "momentum", "snapshot")
+        cells = tuple(
+            tuple(self.variable("cache", f"memory_{part}_{layer}") for layer in range(len(initial))) for part in parts
+        )
+        start = index.value
+        cached = tuple(tuple(cell.value for cell in part) for part in cells)
+        # The state before the first persistent token: (M_0, S_0 = 0, chunk-start snapshot M_0).
+        fresh = (initial, tuple(jnp.zeros_like(w) for w in initial), initial)
+        prefix_memory = jnp.zeros((batch, 0, self.num_heads, self.head_dim), jnp.float32)
+        if not prefix:
+            state = jax.tree.map(lambda new, old: jnp.where(start == 0, new, old), fresh, cached)
+        else:
+            prefix_memory, state = jax.lax.cond(
+                start == 0,
+                lambda: continue_memory(*prefix_inputs, state=fresh, start=0, chunk_size=self.chunk_size),
+                lambda: (jnp.zeros((batch, prefix, self.num_heads, self.head_dim), jnp.float32), cached),
+            )
+        memory, state = continue_memory(*inputs, state=state, start=start + prefix, chunk_size=self.chunk_size)
+        for part_cells, part in zip(cells, state, strict=True):
+            for cell, value in zip(part_cells, part, strict=True):
+                cell.value = value
+        index.value = start + xt.shape[1] - prefix
+        return jnp.concatenate([prefix_memory, memory], axis=1), start
+
+    def cached_keys_values(self, k: Array, v: Array, start: Array) -> tuple[Array, Array]:
+        """Writes k, v [B, Np + L, KVH, D] of [P || x] into the KV cache (the persistent part only on the first
+        step, start = 0; x's at Np + start) and returns the whole cache [B, Np + T_max, KVH, D]."""
+        prefix = self.num_persistent
+        outs = []
+        for name, new in (("cached_key", k), ("cached_value", v)):
+            cell = self.variable("cache", name)
+            cache = cell.value
+            new = new.astype(cache.dtype)
+            if prefix:
+                cache = cache.at[:, :prefix].set(jnp.where(start == 0, new[:, :prefix], cache[:, :prefix]))
+            cell.value = jax.lax.dynamic_update_slice_in_dim(cache, new[:, prefix:], start + prefix, 1)
+            outs.append(cell.value)
+        return outs[0], outs[1]
 
     def memory_as_context(self, x: Array, persistent: Array | None, deterministic: bool) -> Array:
         """'mac': a scan over segments; returns [B, T, H, D]."""

@@ -1,7 +1,8 @@
 """The neural long-term memory of Titans ([8] "Titans: Learning to Memorize at Test Time"): an MLP whose weights
 are trained at test time, token by token, by gradient descent with momentum and weight decay on an associative
 loss. Two forms that agree: a token-by-token `lax.scan` (the reference) and the chunk-parallel form of the paper's
-section 3.2. Used by `attn.linear.titans`.
+section 3.2, and `continue_memory`, the token scan resumed from a cached state (decoding). Used by
+`attn.linear.titans`.
 
 Per head, with keys k_t, values v_t, queries q_t and data-dependent gates alpha_t, eta_t, theta_t:
 
@@ -161,7 +162,16 @@ def _loss(weights: Weights, k: Array, v: Array, activation) -> Array:
 # ---------------------------------------------------------------------------------------------------- recurrent
 def _recurrent(q, k, v, alpha, eta, theta, weights, momentum, chunk, activation):
     """Token-by-token reference: the gradient of token t at the memory snapshot taken at t's chunk start."""
-    xs = tuple(jnp.moveaxis(x, 2, 0) for x in (q, k, v, alpha, eta, theta)) + (jnp.arange(q.shape[2]),)
+    y, (weights, momentum, _) = _token_scan(
+        q, k, v, alpha, eta, theta, (weights, momentum, weights), 0, chunk, activation
+    )
+    return y, (weights, momentum)
+
+
+def _token_scan(q, k, v, alpha, eta, theta, state, start, chunk, activation):
+    """The recurrent rule over [B, H, T, ..] inputs whose first token sits at position `start` (int or traced
+    int32) of the sequence; state = (weights, momentum, chunk-start snapshot). Returns (y [B, H, T, Dv], state)."""
+    xs = tuple(jnp.moveaxis(x, 2, 0) for x in (q, k, v, alpha, eta, theta)) + (start + jnp.arange(q.shape[2]),)
     grad = jax.grad(_loss)
 
     def step(carry, inputs):
@@ -173,8 +183,48 @@ def _recurrent(q, k, v, alpha, eta, theta, weights, momentum, chunk, activation)
         w = tuple((1.0 - at)[..., None, None] * w_ + s_ for w_, s_ in zip(w, s, strict=True))
         return (w, s, snapshot), memory_apply(w, qt, activation)
 
-    (weights, momentum, _), y = jax.lax.scan(step, (weights, momentum, weights), xs)
-    return jnp.moveaxis(y, 0, 2), (weights, momentum)
+    state, y = jax.lax.scan(step, tuple(tuple(part) for part in state), xs)
+    return jnp.moveaxis(y, 0, 2), state
+
+
+def continue_memory(
+    q: Array,
+    k: Array,
+    v: Array,
+    alpha: Array,
+    eta: Array,
+    theta: Array,
+    *,
+    state: tuple[Sequence[Array], Sequence[Array], Sequence[Array]],
+    start: Array | int,
+    chunk_size: int,
+    activation: Callable[[Array], Array] = jax.nn.silu,
+) -> tuple[Array, tuple[Weights, Weights, Weights]]:
+    """Continues the memory over the next tokens of a sequence (decoding), with `neural_memory`'s chunk semantics.
+
+    Args:
+      q, k: [B, L, H, Dk], v: [B, L, H, Dv], alpha, eta, theta: [B, L, H]: tokens at positions start .. start+L-1.
+      state: (weights, momentum, snapshot), each one [B, H, in, out] float32 array per MLP layer: the memory
+        after position start - 1, its momentum, and the memory at the start of the chunk holding position
+        start - 1 (the gradients of that chunk's remaining tokens are taken there). At start = 0 pass
+        (M_0, S_0, M_0).
+      start: int or traced int32 scalar, the position of the first token; a position that is a multiple of
+        `chunk_size` opens a new chunk (the snapshot becomes the current memory).
+      chunk_size: b of `neural_memory`.
+    Returns:
+      (y [B, L, H, Dv] float32, the new (weights, momentum, snapshot)). Feeding a sequence in pieces of any sizes
+      gives `neural_memory(..., chunk_size=b)` on the whole sequence (up to float rounding): the token scan is its
+      recurrent form.
+    """
+    if not (isinstance(chunk_size, (int, np.integer)) and chunk_size > 0):
+        raise ValueError(f"chunk_size={chunk_size!r} must be a positive int")
+    if len(state) != 3:
+        raise ValueError(f"state must be (weights, momentum, snapshot); got {len(state)} parts")
+    qh, kh, vh = (jnp.swapaxes(x.astype(jnp.float32), 1, 2) for x in (q, k, v))
+    ah, eh, th = (jnp.swapaxes(g.astype(jnp.float32), 1, 2) for g in (alpha, eta, theta))
+    state = tuple(tuple(jnp.asarray(w, jnp.float32) for w in part) for part in state)
+    y, state = _token_scan(qh, kh, vh, ah, eh, th, state, jnp.asarray(start, jnp.int32), int(chunk_size), activation)
+    return jnp.swapaxes(y, 1, 2), state
 
 
 # ---------------------------------------------------------------------------------------------------- chunked

@@ -1,5 +1,6 @@
 """`titans`: the chunk-parallel memory equals its token-by-token reference, its exact reductions (online rule,
-linear attention, frozen memory), test-time learning, causality of every variant, jit + gradients, bad options."""
+linear attention, frozen memory), test-time learning, causality of every variant, decode == full forward ('lmm',
+'mag', 'mal'; 'mac' raises), jit + gradients, bad options."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,7 @@ import pytest
 
 import attn
 from attn import functional as F
-from attn.linear.titans_memory import memory_apply, neural_memory
+from attn.linear.titans_memory import continue_memory, memory_apply, neural_memory
 
 B, T, H, D = 2, 11, 3, 4
 
@@ -179,9 +180,80 @@ def test_jit_and_finite_gradients(layer_checks):
         assert float(jnp.max(jnp.abs(jax.tree.leaves(grads[name])[0]))) > 0, name
 
 
+def test_continue_memory_in_pieces_equals_the_chunked_form():
+    """Resuming the token scan from (weights, momentum, chunk-start snapshot) in pieces 3 + 1 + 5 + 2 (chunk 4:
+    pieces cross chunk boundaries mid-chunk) gives neural_memory's chunked outputs and final state."""
+    args, weights = _problem(2, seed=5)
+    y_full, (w_full, s_full) = neural_memory(*args, initial_weights=weights, chunk_size=4, return_state=True)
+    batched = tuple(jnp.broadcast_to(w, (B,) + w.shape) for w in weights)
+    state, outs, start = (batched, tuple(jnp.zeros_like(w) for w in batched), batched), [], 0
+    for size in (3, 1, 5, 2):
+        piece = tuple(a[:, start : start + size] for a in args)
+        y, state = continue_memory(*piece, state=state, start=start, chunk_size=4)
+        outs.append(y)
+        start += size
+    np.testing.assert_allclose(jnp.concatenate(outs, axis=1), y_full, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(state[:2]), jax.tree.leaves((w_full, s_full)), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def _decode_jitted(layer, variables, x, chunks, mask):
+    """Like layer_checks.decode_in_chunks, with the step jitted (one compile per piece size, not per call)."""
+    cache = layer.init(jax.random.key(1), x, mask=mask, decode=True)["cache"]
+    step = jax.jit(
+        lambda c, piece: layer.apply({**variables, "cache": c}, piece, mask=mask, decode=True, mutable=["cache"])
+    )
+    outs, start = [], 0
+    for size in chunks:
+        y, mutated = step(cache, x[:, start : start + size])
+        outs.append(y)
+        cache, start = mutated["cache"], start + size
+    assert start == x.shape[1]
+    return jnp.concatenate(outs, axis=1), cache
+
+
+@pytest.mark.parametrize(
+    "variant, chunks, persistent",
+    [("lmm", (1,) * 11, 0), ("mag", (5,) + (1,) * 6, 4), ("mal", (5,) + (1,) * 6, 4)],
+)
+def test_decode_token_by_token_and_after_a_prefill_equals_the_full_forward(layer_checks, variant, chunks, persistent):
+    """chunk_size=4: memory chunks start at positions 0, 4, 8, 12 of P || x. With 4 persistent tokens the first
+    step (persistent tokens + x_0..x_4 = positions 4..8) ends mid-chunk and the single steps after it cross the
+    boundary at 12; window=3 < 11 makes the sliding window (and the always-visible persistent keys) matter.
+    'lmm' (no persistent tokens) decodes token by token from the start."""
+    c = layer_checks
+    layer = attn.build(
+        "titans",
+        num_heads=4,
+        head_dim=8,
+        variant=variant,
+        chunk_size=4,
+        window=3,
+        num_kv_heads=2,
+        num_persistent=persistent,
+    )
+    x = c.inputs()
+    variables = c.init(layer, x)
+    full = jax.jit(lambda inputs: layer.apply(variables, inputs, mask=c.CAUSAL))(x)
+    decoded, cache = _decode_jitted(layer, variables, x, chunks, c.CAUSAL)
+    np.testing.assert_allclose(decoded, full, atol=2e-5, rtol=2e-5)
+    assert int(cache["cache_index"]) == 11
+    assert cache["memory_snapshot_1"].shape == (2, 4, 16, 8)
+    if variant != "lmm":
+        assert cache["cached_key"].shape == (2, persistent + 11, 2, 8)  # [P || x]
+
+
+def test_mac_decode_raises():
+    layer = _layer("mac")
+    x = jnp.ones((1, 4, 16))
+    with pytest.raises(ValueError, match="decode=True is not supported by titans variant='mac'"):
+        layer.init(jax.random.key(0), x, mask=attn.Mask(causal=True), decode=True)
+
+
 def test_registry_spec():
     spec = attn.get("titans")
-    assert (spec.family, spec.catalog, spec.supports_causal, spec.supports_decode) == ("linear", 8, True, False)
+    assert (spec.family, spec.catalog, spec.supports_causal, spec.supports_decode) == ("linear", 8, True, True)
+    assert "all but 'mac'" in spec.options["variant"].doc
     assert spec.paper == "Titans: Learning to Memorize at Test Time"
     assert spec.options["variant"].default == "mag"
 
@@ -197,7 +269,7 @@ def test_bad_options_and_calls_raise(layer_checks):
         (dict(theta_max=0.0), c.CAUSAL, {}, "theta_max=0.0 must be a number > 0"),
         ({}, None, {}, "titans is causal only"),
         ({}, attn.Mask(causal=True, window=2), {}, "cannot honour the mask part"),
-        ({}, c.CAUSAL, dict(decode=True), "decode=True is not supported by titans"),
+        (dict(variant="lmm"), attn.Mask(causal=True, q_lengths=jnp.array([4, 4])), dict(decode=True), "q_lengths"),
     ]
     for options, mask, kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
