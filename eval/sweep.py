@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import ast
 import datetime
-import importlib.util
 import json
 import os
 import time
@@ -32,17 +31,8 @@ from typing import Any
 import jax
 
 from train import trainer
-
-
-def load_config(spec: str) -> Any:
-    """The ml_collections config of `path[:preset]` (the syntax of `python -m train --config`)."""
-    path, _, preset = spec.partition(":")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--config={spec!r}: no config file at {path!r}")
-    module_spec = importlib.util.spec_from_file_location("_sweep_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(preset) if preset else module.get_config()
+from train.config_checks import unknown_override_message
+from train.config_file import load_config_file
 
 
 def parse_value(text: str) -> Any:
@@ -62,16 +52,11 @@ def split_assignment(arg: str, flag: str) -> tuple[str, Any]:
 
 
 def set_field(config: Any, dotted: str, value: Any) -> None:
-    """Sets config.<dotted> = value; ValueError naming the field when a part of the path does not exist."""
-    *parents, leaf = dotted.split(".")
-    node = config
-    for part in parents:
-        if part not in node:
-            raise ValueError(f"--set {dotted}: the config has no field {part!r} (fields: {sorted(node.keys())})")
-        node = node[part]
-    if leaf not in node:
-        raise ValueError(f"--set {dotted}: the config has no field {leaf!r} (fields: {sorted(node.keys())})")
-    node[leaf] = value
+    """Sets config.<dotted> = value; ValueError naming the field (and the closest one) when it does not exist."""
+    message = unknown_override_message(config, dotted, flag="--set ")
+    if message:
+        raise ValueError(message)
+    config.update_from_flattened_dict({dotted: value})
 
 
 def mechanism_options(options: Sequence[str], mechanisms: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -198,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if not args.config or not args.mechanisms or not args.output:
             parser.error("--config, --mechanisms and --output are required (or --from-json)")
         mechanisms = [name.strip() for name in args.mechanisms.split(",") if name.strip()]
-        config = load_config(args.config)
+        config = load_config_file(args.config)
         for arg in args.set:
             set_field(config, *split_assignment(arg, "--set"))
         options = mechanism_options(args.option, mechanisms)

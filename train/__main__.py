@@ -7,7 +7,6 @@ checkpoint and exits 0.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from collections.abc import Sequence
 
@@ -23,6 +22,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def _load_config_file(argv: Sequence[str]):
     """The config named by --config, without overrides (for explaining a bad override); None if absent."""
+    from train.config_file import load_config_file
+
     for i, arg in enumerate(argv):
         if arg == "--config" and i + 1 < len(argv):
             value = argv[i + 1]
@@ -30,11 +31,7 @@ def _load_config_file(argv: Sequence[str]):
             value = arg.split("=", 1)[1]
         else:
             continue
-        path, _, preset = value.partition(":")
-        spec = importlib.util.spec_from_file_location("_train_config_file", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module.get_config(preset) if preset else module.get_config()
+        return load_config_file(value)
     return None
 
 

@@ -118,11 +118,12 @@ def unknown_field_message(dotted: str, valid: Iterable[str]) -> str:
     return f"unknown config field {dotted!r}{hint} (valid fields here: {', '.join(valid)})"
 
 
-def unknown_override_message(config: Mapping[str, Any], dotted: str) -> str | None:
+def unknown_override_message(config: Mapping[str, Any], dotted: str, *, flag: str = "--config.") -> str | None:
     """For a `--config.<dotted>=...` override: a message if `dotted` names no field of `config`, else None.
 
     config_flags itself refuses such overrides with a traceback; `train/__main__.py` uses this to say
-    which field is wrong and what the closest valid one is.
+    which field is wrong and what the closest valid one is (and `eval.sweep` for its `--set <dotted>=...`,
+    with `flag="--set "`: the message starts with the flag as the user typed it).
     """
     node: Any = as_dict(config)
     parts = dotted.split(".")
@@ -131,11 +132,11 @@ def unknown_override_message(config: Mapping[str, Any], dotted: str) -> str | No
             section = ".".join(parts[:depth])
             if section == "model.attention_options":
                 return (
-                    f"--config.{dotted}: {part!r} is not set in this config; pass mechanism options as one "
+                    f"{flag}{dotted}: {part!r} is not set in this config; pass mechanism options as one "
                     f"dict, e.g. --config.model.attention_options=\"{{'{part}': ...}}\""
                 )
             valid = list(node) if isinstance(node, Mapping) else []
-            return f"--config.{dotted}: " + unknown_field_message(".".join(parts[: depth + 1]), valid)
+            return f"{flag}{dotted}: " + unknown_field_message(".".join(parts[: depth + 1]), valid)
         node = node[part]
     return None
 

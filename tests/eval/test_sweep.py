@@ -7,6 +7,7 @@ import json
 import pytest
 
 from eval import sweep
+from train.config_file import load_config_file
 
 
 def test_sweep_trains_reads_back_and_records_failures(tmp_path):
@@ -34,13 +35,13 @@ def test_sweep_trains_reads_back_and_records_failures(tmp_path):
 
 
 def test_bad_flags_name_the_argument(tmp_path):
-    config = sweep.load_config("configs/vit_tiny.py:smoke")
-    with pytest.raises(ValueError, match="no field 'nope'"):
+    config = load_config_file("configs/vit_tiny.py:smoke")
+    with pytest.raises(ValueError, match="^--set model.nope: unknown config field 'model.nope'"):
         sweep.set_field(config, "model.nope", 3)
     with pytest.raises(ValueError, match="expected key=value"):
         sweep.split_assignment("model.pool", "--set")
     with pytest.raises(ValueError, match="mechanism of"):
         sweep.mechanism_options(["halo.block_size=2"], ["softmax"])
     with pytest.raises(FileNotFoundError, match="no config file"):
-        sweep.load_config(str(tmp_path / "missing.py"))
+        load_config_file(str(tmp_path / "missing.py"))
     assert sweep.parse_value("(4, 4)") == (4, 4) and sweep.parse_value("mean") == "mean"
