@@ -38,7 +38,10 @@ from types import ModuleType
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+from attn.core import dispatch
 
 SUITE_PREFIX = "bench_"
 GIB = 2**30
@@ -66,12 +69,8 @@ def get_suite(name: str) -> ModuleType:
 
 
 # ---------------------------------------------------------------------------------------------- measuring
-def _platform() -> str:
-    return jax.devices()[0].platform
-
-
 def memory_source(platform: str | None = None) -> str:
-    platform = platform or _platform()
+    platform = platform or dispatch.platform()
     if platform == "cpu":
         return "compiled.memory_analysis(): temp + argument + output bytes (CPU keeps no allocator statistics)"
     return "device.memory_stats()['peak_bytes_in_use'] after the case (process-wide high-water mark)"
@@ -90,6 +89,15 @@ def compiled_bytes(compiled: Any) -> int | None:
 
 def shape_summary(args: Sequence[Any]) -> list[list[int]]:
     return [list(np.shape(a)) for a in args]
+
+
+def sum_grads(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """fn(q, k, v, *extra) -> (dq, dk, dv) of sum(fn(...)): one forward and one backward pass, for fwd+bwd cases."""
+
+    def grads(q, k, v, *extra):
+        return jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v, *extra)), argnums=(0, 1, 2))(q, k, v)
+
+    return grads
 
 
 @dataclasses.dataclass
@@ -213,7 +221,7 @@ def plot_report(
 def run_suite(name: str, bench: Bench, output_dir: str, *, plot: bool = True) -> dict[str, Any]:
     """Runs suite `name`, writes <output_dir>/<name>_<platform>.json (+ .png); returns the report."""
     module = get_suite(name)
-    platform = _platform()
+    platform = dispatch.platform()
     device = jax.devices()[0]
     load_before = _load_average()
     records = module.run(bench)

@@ -33,7 +33,7 @@ import numpy as np
 from attn import functional as F
 from attn.core import positions as pos
 from attn.softmax.flashbias import alibi_factors, flashbias_attention
-from eval.bench import Bench, plot_report
+from eval.bench import Bench, plot_report, sum_grads
 
 LENGTHS = (1024, 2048, 4096, 8192, 16384)
 QUICK_LENGTHS = (64, 128)
@@ -61,15 +61,6 @@ def _dense(q, k, v, bias):
 
 def _factored(q, k, v, u, w):
     return flashbias_attention(q, k, v, u, w, causal=True, implementation="xla")
-
-
-def _with_backward(fn):
-    """fn(q, k, v, *extra) -> (dq, dk, dv) of sum(fn(...)): a forward and a backward pass."""
-
-    def grads(q, k, v, *extra):
-        return jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v, *extra)), argnums=(0, 1, 2))(q, k, v)
-
-    return grads
 
 
 def run(bench: Bench) -> list[dict[str, Any]]:
@@ -103,9 +94,7 @@ def run(bench: Bench) -> list[dict[str, Any]]:
                     records.append(bench.skip(label, f"forward+backward only up to {FWD_BWD_MAX_LEN} tokens", **fields))
                     continue
                 flops = attention_flops(length, qk_dim, backward=backward)
-                records.append(
-                    bench.measure(label, _with_backward(fn) if backward else fn, *args, flops=flops, **fields)
-                )
+                records.append(bench.measure(label, sum_grads(fn) if backward else fn, *args, flops=flops, **fields))
         _add_ratios(records, length)
     return records
 

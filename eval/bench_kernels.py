@@ -70,6 +70,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from attn.core import dispatch
 from attn.linear.lightning import tnl_decay
 from eval.bench import Bench
 
@@ -111,10 +112,6 @@ def _check_direction(direction: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- implementations
-def _platform() -> str:
-    return jax.devices()[0].platform
-
-
 def _flash(causal: bool, interpret: bool) -> Callable:
     from pallas_kernels import flash_attention
 
@@ -161,7 +158,9 @@ def lightning_chunk(length: int, *, interpret: bool) -> int:
     from pallas_kernels.linear.gpu import gpu_chunk_size
     from pallas_kernels.linear.tpu import tpu_chunk_size
 
-    return tpu_chunk_size(None, length) if _platform() == "tpu" and not interpret else gpu_chunk_size(None, length)
+    return (
+        tpu_chunk_size(None, length) if dispatch.platform() == "tpu" and not interpret else gpu_chunk_size(None, length)
+    )
 
 
 def unavailable(name: str, *, platform: str, quick: bool) -> str | None:
@@ -218,7 +217,7 @@ def _inputs(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> tuple[jax.Arr
 
 def run(bench: Bench) -> list[dict[str, Any]]:
     """The grid; records ordered by length, direction, causal, then MEASURE_ORDER."""
-    platform = _platform()
+    platform = dispatch.platform()
     quick = bench.quick
     lengths = QUICK_LENGTHS if quick else LENGTHS
     batch, heads, head_dim = (QUICK_BATCH, QUICK_HEADS, QUICK_HEAD_DIM) if quick else (BATCH, HEADS, HEAD_DIM)

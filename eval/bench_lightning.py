@@ -30,7 +30,8 @@ import numpy as np
 
 from attn import functional as F
 from attn.linear.lightning import tnl_decay
-from eval.bench import Bench, plot_report
+from eval.bench import Bench, plot_report, sum_grads
+from eval.bench_kernels import lightning_flops
 
 # 256 and 512 locate the crossover, which lies below 1K on CPU
 LENGTHS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
@@ -41,8 +42,8 @@ DTYPE = np.float32
 
 
 def linear_flops(length: int, chunk: int) -> float:
-    """Forward+backward (3x forward) FLOPs of chunked linear attention."""
-    return 3.0 * 4.0 * BATCH * HEADS * length * (chunk * HEAD_DIM + HEAD_DIM * HEAD_DIM)
+    """Forward+backward (3x forward) FLOPs of chunked linear attention (the kernel suite's count)."""
+    return lightning_flops(BATCH, HEADS, length, HEAD_DIM, chunk, direction="fwd+bwd")
 
 
 def softmax_flops(length: int) -> float:
@@ -50,19 +51,12 @@ def softmax_flops(length: int) -> float:
     return 3.0 * 4.0 * BATCH * HEADS * length * length * HEAD_DIM
 
 
-def _grads(attend):
-    def fwd_bwd(q, k, v):
-        return jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v)), argnums=(0, 1, 2))(q, k, v)
-
-    return fwd_bwd
-
-
 def run(bench: Bench) -> list[dict[str, Any]]:
     decay = jnp.asarray(tnl_decay(HEADS, 0, 1))  # [H], per-head constant decay in (0, 1)
-    lightning = _grads(
+    lightning = sum_grads(
         lambda q, k, v: F.linear_attention(q, k, v, causal=True, decay=decay, chunk_size=CHUNK, form="chunked")
     )
-    softmax = _grads(lambda q, k, v: F.softmax_attention(q, k, v, causal=True, implementation="xla"))
+    softmax = sum_grads(lambda q, k, v: F.softmax_attention(q, k, v, causal=True, implementation="xla"))
     records = []
     rng = np.random.default_rng(0)
     for length in QUICK_LENGTHS if bench.quick else LENGTHS:
