@@ -27,6 +27,7 @@ import numpy as np
 
 from attn.core import dispatch
 from attn.core.masks import Mask
+from attn.core.padding import valid_tokens
 
 Array = jax.Array
 
@@ -87,8 +88,7 @@ def _segment_ids(mask: Mask, batch: int, q_len: int, kv_len: int) -> tuple[Array
         out = jnp.zeros((batch, length), jnp.int32) if segment is None else jnp.asarray(segment, jnp.int32)
         out = jnp.broadcast_to(out, (batch, length))
         if lengths is not None:
-            valid = jnp.arange(length)[None, :] < jnp.asarray(lengths).reshape(-1, 1)
-            out = jnp.where(valid, out, pad)
+            out = jnp.where(valid_tokens(lengths, batch, length), out, pad)
         return out
 
     return (

@@ -46,6 +46,7 @@ import numpy as np
 from attn.core import dispatch, kernels
 from attn.core.feature_maps import FeatureMap, resolve_feature_map
 from attn.core.masks import Mask
+from attn.core.padding import length_mask
 from attn.core.validation import check_qkv, shape_of
 
 Array = jax.Array
@@ -222,14 +223,6 @@ def linear_mask_parts(mask: Mask | None, mechanism: str) -> tuple[bool, Array | 
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def length_mask(lengths: Any, batch: int, length: int, name: str) -> Array:
-    """float32 [batch, length]: 1 where the position is below the row's length (valid), 0 for padding."""
-    lengths = jnp.asarray(lengths)
-    if lengths.shape != (batch,):
-        raise ValueError(f"{name} has shape {lengths.shape}; expected [batch] = ({batch},)")
-    return (jnp.arange(length)[None, :] < lengths[:, None]).astype(jnp.float32)
-
-
 def _log_decay(decay: Any, batch: int, length: int, heads: int, causal: bool, dtype: Any) -> Array | None:
     """log(lambda) as [B|1, H, T], or None for no decay."""
     if decay is None:

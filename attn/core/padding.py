@@ -1,6 +1,6 @@
-"""Padding and masked-softmax helpers shared by mechanisms that do not go through the reference softmax: padding
-lengths from a `Mask` (attentive pooling, the Gaussian gates whose statistics are taken over the tokens), the
-valid-token mask, and a softmax restricted to allowed positions (pooling, Combiner, SEA)."""
+"""Padding and masked-softmax helpers: padding lengths from a `Mask` (attentive pooling, the Gaussian gates whose
+statistics are taken over the tokens), the valid-position masks of per-row lengths (linear scan, linear mechanisms,
+model pooling, the kernel bridge), and a softmax restricted to allowed positions (pooling, Combiner, SEA)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from attn.core.linear_scan import length_mask
 from attn.core.masks import Mask
 
 Array = jax.Array
@@ -43,6 +42,14 @@ def padding_lengths(mask: Mask | None, batch: int, mechanism: str) -> Array | No
     if lengths.shape != (batch,):
         raise ValueError(f"mask lengths have shape {lengths.shape}; expected [batch] = ({batch},)")
     return lengths
+
+
+def length_mask(lengths: Any, batch: int, length: int, name: str) -> Array:
+    """float32 [batch, length]: 1 where the position is below the row's length (valid), 0 for padding."""
+    lengths = jnp.asarray(lengths)
+    if lengths.shape != (batch,):
+        raise ValueError(f"{name} has shape {lengths.shape}; expected [batch] = ({batch},)")
+    return (jnp.arange(length)[None, :] < lengths[:, None]).astype(jnp.float32)
 
 
 def valid_tokens(lengths: Any, batch: int, length: int) -> Array:

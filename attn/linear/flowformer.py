@@ -39,7 +39,8 @@ import jax
 import jax.numpy as jnp
 
 from attn.core import dispatch
-from attn.core.linear_scan import length_mask, linear_attention, repeat_kv
+from attn.core.linear_scan import linear_attention, repeat_kv
+from attn.core.padding import length_mask
 from attn.core.validation import check_qkv, shape_of
 from attn.linear.linear import BASE_OPTION_DOCS, LinearAttentionBase
 from attn.registry import register

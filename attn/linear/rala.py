@@ -34,8 +34,9 @@ from attn import functional as F
 from attn.core import positions as pos
 from attn.core.feature_maps import elu_plus_one
 from attn.core.layer import AttentionLayer
-from attn.core.linear_scan import length_mask, linear_mask_parts, repeat_kv
+from attn.core.linear_scan import linear_mask_parts, repeat_kv
 from attn.core.masks import Mask
+from attn.core.padding import length_mask
 from attn.core.validation import check_choice, check_positive, check_qkv
 from attn.linear.agent import HeadwiseDepthwiseConv, check_kernel_size
 from attn.registry import register

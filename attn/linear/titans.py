@@ -62,8 +62,9 @@ import jax.numpy as jnp
 from attn import functional as F
 from attn.core import kv_cache
 from attn.core.layer import AttentionLayer, HeadProjection, OutputProjection
-from attn.core.linear_scan import length_mask, linear_mask_parts, repeat_kv
+from attn.core.linear_scan import linear_mask_parts, repeat_kv
 from attn.core.masks import Mask
+from attn.core.padding import length_mask
 from attn.core.validation import check_choice
 from attn.linear.titans_memory import continue_memory, memory_apply, neural_memory
 from attn.registry import register

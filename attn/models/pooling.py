@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 import attn
+from attn.core.padding import valid_tokens
 
 
 def check_pool(pool: str, builtin: tuple[str, ...]) -> None:
@@ -46,8 +47,7 @@ def pool_tokens(
     `owner` is the calling model, inside its compact `__call__`: the pooling mechanism becomes its submodule "pool".
     """
     if pool == "mean":
-        limit = x.shape[1] if lengths is None else lengths[:, None]
-        valid = jnp.arange(x.shape[1])[None, :] < limit
+        valid = valid_tokens(lengths, x.shape[0], x.shape[1])
         # where (not multiply) so that whatever the padded rows hold never reaches the mean.
         summed = jnp.where(valid[..., None], x, 0).sum(axis=1, dtype=jnp.float32)
         return summed / jnp.maximum(valid.sum(axis=1, keepdims=True), 1)
