@@ -112,8 +112,6 @@ def linear_attention(
         raise ValueError(f"chunk_size={chunk_size!r} must be a positive int")
     if form is not None and form not in FORMS:
         raise ValueError(f"form={form!r} is not supported; expected None or one of {FORMS}")
-    if implementation not in dispatch.IMPLEMENTATIONS:
-        dispatch.select("linear_attention", implementation, {})  # raises the usual message
     phi = resolve_feature_map(feature_map)
     dtype = jnp.result_type(q.dtype, jnp.float32)
 
