@@ -3,12 +3,12 @@
     python -m eval.analysis --workdir runs/lm_softmax --workdir runs/lm_gated \
         --output benchmarks/results/analysis_lm_tiny_cpu.json [--batch-size 8] [--step N] [--no-plot]
 
-For each workdir: loads the latest (or `--step`) checkpoint with the config saved inside it (`eval.lm.load_run`),
+For each workdir: loads the latest (or `--step`) checkpoint with the config saved inside it (`train.run.load_run`),
 runs ONE fixed validation batch (the first `--batch-size` rows of the config's "valid" split at the training
 length, the same for every run of the same data) and reports per layer:
 
   first_key_mass            mean attention probability on the first token (the attention sink; from
-                            `train.attention_stats`), with its largest per-head value
+                            `attn.attention_stats`), with its largest per-head value
   entropy                   mean attention entropy in nats (log Tk = uniform)
   attention_output.*        max_abs, rms, kurtosis, kurtosis_max of the attention sublayer's output [B, T, E]
   residual.*                the same for the residual stream after the block
@@ -32,10 +32,9 @@ from typing import Any
 import jax
 import numpy as np
 
+from attn import attention_stats
 from eval import analysis_stats as stats
-from eval.lm import load_run
-from train import attention_stats, trainer
-from train.data import make_source
+from train.run import Run, load_run
 
 # (key in a layer entry, y label) of the plot's panels, in order
 PANELS = (
@@ -48,27 +47,25 @@ PANELS = (
 )
 
 
-def validation_batch(s: trainer.Setup, batch_size: int) -> dict[str, np.ndarray]:
-    """The first `batch_size` rows of the config's validation split at the training length (host arrays)."""
+def validation_batch(run: Run, batch_size: int) -> dict[str, np.ndarray]:
+    """The first `batch_size` rows of the config's validation split at the training length (host arrays; the same
+    rows on every process)."""
     if not (isinstance(batch_size, int) and batch_size > 0):
         raise ValueError(f"batch_size={batch_size!r} must be a positive int")
-    config = s.config
-    options = {k: v for k, v in config.data.to_dict().items() if k != "name" and v is not None}
-    source = make_source(
-        config.data.name, split="valid", batch_size=batch_size, seq_len=config.seq_len, seed=config.seed, **options
-    )
+    source = run.data("valid", batch_size=batch_size, per_process=False)
     return {key: np.asarray(value) for key, value in source.next_batch().items()}
 
 
-def capture(s: trainer.Setup, params: Any, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-    """The "intermediates" of one deterministic forward: sown attention weights plus block/attention outputs."""
+def capture(run: Run, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The "intermediates" of one deterministic forward of the run's parameters: sown attention weights plus
+    block/attention outputs."""
 
     def forward(params, batch):
-        _, collections = s.task.apply({"params": params}, batch, mutable=["intermediates"])
+        _, collections = run.task.apply({"params": params}, batch, mutable=["intermediates"])
         return collections.get("intermediates", {})
 
-    with trainer.tracing_context(s), stats.capture_outputs():
-        return jax.jit(forward)(params, batch)
+    with run.tracing(), stats.capture_outputs():
+        return jax.jit(forward)(run.params, batch)
 
 
 def layer_report(intermediates: dict[str, Any]) -> list[dict[str, Any]]:
@@ -93,20 +90,20 @@ def layer_report(intermediates: dict[str, Any]) -> list[dict[str, Any]]:
 
 def analyze_run(workdir: str, *, batch_size: int = 8, step: int | None = None) -> dict[str, Any]:
     """Report of one run: workdir, step, attention, options, seq_len, batch, per-layer entries."""
-    s, _, params, restored_step = load_run(workdir, step)
-    if not s.task.is_language_model or s.task.kind != "decoder":
-        raise ValueError(f"workdir={workdir!r} holds a {s.task.kind!r} model; eval.analysis reads decoder LMs")
-    batch = validation_batch(s, batch_size)
-    layers = layer_report(capture(s, params, batch))
+    run = load_run(workdir, step)
+    if not run.task.is_language_model or run.task.kind != "decoder":
+        raise ValueError(f"workdir={workdir!r} holds a {run.task.kind!r} model; eval.analysis reads decoder LMs")
+    batch = validation_batch(run, batch_size)
+    layers = layer_report(capture(run, batch))
     return {
         "workdir": os.path.abspath(workdir),
         "label": os.path.basename(os.path.normpath(workdir)),
-        "step": restored_step,
-        "attention": s.config.model.attention,
-        "attention_options": _plain(s.config.model.get("attention_options")),
-        "seq_len": s.config.seq_len,
+        "step": run.step,
+        "attention": run.config.model.attention,
+        "attention_options": _plain(run.config.model.get("attention_options")),
+        "seq_len": run.config.seq_len,
         "batch_shape": list(batch["inputs"].shape),
-        "uniform_causal_first_key_mass": stats.uniform_causal_first_key_mass(s.config.seq_len),
+        "uniform_causal_first_key_mass": stats.uniform_causal_first_key_mass(run.config.seq_len),
         "layers": layers,
         "means": layer_means(layers),
     }

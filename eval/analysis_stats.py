@@ -14,7 +14,7 @@ an apply with the "intermediates" collection mutable, sows
     layers_<i>/block_output                [B, T, E]  the residual stream after block i (a TransformerBlock)
     layers_<i>/attention/attention_output  [B, T, E]  the attention sublayer's output, before the residual add
 
-next to the `attention_weights` softmax layers already sow (read with `train.attention_stats`).
+next to the `attention_weights` softmax layers already sow (read with `attn.attention_stats`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Flash attention kernels vs cuDNN, XLA and JAX's own Pallas op; Lightning (linear) attention vs flash (issue 7).
+"""Flash attention kernels vs cuDNN, XLA and JAX's own Pallas op; Lightning (linear) attention vs flash.
 
     XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 python -m eval.bench --suite kernels --memory-limit-gib 70   # H100 80 GB
     python -m eval.bench --suite kernels --quick                   # any machine: tiny wiring check (CPU: interpret)
@@ -49,7 +49,7 @@ Record fields (JSON; the framework adds device, jax/jaxlib versions, settings, s
 
 Table (Markdown, stdout): one table per direction, one row per (length, causal), one column per implementation
 ("ms · TFLOP/s · MiB/GiB" of compiled memory, or "skipped [n]" with the reason listed under the table). Then the
-issue's targets per length:
+performance targets per length:
   flash fwd speed / cuDNN   cuDNN ms / flash ms, forward (causal and not): target >= 0.9 from 4K up (H100)
   flash causal fwd+bwd / cuDNN   flash ms / cuDNN ms: target <= 1.5
   lightning / flash         lightning ms / flash ms, causal fwd+bwd: target < 1 from 4K up
@@ -323,7 +323,7 @@ def _fmt(x: float | None) -> str:
 
 
 def targets(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per length, the issue's target ratios (None where a side did not run), and whether each target is met over
+    """Per length, the target ratios (None where a side did not run), and whether each target is met over
     the lengths it applies to (None when nothing was measured there)."""
     lengths = sorted({r["seq_len"] for r in records})
     rows = []
@@ -379,7 +379,7 @@ def table(records: list[dict[str, Any]]) -> str:
         lines.append("")
     result = targets(records)
     lines += [
-        "**targets** (issue 7)",
+        "**targets**",
         "",
         "| T | flash fwd speed / cuDNN (non-causal) | (causal) | flash causal fwd+bwd time / cuDNN | "
         "lightning time / flash (causal fwd+bwd) | lightning ms per 1K tokens |",

@@ -19,8 +19,7 @@ from typing import Any
 import jax
 
 from eval.bench import Bench, compiled_bytes
-from train import mesh as mesh_lib
-from train import tasks, trainer
+from train.run import build_run
 
 # (config module, preset, platforms it is run on)
 CASES = (
@@ -38,24 +37,22 @@ def measure_config(bench: Bench, module_name: str, preset: str) -> dict[str, Any
     """Times the compiled train step of one config; returns a record."""
     config = _config(module_name, preset)
     with tempfile.TemporaryDirectory() as workdir:
-        s = trainer.setup(config, workdir)
-    layout = trainer.layout_state(s)
-    train_step, compile_seconds = trainer.make_train_step(s, layout)
-    state = trainer.init_state(s, layout, jax.random.key(config.seed))
+        run = build_run(config, workdir)
+    train_step, compile_seconds = run.train_step()
+    state = run.init_state(jax.random.key(config.seed))
     rng = jax.random.key(config.seed)
-    num_params = tasks.count_params(state.params)
-    length = s.task.tokens_per_example({k: (v.shape, v.dtype) for k, v in layout.batch_shapes.items()})
+    num_params = run.num_params
+    length = run.tokens_per_example
     tokens_per_step = config.batch_size * length
-    flops = tokens_per_step * trainer.train_flops_per_token(num_params, *tasks.attention_layout(s.task), length)
+    flops = tokens_per_step * run.train_flops_per_token(length)
 
     def one_step(state):
-        batch = mesh_lib.shard_batch(s.train_source.next_batch(), s.mesh)
-        state, metrics = train_step(state, batch, rng)
+        state, metrics = train_step(state, run.next_train_batch(), rng)
         jax.block_until_ready(metrics)
         return state
 
     times = []
-    with trainer.tracing_context(s):
+    with run.tracing():
         for _ in range(bench.warmup):
             state = one_step(state)
         for _ in range(bench.repeats):
@@ -74,7 +71,7 @@ def measure_config(bench: Bench, module_name: str, preset: str) -> dict[str, Any
         "batch_size": config.batch_size,
         "seq_len": length,
         "dtype": config.precision.compute_dtype,
-        "mesh": dict(s.mesh.shape),
+        "mesh": dict(run.mesh.shape),
         "compile_s": compile_seconds,
         "median_ms": 1e3 * median,
         "min_ms": 1e3 * min(times),

@@ -20,35 +20,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import ml_collections
 
-from train import mesh as mesh_lib
-from train import trainer
-from train.checkpointing import Checkpointer
-from train.data import make_source
-
-
-def load_run(workdir: str, step: int | None = None) -> tuple[trainer.Setup, trainer.StateLayout, Any, int]:
-    """(setup, layout, params, step) of a checkpoint in `workdir`, restored onto this machine's mesh.
-
-    The config is the one saved with the checkpoint. Its mesh is kept when this machine has the devices
-    for it; otherwise evaluation falls back to pure data parallelism over all devices.
-    """
-    checkpointer = Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"), keep=1, save_every=1)
-    try:
-        meta = checkpointer.read_meta(step)
-        config = ml_collections.ConfigDict(meta["config"])
-        try:
-            mesh_lib.make_mesh(config.mesh.shape, config.mesh.axes)
-        except ValueError:
-            config.mesh.shape, config.mesh.axes = (-1,), ("data",)
-        config.distributed.initialize = False
-        s = trainer.setup(config, workdir)
-        layout = trainer.layout_state(s)
-        state, _, _, _ = checkpointer.restore(meta["step"], abstract_state=layout.abstract_state)
-    finally:
-        checkpointer.close()
-    return s, layout, state.params, int(meta["step"])
+from train.run import Run, load_run
 
 
 def rows_for_length(batch_size: int, factor: int, divisor: int) -> int:
@@ -57,37 +30,23 @@ def rows_for_length(batch_size: int, factor: int, divisor: int) -> int:
     return max(rows // divisor * divisor, divisor)
 
 
-def evaluate_lengths(
-    s: trainer.Setup, layout: trainer.StateLayout, params: Any, factors: Sequence[int], num_batches: int
-) -> list[dict[str, Any]]:
+def evaluate_lengths(run: Run, factors: Sequence[int], num_batches: int) -> list[dict[str, Any]]:
     """One result dict per factor: seq_len, rows, batches, and loss / perplexity / accuracy (or skipped)."""
-    config = s.config
-    eval_step = trainer.make_eval_step(s, layout)
-    divisor = mesh_lib.batch_size_divisor(s.mesh) * jax.process_count()
-    options = {k: v for k, v in config.data.to_dict().items() if k != "name" and v is not None}
+    config = run.config
     results = []
     for factor in factors:
         seq_len = config.seq_len * factor
         entry: dict[str, Any] = {"factor": factor, "seq_len": seq_len}
-        max_len = getattr(s.task.model, "max_len", None)
-        if getattr(s.task.model, "position_embedding", "none") == "learned" and seq_len > max_len:
+        max_len = getattr(run.task.model, "max_len", None)
+        if getattr(run.task.model, "position_embedding", "none") == "learned" and seq_len > max_len:
             entry["skipped"] = f"learned positions cover max_len={max_len} < seq_len={seq_len}"
             results.append(entry)
             continue
-        rows = rows_for_length(config.batch_size, factor, divisor)
-        source = make_source(
-            config.data.name,
-            split="valid",
-            batch_size=rows,
-            seq_len=seq_len,
-            seed=config.seed,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-            **options,
-        )
+        rows = rows_for_length(config.batch_size, factor, run.batch_divisor)
+        source = run.data("valid", batch_size=rows, seq_len=seq_len)
         # About as many tokens at every length as `num_batches` full training-size batches hold.
         batches = max(1, math.ceil(config.batch_size * num_batches / (rows * factor)))
-        metrics = trainer.evaluate_loss(s, eval_step, params, source, batches)
+        metrics = run.evaluate(source, batches)
         entry.update(rows=rows, batches=batches, **metrics)
         results.append(entry)
     return results
@@ -103,16 +62,16 @@ def main(argv: Sequence[str]) -> None:
     factors = [int(f) for f in args.factors.split(",") if f.strip()]
     if not factors or any(f < 1 for f in factors):
         raise SystemExit(f"error: --factors={args.factors!r} must be positive integers, e.g. 1,2,4")
-    s, layout, params, step = load_run(args.workdir, args.step)
-    if not s.task.is_language_model:
-        raise SystemExit(f"error: eval.lm evaluates language models; this run's model.kind is {s.task.kind!r}")
-    results = evaluate_lengths(s, layout, params, factors, args.num_batches or s.config.eval.num_batches)
+    run = load_run(args.workdir, args.step)
+    if not run.task.is_language_model:
+        raise SystemExit(f"error: eval.lm evaluates language models; this run's model.kind is {run.task.kind!r}")
+    results = evaluate_lengths(run, factors, args.num_batches or run.config.eval.num_batches)
     report = {
         "workdir": os.path.abspath(args.workdir),
-        "step": step,
-        "attention": s.config.model.attention,
-        "train_seq_len": s.config.seq_len,
-        "data": s.config.data.to_dict(),
+        "step": run.step,
+        "attention": run.config.model.attention,
+        "train_seq_len": run.config.seq_len,
+        "data": run.config.data.to_dict(),
         "results": results,
     }
     if jax.process_index() != 0:

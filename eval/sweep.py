@@ -6,7 +6,7 @@
         [--set model.pool=mean] [--option neighborhood.kernel_size=5] [--no-plot]
     python -m eval.sweep --from-json benchmarks/results/vit_spatial_cpu.json   # table + PNG again, no run
 
-Each mechanism trains in `<workdir-root>/<name>` through `train.trainer.run` (so an interrupted sweep resumes
+Each mechanism trains in `<workdir-root>/<name>` through `train.run.train` (so an interrupted sweep resumes
 where it stopped, and a finished run is read back, not retrained). `--set` overrides any config field for all
 runs; `--option name.key=value` passes an `attn.build` option to one mechanism. The report holds, per mechanism,
 the final evaluation metrics, the last training loss, the wall time of this invocation and the steps trained,
@@ -30,9 +30,7 @@ from typing import Any
 
 import jax
 
-from train import trainer
-from train.config_checks import unknown_override_message
-from train.config_file import load_config_file
+from train.run import load_config_file, train, unknown_override_message
 
 
 def parse_value(text: str) -> Any:
@@ -104,7 +102,7 @@ def run_one(config: Any, name: str, options: Mapping[str, Any], workdir: str) ->
     record: dict[str, Any] = {"mechanism": name, "options": dict(options), "workdir": workdir}
     start = time.perf_counter()
     try:
-        result = trainer.run(config, workdir)
+        result = train(config, workdir)
         record["steps"] = result.step
         record["start_step"] = result.start_step
     except Exception as error:  # noqa: BLE001 - recorded; one broken mechanism must not end the sweep

@@ -32,7 +32,8 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from train import attention_stats, config_checks, distributed, optim, tasks
+from attn import attention_stats
+from train import config_checks, distributed, optim, tasks
 from train import mesh as mesh_lib
 from train.checkpointing import Checkpointer
 from train.config_checks import ConfigError
@@ -494,7 +495,7 @@ def restore_or_init(s: Setup, layout: StateLayout, checkpointer: Checkpointer) -
     try:
         state, data_state, rng, _ = checkpointer.restore(step, abstract_state=layout.abstract_state)
     except ValueError as error:  # a checkpoint of another model config: the Checkpointer names the leaf
-        raise ConfigError(f"{error}; use a new --workdir for a different model") from None
+        raise ConfigError(f"{error}; use another --workdir for a different model") from None
     s.train_source.set_state(data_state)
     _printer(s.is_primary)(f"restored checkpoint {_checkpoint_path(checkpointer, step)}")
     return state, rng, step
@@ -597,7 +598,7 @@ def _fetch(pending: list[tuple[int, dict[str, jax.Array]]]) -> list[tuple[int, d
 
 
 def _check_finite(fetched: list[tuple[int, dict[str, float]]], checkpointer: Checkpointer) -> None:
-    """TrainingDiverged at the first step whose loss, gradient norm or new parameter norm is nan/inf.
+    """TrainingDiverged at the first step whose loss, gradient norm or updated parameter norm is nan/inf.
 
     The parameter norm is of the state the step produced, so a state that passes is safe to save.
     """

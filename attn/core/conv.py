@@ -5,6 +5,10 @@ Conv kernels are named ("conv_height", "conv_width", "conv_in", "channels") (1-D
 "channels")) and biases and norm parameters ("channels",). No default sharding rule maps these names, so the small
 parameters of these modules stay replicated on every mesh (a 1x1 conv kernel named ("embed", "embed") would ask
 for the same mesh axis twice).
+
+For sequence layers: `HeadwiseDepthwiseConv`, a depthwise convolution over the token axis of per-head vectors
+[B, T, H, D] (kernel named (None, "heads", "head_dim")), with the validator `kernel_size_or_off` for its size option
+(agent's DWC term, RALA's LePE).
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from attn.core.validation import OptionValidator, non_negative_int
 
 Array = jax.Array
 Dtype = Any
@@ -108,5 +114,48 @@ def layer_norm(*, dtype: Dtype, param_dtype: Dtype, name: str, epsilon: float = 
 
 
 def spatial_mean(x: Array) -> Array:
-    """Global average pool of [B, *spatial, C] over the spatial axes -> [B, C], reduced in float32."""
-    return jnp.mean(x, axis=tuple(range(1, x.ndim - 1)), dtype=jnp.float32).astype(x.dtype)
+    """Global average pool of [B, *spatial, C] over the spatial axes -> [B, C], reduced in float32 (float64 for
+    float64 inputs)."""
+    return jnp.mean(x, axis=tuple(range(1, x.ndim - 1)), dtype=jnp.promote_types(x.dtype, jnp.float32)).astype(x.dtype)
+
+
+class HeadwiseDepthwiseConv(nn.Module):
+    """Depthwise 1-D convolution over the token axis, one kernel per (head, channel): x [B, T, H, D] -> same.
+
+    Zero 'same' padding (odd kernel), kernel [K, H, D] named (None, "heads", "head_dim") with PyTorch's default
+    Conv init U(-1/sqrt(K), 1/sqrt(K)), bias [H, D] (zeros). Used for Agent Attention's DWC term and RALA's LePE.
+    """
+
+    kernel_size: int
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        size, (length, heads, dim) = self.kernel_size, x.shape[1:]
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(
+                nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_axis=0, out_axis=(1, 2)),
+                (None, "heads", "head_dim"),
+            ),
+            (size, heads, dim),
+            self.param_dtype,
+        )
+        bias = self.param(
+            "bias",
+            nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "head_dim")),
+            (heads, dim),
+            self.param_dtype,
+        )
+        half = size // 2
+        padded = jnp.pad(x.astype(self.dtype), ((0, 0), (half, half), (0, 0), (0, 0)))
+        kernel = jnp.asarray(kernel, self.dtype)
+        out = sum(padded[:, offset : offset + length] * kernel[offset] for offset in range(size))
+        return out + jnp.asarray(bias, self.dtype)
+
+
+# Option validator of a kernel size: 0 (off) or a positive odd int (a 'same' convolution needs a centre tap).
+kernel_size_or_off = OptionValidator(
+    lambda v: non_negative_int.test(v) and (v == 0 or v % 2 == 1), "0 (off) or a positive odd int", "0 or odd int"
+)

@@ -16,7 +16,7 @@ Layouts: `partition_windows` maps [B, *S, *rest] -> [B * nW, prod(w), *rest], wi
 grid and, inside a window, tokens row-major; `unpartition_windows` is its inverse (padding dropped). Both work on
 NumPy arrays too (for static index tables).
 
-`window_attention(q, k, v)` = softmax attention batched over windows (`attn.functional.softmax_attention`):
+`window_attention(q, k, v)` = softmax attention batched over windows (`attn.core.softmax.softmax_attention`):
 
     o_i = sum_{j : win(j) = win(i)} softmax_j(scale q_i k_j^T + bias) v_j
 
@@ -33,9 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attn import functional as F
 from attn.core.masks import Mask
 from attn.core.neighborhood import IntPerAxis, per_axis, window_probs_to_dense
+from attn.core.softmax import softmax_attention
 from attn.core.validation import check_qkv, check_rank, shape_of
 
 Array = jax.Array
@@ -201,7 +201,7 @@ def window_attention(
       scale: logit scale, default 1/sqrt(D). dropout_rate, dropout_rng: dropout on the probabilities.
       return_probs: also return {"probs": float32 [B * nW, H, T, T]}, the per-window probabilities (padded keys
         get 0; rows of padded queries are present too); `dense_window_probs` maps them onto the tokens.
-      implementation: backend of `attn.functional.softmax_attention`.
+      implementation: backend of `attn.core.softmax.softmax_attention`.
     Returns:
       [B, *S, H, Dv] in q.dtype, or (out, aux) with return_probs.
     """
@@ -212,7 +212,7 @@ def window_attention(
         raise ValueError(f"k and v have spatial shape {tuple(shape_of(k)[1:-2])} but q has {spatial}")
     window = window_plan(spatial, window, shift)[0]
     (qw, valid), (kw, _), (vw, _) = (partition_windows(t, window, shift) for t in (q, k, v))
-    result = F.softmax_attention(
+    result = softmax_attention(
         qw,
         kw,
         vw,

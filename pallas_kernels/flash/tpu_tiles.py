@@ -89,7 +89,7 @@ def kv_range(cfg: FlashConfig, q_block: jax.Array, bq: int, bk: int) -> tuple[ja
     """Inclusive [lo, hi] of the kv blocks that q block `q_block` may see (from causal, window and kv_len).
 
     Index maps clamp the kv block into it, so skipped steps keep the block index of a neighbouring visible step
-    and Pallas issues no new DMA for them."""
+    and Pallas starts no further DMA for them."""
     lo, hi = kv_block_range(cfg.spec, q_block * bq, bq, bk)
     return lo, jnp.maximum(hi - 1, 0)
 

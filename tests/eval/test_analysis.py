@@ -7,10 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from attn import attention_stats
 from configs import lm_tiny
 from eval import analysis
 from eval import analysis_stats as stats
-from train import attention_stats, tasks, trainer
+from train import tasks, trainer
+from train.run import build_run, load_run
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +49,11 @@ def test_uniform_causal_baseline_and_bad_length():
 
 
 def test_run_report_matches_captured_weights(workdir):
-    s, _, params, step = analysis.load_run(workdir)
-    batch = analysis.validation_batch(s, 8)
-    captured = analysis.capture(s, params, batch)
+    run = load_run(workdir)
+    batch = analysis.validation_batch(run, 8)
+    captured = analysis.capture(run, batch)
     report = analysis.analyze_run(workdir, batch_size=8)
-    assert report["step"] == step == 2 and report["batch_shape"] == [8, s.config.seq_len]
+    assert report["step"] == run.step == 2 and report["batch_shape"] == [8, run.config.seq_len]
     probs = attention_stats.attention_weights_by_layer(captured)
     outputs = attention_stats.sown_by_layer(captured, stats.ATTENTION_OUTPUT)
     residual = attention_stats.sown_by_layer(captured, stats.BLOCK_OUTPUT)
@@ -63,14 +65,14 @@ def test_run_report_matches_captured_weights(workdir):
         assert entry["first_key_mass_max_head"] == pytest.approx(p[..., 0].mean(axis=(0, 2)).max(), rel=1e-5)
         assert 0.0 <= entry["entropy"] <= np.log(p.shape[-1])
         x = np.asarray(residual[entry["layer"]])
-        assert x.shape == (8, s.config.seq_len, s.config.model.d_model)
+        assert x.shape == (8, run.config.seq_len, run.config.model.d_model)
         assert entry["residual"]["max_abs"] == pytest.approx(np.abs(x).max(), rel=1e-6)
         assert outputs[entry["layer"]].shape == x.shape
     # capturing changes nothing: same logits with and without the interceptor
-    with trainer.tracing_context(s):
-        plain = s.task.apply({"params": params}, batch)
-    with trainer.tracing_context(s), stats.capture_outputs():
-        logits, _ = s.task.apply({"params": params}, batch, mutable=["intermediates"])
+    with run.tracing():
+        plain = run.task.apply({"params": run.params}, batch)
+    with run.tracing(), stats.capture_outputs():
+        logits, _ = run.task.apply({"params": run.params}, batch, mutable=["intermediates"])
     np.testing.assert_array_equal(np.asarray(logits), np.asarray(plain))
 
 
@@ -97,4 +99,4 @@ def test_command_writes_json_and_png(workdir, tmp_path, capsys):
     assert (tmp_path / "out" / "analysis.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report["png_path"].endswith("analysis.png") and "| softmax | 1 |" in capsys.readouterr().out
     with pytest.raises(ValueError, match="batch_size=0 must be a positive int"):
-        analysis.validation_batch(trainer.setup(lm_tiny.get_config("smoke"), str(tmp_path)), 0)
+        analysis.validation_batch(build_run(lm_tiny.get_config("smoke"), str(tmp_path)), 0)

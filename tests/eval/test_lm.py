@@ -10,6 +10,7 @@ import pytest
 from configs import lm_tiny
 from eval import lm
 from train import trainer
+from train.run import load_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -35,9 +36,9 @@ def test_rows_keep_tokens_per_batch_and_divisibility():
 
 def test_evaluation_at_training_length_matches_the_trainer(trained):
     workdir, config, result = trained
-    s, layout, params, step = lm.load_run(workdir)
-    assert step == config.total_steps
-    results = lm.evaluate_lengths(s, layout, params, [1, 2, 4], config.eval.num_batches)
+    run = load_run(workdir)
+    assert run.step == config.total_steps
+    results = lm.evaluate_lengths(run, [1, 2, 4], config.eval.num_batches)
     by_factor = {entry["factor"]: entry for entry in results}
     # Same checkpoint, same validation batches: the trainer's final eval loss, exactly.
     assert by_factor[1]["loss"] == pytest.approx(result.eval_metrics["eval/loss"], rel=1e-6)
