@@ -4,10 +4,15 @@
     attn.get("softmax") -> MechanismSpec
     attn.build("softmax", num_heads=8, head_dim=64, position="rope") -> flax.linen.Module
     attn.registry.feature_table() -> the README's Markdown table
+    attn.registry.validate_options(layer) -> raises ValueError naming the first option value its spec rejects
 
 Mechanism files register themselves with the `register` decorator. On first use the registry imports every
-module of the family packages (attn/softmax/, attn/linear/, attn/local/, ...), so a new mechanism file is found
+module of the family packages (attn/softmax/, attn/linear/, attn/local/, ...), so an added mechanism file is found
 without being listed anywhere, and there are no import cycles.
+
+Each spec records its fidelity: how the implementation was checked ("paper": equations checked against the paper
+text; "official-code": matches the authors' code; "peer": matches an established independent implementation;
+"reconstructed": built from an abstract or a secondary source, experimental), with a reference saying against what.
 """
 
 from __future__ import annotations
@@ -21,8 +26,11 @@ from typing import Any
 
 import flax.linen as nn
 
+from attn.core.validation import choice, in_range, optional, positive_int
+
 INPUT_KINDS = ("sequence", "spatial", "channels", "cross", "pooling")
 FAMILIES = ("softmax", "linear", "local", "sparse", "kv", "channel", "cross", "pooling")
+FIDELITIES = ("paper", "official-code", "peer", "reconstructed")
 
 
 class Required:
@@ -47,6 +55,16 @@ COMMON_OPTION_DOCS: dict[str, str] = {
     "param_dtype": "parameter dtype",
 }
 
+# Validators of the shared options, applied to every mechanism that has the field (a mechanism's own or a
+# registered base's validator for the same name wins).
+COMMON_OPTION_VALIDATORS: dict[str, Callable[[str, Any], None]] = {
+    "num_heads": positive_int,
+    "head_dim": positive_int,
+    "num_kv_heads": optional(positive_int),
+    "dropout_rate": in_range(0, 1, high_inclusive=False),
+    "implementation": optional(choice("xla", "cudnn", "pallas")),
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class OptionSpec:
@@ -55,10 +73,17 @@ class OptionSpec:
     name: str
     default: Any
     doc: str
+    validator: Callable[[str, Any], None] | None = None  # (name, value) -> None or ValueError; None = unchecked
 
     @property
     def required(self) -> bool:
         return self.default is REQUIRED
+
+    def __str__(self) -> str:
+        shown = self.default.__name__ if isinstance(self.default, type) else repr(self.default)  # jnp.float32
+        default = "required" if self.required else f"default {shown}"
+        check = f" [{self.validator!r}]" if self.validator is not None else ""
+        return f"{self.name} ({default}){check}: {self.doc}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,8 +100,13 @@ class MechanismSpec:
       input_kind: "sequence" [B, T, E], "spatial" [B, *S, E], "channels" (NHWC), "cross", or "pooling"
         ([B, T, E] -> [B, F]: a pooling head, e.g. the models' `pool=`).
       supports_causal / supports_decode: causal masking / autoregressive decoding with a KV cache.
-      options: name -> OptionSpec (defaults and docs), from the module's dataclass fields.
+      options: name -> OptionSpec (defaults, docs, validators), from the module's dataclass fields.
       summary: one line for the feature table.
+      fidelity: "paper", "official-code", "peer" or "reconstructed" (experimental); see the module docstring.
+      reference: what the fidelity was checked against (paper section, file of the official code, or URL).
+      supports_gqa: num_kv_heads < num_heads works (meaningful for the sequence and spatial kinds).
+      has_attention_weights: the layer computes an explicit probability matrix through the attention pipeline's
+        named stages (interventions on weights and logits apply).
     """
 
     name: str
@@ -90,29 +120,65 @@ class MechanismSpec:
     supports_decode: bool
     options: Mapping[str, OptionSpec]
     summary: str
+    fidelity: str | None
+    reference: str | None
+    supports_gqa: bool
+    has_attention_weights: bool
 
     def build(self, **options: Any) -> nn.Module:
         return build(self.name, **options)
+
+    def __str__(self) -> str:
+        yes = {True: "yes", False: "no"}
+        catalog = f"[{self.catalog}] in shared/catalog" if self.catalog is not None else "not in the catalog"
+        fidelity = self.fidelity or "not recorded"
+        if self.fidelity == "reconstructed":
+            fidelity += " (experimental)"
+        op = f"{self.op.__module__}.{self.op.__qualname__}" if self.op is not None else "none"
+        lines = [
+            f"{self.name}: {self.summary}",
+            f"  paper: {self.paper} ({catalog})",
+            f"  fidelity: {fidelity}; reference: {self.reference or 'not recorded'}",
+            f"  family: {self.family}; input: {self.input_kind}",
+            f"  module: {self.module.__module__}.{self.module.__qualname__}; op: {op}",
+            f"  claims: causal {yes[self.supports_causal]}, decode {yes[self.supports_decode]}, "
+            f"gqa {yes[self.supports_gqa]}, attention weights {yes[self.has_attention_weights]}",
+            "  options:",
+        ]
+        lines += [f"    {option}" for option in self.options.values()]
+        return "\n".join(lines)
 
 
 _REGISTRY: dict[str, MechanismSpec] = {}
 _LOADED = False
 
 
-def _inherited_docs(module: type[nn.Module]) -> dict[str, str]:
-    """Option docs of the registered mechanisms `module` derives from (nearest base wins)."""
-    docs: dict[str, str] = {}
+def _registered_spec(cls: type) -> MechanismSpec | None:
+    """The spec registered for exactly `cls` (not for a base it inherits `registry_name` from), or None."""
+    name = cls.__dict__.get("registry_name")
+    spec = _REGISTRY.get(name) if isinstance(name, str) else None
+    return spec if spec is not None and spec.module is cls else None
+
+
+def _inherited_options(module: type[nn.Module]) -> dict[str, OptionSpec]:
+    """Options (docs, validators) of the registered mechanisms `module` derives from (nearest base wins)."""
+    options: dict[str, OptionSpec] = {}
     for base in reversed(module.__mro__[1:]):
-        for spec in _REGISTRY.values():
-            if spec.module is base:
-                docs.update({name: option.doc for name, option in spec.options.items()})
-    return docs
+        spec = _registered_spec(base)
+        if spec is not None:
+            options.update(spec.options)
+    return options
 
 
-def _module_options(module: type[nn.Module], docs: Mapping[str, str]) -> dict[str, OptionSpec]:
-    """Options from the module's dataclass fields; a field's doc comes from `docs`, else from a registered base
-    class (a subclass of `softmax` documents only its new fields), else from COMMON_OPTION_DOCS."""
-    docs = {**_inherited_docs(module), **docs}
+def _module_options(
+    module: type[nn.Module], docs: Mapping[str, str], validators: Mapping[str, Callable[[str, Any], None]]
+) -> dict[str, OptionSpec]:
+    """Options from the module's dataclass fields. A field's doc and validator come from `docs` / `validators`,
+    else from a registered base class (a subclass of `softmax` documents and checks only its own fields), else
+    from COMMON_OPTION_DOCS / COMMON_OPTION_VALIDATORS."""
+    inherited = _inherited_options(module)
+    docs = {**{n: o.doc for n, o in inherited.items()}, **docs}
+    validators = {**{n: o.validator for n, o in inherited.items() if o.validator is not None}, **validators}
     options = {}
     for field in dataclasses.fields(module):
         if field.name in ("parent", "name") or not field.init:
@@ -126,7 +192,14 @@ def _module_options(module: type[nn.Module], docs: Mapping[str, str]) -> dict[st
         doc = docs.get(field.name) or COMMON_OPTION_DOCS.get(field.name)
         if doc is None:
             raise ValueError(f"option {field.name!r} of {module.__name__} has no documentation; pass it in option_docs")
-        options[field.name] = OptionSpec(field.name, default, doc)
+        validator = validators.get(field.name, COMMON_OPTION_VALIDATORS.get(field.name))
+        options[field.name] = OptionSpec(field.name, default, doc, validator)
+    unknown = sorted(set(validators) - set(options))
+    if unknown:
+        raise ValueError(
+            f"validators name {', '.join(map(repr, unknown))}, not option(s) of {module.__name__}; "
+            f"expected some of {', '.join(options)}"
+        )
     return options
 
 
@@ -142,14 +215,31 @@ def register(
     summary: str,
     op: Callable[..., Any] | None = None,
     option_docs: Mapping[str, str] | None = None,
+    validators: Mapping[str, Callable[[str, Any], None]] | None = None,
+    fidelity: str | None = None,
+    reference: str | None = None,
+    supports_gqa: bool = True,
+    has_attention_weights: bool = False,
 ) -> Callable[[type[nn.Module]], type[nn.Module]]:
-    """Class decorator that registers a flax.linen Module as the mechanism `name`."""
+    """Class decorator that registers a flax.linen Module as the mechanism `name` and sets `registry_name` on it.
+
+    `validators` maps option names to (name, value) -> None checks (attn.core.validation: positive_int,
+    choice(...), ...); `fidelity` is one of FIDELITIES and `reference` says what it was checked against. Every
+    mechanism must give both (tests/test_registry.py and feature_table() enforce it).
+    """
     if name != name.lower() or not name.replace("_", "").isalnum():
         raise ValueError(f"mechanism name {name!r} must be lowercase snake case")
     if family not in FAMILIES:
         raise ValueError(f"family={family!r} must be one of {FAMILIES}")
     if input_kind not in INPUT_KINDS:
         raise ValueError(f"input_kind={input_kind!r} must be one of {INPUT_KINDS}")
+    if fidelity is not None and fidelity not in FIDELITIES:
+        raise ValueError(f"fidelity={fidelity!r} of mechanism {name!r} must be one of {FIDELITIES}")
+    if reference is not None and not (isinstance(reference, str) and reference.strip()):
+        raise ValueError(f"reference={reference!r} of mechanism {name!r} must be a non-empty string")
+    for option, validator in (validators or {}).items():
+        if not callable(validator):
+            raise ValueError(f"validators[{option!r}]={validator!r} must be a callable (name, value) -> None")
 
     def decorator(module: type[nn.Module]) -> type[nn.Module]:
         if name in _REGISTRY and _REGISTRY[name].module is not module:
@@ -164,9 +254,18 @@ def register(
             input_kind=input_kind,
             supports_causal=supports_causal,
             supports_decode=supports_decode,
-            options=_module_options(module, option_docs or {}),
+            options=_module_options(module, option_docs or {}, validators or {}),
             summary=summary,
+            fidelity=fidelity,
+            reference=reference,
+            supports_gqa=supports_gqa,
+            has_attention_weights=has_attention_weights,
         )
+        module.registry_name = name
+        # The layer template (attn/core/layer.py, which must not import the registry) runs these at every call.
+        module.option_validators = {
+            option.name: option.validator for option in _REGISTRY[name].options.values() if option.validator is not None
+        }
         return module
 
     return decorator
@@ -221,20 +320,53 @@ def build(name: str, **options: Any) -> nn.Module:
     missing = [o.name for o in spec.options.values() if o.required and o.name not in options]
     if missing:
         raise ValueError(f"mechanism {name!r} needs option(s) {', '.join(map(repr, missing))}")
-    return spec.module(**options)
+    module = spec.module(**options)
+    validate_options(module)
+    return module
+
+
+def spec_of(module_class: type[nn.Module]) -> MechanismSpec:
+    """The spec of `module_class` or, if it is not registered itself, of its nearest registered base class."""
+    _ensure_loaded()
+    for cls in module_class.__mro__:
+        spec = _registered_spec(cls)
+        if spec is not None:
+            return spec
+    raise KeyError(f"{module_class.__qualname__} is not a registered mechanism and derives from none")
+
+
+def validate_options(module: nn.Module) -> None:
+    """Checks every option of the module instance `module` with the validators of its spec (see spec_of).
+
+    Raises ValueError("<option>=<value!r> must be <expected>") for the first value a validator rejects. Fields a
+    subclass adds beyond its registered base are not checked.
+    """
+    for option in spec_of(type(module)).options.values():
+        if option.validator is not None:
+            option.validator(option.name, getattr(module, option.name))
 
 
 def feature_table(family: str | None = None) -> str:
-    """The Markdown feature table of all registered mechanisms (the README embeds this output)."""
+    """The Markdown feature table of all registered mechanisms (the README embeds this output).
+
+    Raises ValueError naming the mechanisms registered without a fidelity or a reference.
+    """
+    names = list_mechanisms(family)
+    unrecorded = [n for n in names if _REGISTRY[n].fidelity is None or _REGISTRY[n].reference is None]
+    if unrecorded:
+        raise ValueError(
+            f"mechanism(s) {', '.join(map(repr, unrecorded))} registered without fidelity= and reference=; "
+            f"expected fidelity one of {FIDELITIES} and a non-empty reference"
+        )
     lines = [
-        "| name | family | input | causal | decode | seed paper | what it does |",
-        "|---|---|---|---|---|---|---|",
+        "| name | family | input | causal | decode | fidelity | seed paper | what it does |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for name in list_mechanisms(family):
+    for name in names:
         s = _REGISTRY[name]
         ref = f"[{s.catalog}] " if s.catalog is not None else ""
         lines.append(
             f"| `{name}` | {s.family} | {s.input_kind} | {'yes' if s.supports_causal else 'no'} | "
-            f"{'yes' if s.supports_decode else 'no'} | {ref}{s.paper} | {s.summary} |"
+            f"{'yes' if s.supports_decode else 'no'} | {s.fidelity} | {ref}{s.paper} | {s.summary} |"
         )
     return "\n".join(lines)

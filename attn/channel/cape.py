@@ -39,7 +39,8 @@ import jax
 import jax.numpy as jnp
 
 from attn.core.conv import check_int, check_nhwc, conv
-from attn.core.validation import check_choice
+from attn.core.options import check_options
+from attn.core.validation import choice, positive_int
 from attn.registry import register
 
 Array = jax.Array
@@ -93,6 +94,10 @@ class SpectralConv2d(nn.Module):
         "pool": "average-pool factor before the spectral convolution, undone by nearest upsampling (code: 4)",
         "condition_transform": "'none' (t(p) = p) or 'sigmoid_log' (t(p) = p / (1 + p), needs p > 0)",
     },
+    fidelity="official-code",
+    reference="the official code's 2-D block PrmEmb_Block_2d; documented deviations: per-channel LayerNorm affine, 2 "
+    "m <= H / s required",
+    validators={"modes": positive_int, "pool": positive_int, "condition_transform": choice(*TRANSFORMS)},
 )
 class CAPE(nn.Module):
     """Parameter-conditioned channel attention. `__call__(x [B, H, W, C], *, condition [B, P])` -> [B, H, W, C]."""
@@ -111,9 +116,7 @@ class CAPE(nn.Module):
         if self.width % 2:
             raise ValueError(f"width={self.width} must be even (the masked convolutions read width / 2 channels)")
         check_int("kernel_size", self.kernel_size, odd=True)
-        check_int("modes", self.modes)
-        check_int("pool", self.pool)
-        check_choice("condition_transform", self.condition_transform, TRANSFORMS)
+        check_options(self)  # modes, pool, condition_transform (the registry's validators)
         if condition is None:
             raise ValueError("cape needs condition [batch, num_params] (the PDE parameters); got condition=None")
         if jnp.ndim(condition) != 2 or condition.shape[0] != batch:

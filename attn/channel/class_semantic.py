@@ -55,6 +55,9 @@ Array = jax.Array
         "reduction": "channel reduction of the channel-weight MLP (hidden C / reduction)",
         "num_classes": "if set, learn the attention from softmax class scores over this many classes",
     },
+    fidelity="paper",
+    reference="the paper's text: attention learned from class-semantic features over channels and local temporal "
+    "windows, fused by sum; layer sizes are this module's choices",
 )
 class ClassSemanticAttention(nn.Module):
     """CSA. `__call__(x [B, T, C] | [B, H, W, C], *, semantics=None [..., C_r])` -> x * a_c + x * a_t."""

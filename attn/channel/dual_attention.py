@@ -162,6 +162,9 @@ class SemanticGuidance(nn.Module):
         "key_channels": "query/key width of the position attention; None = max(C // 8, 1) (DANet)",
         "norm_groups": "GroupNorm groups (must divide C and the input channels C + C_guide)",
     },
+    fidelity="paper",
+    reference="the paper's guided attention module (PAM + CAM re-weighted by the encoder-decoder guide); unscaled "
+    "softmaxes as in DANet and the paper's code; GroupNorm replaces the code's BatchNorm",
 )
 class DualAttention(nn.Module):
     """Guided attention module. `__call__(x [B, H, W, C], *, guide=None [B, H, W, Cg])` -> [B, H, W, C]."""

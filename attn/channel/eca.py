@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 
 from attn.core.conv import check_int, check_nhwc, spatial_mean
+from attn.core.options import check_options
+from attn.core.validation import positive
 from attn.registry import register
 
 Array = jax.Array
@@ -61,6 +63,9 @@ def eca_kernel_size(channels: int, gamma: float = 2.0, b: float = 1.0) -> int:
         "gamma": "gamma of the adaptive kernel-size rule (paper: 2)",
         "b": "b of the adaptive kernel-size rule (paper: 1)",
     },
+    fidelity="paper",
+    reference="ECA-Net paper: the ECA module and Eq. 12 (adaptive kernel size, gamma = 2, b = 1)",
+    validators={"gamma": positive},
 )
 class ECA(nn.Module):
     """ECA channel gate. x [B, H, W, C] -> x * sigmoid(conv1d_k(mean_{H,W} x)), same shape and dtype."""
@@ -74,6 +79,7 @@ class ECA(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         channels = check_nhwc(x)[-1]
+        check_options(self)
         k = self.kernel_size
         if k is None:
             k = eca_kernel_size(channels, self.gamma, self.b)

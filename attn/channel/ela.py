@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 
 from attn.core.conv import check_divides, check_int, check_nhwc, conv, group_norm
-from attn.core.validation import check_choice
+from attn.core.options import check_options
+from attn.core.validation import choice
 from attn.registry import register
 
 Array = jax.Array
@@ -57,6 +58,9 @@ VARIANTS = {"T": (5, 1, 32), "B": (7, 1, 16), "S": (5, 8, 16), "L": (7, 8, 16)}
         "conv_groups": "groups of the 1-D conv; None = the variant's (C for T/B, C/8 for S/L)",
         "norm_groups": "GroupNorm groups; None = the variant's (32 for T, 16 otherwise)",
     },
+    fidelity="paper",
+    reference="ELA paper: the H/W strip-gate equations and its hyper-parameter table (ELA-T/B/S/L)",
+    validators={"variant": choice(*VARIANTS)},
 )
 class ELA(nn.Module):
     """Efficient Local Attention. x [B, H, W, C] -> x * a_h[:, :, None] * a_w[:, None, :], same shape."""
@@ -70,7 +74,7 @@ class ELA(nn.Module):
 
     def resolved(self, channels: int) -> tuple[int, int, int]:
         """(kernel_size, conv_groups, norm_groups) for `channels` input channels, validated."""
-        check_choice("variant", self.variant, tuple(VARIANTS))
+        check_options(self)
         kernel, per_group, norm = VARIANTS[self.variant]
         kernel = kernel if self.kernel_size is None else self.kernel_size
         groups = max(channels // per_group, 1) if self.conv_groups is None else self.conv_groups

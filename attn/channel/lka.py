@@ -45,6 +45,8 @@ Array = jax.Array
         "dilated_kernel_size": "dilated depthwise kernel size, ceil(K / d) (paper: 7)",
         "dilation": "dilation d of the second depthwise convolution (paper: 3)",
     },
+    fidelity="paper",
+    reference="VAN paper, Eq. 2 (LKA = 1x1 conv of a 7x7 dilation-3 depthwise conv of a 5x5 depthwise conv)",
 )
 class LargeKernelAttention(nn.Module):
     """VAN's LKA. x [B, H, W, C] -> x * conv1x1(dw_dilated(dw(x))), same shape."""

@@ -38,7 +38,8 @@ import jax
 import jax.numpy as jnp
 
 from attn.core.conv import check_int, check_nhwc, conv, layer_norm
-from attn.core.validation import check_choice
+from attn.core.options import check_options
+from attn.core.validation import choice
 from attn.registry import register
 
 Array = jax.Array
@@ -59,6 +60,10 @@ LAYOUTS = ("parallel", "sequential")
         "layout": "'parallel' (Z_ch(x) + Z_sp(x)) or 'sequential' (Z_sp(Z_ch(x)))",
         "inner_channels": "internal width r of both branches; None = C // 2 (the paper)",
     },
+    fidelity="paper",
+    reference="PSA paper's equations (channel-only and spatial-only branches, parallel and sequential layouts); the "
+    "released code's deviations are not followed",
+    validators={"layout": choice(*LAYOUTS)},
 )
 class PolarizedSelfAttention(nn.Module):
     """Polarized Self-Attention. x [B, H, W, C] -> [B, H, W, C]."""
@@ -71,7 +76,7 @@ class PolarizedSelfAttention(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         channels = check_nhwc(x)[-1]
-        check_choice("layout", self.layout, LAYOUTS)
+        check_options(self)
         inner = max(channels // 2, 1) if self.inner_channels is None else self.inner_channels
         check_int("inner_channels", inner)
         args = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False)

@@ -42,6 +42,8 @@ Array = jax.Array
     supports_decode=False,
     summary="one spatial softmax map per channel subspace (DW 1x1, 3x3 max pool, PW), F + A*F; 3C + g params",
     option_docs={"num_subspaces": "number g of channel subspaces (groups), each with its own attention map"},
+    fidelity="paper",
+    reference="ULSAM paper, Eqs. 1-3 (the official code's extra BatchNorm + ReLU are left out)",
 )
 class ULSAM(nn.Module):
     """Subspace attention. x [B, H, W, C] -> x * (1 + A_group(c)), same shape; C % num_subspaces == 0."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -82,3 +84,114 @@ def normalize_window(window: Any, *, q_len: int | None = None, kv_len: int | Non
                 f"must be <= {limit}; use window=None for full attention"
             )
     return int(left), int(right)
+
+
+# Option validators: each is a callable (option_name, value) -> None raising ValueError("<name>=<value!r> must be
+# <expected>"); its repr is the short form `python -m attn <name>` prints. The registry attaches them to options
+# (register(..., validators={...})) and attn.registry.validate_options runs them on a module instance.
+
+
+class OptionValidator:
+    """A named check of one option value.
+
+    Attributes:
+      test: value -> bool, True when the value is acceptable.
+      expected: what the value must be, phrased to follow "must be" in the error ("a positive int").
+      label: the short form shown in listings ("positive int").
+    """
+
+    def __init__(self, test: Callable[[Any], bool], expected: str, label: str):
+        self.test = test
+        self.expected = expected
+        self.label = label
+
+    def __call__(self, name: str, value: Any) -> None:
+        if not self.test(value):
+            raise ValueError(f"{name}={value!r} must be {self.expected}")
+
+    def __repr__(self) -> str:
+        return self.label
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+positive_int = OptionValidator(lambda v: _is_int(v) and v > 0, "a positive int", "positive int")
+non_negative_int = OptionValidator(lambda v: _is_int(v) and v >= 0, "a non-negative int", "non-negative int")
+positive = OptionValidator(lambda v: _is_number(v) and v > 0, "a number > 0", "number > 0")
+non_negative = OptionValidator(lambda v: _is_number(v) and v >= 0, "a number >= 0", "number >= 0")
+
+
+def int_at_least(low: int) -> OptionValidator:
+    """An int >= `low` (positive_int is int_at_least(1))."""
+    return OptionValidator(lambda v: _is_int(v) and v >= low, f"an int >= {low}", f"int >= {low}")
+
+
+def choice(*values: Any) -> OptionValidator:
+    """One of `values` (compared with ==; a bool never matches an int choice)."""
+    if not values:
+        raise ValueError("choice() needs at least one allowed value")
+
+    def equal(v: Any, c: Any) -> bool:
+        if isinstance(v, (bool, np.bool_)) != isinstance(c, (bool, np.bool_)):
+            return False
+        try:
+            return bool(v == c)
+        except (TypeError, ValueError):  # an array compares elementwise: not one of the choices
+            return False
+
+    def test(v: Any) -> bool:
+        return any(equal(v, c) for c in values)
+
+    return OptionValidator(test, f"one of {values!r}", f"one of {values!r}")
+
+
+def subset(*values: Any) -> OptionValidator:
+    """A tuple or list of distinct entries of `values` (empty allowed)."""
+
+    def test(v: Any) -> bool:
+        if not isinstance(v, (tuple, list)):
+            return False
+        entries = [entry for entry in v if isinstance(entry, str) or _is_int(entry)]  # hashable, comparable
+        return len(entries) == len(v) and len(set(v)) == len(v) and all(entry in values for entry in v)
+
+    return OptionValidator(test, f"a tuple of distinct entries of {values!r}", f"distinct entries of {values!r}")
+
+
+def in_range(low: float, high: float, *, low_inclusive: bool = True, high_inclusive: bool = True) -> OptionValidator:
+    """A number between `low` and `high`, each end included or not ("[0, 1)")."""
+    if not low <= high:
+        raise ValueError(f"in_range(low={low!r}, high={high!r}) needs low <= high")
+
+    def test(v: Any) -> bool:
+        if not _is_number(v):
+            return False
+        above = v >= low if low_inclusive else v > low
+        below = v <= high if high_inclusive else v < high
+        return above and below
+
+    interval = f"{'[' if low_inclusive else '('}{low}, {high}{']' if high_inclusive else ')'}"
+    return OptionValidator(test, f"a number in {interval}", f"number in {interval}")
+
+
+def optional(validator: OptionValidator) -> OptionValidator:
+    """None, or a value `validator` accepts."""
+    return OptionValidator(
+        lambda v: v is None or validator.test(v), f"None or {validator.expected}", f"None or {validator.label}"
+    )
+
+
+def int_or_pair(validator: OptionValidator) -> OptionValidator:
+    """A value `validator` accepts (an int, the same on every axis) or a tuple/list of such values, one per axis."""
+    return OptionValidator(
+        lambda v: (
+            validator.test(v) or (isinstance(v, (tuple, list)) and len(v) > 0 and all(validator.test(x) for x in v))
+        ),
+        f"{validator.expected} or a tuple of them (one per axis)",
+        f"{validator.label} or a tuple of them per axis",
+    )

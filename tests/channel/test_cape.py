@@ -96,6 +96,6 @@ def test_fourier_layer_keeps_low_modes_and_commutes_with_shifts(quick_params, ji
     ],
 )
 def test_bad_options_and_condition_are_named(options, condition, message):
-    module = attn.build("cape", **{**OPTIONS, **options})
     with pytest.raises(ValueError, match=message):
+        module = attn.build("cape", **{**OPTIONS, **options})
         jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((2, 8, 8, 4)), condition=condition)
