@@ -70,9 +70,10 @@ def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray | Array, multipl
     positions = jnp.asarray(positions)
     if positions.ndim == 1:
         positions = positions[None]
-    angles = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq, jnp.float32)  # [B, T, d/2]
+    compute = jnp.promote_types(x.dtype, jnp.float32)  # float32, or float64 for float64 inputs
+    angles = positions[..., None].astype(compute) * jnp.asarray(inv_freq, compute)  # [B, T, d/2]
     sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    x1, x2 = jnp.split(x.astype(compute), 2, axis=-1)
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     if multiplier != 1.0:
         rotated = rotated * multiplier

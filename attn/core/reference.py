@@ -7,7 +7,8 @@
     p      = softmax(logits) over keys, with an optional per-head sink logit in the denominator only
     out    = dropout(p) v
 
-GQA/MQA group the query heads over the kv heads with a reshape; k and v are never repeated in memory.
+GQA/MQA group the query heads over the kv heads with a reshape; k and v are never repeated in memory. The stages
+are the functions of `attn.core.pipeline`, called in sequence (the layers' explicit path calls the same ones).
 Time O(B H Tq Tk D), memory O(B H Tq Tk).
 """
 
@@ -18,37 +19,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from attn.core import pipeline
 from attn.core.masks import Mask
 
 Array = jax.Array
-
-
-def grouped_logits(q: Array, k: Array) -> Array:
-    """q [B, Tq, H, D] . k [B, Tk, KVH, D] -> float32 [B, H, Tq, Tk] (unscaled); query heads are grouped over the
-    kv heads with a reshape, so k is never repeated (GQA/MQA)."""
-    batch, q_len, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
-    qg = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
-    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-    return logits.reshape(batch, heads, q_len, k.shape[1])
-
-
-def grouped_weighted_values(weights: Array, v: Array) -> Array:
-    """Attention weights [B, H, Tq, Tk] times values [B, Tk, KVH, Dv] -> float32 [B, Tq, H, Dv], grouped like
-    `grouped_logits` (v is never repeated)."""
-    batch, heads, q_len, kv_len = weights.shape
-    kv_heads = v.shape[2]
-    grouped = weights.reshape(batch, kv_heads, heads // kv_heads, q_len, kv_len)
-    out = jnp.einsum("bkgts,bskd->btkgd", grouped.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.reshape(batch, q_len, heads, v.shape[-1])
-
-
-def _grouped(x: Array, batch: int, kv_heads: int, groups: int) -> Array:
-    """Broadcasts a [B|1, H|1, Tq, Tk] array to the grouped layout [B|1, KVH|1, G|1, Tq, Tk]."""
-    b, h, tq, tk = x.shape
-    if h == 1:
-        return x[:, :, None]
-    return x.reshape(b, kv_heads, groups, tq, tk)
 
 
 def reference_softmax_attention(
@@ -79,46 +53,20 @@ def reference_softmax_attention(
     Returns:
       out [B, Tq, H, Dv] in q.dtype, or (out, aux) when a return_* flag is set.
     """
-    batch, q_len, heads, head_dim = q.shape
-    kv_len, kv_heads = k.shape[1], k.shape[2]
-    groups = heads // kv_heads
-    scale = head_dim**-0.5 if scale is None else scale
-
-    logits = grouped_logits(q, k).reshape(batch, kv_heads, groups, q_len, kv_len) * scale
-    if softcap is not None:
-        logits = softcap * jnp.tanh(logits / softcap)
-    if bias is not None:
-        bias = jnp.asarray(bias, jnp.float32)
-        bias = jnp.broadcast_to(bias, (bias.shape[0] if bias.ndim == 4 else 1, heads, q_len, kv_len))
-        logits = logits + _grouped(bias, batch, kv_heads, groups)
-    if mask is not None:
-        allowed = _grouped(mask.materialize(q_len, kv_len, q_offset=q_offset), batch, kv_heads, groups)
-        logits = jnp.where(allowed, logits, -jnp.inf)
-
-    row_max = jnp.max(logits, axis=-1, keepdims=True)
+    heads = q.shape[2]
     if sinks is not None:
-        sink = jnp.asarray(sinks, jnp.float32).reshape(1, kv_heads, groups, 1, 1)
-        row_max = jnp.maximum(row_max, sink)
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-    unnormalized = jnp.exp(logits - row_max)
-    denom = jnp.sum(unnormalized, axis=-1, keepdims=True)
-    if sinks is not None:
-        denom = denom + jnp.exp(sink - row_max)
-    probs = unnormalized / jnp.where(denom == 0.0, 1.0, denom)
-    lse = jnp.where(denom == 0.0, -jnp.inf, row_max + jnp.log(jnp.where(denom == 0.0, 1.0, denom)))[..., 0]
-
-    attended = probs
-    if dropout_rate > 0.0:
-        if dropout_rng is None:
-            raise ValueError("dropout_rate > 0 needs dropout_rng (a jax.random key)")
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
-        attended = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
-    out = grouped_weighted_values(attended.reshape(batch, heads, q_len, kv_len), v).astype(q.dtype)
+        sinks = jnp.asarray(sinks, jnp.float32).reshape(heads)
+    logits = pipeline.scores(q, k, scale=scale, softcap=softcap)
+    logits = pipeline.add_bias(logits, bias)
+    logits = pipeline.mask_logits(logits, mask, q_offset=q_offset)
+    probs, lse = pipeline.softmax_weights(logits, sinks=sinks)
+    attended = pipeline.dropout_weights(probs, dropout_rate, dropout_rng)
+    out = pipeline.mix(attended, v).astype(q.dtype)
     if not (return_probs or return_lse):
         return out
     aux: dict[str, Array] = {}
     if return_probs:
-        aux["probs"] = probs.reshape(batch, heads, q_len, kv_len)
+        aux["probs"] = probs
     if return_lse:
-        aux["lse"] = lse.reshape(batch, heads, q_len)
+        aux["lse"] = lse
     return out, aux

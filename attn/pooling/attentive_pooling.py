@@ -39,7 +39,8 @@ from attn import functional as F
 from attn.core.layer import AttentionLayer
 from attn.core.masks import Mask
 from attn.core.padding import masked_softmax, padding_lengths, valid_tokens
-from attn.core.validation import check_choice, check_rank
+from attn.core.pipeline import dropout_weights
+from attn.core.validation import check_rank, choice, positive_int
 from attn.registry import register
 
 Array = jax.Array
@@ -47,14 +48,23 @@ Array = jax.Array
 VARIANTS = ("efficient_probing", "multihead")
 
 
-def efficient_probing(x: Array, values: Array, queries: Array, *, lengths: Array | None = None) -> tuple[Array, Array]:
+def efficient_probing(
+    x: Array,
+    values: Array,
+    queries: Array,
+    *,
+    lengths: Array | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: Array | None = None,
+) -> tuple[Array, Array]:
     """Efficient Probing pooling (module docstring) given the projected values.
 
     Args:
       x: [B, N, C] tokens (the keys: no key projection). values: [B, N, C'] = x W_v, C' divisible by M.
       queries: [M, C] learned queries (no query projection). lengths: int [B] valid tokens, or None.
+      dropout_rate, dropout_rng: inverted dropout on the weights before pooling (`attn.core.pipeline.dropout_weights`).
     Returns:
-      (pooled [B, C'] in values.dtype, weights float32 [B, M, N]).
+      (pooled [B, C'] in values.dtype, weights float32 [B, M, N] (before dropout)).
     """
     check_rank("x", x, 3, "[batch, tokens, channels]")
     check_rank("values", values, 3, "[batch, tokens, value_channels]")
@@ -71,7 +81,8 @@ def efficient_probing(x: Array, values: Array, queries: Array, *, lengths: Array
     logits = jnp.einsum("mc,bnc->bmn", queries.astype(jnp.float32), x.astype(jnp.float32)) / math.sqrt(channels)
     weights = masked_softmax(logits, valid_tokens(lengths, batch, tokens)[:, None, :], axis=-1)
     chunks = values.astype(jnp.float32).reshape(batch, tokens, num_queries, -1)
-    pooled = jnp.einsum("bmn,bnmd->bmd", weights, chunks).reshape(batch, -1)
+    dropped = dropout_weights(weights, dropout_rate, dropout_rng)
+    pooled = jnp.einsum("bmn,bnmd->bmd", dropped, chunks).reshape(batch, -1)
     return pooled.astype(values.dtype), weights
 
 
@@ -93,6 +104,10 @@ def efficient_probing(x: Array, values: Array, queries: Array, *, lengths: Array
         "num_heads": "number of heads (multihead variant; EP scores with one embed-wide head, as the paper)",
         "head_dim": "size of each head (multihead variant)",
     },
+    fidelity="official-code",
+    reference="github.com/billpsomas/efficient-probing poolings/ep.py (variant='efficient_probing'); 'multihead' is "
+    "the standard attentive-probe baseline",
+    validators={"variant": choice(*VARIANTS), "num_queries": positive_int, "d_out": positive_int},
 )
 class AttentivePooling(AttentionLayer):
     """Attentive pooling probe. `__call__(x [B, N, C], *, mask=None, ...)` -> [B, C // d_out] (EP) or [B, C].
@@ -118,9 +133,7 @@ class AttentivePooling(AttentionLayer):
         deterministic: bool = True,
     ) -> Array:
         self.check_input(x, context)
-        check_choice("variant", self.variant, VARIANTS)
-        if not isinstance(self.num_queries, int) or self.num_queries <= 0:
-            raise ValueError(f"num_queries={self.num_queries!r} must be a positive int")
+        self.check_options()
         if context is not None or decode:
             raise ValueError(f"{self.mechanism_name} pools its input x; context and decode=True are not supported")
         batch, _, channels = x.shape
@@ -133,7 +146,7 @@ class AttentivePooling(AttentionLayer):
             self.param_dtype,
         )
         if self.variant == "efficient_probing":
-            if not isinstance(self.d_out, int) or self.d_out <= 0 or channels % self.d_out:
+            if channels % self.d_out:
                 raise ValueError(f"d_out={self.d_out!r} must be a positive int dividing embed={channels}")
             if (channels // self.d_out) % self.num_queries:
                 raise ValueError(
@@ -154,6 +167,8 @@ class AttentivePooling(AttentionLayer):
                 values,
                 jnp.asarray(queries, self.dtype),
                 lengths=lengths,
+                dropout_rate=self.effective_dropout(deterministic),
+                dropout_rng=self.dropout_rng(deterministic),
             )
             if self.wants_weights():
                 self.sow("intermediates", "attention_weights", weights[:, None])  # [B, 1, M, N]
@@ -172,7 +187,7 @@ class AttentivePooling(AttentionLayer):
             k,
             v,
             mask=kv_mask,
-            dropout_rate=self.dropout_rate,
+            dropout_rate=self.effective_dropout(deterministic),
             dropout_rng=self.dropout_rng(deterministic),
             return_probs=self.wants_weights(),
             implementation=self.implementation,

@@ -36,7 +36,8 @@ import jax.numpy as jnp
 from attn.core.layer import AttentionLayer
 from attn.core.masks import Mask
 from attn.core.padding import masked_softmax, padding_lengths, valid_tokens
-from attn.core.validation import check_choice, check_rank
+from attn.core.pipeline import dropout_weights
+from attn.core.validation import check_choice, check_rank, choice, positive_int
 from attn.registry import register
 
 Array = jax.Array
@@ -53,14 +54,17 @@ def low_rank_pooling(
     *,
     activation: str = "tanh",
     lengths: Array | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: Array | None = None,
 ) -> tuple[Array, Array]:
     """LAMA pooling (module docstring).
 
     Args:
       x: [B, T, E] token states. context: [E] global context vector c. u, v: [E, r] shared factors. p: [r, H]
         head mixing. activation: "tanh" or "none" (phi). lengths: int [B] valid tokens, or None.
+      dropout_rate, dropout_rng: inverted dropout on the weights before pooling (`attn.core.pipeline.dropout_weights`).
     Returns:
-      (pooled [B, H * E] in x.dtype, weights float32 [B, H, T]).
+      (pooled [B, H * E] in x.dtype, weights float32 [B, H, T] (before dropout)).
     """
     check_rank("x", x, 3, "[batch, length, embed]")
     check_choice("activation", activation, ACTIVATIONS)
@@ -77,7 +81,8 @@ def low_rank_pooling(
     keys = phi(xf @ v.astype(jnp.float32))  # [B, T, r]
     logits = jnp.einsum("btr,r,rh->bht", keys, query, p.astype(jnp.float32))
     weights = masked_softmax(logits, valid_tokens(lengths, batch, length)[:, None, :], axis=-1)
-    pooled = jnp.einsum("bht,bte->bhe", weights, xf).reshape(batch, -1)
+    dropped = dropout_weights(weights, dropout_rate, dropout_rng)
+    pooled = jnp.einsum("bht,bte->bhe", dropped, xf).reshape(batch, -1)
     return pooled.astype(x.dtype), weights
 
 
@@ -97,6 +102,11 @@ def low_rank_pooling(
         "num_heads": "number of attention distributions (heads), each pooling the tokens",
         "head_dim": "unused by the pooling (the pooled vectors are embed wide); kept for the uniform interface",
     },
+    fidelity="reconstructed",
+    reference="the abstract of [65] (low-rank affinity shared by the heads, scores against a global context vector, "
+    "concatenated head vectors); the Hadamard low-rank bilinear form with tanh and the learned context vector are a "
+    "reconstruction",
+    validators={"rank": positive_int, "activation": choice(*ACTIVATIONS)},
 )
 class LowRankPooling(AttentionLayer):
     """LAMA pooling. `__call__(x [B, T, E], *, mask=None, ...)` -> [B, num_heads * E]."""
@@ -118,9 +128,7 @@ class LowRankPooling(AttentionLayer):
         deterministic: bool = True,
     ) -> Array:
         self.check_input(x, context)
-        check_choice("activation", self.activation, ACTIVATIONS)
-        if not isinstance(self.rank, int) or self.rank <= 0:
-            raise ValueError(f"rank={self.rank!r} must be a positive int")
+        self.check_options()
         if context is not None or decode:
             raise ValueError(f"{self.mechanism_name} pools its input x; context and decode=True are not supported")
         batch, _, features = x.shape
@@ -149,6 +157,8 @@ class LowRankPooling(AttentionLayer):
             p,
             activation=self.activation,
             lengths=lengths,
+            dropout_rate=self.effective_dropout(deterministic),
+            dropout_rng=self.dropout_rng(deterministic),
         )
         if self.wants_weights():
             self.sow("intermediates", "attention_weights", weights[:, :, None])  # [B, H, 1, T]

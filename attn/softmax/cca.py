@@ -29,19 +29,22 @@ back over its group by w_t), and the output equals those weights times V exactly
 Reduction to softmax: group_size=1 (each core is its token) or local_window >= T (no cores) is exactly causal
 softmax attention (the `softmax` layer with the same parameters, up to summation order). Causal masks only;
 no decoding (the cores need the queries of past group ends), no sliding window, softcap or relative biases.
+
+The layer overrides the template's `attend` (one softmax over cores and raw tokens is not the pipeline's [Tq, Tk]
+logits matrix), so interventions may target its `head_outputs` only; the effective weights are still captured.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import ClassVar
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from attn import functional as F
+from attn.core.layer import AttentionCall
 from attn.core.masks import Mask
-from attn.core.validation import check_choice, check_positive, check_qkv
+from attn.core.validation import check_positive, check_qkv, choice, positive_int
 from attn.registry import register
 from attn.softmax.multi_head import MultiHeadAttention
 
@@ -84,14 +87,17 @@ def cca_attention(
     local_window: int,
     mask: Mask | None = None,
     scale: float | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: Array | None = None,
     return_probs: bool = False,
     implementation: str | None = None,
 ) -> Array | tuple[Array, dict[str, Array]]:
     """Causal CCA attention (see the module doc). q [B, T, H, D], k/v [B, T, KVH, D] -> [B, T, H, Dv].
 
     mask: None (causal) or a causal `attn.Mask` whose other parts (e.g. kv_lengths) also restrict the raw keys
-    and, through each group's last token, the cores. return_probs: also return {"probs": the effective per-token
-    weights float32 [B, H, T, T]}.
+    and, through each group's last token, the cores. dropout_rate, dropout_rng: dropout on the weights over
+    [cores; tokens] (as in `attn.functional.softmax_attention`). return_probs: also return {"probs": the
+    effective per-token weights float32 [B, H, T, T]}.
     """
     heads, kv_heads = check_qkv(q, k, v)
     check_positive("group_size", group_size)
@@ -117,7 +123,15 @@ def cca_attention(
     keys = jnp.concatenate([core_k, jnp.repeat(k, heads // kv_heads, axis=2)], axis=1)
     values = jnp.concatenate([core_v, jnp.repeat(v, heads // kv_heads, axis=2)], axis=1)
     result = F.softmax_attention(
-        q, keys, values, mask=allowed, scale=scale, return_probs=return_probs, implementation=implementation
+        q,
+        keys,
+        values,
+        mask=allowed,
+        scale=scale,
+        dropout_rate=dropout_rate,
+        dropout_rng=dropout_rng,
+        return_probs=return_probs,
+        implementation=implementation,
     )
     if not return_probs:
         return result
@@ -142,6 +156,18 @@ def cca_attention(
         "position": "'rope' or 'none'",
         "group_size": "tokens per group g merged into one core token (paper default 16)",
         "local_window": "local window s of raw tokens (paper default 1024; it grows to the group boundary)",
+        "window": "must be None (the local window is local_window)",
+        "softcap": "must be None (not supported by cca)",
+    },
+    fidelity="paper",
+    reference="the paper's globality-aware pooling and locality-preserving module (its indices j = max(0, floor((i - "
+    "s) / g)) and window start); project page github.com/chenyaofo/CCA-Attention",
+    validators={
+        "position": choice(*POSITIONS),
+        "group_size": positive_int,
+        "local_window": positive_int,
+        "window": choice(None),
+        "softcap": choice(None),
     },
 )
 class CCAAttention(MultiHeadAttention):
@@ -150,45 +176,21 @@ class CCAAttention(MultiHeadAttention):
     group_size: int = 16
     local_window: int = 1024
 
-    @nn.compact
-    def __call__(
-        self,
-        x: Array,
-        *,
-        context: Array | None = None,
-        mask: Mask | None = None,
-        positions: Array | None = None,
-        decode: bool = False,
-        deterministic: bool = True,
-    ) -> Array:
-        if decode:
+    # The weights come from one softmax over [cores; local tokens] (not a [Tq, Tk] logits matrix), so the pipeline's
+    # matrix stages do not apply; the effective per-token weights are still captured as "attention_weights".
+    intervention_stages: ClassVar[tuple[str, ...]] = ("head_outputs",)
+
+    def validate(self, call: AttentionCall) -> None:
+        super().validate(call)
+        if call.decode:
             raise ValueError("cca does not support decode=True (its cores need the queries of past group ends)")
-        if context is not None:
+        if call.cross:
             raise ValueError("cca is causal self-attention; got a context (cross-attention is not supported)")
-        return super().__call__(x, mask=mask, positions=positions, deterministic=deterministic)
-
-    def position_bias(self, q: Array, q_pos: Array, kv_pos: Array, mask: Mask | None) -> None:
-        check_choice("position", self.position, POSITIONS)
-        return None
-
-    def attend(
-        self,
-        q: Array,
-        k: Array,
-        v: Array,
-        *,
-        mask: Mask | None,
-        bias: Any,
-        q_offset,
-        deterministic: bool,
-    ) -> Array:
-        if mask is None or not mask.causal:
+        if call.mask is None or not call.mask.causal:
             raise ValueError("cca is causal attention: pass mask=attn.Mask(causal=True)")
-        for name in ("window", "softcap"):
-            if getattr(self, name) is not None:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not supported by cca; use {name}=None")
-        if not deterministic and self.dropout_rate > 0.0:
-            raise ValueError(f"dropout_rate={self.dropout_rate!r} is not supported by cca; use 0")
+
+    def attend(self, q: Array, k: Array, v: Array, call: AttentionCall) -> Array:
+        """q [B, T, H, D], k/v [B, T, KVH, D] -> [B, T, H, Dv] (the position bias is None: 'rope' or 'none')."""
         capture = self.wants_weights()
         result = cca_attention(
             q,
@@ -196,12 +198,14 @@ class CCAAttention(MultiHeadAttention):
             v,
             group_size=self.group_size,
             local_window=self.local_window,
-            mask=mask,
+            mask=call.mask,
             scale=self.scale,
+            dropout_rate=self.effective_dropout(call.deterministic),
+            dropout_rng=self.dropout_rng(call.deterministic),
             return_probs=capture,
             implementation=self.implementation,
         )
         if capture:
             result, aux = result
-            self.sow("intermediates", "attention_weights", aux["probs"])
+            self.sow_capture("attention_weights", aux["probs"])
         return result

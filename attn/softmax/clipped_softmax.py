@@ -31,7 +31,7 @@ Time O(B H T^2 D), memory O(B H T^2) (the probabilities are materialised: the cl
 Reduction to softmax: zeta = 1, gamma = 0 (and alpha None), gate = "none" is exactly the `softmax` layer with the
 same parameters (clip(p, 0, 1) = p).
 
-Probabilities times values (with GQA grouping) is `attn.core.reference.grouped_weighted_values`.
+Probabilities times values (with GQA grouping) is `attn.core.pipeline.grouped_weighted_values`.
 """
 
 from __future__ import annotations
@@ -44,11 +44,12 @@ import jax
 import jax.numpy as jnp
 
 from attn import functional as F
+from attn.core.layer import AttentionCall
 from attn.core.masks import Mask
-from attn.core.reference import grouped_weighted_values
-from attn.core.validation import check_choice
+from attn.core.pipeline import grouped_weighted_values
+from attn.core.validation import choice, in_range, non_negative, optional
 from attn.registry import register
-from attn.softmax.gated import OutputGatedAttention
+from attn.softmax.multi_head import MultiHeadAttention
 
 Array = jax.Array
 
@@ -174,6 +175,14 @@ class PerHeadGate(nn.Module):
     supports_causal=True,
     supports_decode=True,
     summary="clipped softmax clip((zeta-gamma) p + gamma, 0, 1) and an optional conditional per-head output gate",
+    has_attention_weights=True,
+    validators={
+        "zeta": in_range(1.0, math.inf),
+        "gamma": in_range(-math.inf, 0.0),
+        "alpha": optional(non_negative),
+        "gate": choice(*GATES),
+        "gate_init": in_range(0.0, 1.0, low_inclusive=False, high_inclusive=False),
+    },
     option_docs={
         "zeta": "clipped softmax stretch factor zeta >= 1 (1 = none)",
         "gamma": "clipped softmax stretch factor gamma <= 0 (0 = none); ignored when alpha is set",
@@ -181,8 +190,11 @@ class PerHeadGate(nn.Module):
         "gate": "gated attention: 'none', 'linear' (per head on its x chunk), 'mlp' (per-head MLP) or 'all_features'",
         "gate_init": "initial gate probability pi_init in (0, 1) (the gate bias starts at logit(pi_init))",
     },
+    fidelity="paper",
+    reference="the paper's clipped softmax clip((zeta - gamma) p + gamma, 0, 1) with gamma = -alpha / T and its "
+    "conditional gates (linear, MLP, all features); code github.com/Qualcomm-AI-research/outlier-free-transformers",
 )
-class ClippedSoftmaxAttention(OutputGatedAttention):
+class ClippedSoftmaxAttention(MultiHeadAttention):
     """Softmax attention with clipped-softmax weights and an optional per-head gate. x [B, T, E] -> [B, T, E]."""
 
     zeta: float = 1.0
@@ -191,47 +203,11 @@ class ClippedSoftmaxAttention(OutputGatedAttention):
     gate: str = "none"
     gate_init: float = 0.25
 
-    def _check_options(self) -> None:
+    def prob_mod(self, weights: Array, call: AttentionCall) -> Array:
+        """clip((zeta - gamma) p + gamma, 0, 1), with gamma = -alpha / T when alpha is set (T = number of keys)."""
         check_stretch(self.zeta, self.gamma)
-        if self.alpha is not None and not self.alpha >= 0.0:
-            raise ValueError(f"alpha={self.alpha!r} must be >= 0 (gamma = -alpha / T) or None")
-        check_choice("gate", self.gate, GATES)
-        if not 0.0 < self.gate_init < 1.0:
-            raise ValueError(f"gate_init={self.gate_init!r} must be a probability in (0, 1)")
-
-    def attend(
-        self,
-        q: Array,
-        k: Array,
-        v: Array,
-        *,
-        mask: Mask | None,
-        bias: Array | None,
-        q_offset,
-        deterministic: bool,
-    ) -> Array:
-        self._check_options()
-        gamma = self.gamma if self.alpha is None else -self.alpha / k.shape[1]
-        out, aux = clipped_softmax_attention(
-            q,
-            k,
-            v,
-            zeta=self.zeta,
-            gamma=gamma,
-            mask=mask,
-            bias=bias,
-            window=self.window,
-            scale=self.scale,
-            softcap=self.softcap,
-            q_offset=q_offset,
-            dropout_rate=0.0 if deterministic else self.dropout_rate,
-            dropout_rng=self.dropout_rng(deterministic),
-            return_probs=True,
-            implementation=self.implementation,
-        )
-        if self.wants_weights():
-            self.sow("intermediates", "attention_weights", aux["probs"])
-        return out
+        gamma = self.gamma if self.alpha is None else -self.alpha / weights.shape[-1]
+        return jnp.clip((self.zeta - gamma) * weights + gamma, 0.0, 1.0)
 
     def output_gate(self, x: Array) -> Array | None:
         if self.gate == "none":

@@ -34,6 +34,10 @@ causal masks and the KV cache work (p2c reads the cached keys).
 
 Reduction to softmax: attention_terms=() leaves A_ij = Q^c_i . K^c_j with scale 1/sqrt(d): exactly the `softmax`
 layer with position="none" and the same q/k/v/o parameters (the table is then unused).
+
+In the layer (the attention pipeline, attn/core/softmax_layer.py): `scores` is the content term with DeBERTa's
+scale, and `prepare` turns c2p + p2c into the call's logits bias (after the KV cache, since p2c reads the keys),
+which `score_mod` adds; captures and interventions on the logits and weights see the whole A.
 """
 
 from __future__ import annotations
@@ -45,10 +49,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from attn import functional as F
-from attn.core.layer import HeadProjection
+from attn.core import pipeline
+from attn.core.layer import AttentionCall, HeadProjection
 from attn.core.masks import Mask
-from attn.core.validation import check_choice
+from attn.core.validation import choice, int_at_least, subset
 from attn.registry import register
 from attn.softmax.multi_head import MultiHeadAttention
 
@@ -126,7 +130,7 @@ def disentangled_scores(
 
 
 class DisentangledTerms(NamedTuple):
-    """What `position_bias` hands to `attend`: projected position tables and the two index matrices."""
+    """What `position_bias` hands to `prepare`: projected position tables and the two index matrices."""
 
     position_query: Array | None
     position_key: Array | None
@@ -154,6 +158,16 @@ class DisentangledTerms(NamedTuple):
         "share_att_key": "project the position table with the layer's W_q / W_k (v2/v3) instead of separate ones",
         "p2c_index": "'released' (p2c indexed by delta(i, j), as in the official code) or 'paper' (delta(j, i))",
     },
+    fidelity="official-code",
+    reference="github.com/microsoft/DeBERTa v2/v3 disentangled attention (log_bucket_position, share_att_key, p2c "
+    "indexed as released); p2c_index='paper' is the paper's delta(j, i)",
+    validators={
+        "position": choice("none", "rope"),
+        "attention_terms": subset(*TERMS),
+        "p2c_index": choice(*P2C_INDICES),
+        "max_relative_positions": int_at_least(2),
+    },
+    has_attention_weights=True,
 )
 class DisentangledAttention(MultiHeadAttention):
     """DeBERTa disentangled self-attention with relative-position buckets. x [B, T, E] -> [B, T, E]."""
@@ -165,35 +179,39 @@ class DisentangledAttention(MultiHeadAttention):
     share_att_key: bool = True
     p2c_index: str = "released"
 
-    def _terms(self) -> tuple[str, ...]:
-        terms = tuple(self.attention_terms)
-        if any(t not in TERMS for t in terms) or len(set(terms)) != len(terms):
-            raise ValueError(
-                f"attention_terms={self.attention_terms!r} must be distinct entries of {TERMS} (or empty for softmax)"
-            )
-        return terms
-
     def _logit_scale(self) -> float:
         if self.scale is not None:
             return self.scale
-        return 1.0 / math.sqrt(self.head_dim * (1 + len(self._terms())))
+        return 1.0 / math.sqrt(self.head_dim * (1 + len(self.attention_terms)))
 
-    def position_bias(self, q: Array, q_pos: Array, kv_pos: Array, mask: Mask | None) -> DisentangledTerms | None:
-        check_choice("position", self.position, ("none", "rope"))
-        check_choice("p2c_index", self.p2c_index, P2C_INDICES)
-        terms = self._terms()
-        if not terms:
-            return None
-        if self.max_relative_positions < 2 or (0 < self.position_buckets and self.position_buckets < 2):
+    def validate(self, call: AttentionCall) -> None:
+        super().validate(call)
+        if 0 < self.position_buckets < 2:
             raise ValueError(
-                f"max_relative_positions={self.max_relative_positions} must be >= 2 and position_buckets="
-                f"{self.position_buckets} must be <= 0 (no buckets) or >= 2"
+                f"position_buckets={self.position_buckets} must be <= 0 (no buckets) or >= 2 (log buckets)"
             )
         if self.position_buckets > self.max_relative_positions:
             raise ValueError(
                 f"position_buckets={self.position_buckets} must be <= max_relative_positions="
                 f"{self.max_relative_positions}"
             )
+
+    def prepare(self, q: Array, k: Array, v: Array, call: AttentionCall) -> tuple[Array, Array, Array, AttentionCall]:
+        """The `softmax` layer's positions and cache, then the c2p + p2c terms as a dense logits bias (scaled like
+        the content term), which the default `score_mod` adds. p2c reads the keys, cached ones included."""
+        q, k, v, call = super().prepare(q, k, v, call)
+        terms = call.bias
+        if isinstance(terms, DisentangledTerms):
+            scores = disentangled_scores(
+                q, k, terms.position_query, terms.position_key, terms.c2p_index, terms.p2c_index
+            )
+            call = call.replace(bias=self._logit_scale() * scores)
+        return q, k, v, call
+
+    def position_bias(self, q: Array, q_pos: Array, kv_pos: Array, mask: Mask | None) -> DisentangledTerms | None:
+        terms = tuple(self.attention_terms)
+        if not terms:
+            return None
         options = dict(position_buckets=self.position_buckets, max_relative_positions=self.max_relative_positions)
         c2p_index, span = relative_index(q_pos, kv_pos, **options)
         if self.p2c_index == "paper":
@@ -235,39 +253,7 @@ class DisentangledAttention(MultiHeadAttention):
             name=f"position_{name}",
         )(jnp.asarray(table, jnp.float32))
 
-    def attend(
-        self,
-        q: Array,
-        k: Array,
-        v: Array,
-        *,
-        mask: Mask | None,
-        bias: DisentangledTerms | None,
-        q_offset,
-        deterministic: bool,
-    ) -> Array:
-        scale = self._logit_scale()
-        dense_bias = None
-        if bias is not None:
-            scores = disentangled_scores(q, k, bias.position_query, bias.position_key, bias.c2p_index, bias.p2c_index)
-            dense_bias = scale * scores
-        capture = self.wants_weights()
-        result = F.softmax_attention(
-            q,
-            k,
-            v,
-            mask=mask,
-            bias=dense_bias,
-            window=self.window,
-            scale=scale,
-            softcap=self.softcap,
-            q_offset=q_offset,
-            dropout_rate=0.0 if deterministic else self.dropout_rate,
-            dropout_rng=self.dropout_rng(deterministic),
-            return_probs=capture,
-            implementation=self.implementation,
-        )
-        if capture:
-            result, aux = result
-            self.sow("intermediates", "attention_weights", aux["probs"])
-        return result
+    def scores(self, q: Array, k: Array) -> Array:
+        """The content term with DeBERTa's scale 1/sqrt(d (1 + number of relative terms)). The bias is a dense
+        [B, H, Tq, Tk] array anyway, so the explicit stages cost the same order of memory as the fused path would."""
+        return pipeline.scores(q, k, scale=self._logit_scale(), softcap=self.softcap)

@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from attn.core.validation import optional, positive
 from attn.registry import register
 from attn.softmax.gaussian_adaptive import (
     OPTION_DOCS,
@@ -77,6 +78,11 @@ def _log_normal_init(key: Array, shape: tuple[int, ...], dtype: Any = jnp.float3
         "initial_scale": "initial value of every scaled standard deviation c; None = exp(N(0, 1)) per Gaussian "
         "(the official DAAM code)",
     },
+    fidelity="official-code",
+    reference="github.com/gioannides/DAAM-PEFT-paper-code DensityAdaptiveAttention (a product of normal densities per "
+    "head)",
+    validators={"initial_scale": optional(positive)},
+    supports_gqa=False,
 )
 class DensityAdaptiveAttention(GaussianAdaptiveAttention):
     """Multi-head density adaptive attention (module docstring). x [B, T, E] -> [B, T, E]."""

@@ -24,13 +24,12 @@ rope_base; with rope_base=10000 too it is the default `softmax` layer. The scale
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from attn.core.masks import Mask
-from attn.core.validation import check_choice, check_positive
+from attn.core.layer import AttentionCall
+from attn.core.validation import choice, int_at_least
 from attn.registry import register
 from attn.softmax.multi_head import MultiHeadAttention
 
@@ -39,17 +38,9 @@ Array = jax.Array
 
 def entropy_aware_scale(positions: Array, original_max_len: int) -> Array:
     """s(p) = max(1, log(p + 1) / log(L)), float32 of positions' shape."""
-    check_positive("original_max_len", original_max_len)
-    if original_max_len < 2:
-        raise ValueError(f"original_max_len={original_max_len!r} must be >= 2 (log base of the query scale)")
+    int_at_least(2)("original_max_len", original_max_len)
     p = jnp.asarray(positions, jnp.float32)
     return jnp.maximum(1.0, jnp.log(p + 1.0) / math.log(original_max_len))
-
-
-class QueryScale(NamedTuple):
-    """What `position_bias` hands to `attend`: the per-query logit scale, float32 [B, Tq]."""
-
-    scale: Array
 
 
 @register(
@@ -68,6 +59,11 @@ class QueryScale(NamedTuple):
         "original_max_len": "original context window L; queries at p + 1 > L get their logits scaled by log_L(p + 1)",
         "query_scaling": "apply the entropy-aware query scale in this layer (the paper leaves layers 0-1 unscaled)",
     },
+    fidelity="official-code",
+    reference="github.com/GAIR-NLP/Entropy-ABF patch/EABF.py (RoPE base 500000, query scale max(1, log_L(p + 1)), "
+    "layers 0-1 unscaled)",
+    validators={"position": choice("rope"), "original_max_len": int_at_least(2)},
+    has_attention_weights=True,
 )
 class EntropyABFAttention(MultiHeadAttention):
     """RoPE attention with an adjusted base and entropy-aware log-length query scaling. x [B, T, E] -> same."""
@@ -76,23 +72,11 @@ class EntropyABFAttention(MultiHeadAttention):
     original_max_len: int = 4096
     query_scaling: bool = True
 
-    def position_bias(self, q: Array, q_pos: Array, kv_pos: Array, mask: Mask | None) -> QueryScale | None:
-        check_choice("position", self.position, ("rope",))
-        if not self.query_scaling:
-            return None
-        return QueryScale(entropy_aware_scale(q_pos, self.original_max_len))
-
-    def attend(
-        self,
-        q: Array,
-        k: Array,
-        v: Array,
-        *,
-        mask: Mask | None,
-        bias: QueryScale | None,
-        q_offset,
-        deterministic: bool,
-    ) -> Array:
-        if bias is not None:
-            q = (q * bias.scale[:, :, None, None]).astype(q.dtype)
-        return super().attend(q, k, v, mask=mask, bias=None, q_offset=q_offset, deterministic=deterministic)
+    def prepare(self, q: Array, k: Array, v: Array, call: AttentionCall) -> tuple[Array, Array, Array, AttentionCall]:
+        """The `softmax` layer's RoPE and cache, then q_p <- s(p) q_p at the queries' absolute positions p (the
+        logits of row p scale by s(p); any softmax kernel runs it)."""
+        q, k, v, call = super().prepare(q, k, v, call)
+        if self.query_scaling:
+            scale = entropy_aware_scale(call.q_positions, self.original_max_len)
+            q = (q * scale[:, :, None, None]).astype(q.dtype)
+        return q, k, v, call

@@ -41,9 +41,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from attn.core.layer import AttentionLayer
+from attn.core.layer import AttentionCall, AttentionLayer
 from attn.core.masks import Mask
-from attn.core.validation import check_choice, check_positive
+from attn.core.validation import check_choice, choice, positive_int
 from attn.registry import register
 
 Array = jax.Array
@@ -65,7 +65,7 @@ def extractor_mix(
 
     e: [B, T, H, D] the terms e_s of positions start..start+T-1; g: [B, T, H, D] the adjustments g_t.
     carry: float32 [B, H, D] sum of e_s over the positions before `start` (None = zero).
-    Returns (g ⊙ c [B, T, H, D] in g.dtype, new carry float32 [B, H, D]).
+    Returns (g ⊙ c [B, T, H, D] in g.dtype, the updated carry float32 [B, H, D]).
     """
     check_choice("length_scaling", length_scaling, LENGTH_SCALINGS)
     sums = jnp.cumsum(e.astype(jnp.float32), axis=1)
@@ -115,6 +115,11 @@ def _check_mask(mask: Mask | None) -> None:
         "capture": "unused (the Extractor has no attention weights to sow)",
         "implementation": "unused (pure jnp)",
     },
+    fidelity="reconstructed",
+    reference="the abstract of arXiv 2308.07661 (body and official code not available) and a third-party Flax SHE "
+    "module; HE/WE/ME are this module's reading of 'simplifications'",
+    validators={"variant": choice(*VARIANTS), "max_length": positive_int, "length_scaling": choice(*LENGTH_SCALINGS)},
+    supports_gqa=False,
 )
 class Extractor(AttentionLayer):
     """An Extractor (causal, self-mixing only). x [B, T, E] -> [B, T, E]."""
@@ -123,40 +128,37 @@ class Extractor(AttentionLayer):
     max_length: int = 512
     length_scaling: str = "sqrt"
 
-    @nn.compact
-    def __call__(
-        self,
-        x: Array,
-        *,
-        context: Array | None = None,
-        mask: Mask | None = None,
-        positions: Array | None = None,
-        decode: bool = False,
-        deterministic: bool = True,
-    ) -> Array:
-        self.check_input(x, context)
-        check_choice("variant", self.variant, VARIANTS)
-        check_choice("length_scaling", self.length_scaling, LENGTH_SCALINGS)
-        check_positive("max_length", self.max_length)
+    def validate(self, call: AttentionCall) -> None:
+        super().validate(call)
         if self.kv_heads != self.num_heads:
             raise ValueError(f"num_kv_heads={self.num_kv_heads} is not supported by extractor; use None (no keys)")
-        if context is not None:
-            raise ValueError(f"extractor mixes its own sequence; got a context of shape {context.shape}")
-        if positions is not None:
+        if call.cross:
+            raise ValueError(f"extractor mixes its own sequence; got a context of shape {call.context.shape}")
+        if call.positions is not None:
             raise ValueError(
                 "extractor weights absolute positions 0..T-1 itself; positions must be None, got shape "
-                f"{jnp.shape(positions)}"
+                f"{jnp.shape(call.positions)}"
             )
-        _check_mask(mask)
-        batch, length, features = x.shape
-        if length > self.max_length:
-            raise ValueError(f"sequence length {length} exceeds max_length={self.max_length} of extractor")
+        _check_mask(call.mask)
+        if call.x.shape[1] > self.max_length:
+            raise ValueError(f"sequence length {call.x.shape[1]} exceeds max_length={self.max_length} of extractor")
 
+    def project_qkv(self, x: Array, context: Array | None) -> tuple[Array, None, Array]:
+        """(g, None, v): the adjustments g_t = x_t W_g take the queries' place, v_s = x_s W_v; there are no keys."""
         v = self.dense_heads(x, self.num_heads, "heads", "value")
         g = self.dense_heads(x, self.num_heads, "heads", "adjust")
+        return g, None, v
 
+    def prepare(self, g: Array, k: None, v: Array, call: AttentionCall) -> tuple[Array, None, Array, AttentionCall]:
+        """Positions are the absolute 0..T-1 (continuing from the running state in `attend` when decoding)."""
+        return g, k, v, call
+
+    def attend(self, g: Array, k: None, v: Array, call: AttentionCall) -> Array:
+        """g, v [B, T, H, D] -> g ⊙ c [B, T, H, D]; decoding continues the running sum kept in the "cache"
+        collection. Dropout (the attention-dropout helper) acts on the mixed output."""
+        batch, length = v.shape[:2]
         carry = start = None
-        if decode:
+        if call.decode:
             created = not self.has_variable("cache", "running_sum")
             running = self.variable(
                 "cache", "running_sum", jnp.zeros, (batch, self.num_heads, self.head_dim), jnp.float32
@@ -168,11 +170,9 @@ class Extractor(AttentionLayer):
         y, total = extractor_mix(
             e, g, start=0 if start is None else start, carry=carry, length_scaling=self.length_scaling
         )
-        if decode and start is not None:
+        if call.decode and start is not None:
             running.value, index.value = total, start + length
-        if not deterministic and self.dropout_rate > 0.0:
-            y = nn.Dropout(self.dropout_rate)(y, deterministic=False, rng=self.make_rng("dropout"))
-        return self.project_out(y, features)
+        return self.attention_dropout(y, call.deterministic)
 
     def position_terms(self, v: Array, start: Any) -> Array:
         """e_s for positions start..start+T-1 of v [B, T, H, D] (see the module doc)."""

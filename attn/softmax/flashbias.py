@@ -28,6 +28,11 @@ bias is head-specific on both sides: k and v are then repeated over the query gr
 Reduction to softmax: zero factors (u = 0) give `softmax_attention` (up to the rounding of folding the scale into
 q); the layer with factors="alibi" and a causal mask equals the `softmax` layer with position="alibi" and the same
 parameters (to float rounding, tested at 1e-5).
+
+In the layer the factors are the `prepare` stage's bias (`position_bias` returns them) and `attend` folds them
+into q and k (`fold_factors`): a plain call runs the fused kernel on the folded q', k'; a call that needs the
+pipeline's explicit stages (an intervention on the logits or weights, a capture, dropout) runs them on the same
+q', k', so its `attention_logits` are the biased logits scale q k^T + u w^T, never built from a dense bias.
 """
 
 from __future__ import annotations
@@ -39,9 +44,11 @@ import jax
 import jax.numpy as jnp
 
 from attn import functional as F
+from attn.core import pipeline
 from attn.core import positions as pos
+from attn.core.layer import AttentionCall
 from attn.core.masks import Mask
-from attn.core.validation import check_choice, check_positive, check_rank
+from attn.core.validation import check_positive, check_rank, choice, positive_int
 from attn.registry import register
 from attn.softmax.multi_head import MultiHeadAttention
 
@@ -86,6 +93,51 @@ def svd_factors(bias: Array, rank: int) -> tuple[Array, Array]:
 
 
 # ---------------------------------------------------------------------------------------------------- functional
+def fold_factors(
+    q: Array, k: Array, v: Array, u: Array | None, w: Array | None, *, scale: float | None = None
+) -> tuple[Array, Array, Array]:
+    """(q', k', v) with q' k'^T = scale q k^T + u w^T: q' = [scale q, u], k' = [k, w], factors zero-padded so that
+    D + r is a multiple of 8. u, w None (no bias): q' = scale q, k' = k. Attention with logit scale 1 on (q', k', v)
+    is biased attention on (q, k, v).
+
+    q [B, Tq, H, D], k [B, Tk, KVH, D], v [B, Tk, KVH, Dv]; u [B|1, Tq, H, r]; w [B|1, Tk, KVH|1|H, r] (with H heads,
+    k and v are repeated over the query groups). Returns q' [B, Tq, H, D + r + pad] and k' [B, Tk, KVH|H, D + r +
+    pad] in q's and k's dtypes, and v (repeated when w has H heads).
+    """
+    batch, q_len, heads, dim = q.shape
+    scale = dim**-0.5 if scale is None else scale
+    scaled = q * jnp.asarray(scale, q.dtype)
+    if u is None and w is None:
+        return scaled, k, v
+    if u is None or w is None:
+        raise ValueError(f"u and w must be given together (or both None), got u={u!r} and w={w!r}")
+    check_rank("u", u, 4, "[batch|1, q_len, heads, rank]")
+    check_rank("w", w, 4, "[batch|1, kv_len, kv_heads|1|heads, rank]")
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    if u.shape[1:3] != (q_len, heads) or u.shape[0] not in (1, batch):
+        raise ValueError(f"u has shape {u.shape}; expected [batch|1, q_len={q_len}, heads={heads}, rank]")
+    if w.shape[1] != kv_len or w.shape[2] not in (1, kv_heads, heads) or w.shape[0] not in (1, batch):
+        raise ValueError(
+            f"w has shape {w.shape}; expected [batch|1, kv_len={kv_len}, kv_heads={kv_heads} (or 1 or "
+            f"heads={heads}), rank]"
+        )
+    if u.shape[-1] != w.shape[-1]:
+        raise ValueError(f"u and w must have the same rank (last axis), got u {u.shape} and w {w.shape}")
+    if w.shape[2] == heads and kv_heads != heads:  # head-specific key factors: give every query head its keys
+        k, v = (jnp.repeat(t, heads // kv_heads, axis=2) for t in (k, v))
+        kv_heads = heads
+    rank = u.shape[-1]
+    pad = -(dim + rank) % 8
+    u = jnp.pad(u, [(0, 0)] * 3 + [(0, pad)])
+    w = jnp.pad(w, [(0, 0)] * 3 + [(0, pad)])
+    q_biased = jnp.concatenate(
+        [scaled, jnp.broadcast_to(u, (batch, q_len, heads, rank + pad)).astype(q.dtype)],
+        axis=-1,
+    )
+    k_biased = jnp.concatenate([k, jnp.broadcast_to(w, (batch, kv_len, kv_heads, rank + pad)).astype(k.dtype)], axis=-1)
+    return q_biased, k_biased, v
+
+
 def flashbias_attention(
     q: Array,
     k: Array,
@@ -118,32 +170,7 @@ def flashbias_attention(
     Returns:
       [B, Tq, H, Dv] in q.dtype, or (out, aux) when a return_* flag is set.
     """
-    check_rank("u", u, 4, "[batch|1, q_len, heads, rank]")
-    check_rank("w", w, 4, "[batch|1, kv_len, kv_heads|1|heads, rank]")
-    batch, q_len, heads, dim = q.shape
-    kv_len, kv_heads = k.shape[1], k.shape[2]
-    if u.shape[1:3] != (q_len, heads) or u.shape[0] not in (1, batch):
-        raise ValueError(f"u has shape {u.shape}; expected [batch|1, q_len={q_len}, heads={heads}, rank]")
-    if w.shape[1] != kv_len or w.shape[2] not in (1, kv_heads, heads) or w.shape[0] not in (1, batch):
-        raise ValueError(
-            f"w has shape {w.shape}; expected [batch|1, kv_len={kv_len}, kv_heads={kv_heads} (or 1 or "
-            f"heads={heads}), rank]"
-        )
-    if u.shape[-1] != w.shape[-1]:
-        raise ValueError(f"u and w must have the same rank (last axis), got u {u.shape} and w {w.shape}")
-    if w.shape[2] == heads and kv_heads != heads:  # head-specific key factors: give every query head its keys
-        k, v = (jnp.repeat(t, heads // kv_heads, axis=2) for t in (k, v))
-        kv_heads = heads
-    scale = dim**-0.5 if scale is None else scale
-    rank = u.shape[-1]
-    pad = -(dim + rank) % 8
-    u = jnp.pad(u, [(0, 0)] * 3 + [(0, pad)])
-    w = jnp.pad(w, [(0, 0)] * 3 + [(0, pad)])
-    q_biased = jnp.concatenate(
-        [q * jnp.asarray(scale, q.dtype), jnp.broadcast_to(u, (batch, q_len, heads, rank + pad)).astype(q.dtype)],
-        axis=-1,
-    )
-    k_biased = jnp.concatenate([k, jnp.broadcast_to(w, (batch, kv_len, kv_heads, rank + pad)).astype(k.dtype)], axis=-1)
+    q_biased, k_biased, v = fold_factors(q, k, v, u, w, scale=scale)
     return F.softmax_attention(
         q_biased,
         k_biased,
@@ -164,7 +191,8 @@ def flashbias_attention(
 
 # ---------------------------------------------------------------------------------------------------- layer
 class FactoredBias(NamedTuple):
-    """What `position_bias` hands to `attend`: the bias as factors u [B|1, Tq, H, r], w [B|1, Tk, KVH|1, r]."""
+    """What `position_bias` hands to `attend` (as call.bias): the bias as factors u [B|1, Tq, H, r], w [B|1, Tk,
+    KVH|1, r] (None, None: no bias)."""
 
     u: Array
     w: Array
@@ -185,7 +213,19 @@ class FactoredBias(NamedTuple):
         "factors": "'alibi' (exact rank-2 causal ALiBi) or 'learned' (per-head position tables of rank `rank`)",
         "rank": "rank r of the learned factors",
         "max_len": "number of positions of the learned factor tables (positions beyond are clipped)",
+        "softcap": "must be None (the factored bias sits inside the dot product, where a cap would not commute)",
     },
+    fidelity="paper",
+    reference="the paper's low-rank bias folded into q and k ([scale q, U] [k, W]^T), exact rank-2 causal ALiBi and "
+    "SVD factors; code github.com/thuml/FlashBias",
+    validators={
+        "position": choice(*POSITIONS),
+        "factors": choice(*FACTORS),
+        "rank": positive_int,
+        "max_len": positive_int,
+        "softcap": choice(None),
+    },
+    has_attention_weights=True,
 )
 class FlashBiasAttention(MultiHeadAttention):
     """Softmax attention whose position bias is a low-rank factorisation folded into q and k. x [B, T, E] -> same."""
@@ -196,10 +236,7 @@ class FlashBiasAttention(MultiHeadAttention):
     max_len: int = 2048
 
     def position_bias(self, q: Array, q_pos: Array, kv_pos: Array, mask: Mask | None) -> FactoredBias:
-        check_choice("position", self.position, POSITIONS)
-        check_choice("factors", self.factors, FACTORS)
-        if self.softcap is not None:
-            raise ValueError(f"softcap={self.softcap!r} is not supported by flashbias (the bias is inside the dot)")
+        """The bias as factors (the `prepare` stage's call.bias), which `attend` folds into q and k."""
         if self.factors == "alibi":
             if mask is None or not mask.causal:
                 raise ValueError(
@@ -207,8 +244,6 @@ class FlashBiasAttention(MultiHeadAttention):
                     "mask=attn.Mask(causal=True) or factor a dense bias with svd_factors"
                 )
             return FactoredBias(*alibi_factors(self.num_heads, q_pos, kv_pos))
-        check_positive("rank", self.rank)
-        check_positive("max_len", self.max_len)
         table = lambda name, heads, axis: jnp.asarray(
             self.param(
                 name,
@@ -223,36 +258,34 @@ class FlashBiasAttention(MultiHeadAttention):
         w = table("key_factors", self.kv_heads, "kv_heads")[clip(kv_pos)]
         return FactoredBias(u if u.ndim == 4 else u[None], w if w.ndim == 4 else w[None])
 
-    def attend(
-        self,
-        q: Array,
-        k: Array,
-        v: Array,
-        *,
-        mask: Mask | None,
-        bias: FactoredBias | None,
-        q_offset,
-        deterministic: bool,
-    ) -> Array:
-        if bias is None:  # cross-attention: positions (hence the bias) apply to self-attention only
-            return super().attend(q, k, v, mask=mask, bias=None, q_offset=q_offset, deterministic=deterministic)
-        capture = self.wants_weights()
-        result = flashbias_attention(
-            q,
-            k,
-            v,
-            bias.u,
-            bias.w,
-            mask=mask,
-            window=self.window,
-            scale=self.scale,
-            q_offset=q_offset,
-            dropout_rate=0.0 if deterministic else self.dropout_rate,
-            dropout_rng=self.dropout_rng(deterministic),
-            return_probs=capture,
-            implementation=self.implementation,
-        )
-        if capture:
-            result, aux = result
-            self.sow("intermediates", "attention_weights", aux["probs"])
-        return result
+    @classmethod
+    def overrides_stages(cls) -> bool:
+        # `scores` only states that q arrives with the scale folded in (see attend): the fused path computes the
+        # same logits, so plain calls keep the fused kernel
+        return False
+
+    def attend(self, q: Array, k: Array, v: Array, call: AttentionCall) -> Array:
+        """Folds the scale and the factors into q' = [scale q, u], k' = [k, w] (`fold_factors`; cross-attention
+        has no factors: q' = scale q). A plain call runs the bias-free fused kernel on them; a call that needs the
+        explicit stages (interventions on logits or weights, captures, dropout) runs the pipeline on the same q', k',
+        whose logits are the biased ones (bit-identical to the fused path on XLA)."""
+        factors = call.bias if isinstance(call.bias, FactoredBias) else FactoredBias(None, None)
+        q, k, v = fold_factors(q, k, v, factors.u, factors.w, scale=self.scale)
+        call = call.replace(bias=None)
+        if self.explicit_reason(call) is None:
+            return F.softmax_attention(
+                q,
+                k,
+                v,
+                mask=call.mask,
+                window=self.window,
+                scale=1.0,
+                q_offset=call.q_offset,
+                implementation=self.implementation,
+            )
+        return super().attend(q, k, v, call)
+
+    def scores(self, q: Array, k: Array) -> Array:
+        """Logits of the folded q' [B, Tq, H, D'] and k' [B, Tk, KVH, D'] of `attend`: q' k'^T = scale q k^T + u w^T
+        (logit scale 1: the scale is inside q')."""
+        return pipeline.scores(q, k, scale=1.0)

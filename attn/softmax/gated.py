@@ -28,9 +28,9 @@ Reduction to softmax: gate="none" is exactly the `softmax` layer with the same p
 +30 and a zero gate kernel, sigmoid(30) == 1 in float32 and the output equals `softmax` exactly; with a zero
 kernel and no bias the gate is 1/2, i.e. `softmax` with W_o halved.
 
-`OutputGatedAttention` is the plumbing shared with other output-gated mechanisms (e.g. `clipped_softmax`'s
-gated attention): its `project_out` returns the per-head outputs unprojected so that `__call__` can gate them
-with access to x, then projects them with the usual "out" kernel (same parameter tree as `softmax`).
+The output gate is the layer template's `output_gate` stage (attn/core/layer.py), which every output-gated
+mechanism (e.g. `clipped_softmax`'s gated attention, `moh`) overrides; the per-head outputs are gated before the
+`head_outputs` stage, so interventions on heads see the gated outputs that enter the output projection.
 """
 
 from __future__ import annotations
@@ -38,9 +38,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from attn.core.layer import AttentionLayer, HeadProjection
-from attn.core.masks import Mask
-from attn.core.validation import check_choice
+from attn.core.layer import HeadProjection
+from attn.core.validation import check_choice, choice
 from attn.registry import register
 from attn.softmax.multi_head import MultiHeadAttention
 
@@ -56,41 +55,6 @@ def gate_activation(name: str, logits: Array) -> Array:
     return jax.nn.sigmoid(logits) if name == "sigmoid" else jax.nn.silu(logits)
 
 
-class OutputGatedAttention(MultiHeadAttention):
-    """MultiHeadAttention whose per-head output is multiplied by `output_gate(x)` before the output projection.
-
-    Subclasses implement `output_gate(x) -> [B, T, H, D|1]` (or None for no gate).
-    """
-
-    @nn.compact
-    def __call__(
-        self,
-        x: Array,
-        *,
-        context: Array | None = None,
-        mask: Mask | None = None,
-        positions: Array | None = None,
-        decode: bool = False,
-        deterministic: bool = True,
-    ) -> Array:
-        heads = super().__call__(
-            x, context=context, mask=mask, positions=positions, decode=decode, deterministic=deterministic
-        )  # [B, T, H, D]: project_out below is the identity
-        gate = self.output_gate(x)
-        if gate is not None:
-            if self.wants_weights():
-                self.sow("intermediates", "gate_scores", gate)
-            heads = heads * gate.astype(heads.dtype)
-        return AttentionLayer.project_out(self, heads, x.shape[-1])
-
-    def project_out(self, y: Array, features: int) -> Array:
-        # Deferred to __call__, which gates the heads first.
-        return y
-
-    def output_gate(self, x: Array) -> Array | None:
-        raise NotImplementedError
-
-
 @register(
     "gated",
     family="softmax",
@@ -101,24 +65,27 @@ class OutputGatedAttention(MultiHeadAttention):
     supports_causal=True,
     supports_decode=True,
     summary="softmax attention with a query-dependent sigmoid gate per head (elementwise/headwise) after SDPA",
+    fidelity="official-code",
+    reference="github.com/qiuzh20/gated_attention (gate from the pre-norm hidden state, G1 after SDPA, G2 on values)",
+    has_attention_weights=True,
+    validators={
+        "gate": choice(*GATES),
+        "gate_position": choice(*GATE_POSITIONS),
+        "gate_activation": choice(*GATE_ACTIVATIONS),
+    },
     option_docs={
         "gate": "'elementwise' (one gate per head channel), 'headwise' (one scalar per head) or 'none' (= softmax)",
         "gate_position": "'sdpa': gate the SDPA output (paper's G1, best); 'value': gate the value projection (G2)",
         "gate_activation": "'sigmoid' (paper) or 'silu' (the paper's ablation)",
     },
 )
-class GatedAttention(OutputGatedAttention):
+class GatedAttention(MultiHeadAttention):
     """Softmax attention with a head-specific gate act(x W_theta) on the SDPA output or the values.
     x [B, T, E] -> [B, T, E]."""
 
     gate: str = "elementwise"
     gate_position: str = "sdpa"
     gate_activation: str = "sigmoid"
-
-    def _check_gate_options(self) -> None:
-        check_choice("gate", self.gate, GATES)
-        check_choice("gate_position", self.gate_position, GATE_POSITIONS)
-        check_choice("gate_activation", self.gate_activation, GATE_ACTIVATIONS)
 
     def _gate(self, source: Array, heads: int, heads_axis: str) -> Array:
         """act(source W_theta): [B, T, heads, D] (elementwise) or [B, T, heads, 1] (headwise)."""
@@ -135,7 +102,6 @@ class GatedAttention(OutputGatedAttention):
         return gate_activation(self.gate_activation, logits)
 
     def project_qkv(self, x: Array, context: Array | None) -> tuple[Array, Array, Array]:
-        self._check_gate_options()
         q, k, v = super().project_qkv(x, context)
         if self.gate != "none" and self.gate_position == "value":
             gate = self._gate(x if context is None else context, self.kv_heads, "kv_heads")

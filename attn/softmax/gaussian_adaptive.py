@@ -46,10 +46,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from attn.core.layer import AttentionLayer
-from attn.core.masks import Mask
+from attn.core.layer import AttentionCall, AttentionLayer
 from attn.core.padding import masked_softmax, padding_lengths, valid_tokens
-from attn.core.validation import check_choice, check_positive, check_rank
+from attn.core.validation import check_choice, check_positive, check_rank, choice, positive, positive_int
 from attn.registry import register
 
 Array = jax.Array
@@ -151,6 +150,7 @@ OPTION_DOCS = {
     "(needs embed == num_heads * head_dim; the official parameter-light module)",
     "initial_scale": "initial value of every scaled standard deviation c (official GAAM: 2.0)",
     "eps": "added to the variance and to c^2",
+    "num_kv_heads": "unused (no queries or keys: each head gates its own values)",
 }
 
 
@@ -165,6 +165,16 @@ OPTION_DOCS = {
     supports_decode=False,
     summary="GAAM: values re-weighted by a learned per-head Gaussian mixture of their normalised value (no q.k)",
     option_docs=OPTION_DOCS,
+    fidelity="official-code",
+    reference="github.com/gioannides/Gaussian-Adaptive-Attention (MHGAAM.py); documented deviations: population "
+    "variance, padded tokens excluded from the statistics, heads split the features",
+    validators={
+        "num_gaussians": positive_int,
+        "axis": choice(*AXES),
+        "initial_scale": positive,
+        "eps": positive,
+    },
+    supports_gqa=False,
 )
 class GaussianAdaptiveAttention(AttentionLayer):
     """Multi-head Gaussian adaptive attention (module docstring). x [B, T, E] -> [B, T, E].
@@ -183,58 +193,51 @@ class GaussianAdaptiveAttention(AttentionLayer):
     mechanism_name: ClassVar[str] = "gaussian_adaptive"
 
     def scale_init(self) -> Any:
-        if self.initial_scale is None:
-            raise ValueError(f"initial_scale=None is not supported by {self.mechanism_name}; expected a float")
         return nn.initializers.constant(self.initial_scale)
 
-    def check_options(self) -> None:
-        check_choice("axis", self.axis, AXES)
-        if not isinstance(self.num_gaussians, int) or self.num_gaussians <= 0:
-            raise ValueError(f"num_gaussians={self.num_gaussians!r} must be a positive int")
-        check_positive("eps", self.eps)
-        if self.initial_scale is not None and not self.initial_scale > 0:
-            raise ValueError(f"initial_scale={self.initial_scale!r} must be > 0 (or None)")
-
-    @nn.compact
-    def __call__(
-        self,
-        x: Array,
-        *,
-        context: Array | None = None,
-        mask: Mask | None = None,
-        positions: Array | None = None,
-        decode: bool = False,
-        deterministic: bool = True,
-    ) -> Array:
-        self.check_input(x, context)
-        self.check_options()
+    def validate(self, call: AttentionCall) -> None:
+        super().validate(call)
         name = self.mechanism_name
-        if context is not None:
-            raise ValueError(f"context is not supported by {name} (a self gate); got shape {context.shape}")
-        batch, length, features = x.shape
-        if self.axis == "sequence":
-            if decode:
-                raise ValueError(
-                    f"decode=True is not supported by {name} with axis='sequence' (its statistics span the whole "
-                    "sequence); use axis='features' for a causal, per-token gate"
-                )
-            lengths = padding_lengths(mask, batch, f"{name} with axis='sequence'")
-        else:  # a per-token gate: only the padded rows are affected by the mask
-            lengths = None
-            if mask is not None and mask.q_lengths is not None:
-                lengths = jnp.asarray(mask.q_lengths, jnp.int32)
-        heads, dim = self.num_heads, self.head_dim
-        if self.projections:
-            v = self.dense_heads(x, heads, "heads", "value")
-        else:
-            if features != heads * dim:
-                raise ValueError(
-                    f"projections=False needs embed == num_heads * head_dim; got embed={features}, "
-                    f"num_heads={heads}, head_dim={dim}"
-                )
-            v = x.astype(self.dtype).reshape(batch, length, heads, dim)
+        if call.cross:
+            raise ValueError(f"context is not supported by {name} (a self gate); got shape {call.context.shape}")
+        if self.axis == "sequence" and call.decode:
+            raise ValueError(
+                f"decode=True is not supported by {name} with axis='sequence' (its statistics span the whole "
+                "sequence); use axis='features' for a causal, per-token gate"
+            )
+        if not self.projections and call.x.shape[-1] != self.num_heads * self.head_dim:
+            raise ValueError(
+                f"projections=False needs embed == num_heads * head_dim; got embed={call.x.shape[-1]}, "
+                f"num_heads={self.num_heads}, head_dim={self.head_dim}"
+            )
+        self.valid_lengths(call)
 
-        shape = (heads, self.num_gaussians)
+    def valid_lengths(self, call: AttentionCall) -> Array | None:
+        """int32 [B] valid tokens (padding at the end) or None. axis="sequence" takes a padding-only mask; on
+        axis="features" (a per-token gate) only the padded rows are affected by the mask."""
+        if self.axis == "sequence":
+            return padding_lengths(call.mask, call.x.shape[0], f"{self.mechanism_name} with axis='sequence'")
+        if call.mask is not None and call.mask.q_lengths is not None:
+            return jnp.asarray(call.mask.q_lengths, jnp.int32)
+        return None
+
+    def project_qkv(self, x: Array, context: Array | None) -> tuple[None, None, Array]:
+        """No queries or keys: the per-head values v [B, T, H, D] (x W_v, or x split into heads)."""
+        if self.projections:
+            return None, None, self.dense_heads(x, self.num_heads, "heads", "value")
+        return None, None, x.astype(self.dtype).reshape(*x.shape[:2], self.num_heads, self.head_dim)
+
+    def prepare(self, q: None, k: None, v: Array, call: AttentionCall) -> tuple[None, None, Array, AttentionCall]:
+        """No positions and no cache: the statistics of axis="features" are per token; axis="sequence" has no
+        decode."""
+        return q, k, v, call
+
+    def attend(self, q: None, k: None, v: Array, call: AttentionCall) -> Array:
+        """v [B, T, H, D] -> v * a [B, T, H, D] (padded tokens 0); a, the Gaussian weights, is sown as
+        "gaussian_weights" and dropped out by the attention-dropout helper."""
+        batch, length = v.shape[:2]
+        lengths = self.valid_lengths(call)
+        shape = (self.num_heads, self.num_gaussians)
         param = lambda n, init: self.param(
             n, nn.with_logical_partitioning(init, ("heads", None)), shape, self.param_dtype
         )
@@ -253,9 +256,12 @@ class GaussianAdaptiveAttention(AttentionLayer):
         )
         if self.wants_weights():
             self.sow("intermediates", "gaussian_weights", weights)
-        weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic or self.dropout_rate == 0.0)
+        weights = self.attention_dropout(weights, call.deterministic)
         valid = valid_tokens(lengths, batch, length)[:, :, None, None]
-        y = jnp.where(valid, v.astype(jnp.float32) * weights, 0.0).astype(self.dtype)
+        return jnp.where(valid, v.astype(jnp.float32) * weights, 0.0).astype(self.dtype)
+
+    def project_out(self, y: Array, features: int) -> Array:
+        """[B, T, H, D] -> [B, T, features]: the output projection, or (projections=False) the gated x itself."""
         if not self.projections:
-            return y.reshape(batch, length, features)
-        return self.project_out(y, features)
+            return y.reshape(*y.shape[:2], features)
+        return super().project_out(y, features)

@@ -28,6 +28,11 @@ Paper vs official code (both checked; we follow the paper's equation where they 
     the dropout inside it is omitted. The code also offers an MLP pair-scoring adjacency and differential
     attention; those are not implemented.
 
+In the layer, A is the attention pipeline's weights (attn/core/softmax_layer.py): the sharpening scales q in
+`prepare`, the thresholding is the `prob_mod` stage, and `attend` adds the self term and the MLP to the pipeline's
+A h. Without thresholding a plain call takes the fused softmax path; captures and interventions on
+`attention_logits` / `attention_weights` see (and change) the adjacency.
+
 Shapes: x [B, T, E] -> [B, T, E]; adjacency [B, H, T, T]. Time O(B H T^2 D + B T H m D^2), memory O(B H T^2).
 The update of token i only reads A[i, :] and h at visible keys, so causal masks, padding, GQA/MQA (A_h reads the
 values of kv head g = h // (H / KVH)) and the KV cache work as in `softmax`.
@@ -39,16 +44,12 @@ plus (x W_v) W_o (the GIN self-loop).
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from attn import functional as F
-from attn.core.masks import Mask
-from attn.core.reference import grouped_weighted_values
-from attn.core.validation import check_choice, check_positive
+from attn.core.layer import AttentionCall
+from attn.core.validation import check_choice, choice, positive
 from attn.registry import register
 from attn.softmax.multi_head import MultiHeadAttention
 
@@ -99,6 +100,17 @@ def threshold_adjacency(adjacency: Array, mode: str, threshold: Array | float) -
         "learnable_threshold": "make tau a trained parameter",
         "node_features": "'value' (h = x W_v) or 'input' (h = x split into heads, as the official code)",
     },
+    fidelity="paper",
+    reference="arXiv 2501.02393: GIN update (1 + eps) h_i + sum_j A_ij h_j over the (sparsified) attention adjacency; "
+    "compared with github.com/lamm-mit/Graph-Aware-Transformers LlamaAttentionGIN, the paper followed where they "
+    "differ",
+    validators={
+        "position": choice(*POSITIONS),
+        "mlp_multiplier": positive,
+        "threshold_mode": choice(*THRESHOLD_MODES),
+        "node_features": choice(*NODE_FEATURES),
+    },
+    has_attention_weights=True,
 )
 class GINAttention(MultiHeadAttention):
     """GIN-Attention. x [B, T, E] -> [B, T, E] (self-attention)."""
@@ -113,32 +125,18 @@ class GINAttention(MultiHeadAttention):
     learnable_threshold: bool = False
     node_features: str = "value"
 
-    @nn.compact
-    def __call__(
-        self,
-        x: Array,
-        *,
-        context: Array | None = None,
-        mask: Mask | None = None,
-        positions: Array | None = None,
-        decode: bool = False,
-        deterministic: bool = True,
-    ) -> Array:
-        if context is not None:
+    def validate(self, call: AttentionCall) -> None:
+        if call.cross:
             raise ValueError(
                 "gin_attention is self-attention (the GIN self term (1 + eps) h_i needs the query token's own node "
-                f"features); got a context of shape {context.shape}"
+                f"features); got a context of shape {call.context.shape}"
             )
-        check_choice("position", self.position, POSITIONS)
-        check_choice("threshold_mode", self.threshold_mode, THRESHOLD_MODES)
-        check_choice("node_features", self.node_features, NODE_FEATURES)
-        check_positive("mlp_multiplier", self.mlp_multiplier)
-        if self.node_features == "input" and self.kv_heads * self.head_dim != x.shape[-1]:
+        super().validate(call)
+        if self.node_features == "input" and self.kv_heads * self.head_dim != call.x.shape[-1]:
             raise ValueError(
                 f"node_features='input' splits x into heads: num_kv_heads * head_dim = {self.kv_heads * self.head_dim}"
-                f" must equal the embed size {x.shape[-1]}"
+                f" must equal the embed size {call.x.shape[-1]}"
             )
-        return super().__call__(x, mask=mask, positions=positions, decode=decode, deterministic=deterministic)
 
     def project_qkv(self, x: Array, context: Array | None) -> tuple[Array, Array, Array]:
         q = self.dense_heads(x, self.num_heads, "heads", "query")
@@ -147,70 +145,51 @@ class GINAttention(MultiHeadAttention):
             v = x.reshape(*x.shape[:2], self.kv_heads, self.head_dim)
         else:
             v = self.dense_heads(x, self.kv_heads, "kv_heads", "value")
+        if self.qk_norm:
+            q, k = self.head_norm(q, "query_norm"), self.head_norm(k, "key_norm")
         return q, k, v
 
-    def attend(
-        self,
-        q: Array,
-        k: Array,
-        v: Array,
-        *,
-        mask: Mask | None,
-        bias: Array | None,
-        q_offset: Any,
-        deterministic: bool,
-    ) -> Array:
-        """q [B, Tq, H, D], k/v [B, Tk, KVH, D] (the whole cache when decoding) -> GIN output [B, Tq, H, D]."""
-        heads, q_len = self.num_heads, q.shape[1]
+    def prepare(self, q: Array, k: Array, v: Array, call: AttentionCall) -> tuple[Array, Array, Array, AttentionCall]:
+        """The `softmax` layer's RoPE and cache, then the sharpening alpha q (alpha q . k = the sharpened logits)."""
+        q, k, v, call = super().prepare(q, k, v, call)
         if self.sharpening:
             alpha = self.param(
                 "sharpening", nn.with_logical_partitioning(nn.initializers.constant(self.sharpening_init), ()), ()
             )
-            q = q * jnp.asarray(alpha, q.dtype)  # alpha * q.k = (alpha q).k: the sharpened logits
-        dropout = 0.0 if deterministic else self.dropout_rate
-        thresholded = self.threshold_mode != "none"
-        if thresholded and dropout > 0.0:
-            raise ValueError(
-                f"dropout_rate={self.dropout_rate!r} is not supported with threshold_mode={self.threshold_mode!r}; "
-                "use 0 or threshold_mode='none'"
-            )
-        capture = self.wants_weights()
-        result = F.softmax_attention(
-            q,
-            k,
-            v,
-            mask=mask,
-            bias=bias,
-            window=self.window,
-            scale=self.scale,
-            softcap=self.softcap,
-            q_offset=q_offset,
-            dropout_rate=dropout,
-            dropout_rng=self.dropout_rng(deterministic),
-            return_probs=capture or thresholded,
-            implementation=self.implementation,
-        )
-        if capture or thresholded:
-            aggregated, aux = result
-            adjacency = aux["probs"]
-            if thresholded:
-                tau = self.threshold
-                if self.learnable_threshold:
-                    tau = self.param(
-                        "threshold", nn.with_logical_partitioning(nn.initializers.constant(self.threshold), ()), ()
-                    )
-                allowed = Mask.from_args(mask=mask, window=self.window)
-                adjacency = threshold_adjacency(adjacency, self.threshold_mode, tau)
-                if allowed is not None:
-                    adjacency = jnp.where(allowed.materialize(q_len, k.shape[1], q_offset=q_offset), adjacency, 0.0)
-                aggregated = grouped_weighted_values(adjacency, v).astype(q.dtype)
-            if capture:
-                self.sow("intermediates", "attention_weights", adjacency)
-        else:
-            aggregated = result
+            q = q * jnp.asarray(alpha, q.dtype)
+        return q, k, v, call
 
+    @classmethod
+    def overrides_stages(cls) -> bool:
+        # prob_mod is the identity unless threshold_mode is set, and explicit_reason asks for the stages then
+        return False
+
+    def explicit_reason(self, call: AttentionCall) -> str | None:
+        return "" if self.threshold_mode != "none" else super().explicit_reason(call)
+
+    def prob_mod(self, weights: Array, call: AttentionCall) -> Array:
+        """The sparsified adjacency phi(A - tau), masked again (the official code's "ensure causality" step)."""
+        if self.threshold_mode == "none":
+            return weights
+        tau = self.threshold
+        if self.learnable_threshold:
+            tau = self.param(
+                "threshold", nn.with_logical_partitioning(nn.initializers.constant(self.threshold), ()), ()
+            )
+        adjacency = threshold_adjacency(weights, self.threshold_mode, tau)
+        allowed = self.full_mask(call)
+        if allowed is None:
+            return adjacency
+        return jnp.where(allowed.materialize(*weights.shape[-2:], q_offset=call.q_offset), adjacency, 0.0)
+
+    def attend(self, q: Array, k: Array, v: Array, call: AttentionCall) -> Array:
+        """q [B, Tq, H, D], k/v [B, Tk, KVH, D] (the whole cache when decoding) -> GIN output [B, Tq, H, D]: the
+        adjacency aggregation A h (the pipeline's stages, or the fused path when nothing asks for A), the self term
+        (1 + eps) h_i and the per-head MLP."""
+        heads, q_len = self.num_heads, q.shape[1]
+        aggregated = super().attend(q, k, v, call)
         # The node's own features: the query tokens' values (rows q_offset.. of the cache when decoding).
-        own = jax.lax.dynamic_slice_in_dim(v, q_offset, q_len, axis=1)
+        own = jax.lax.dynamic_slice_in_dim(v, call.q_offset, q_len, axis=1)
         own = jnp.repeat(own, heads // v.shape[2], axis=2)
         eps = self.param(
             "epsilon", nn.with_logical_partitioning(nn.initializers.constant(self.epsilon_init), ("heads",)), (heads,)

@@ -48,9 +48,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attn.core.layer import AttentionLayer, HeadProjection
-from attn.core.masks import Mask
-from attn.core.validation import check_choice
+from attn.core.layer import AttentionCall, AttentionLayer, HeadProjection
+from attn.core.validation import choice
 from attn.registry import register
 from attn.softmax.multi_head import MultiHeadAttention
 
@@ -83,7 +82,17 @@ def symmetric_matrix(upper: Array, size: int) -> Array:
         "qk": "'collapsed' (one E x E bilinear matrix per head), 'symmetric' (upper triangle only) or 'shared' "
         "(W_q = W_k per head: S_h S_h^T, the paper's symmetric experiments)",
         "value": "'none' (attend over x itself, heads averaged) or 'collapsed' (one E x E matrix per head)",
+        "num_kv_heads": "unused: the keys and values are x itself (one shared kv head)",
     },
+    fidelity="paper",
+    reference="arXiv 2410.13732, Secs. 1-5 (Eq. 3; collapsed W^QK and W^VO, omitted V/O, symmetric similarity)",
+    validators={
+        "position": choice(*POSITIONS),
+        "qk": choice(*QK_FORMS),
+        "value": choice(*VALUE_FORMS),
+    },
+    has_attention_weights=True,
+    supports_gqa=False,
 )
 class MinimalAttention(MultiHeadAttention):
     """Attention with a collapsed bilinear similarity per head and collapsed or no value/output projection."""
@@ -92,16 +101,18 @@ class MinimalAttention(MultiHeadAttention):
     qk: str = "collapsed"
     value: str = "none"
 
-    def project_qkv(self, x: Array, context: Array | None) -> tuple[Array, Array, Array]:
-        check_choice("position", self.position, POSITIONS)
-        check_choice("qk", self.qk, QK_FORMS)
-        check_choice("value", self.value, VALUE_FORMS)
+    def validate(self, call: AttentionCall) -> None:
+        super().validate(call)
         if self.qk_norm:
             raise ValueError("qk_norm=True has no query/key to normalise in the minimal layer; use qk_norm=False")
+        if call.context is not None and call.context.shape[-1] != call.x.shape[-1]:
+            raise ValueError(
+                f"context has {call.context.shape[-1]} features but x has {call.x.shape[-1]}; expected equal"
+            )
+
+    def project_qkv(self, x: Array, context: Array | None) -> tuple[Array, Array, Array]:
         source = x if context is None else context
         features = x.shape[-1]
-        if source.shape[-1] != features:
-            raise ValueError(f"context has {source.shape[-1]} features but x has {features}; expected equal")
         if self.qk == "collapsed":
             q = HeadProjection(
                 heads=self.num_heads,
@@ -136,11 +147,12 @@ class MinimalAttention(MultiHeadAttention):
         shared = source.astype(self.dtype)[:, :, None, :]  # keys = values = the tokens, one shared kv head
         return q, shared, shared
 
-    def attend(self, q: Array, k: Array, v: Array, *, mask: Mask | None, bias, q_offset, deterministic: bool):
+    def prepare(self, q: Array, k: Array, v: Array, call: AttentionCall) -> tuple[Array, Array, Array, AttentionCall]:
+        q, k, v, call = super().prepare(q, k, v, call)
         if self.scale is None:
-            # the reference's default scale is 1/sqrt(q's last axis) = 1/sqrt(E); keep 1/sqrt(head_dim)
+            # the pipeline's default scale is 1/sqrt(q's last axis) = 1/sqrt(E); keep 1/sqrt(head_dim)
             q = q * jnp.asarray((q.shape[-1] / self.head_dim) ** 0.5, q.dtype)
-        return super().attend(q, k, v, mask=mask, bias=bias, q_offset=q_offset, deterministic=deterministic)
+        return q, k, v, call
 
     def project_out(self, y: Array, features: int) -> Array:
         if self.value == "none":

@@ -49,8 +49,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from attn.core.validation import non_negative_int, optional
 from attn.registry import register
-from attn.softmax.gated import OutputGatedAttention
+from attn.softmax.multi_head import MultiHeadAttention
 
 Array = jax.Array
 
@@ -114,12 +115,17 @@ def moh_gates(
     supports_causal=True,
     supports_decode=True,
     summary="heads as experts: shared heads + per-token top-k routed heads, weighted head sum, load-balance loss",
+    has_attention_weights=True,
     option_docs={
         "shared_heads": "h_s heads that every token uses (the first h_s heads); None = num_heads // 2",
         "top_k": "routed heads each token activates among the num_heads - h_s others; None = half of them",
     },
+    fidelity="official-code",
+    reference="github.com/SkyworkAI/MoH (MoH-ViT / MoH-DiT attention): gate factors K, h_s and 2, renormalisation "
+    "over the top-K, load-balance loss",
+    validators={"shared_heads": optional(non_negative_int), "top_k": optional(non_negative_int)},
 )
-class MixtureOfHeadAttention(OutputGatedAttention):
+class MixtureOfHeadAttention(MultiHeadAttention):
     """Softmax attention whose heads are summed with per-token router weights (top-k routed + shared heads).
     x [B, T, E] -> [B, T, E]; sows the load-balance loss under "losses"/"moh_load_balance"."""
 

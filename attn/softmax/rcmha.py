@@ -47,7 +47,8 @@ import jax
 import jax.numpy as jnp
 
 from attn.core import kv_cache
-from attn.core.validation import check_choice, check_positive, check_rank
+from attn.core.layer import AttentionCall, AttentionLayer
+from attn.core.validation import check_rank, choice, positive_int
 from attn.registry import get, register
 from attn.softmax.relative_music import MusicRelativeAttention, music_relative_logits, relative_table
 
@@ -92,6 +93,11 @@ def identity_filter(key, shape, dtype=jnp.float32) -> Array:
         "relative": "'xl' ((q + u) k + q R + d, the authors' Transformer-XL form), 'music' (q R only) or 'none' "
         "(convolutions only: Primer's MDHA)",
     },
+    fidelity="official-code",
+    reference="github.com/hermansh-id/rcmha rcmha/attention.py RelativeMultiHeadAttention (the paper's full text was "
+    "not read)",
+    validators={"conv_width": positive_int, "relative": choice(*RELATIVE)},
+    has_attention_weights=True,
 )
 class RelativeConvolutionalAttention(MusicRelativeAttention):
     """Depthwise causal convolutions after the q/k/v projections plus relative logits. x [B, T, E] -> [B, T, E]."""
@@ -99,12 +105,35 @@ class RelativeConvolutionalAttention(MusicRelativeAttention):
     conv_width: int = 3
     relative: str = "xl"
 
-    def qkv(self, x: Array, context: Array | None, decode: bool) -> tuple[Array, Array, Array]:
-        check_positive("conv_width", self.conv_width)
-        check_choice("relative", self.relative, RELATIVE)
-        if context is not None:
+    def validate(self, call: AttentionCall) -> None:
+        if call.cross:
             raise ValueError("rcmha is self-attention only (its convolutions run along x); got a context")
-        q, k, v = self.project_qkv(x, None)
+        super().validate(call)
+
+    def project_qkv(self, x: Array, context: Array | None) -> tuple[Array, Array, Array]:
+        """The plain q/k/v projections; QK-norm follows the convolutions (in `prepare`)."""
+        return AttentionLayer.project_qkv(self, x, context)
+
+    def prepare(self, q: Array, k: Array, v: Array, call: AttentionCall) -> tuple[Array, Array, Array, AttentionCall]:
+        """Causal depthwise convolutions of q, k, v (continuing from the cached last w - 1 rows when decoding),
+        QK-norm, then the relative layer's RoPE, KV cache and relative bias; with relative="xl" the content bias u
+        joins the queries after the relative term was computed (it enters q . k only)."""
+        q, k, v = self.convolve(q, k, v, call.decode)
+        if self.qk_norm:
+            q, k = self.head_norm(q, "query_norm"), self.head_norm(k, "key_norm")
+        q, k, v, call = super().prepare(q, k, v, call)
+        if self.relative == "xl":
+            u = self.param(
+                "query_bias",
+                nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "head_dim")),
+                (self.num_heads, self.head_dim),
+                self.param_dtype,
+            )
+            q = q + jnp.asarray(u, q.dtype)
+        return q, k, v, call
+
+    def convolve(self, q: Array, k: Array, v: Array, decode: bool) -> tuple[Array, Array, Array]:
+        """q [B, T, H, D], k, v [B, T, KVH, D] -> the same shapes, each through its causal depthwise convolution."""
         streaming = decode and kv_cache.cache_is_initialized(self)
         out = []
         for name, y, heads in (("query", q, self.num_heads), ("key", k, self.kv_heads), ("value", v, self.kv_heads)):
@@ -151,15 +180,3 @@ class RelativeConvolutionalAttention(MusicRelativeAttention):
         table = jnp.concatenate([table, jnp.asarray(scalar, jnp.float32)[..., None]], axis=-1)
         q = jnp.concatenate([q, jnp.ones((*q.shape[:-1], 1), q.dtype)], axis=-1)
         return music_relative_logits(self, table, q, kv_len, positions, q_offset)
-
-    def attend(self, q: Array, k: Array, v: Array, *, mask, bias, q_offset, deterministic: bool) -> Array:
-        if self.relative == "xl":
-            # Transformer-XL's global content bias u joins the queries in q . k only (the relative term used q)
-            u = self.param(
-                "query_bias",
-                nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "head_dim")),
-                (self.num_heads, self.head_dim),
-                self.param_dtype,
-            )
-            q = q + jnp.asarray(u, q.dtype)
-        return super().attend(q, k, v, mask=mask, bias=bias, q_offset=q_offset, deterministic=deterministic)

@@ -31,9 +31,9 @@ Positions apply to self-attention only (a context gets plain attention).
 Reduction to softmax: with E_r = 0 the relative term vanishes and the layer is exactly the `softmax` layer with
 position="none" and the same q/k/v/o parameters.
 
-`RelativeAttentionBase` is the layer skeleton shared by the relative mechanisms of this package (`rcmha`,
-`ripo`): projections (hook `qkv`), KV cache, an unscaled relative logits term (hook `relative_logits`) scaled by
-the softmax scale, and the `softmax` layer's attend.
+`RelativeAttentionBase` is the layer shared by the relative mechanisms of this package (`rcmha`, `ripo`): the
+`softmax` layer's stages, with an unscaled relative logits term (hook `relative_logits`), scaled by the softmax
+scale, as the `prepare` stage's logits bias.
 """
 
 from __future__ import annotations
@@ -42,10 +42,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from attn.core import kv_cache
-from attn.core import positions as pos
-from attn.core.masks import Mask
-from attn.core.validation import check_choice, check_positive, check_rank, normalize_window
+from attn.core.layer import AttentionCall
+from attn.core.validation import check_positive, check_rank, choice, positive_int
 from attn.registry import register
 from attn.softmax.multi_head import MultiHeadAttention
 
@@ -107,66 +105,32 @@ def relative_logits_gathered(q: Array, table: Array, q_positions: Array, kv_posi
 class RelativeAttentionBase(MultiHeadAttention):
     """Self-attention with an additive relative logits term: softmax(scale (q k^T + S) + mask) v.
 
-    Subclasses implement `relative_logits` (S unscaled, float32 [B, H, Tq, Tk], or None) and may override `qkv`.
+    Subclasses implement `relative_logits` (S unscaled, float32 [B, H, Tq, Tk], or None); the `prepare` stage
+    turns it into the call's logits bias (the default `score_mod` adds it; the fused path takes it as its bias).
     """
 
     position: str = "none"
 
-    @nn.compact
-    def __call__(
-        self,
-        x: Array,
-        *,
-        context: Array | None = None,
-        mask: Mask | None = None,
-        positions: Array | None = None,
-        decode: bool = False,
-        deterministic: bool = True,
-    ) -> Array:
-        self.check_input(x, context)
-        check_choice("position", self.position, ("none", "rope"))
-        normalize_window(self.window)
-        if decode and context is not None:
+    def validate(self, call: AttentionCall) -> None:
+        super().validate(call)
+        if call.decode and call.cross:
             raise ValueError("decode=True is for self-attention; got a context (cross-attention has no KV cache)")
-        features = x.shape[-1]
-        q, k, v = self.qkv(x, context, decode)
-        if self.qk_norm:
-            q, k = self.head_norm(q, "query_norm"), self.head_norm(k, "key_norm")
-        if self.position == "rope" and context is None:
-            offset = kv_cache.current_index(self) if decode else 0
-            q, k = self.rotate(q, k, self.rope_positions(positions, x.shape[0], x.shape[1], offset))
-        q_offset = 0
-        if decode:
-            k, v, mask, q_offset = self.cache_write(k, v, mask)
-        bias = None
-        if context is None:
-            relative = self.relative_logits(q, k.shape[1], positions, q_offset, decode)
-            if relative is not None:
-                scale = self.head_dim**-0.5 if self.scale is None else self.scale
-                bias = scale * relative
-        y = self.attend(q, k, v, mask=mask, bias=bias, q_offset=q_offset, deterministic=deterministic)
-        return self.project_out(y, features)
 
-    def qkv(self, x: Array, context: Array | None, decode: bool) -> tuple[Array, Array, Array]:
-        return self.project_qkv(x, context)
+    def prepare(self, q: Array, k: Array, v: Array, call: AttentionCall) -> tuple[Array, Array, Array, AttentionCall]:
+        """The `softmax` layer's RoPE and KV cache, then bias = scale * relative_logits(q) (self-attention only)."""
+        q, k, v, call = super().prepare(q, k, v, call)
+        if call.cross:
+            return q, k, v, call
+        relative = self.relative_logits(q, k.shape[1], call.positions, call.q_offset, call.decode)
+        if relative is not None:
+            scale = self.head_dim**-0.5 if self.scale is None else self.scale
+            call = call.replace(bias=scale * relative)
+        return q, k, v, call
 
     def relative_logits(self, q: Array, kv_len: int, positions: Array | None, q_offset, decode: bool) -> Array | None:
+        """S unscaled, float32 [B, H, Tq, Tk], for queries q [B, Tq, H, D] (rotated, when position="rope") against
+        kv_len keys (the cache when decoding, where q_offset is the queries' first slot); None: no relative term."""
         raise NotImplementedError
-
-    def rope_positions(self, positions: Array | None, batch: int, length: int, offset) -> Array:
-        """Token positions RoPE rotates by (position="rope"): int32 [B, T]."""
-        return self.query_positions(positions, batch, length, offset)
-
-    def rotate(self, q: Array, k: Array, q_pos: Array) -> tuple[Array, Array]:
-        """RoPE on q and k with the `softmax` layer's rope options (before the keys enter the cache)."""
-        inv_freq, multiplier = pos.rope_frequencies(
-            self.head_dim,
-            base=self.rope_base,
-            scaling=self.rope_scaling,
-            factor=self.rope_scaling_factor,
-            original_max_len=self.rope_original_max_len,
-        )
-        return pos.apply_rope(q, q_pos, inv_freq, multiplier), pos.apply_rope(k, q_pos, inv_freq, multiplier)
 
     def key_positions(self, q_pos: Array, kv_len: int) -> Array:
         """Positions of the keys: the query positions for a plain forward, the cache slots when decoding."""
@@ -214,6 +178,11 @@ def music_relative_logits(
         "max_distance": "rows M of E_r: relative distances -(M-1)..0 (farther keys get no relative term)",
         "share_heads": "one E_r for all heads instead of one per head",
     },
+    fidelity="official-code",
+    reference="tensor2tensor dot_product_self_attention_relative_v2 (memory-efficient skew, zero-padded E_r, N(0, "
+    "D^-1/2) init)",
+    validators={"position": choice("none", "rope"), "max_distance": positive_int},
+    has_attention_weights=True,
 )
 class MusicRelativeAttention(RelativeAttentionBase):
     """Music Transformer relative self-attention. x [B, T, E] -> [B, T, E]."""

@@ -46,11 +46,14 @@ q/k/v/o parameters.
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from attn.core.validation import check_positive
+from attn.core.layer import AttentionCall
+from attn.core.validation import optional, positive, positive_int, subset
 from attn.registry import get, register
 from attn.softmax.relative_music import (
     MusicRelativeAttention,
@@ -136,6 +139,16 @@ def relative_attribute_logits(
         "pitch_base": "FME base of the pitch frequencies (paper config: 9919)",
         "onset_base": "FME base of the onset frequencies (paper config: 7920)",
     },
+    fidelity="official-code",
+    reference="github.com/guozixunnicolas/FundamentalMusicEmbedding "
+    "RelativeGlobalAttention_relative_index_pitch_onset and its configs (FME bases 9919 / 7920)",
+    validators={
+        "relative_terms": subset(*TERMS),
+        "fme_dim": optional(positive_int),
+        "pitch_base": positive,
+        "onset_base": positive,
+    },
+    has_attention_weights=True,
 )
 class RIPOAttention(MusicRelativeAttention):
     """Relative index / pitch / onset attention. x [B, T, E], positions [B, T, 3] (index, pitch, onset) -> [B, T, E]."""
@@ -146,21 +159,22 @@ class RIPOAttention(MusicRelativeAttention):
     pitch_base: float = 9919.0
     onset_base: float = 7920.0
 
-    def _terms(self) -> tuple[str, ...]:
-        terms = tuple(self.relative_terms)
-        if any(t not in TERMS for t in terms) or len(set(terms)) != len(terms):
-            raise ValueError(
-                f"relative_terms={self.relative_terms!r} must be distinct entries of {TERMS} (or empty for softmax)"
-            )
-        return terms
+    def validate(self, call: AttentionCall) -> None:
+        super().validate(call)
+        if self.fme_dim is not None and self.fme_dim % 2:
+            raise ValueError(f"fme_dim={self.fme_dim!r} must be a positive even int (or None)")
+
+    def query_positions(self, positions: Array | None, batch: int, length: int, offset: Any) -> Array:
+        """int32 [B, T]: the index channel of positions [B, T, 3] (rounded), else the `softmax` layer's positions
+        (RoPE, with position="rope", rotates by them)."""
+        if positions is not None and jnp.ndim(positions) == 3:
+            return jnp.round(self._attributes(positions, batch, length, offset)[..., 0]).astype(jnp.int32)
+        return super().query_positions(positions, batch, length, offset)
 
     def _attributes(self, positions: Array | None, batch: int, length: int, q_offset) -> Array:
         """float32 [B, T, 3] (index, pitch, onset) from positions [B, T, 3], [B, T] / [T] (index only) or None."""
-        if positions is None:
-            index = self.query_positions(None, batch, length, q_offset).astype(jnp.float32)
-            return jnp.stack([index, jnp.zeros_like(index), jnp.zeros_like(index)], axis=-1)
-        positions = jnp.asarray(positions)
-        if positions.ndim == 3:
+        if positions is not None and jnp.ndim(positions) == 3:
+            positions = jnp.asarray(positions)
             if positions.shape[-1] != 3 or positions.shape[1] != length:
                 raise ValueError(
                     f"positions has shape {positions.shape}; expected [batch, {length}, 3] (index, pitch, onset)"
@@ -169,17 +183,9 @@ class RIPOAttention(MusicRelativeAttention):
         index = self.query_positions(positions, batch, length, q_offset).astype(jnp.float32)
         return jnp.stack([index, jnp.zeros_like(index), jnp.zeros_like(index)], axis=-1)
 
-    def rope_positions(self, positions: Array | None, batch: int, length: int, offset) -> Array:
-        """position="rope" rotates by the index channel."""
-        return jnp.round(self._attributes(positions, batch, length, offset)[..., 0]).astype(jnp.int32)
-
     def relative_logits(self, q: Array, kv_len: int, positions: Array | None, q_offset, decode: bool) -> Array | None:
-        terms = self._terms()
+        terms = tuple(self.relative_terms)
         features = self.num_heads * self.head_dim if self.fme_dim is None else self.fme_dim
-        if not (isinstance(features, int) and features > 0 and features % 2 == 0):
-            raise ValueError(f"fme_dim={self.fme_dim!r} must be a positive even int (or None)")
-        check_positive("pitch_base", self.pitch_base)
-        check_positive("onset_base", self.onset_base)
         if not terms:
             return None
         batch, length = q.shape[0], q.shape[1]

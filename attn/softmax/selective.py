@@ -24,7 +24,7 @@ agree at initialisation (w = 0) and whenever either term is off, and differ once
 Choices of ours: n_i is the number of keys row i attends to (covers padding and windows; = the official
 row_length for causal self-attention); beta is one per head (official: one per layer) initialised to 2; the
 token terms are a bounded 1 + tanh(.) of one zero-initialised projection per head (the paper's weight sharing
-with W_q could not be checked); E * (H + KVH) + H new parameters, about 0.4% of a GPT-2 layer's attention
+with W_q could not be checked); E * (H + KVH) + H added parameters, about 0.4% of a GPT-2 layer's attention
 parameters, within the paper's < 0.5% budget.
 
 Because the temperatures scale q (before RoPE, which commutes with scaling, and after it for tau_pos) and v,
@@ -42,6 +42,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from attn.core.layer import AttentionCall
 from attn.core.masks import Mask
 from attn.registry import register
 from attn.softmax.multi_head import MultiHeadAttention
@@ -73,6 +74,11 @@ def visible_keys(mask: Mask | None, window, q_len: int, kv_len: int, q_offset) -
         "value_temperature": "value temperature 1 + tanh(x u_g) per kv head",
         "position_beta_init": "initial beta_h of the position temperature (2 in the official code: almost 1)",
     },
+    fidelity="reconstructed",
+    reference="position temperature verified against github.com/umich-sota/selective_attention "
+    "(lit_gpt/model_finetune_att.py, lit_gpt/gpt_2_PTS.py); token and value temperatures and their product with it "
+    "are reconstructed from secondary descriptions (the paper may add tau_tok + tau_pos)",
+    has_attention_weights=True,
 )
 class SelectiveAttention(MultiHeadAttention):
     """Softmax attention with SSA query and value temperatures. x [B, T, E] -> [B, T, E]."""
@@ -93,11 +99,14 @@ class SelectiveAttention(MultiHeadAttention):
         logits = jnp.einsum("bte,eh->bth", source.astype(jnp.float32), jnp.asarray(w, jnp.float32))
         return (1.0 + jnp.tanh(logits))[..., None]
 
-    def project_qkv(self, x: Array, context: Array | None) -> tuple[Array, Array, Array]:
+    def validate(self, call: AttentionCall) -> None:
+        super().validate(call)
         if self.qk_norm and self.query_temperature:
             raise ValueError(
                 "qk_norm=True would normalise away the query temperature; use query_temperature=False with it"
             )
+
+    def project_qkv(self, x: Array, context: Array | None) -> tuple[Array, Array, Array]:
         q, k, v = super().project_qkv(x, context)
         if self.query_temperature:
             q = (q * self._temperature(x, self.num_heads, "heads", "query_temperature")).astype(q.dtype)
@@ -106,17 +115,10 @@ class SelectiveAttention(MultiHeadAttention):
             v = (v * self._temperature(source, self.kv_heads, "kv_heads", "value_temperature")).astype(v.dtype)
         return q, k, v
 
-    def attend(
-        self,
-        q: Array,
-        k: Array,
-        v: Array,
-        *,
-        mask: Mask | None,
-        bias: Array | None,
-        q_offset,
-        deterministic: bool,
-    ) -> Array:
+    def prepare(self, q: Array, k: Array, v: Array, call: AttentionCall) -> tuple[Array, Array, Array, AttentionCall]:
+        """The `softmax` layer's positions and cache, then the position temperature tau_pos(n_i) on q (n_i: the keys
+        row i attends to, hence after the cache), so any softmax kernel computes SSA."""
+        q, k, v, call = super().prepare(q, k, v, call)
         if self.position_temperature:
             beta = self.param(
                 "position_beta",
@@ -124,8 +126,8 @@ class SelectiveAttention(MultiHeadAttention):
                 (self.num_heads,),
                 self.param_dtype,
             )
-            n = visible_keys(mask, self.window, q.shape[1], k.shape[1], q_offset)  # [B|1, H|1, Tq]
+            n = visible_keys(call.mask, self.window, q.shape[1], k.shape[1], call.q_offset)  # [B|1, H|1, Tq]
             strength = jnp.exp(-jnp.exp(jnp.asarray(beta, jnp.float32)))[None, :, None]
             tau = 1.0 + strength * jnp.log(jnp.maximum(n, 1.0))  # [B|1, H, Tq]
             q = (q * jnp.moveaxis(tau, 1, 2)[..., None]).astype(q.dtype)
-        return super().attend(q, k, v, mask=mask, bias=bias, q_offset=q_offset, deterministic=deterministic)
+        return q, k, v, call

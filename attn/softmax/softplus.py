@@ -38,6 +38,10 @@ Shapes: x [B, T, E] -> [B, T, E]; weights float32 [B, H, T, T]. Time O(B H T^2 D
 reference; the stage-1 normaliser is a plain sum). No exact reduction to softmax (exp is replaced);
 length_scale=False, reweight=False gives plain Softplus + l1 attention, and reweight_power=1,
 reweight_threshold=0 makes the re-weighting the identity.
+
+In the layer the method is the attention pipeline's stages (attn/core/softmax_layer.py): `scores` (cosine logits
+times the constant scale), `score_mod` (log N_i, then the position bias), `normalize` (softplus + l1; the mask's
+-inf gives softplus 0) and `prob_mod` (LSSAR); the functional `softplus_attention` runs the same functions.
 """
 
 from __future__ import annotations
@@ -48,9 +52,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from attn.core.layer import AttentionCall
 from attn.core.masks import Mask
-from attn.core.reference import grouped_logits, grouped_weighted_values
-from attn.core.validation import check_positive, check_qkv
+from attn.core.pipeline import add_bias, dropout_weights, grouped_logits, grouped_weighted_values, mask_logits
+from attn.core.validation import check_qkv, choice, non_negative, non_negative_int, positive
 from attn.registry import register
 from attn.softmax.multi_head import MultiHeadAttention
 
@@ -62,6 +67,65 @@ def unit_rows(x: Array) -> Array:
     x = x.astype(jnp.float32)
     norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
     return x / jnp.where(norm > 0.0, norm, 1.0)
+
+
+def visible_key_counts(allowed: Array | None, kv_len: int) -> Array:
+    """N_i, the number of keys row i may attend to: float32 [B|1, H|1, Tq, 1] (kv_len everywhere when allowed is
+    None); allowed: bool [B|1, H|1, Tq, Tk] or None."""
+    if allowed is None:
+        return jnp.full((1, 1, 1, 1), float(kv_len), jnp.float32)
+    return jnp.sum(allowed, axis=-1, keepdims=True, dtype=jnp.float32)
+
+
+def softplus_logit_scale(head_dim: int, scale: float | None, cosine: bool) -> float:
+    """The constant logit scale: `scale`, else log(head_dim) (cosine, the paper's log d) or 1/sqrt(head_dim)."""
+    if scale is not None:
+        return scale
+    if cosine and head_dim < 2:
+        raise ValueError(f"head_dim={head_dim} must be >= 2 for the log(head_dim) scale of cosine=True (or pass scale)")
+    return math.log(head_dim) if cosine else head_dim**-0.5
+
+
+def softplus_scores(q: Array, k: Array, *, scale: float | None, cosine: bool) -> Array:
+    """scale * q k^T, with q and k l2-normalised per head when cosine: float32 [B, H, Tq, Tk] (Eq. 4 without the
+    length scale). q [B, Tq, H, D], k [B, Tk, KVH, D]."""
+    scale = softplus_logit_scale(q.shape[-1], scale, cosine)
+    if cosine:
+        q, k = unit_rows(q), unit_rows(k)
+    return grouped_logits(q, k) * scale
+
+
+def length_scaled(logits: Array, counts: Array) -> Array:
+    """logits of row i times log(N_i) (Eq. 4); counts N float32 broadcastable to [B, H, Tq, 1]."""
+    return logits * jnp.log(jnp.maximum(counts, 1.0))
+
+
+def softplus_weights(logits: Array) -> Array:
+    """softplus(z) / sum_j softplus(z): float32 [B, H, Tq, Tk] from masked logits (-inf where masked, where
+    softplus gives exactly 0: the paper's multiplicative 0/1 mask). A row with no visible key gives 0."""
+    plus = jax.nn.softplus(logits)
+    total = jnp.sum(plus, axis=-1, keepdims=True)
+    return plus / jnp.where(total == 0.0, 1.0, total)
+
+
+def reweighted(
+    weights: Array, counts: Array, allowed: Array | None, *, threshold: float, power: float, warmup: int
+) -> Array:
+    """LSSAR (Eq. 5): relu(N_i a_ij - O_i)^power, l1-normalised; O_i = threshold where N_i > warmup, else 0.
+
+    weights float32 [B, H, Tq, Tk]; counts N_i broadcastable to [B, H, Tq, 1]; allowed bool [B|1, H|1, Tq, Tk] or
+    None. A row whose re-weighted values are all zero keeps its weights."""
+    offset = jnp.where(counts > warmup, jnp.float32(threshold), 0.0)
+    excess = counts * weights - offset
+    if allowed is not None:
+        excess = jnp.where(allowed, excess, 0.0)
+    # dividing by the row max first is exact after the l1 step and keeps excess**15 inside float32
+    top = jnp.max(excess, axis=-1, keepdims=True)
+    ratio = excess / jnp.where(top > 0.0, top, 1.0)
+    # power of the positive part only: a fractional power's gradient at 0 would be inf * 0 = nan
+    sharp = jnp.where(ratio > 0.0, jnp.where(ratio > 0.0, ratio, 1.0) ** power, 0.0)
+    sharp_total = jnp.sum(sharp, axis=-1, keepdims=True)
+    return jnp.where(sharp_total > 0.0, sharp / jnp.where(sharp_total > 0.0, sharp_total, 1.0), weights)
 
 
 def softplus_attention(
@@ -103,55 +167,29 @@ def softplus_attention(
       [B, Tq, H, Dv] in q.dtype (rows with no visible key give 0), or (out, aux).
     """
     heads, _ = check_qkv(q, k, v)
-    out_dtype = q.dtype
-    q_len, kv_len, dim = q.shape[1], k.shape[1], q.shape[-1]
-    check_positive("reweight_power", reweight_power)
-    check_positive("reweight_threshold", reweight_threshold, allow_zero=True)
-    if not (isinstance(reweight_warmup, int) and reweight_warmup >= 0):
-        raise ValueError(f"reweight_warmup={reweight_warmup!r} must be an int >= 0 (rows with no re-weighting offset)")
-    if cosine and dim < 2 and scale is None:
-        raise ValueError(f"head_dim={dim} must be >= 2 for the log(head_dim) scale of cosine=True (or pass scale)")
-    if not 0.0 <= dropout_rate < 1.0:
-        raise ValueError(f"dropout_rate={dropout_rate!r} must be in [0, 1)")
-    if scale is None:
-        scale = math.log(dim) if cosine else dim**-0.5
-    if cosine:
-        q, k = unit_rows(q), unit_rows(k)
-
+    q_len, kv_len = q.shape[1], k.shape[1]
+    non_negative("reweight_threshold", reweight_threshold)
+    positive("reweight_power", reweight_power)
+    non_negative_int("reweight_warmup", reweight_warmup)
     full = Mask.from_args(causal=causal, mask=mask, window=window, segment_ids=segment_ids)
-    if full is None:
-        allowed = jnp.ones((1, 1, q_len, kv_len), jnp.bool_)
-    else:
-        allowed = full.materialize(q_len, kv_len, q_offset=q_offset)
-    n = jnp.sum(allowed, axis=-1, keepdims=True, dtype=jnp.float32)  # [B|1, H|1, Tq, 1]
-
-    logits = grouped_logits(q, k) * scale
+    allowed = None if full is None else full.materialize(q_len, kv_len, q_offset=q_offset)
+    counts = visible_key_counts(allowed, kv_len)
+    logits = softplus_scores(q, k, scale=scale, cosine=cosine)
     if length_scale:
-        logits = logits * jnp.log(jnp.maximum(n, 1.0))
-    if bias is not None:
-        logits = logits + jnp.asarray(bias, jnp.float32)
-    positive = jnp.where(allowed, jax.nn.softplus(logits), 0.0)
-    total = jnp.sum(positive, axis=-1, keepdims=True)
-    weights = positive / jnp.where(total == 0.0, 1.0, total)
+        logits = length_scaled(logits, counts)
+    logits = mask_logits(add_bias(logits, bias), full, q_offset=q_offset)
+    weights = softplus_weights(logits)
     if reweight:
-        offset = jnp.where(n > reweight_warmup, jnp.float32(reweight_threshold), 0.0)
-        excess = jnp.where(allowed, n * weights - offset, 0.0)
-        # dividing by the row max first is exact after the l1 step and keeps excess**15 inside float32
-        top = jnp.max(excess, axis=-1, keepdims=True)
-        ratio = excess / jnp.where(top > 0.0, top, 1.0)
-        # power of the positive part only: a fractional power's gradient at 0 would be inf * 0 = nan
-        sharp = jnp.where(ratio > 0.0, jnp.where(ratio > 0.0, ratio, 1.0) ** reweight_power, 0.0)
-        sharp_total = jnp.sum(sharp, axis=-1, keepdims=True)
-        weights = jnp.where(sharp_total > 0.0, sharp / jnp.where(sharp_total > 0.0, sharp_total, 1.0), weights)
+        weights = reweighted(
+            weights,
+            counts,
+            allowed,
+            threshold=reweight_threshold,
+            power=reweight_power,
+            warmup=reweight_warmup,
+        )
     weights = jnp.broadcast_to(weights, (q.shape[0], heads, q_len, kv_len))
-
-    attended = weights
-    if dropout_rate > 0.0:
-        if dropout_rng is None:
-            raise ValueError("dropout_rate > 0 needs dropout_rng (a jax.random key)")
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
-        attended = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
-    out = grouped_weighted_values(attended, v).astype(out_dtype)
+    out = grouped_weighted_values(dropout_weights(weights, dropout_rate, dropout_rng), v).astype(q.dtype)
     return (out, {"probs": weights}) if return_probs else out
 
 
@@ -172,7 +210,18 @@ def softplus_attention(
         "reweight_threshold": "offset O of the re-weighting in units of the row mean 1/N_i (paper: 1)",
         "reweight_power": "re-weighting exponent p (> 0; paper: 15, or 3)",
         "reweight_warmup": "rows with N_i <= this get offset 0 (paper: the first 3 rows)",
+        "softcap": "must be None (softplus attention has no soft-capping)",
     },
+    fidelity="reconstructed",
+    reference="secondary sources only (en.papernotes.org notes, public ICLR 2026 reviews naming Eqs. 4-5, a public "
+    "re-implementation models/lssar.py); the paper PDF and official code were not read",
+    validators={
+        "reweight_threshold": non_negative,
+        "reweight_power": positive,
+        "reweight_warmup": non_negative_int,
+        "softcap": choice(None),
+    },
+    has_attention_weights=True,
 )
 class SoftplusAttention(MultiHeadAttention):
     """Length-scaled Softplus attention (LSSA / LSSAR). x [B, T, E] -> [B, T, E]."""
@@ -184,38 +233,39 @@ class SoftplusAttention(MultiHeadAttention):
     reweight_power: float = 15.0
     reweight_warmup: int = 3
 
-    def attend(
-        self,
-        q: Array,
-        k: Array,
-        v: Array,
-        *,
-        mask: Mask | None,
-        bias: Array | None,
-        q_offset,
-        deterministic: bool,
-    ) -> Array:
-        if self.softcap is not None:
-            raise ValueError(f"softcap={self.softcap!r} is not supported by softplus attention; use softcap=None")
-        out, aux = softplus_attention(
-            q,
-            k,
-            v,
-            mask=mask,
-            bias=bias,
-            window=self.window,
-            scale=self.scale,
-            cosine=self.cosine,
-            length_scale=self.length_scale,
-            reweight=self.reweight,
-            reweight_threshold=self.reweight_threshold,
-            reweight_power=self.reweight_power,
-            reweight_warmup=self.reweight_warmup,
-            q_offset=q_offset,
-            dropout_rate=0.0 if deterministic else self.dropout_rate,
-            dropout_rng=self.dropout_rng(deterministic),
-            return_probs=True,
+    def validate(self, call: AttentionCall) -> None:
+        super().validate(call)
+        softplus_logit_scale(self.head_dim, self.scale, self.cosine)
+
+    def visible_keys(self, call: AttentionCall, kv_len: int) -> tuple[Array | None, Array]:
+        """(allowed bool [B|1, H|1, Tq, Tk] or None, N_i float32 [B|1, H|1, Tq, 1]) of this call's mask."""
+        full = self.full_mask(call)
+        q_len = call.q_positions.shape[-1]
+        allowed = None if full is None else full.materialize(q_len, kv_len, q_offset=call.q_offset)
+        return allowed, visible_key_counts(allowed, kv_len)
+
+    def scores(self, q: Array, k: Array) -> Array:
+        return softplus_scores(q, k, scale=self.scale, cosine=self.cosine)
+
+    def score_mod(self, logits: Array, call: AttentionCall) -> Array:
+        """log(N_i) length scale (Eq. 4), then the position bias."""
+        if self.length_scale:
+            logits = length_scaled(logits, self.visible_keys(call, logits.shape[-1])[1])
+        return add_bias(logits, call.bias)
+
+    def normalize(self, logits: Array) -> tuple[Array, None]:
+        return softplus_weights(logits), None
+
+    def prob_mod(self, weights: Array, call: AttentionCall) -> Array:
+        """LSSAR re-weighting (Eq. 5) when reweight=True."""
+        if not self.reweight:
+            return weights
+        allowed, counts = self.visible_keys(call, weights.shape[-1])
+        return reweighted(
+            weights,
+            counts,
+            allowed,
+            threshold=self.reweight_threshold,
+            power=self.reweight_power,
+            warmup=self.reweight_warmup,
         )
-        if self.wants_weights():
-            self.sow("intermediates", "attention_weights", aux["probs"])
-        return out

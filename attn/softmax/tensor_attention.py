@@ -28,6 +28,8 @@ marginal over the second key, sum_l p_ijl, [B, H, Tq, Tk].
 
 Shapes: x [B, T, E] -> [B, T, E]; logits [B, H, Tq, Tk, Tk]. Time O(B H Tq Tk^2 D), memory O(B H Tq Tk^2): cubic
 in the length (the paper's near-linear algorithm for bounded entries is not implemented). Keep T to a few hundred.
+The layer overrides the template's `attend` (pair probabilities are not the pipeline's [Tq, Tk] matrix), so
+interventions may target its `head_outputs` only; the marginal weights are still captured.
 
 Exact reduction to softmax attention (verified in tests): with k2 = 1 (all ones) and v2 = 1, s_ijl = scale q_i.k1_j
 does not depend on l and every allowed j has the same set of allowed l (both are "l allowed for query i"), so
@@ -38,16 +40,15 @@ q/k/v/o parameters. (k2 = 0 instead gives uniform weights over all pairs, NOT so
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from attn.core import kv_cache
-from attn.core import positions as pos
+from attn.core.layer import AttentionCall
 from attn.core.masks import Mask
-from attn.core.validation import check_choice, check_qkv
+from attn.core.pipeline import dropout_weights
+from attn.core.validation import check_qkv, choice
 from attn.registry import register
 from attn.softmax.multi_head import MultiHeadAttention
 
@@ -115,12 +116,7 @@ def tensor_attention(
     denom = jnp.sum(unnormalized, axis=-1, keepdims=True)
     probs = (unnormalized / jnp.where(denom == 0.0, 1.0, denom)).reshape(logits.shape)
 
-    attended = probs
-    if dropout_rate > 0.0:
-        if dropout_rng is None:
-            raise ValueError("dropout_rate > 0 needs dropout_rng (a jax.random key)")
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
-        attended = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    attended = dropout_weights(probs, dropout_rate, dropout_rng)
     out = jnp.einsum("bkgtjl,bjkd,blkd->btkgd", attended, v1.astype(jnp.float32), v2.astype(jnp.float32)).reshape(
         batch, q_len, heads, v1.shape[-1]
     )
@@ -144,26 +140,26 @@ def tensor_attention(
         "position": "'rope' (rotates q and k1 only) or 'none' (the paper)",
         "scale": "logit scale (None = 1/sqrt(head_dim); 1.0 = the paper's exp(Q (K1 ⊘ K2)^T))",
     },
+    fidelity="paper",
+    reference="the definition stated in full in the paper's abstract, D^-1 exp(Q (K1 ⊘ K2)^T) (V1 ⊘ V2) (scale=1.0 is "
+    "its exact form)",
+    validators={"position": choice(*POSITIONS)},
 )
 class TensorAttention(MultiHeadAttention):
     """Tensor (triple-wise) attention. x [B, T, E] -> [B, T, E]; cubic in T (short sequences only)."""
 
-    @nn.compact
-    def __call__(
-        self,
-        x: Array,
-        *,
-        context: Array | None = None,
-        mask: Mask | None = None,
-        positions: Array | None = None,
-        decode: bool = False,
-        deterministic: bool = True,
-    ) -> Array:
-        self.check_input(x, context)
-        check_choice("position", self.position, POSITIONS)
-        if decode and context is not None:
+    # The probabilities are over key pairs [B, H, Tq, Tk, Tk], not the pipeline's [B, H, Tq, Tk] matrix, so its
+    # matrix stages do not apply; the marginal over the second key is captured as "attention_weights".
+    intervention_stages: ClassVar[tuple[str, ...]] = ("head_outputs",)
+
+    def validate(self, call: AttentionCall) -> None:
+        super().validate(call)
+        if call.decode and call.cross:
             raise ValueError("decode=True is for self-attention; got a context (cross-attention has no KV cache)")
-        batch, length, features = x.shape
+
+    def project_qkv(self, x: Array, context: Array | None) -> tuple[Array, Array, Array]:
+        """q [B, T, H, D]; k = [k1 | k2] [B, Tc, KVH, 2D] and v = [v1 | v2] [B, Tc, KVH, 2D], concatenated on the
+        feature axis so that RoPE, the KV cache and GQA treat each pair as one key and one value."""
         source = x if context is None else context
         q = self.dense_heads(x, self.num_heads, "heads", "query")
         k1 = self.dense_heads(source, self.kv_heads, "kv_heads", "key")
@@ -172,44 +168,34 @@ class TensorAttention(MultiHeadAttention):
         v2 = self.dense_heads(source, self.kv_heads, "kv_heads", "value2")
         if self.qk_norm:
             q, k1, k2 = self.head_norm(q, "query_norm"), self.head_norm(k1, "key_norm"), self.head_norm(k2, "key2_norm")
+        return q, jnp.concatenate([k1, k2], -1), jnp.concatenate([v1, v2], -1)
 
-        offset = kv_cache.current_index(self) if decode else 0
-        if context is None and self.position == "rope":
-            q_pos = self.query_positions(positions, batch, length, offset)
-            inv_freq, multiplier = pos.rope_frequencies(
-                self.head_dim,
-                base=self.rope_base,
-                scaling=self.rope_scaling,
-                factor=self.rope_scaling_factor,
-                original_max_len=self.rope_original_max_len,
-            )
-            q = pos.apply_rope(q, q_pos, inv_freq, multiplier)
-            k1 = pos.apply_rope(k1, q_pos, inv_freq, multiplier)
+    def rotate(self, q: Array, k: Array, q_pos: Array) -> tuple[Array, Array]:
+        """RoPE on q and k1 only (a rotation does not distribute over k1 ⊙ k2)."""
+        k1, k2 = jnp.split(k, 2, axis=-1)
+        q, k1 = super().rotate(q, k1, q_pos)
+        return q, jnp.concatenate([k1, k2], -1)
 
-        mask = Mask.from_args(mask=mask, window=self.window)
-        q_offset = 0
-        if decode:
-            d = self.head_dim
-            keys, values, mask, q_offset = self.cache_write(
-                jnp.concatenate([k1, k2], -1), jnp.concatenate([v1, v2], -1), mask
-            )
-            k1, k2, v1, v2 = keys[..., :d], keys[..., d:], values[..., :d], values[..., d:]
-
+    def attend(self, q: Array, k: Array, v: Array, call: AttentionCall) -> Array:
+        """q [B, Tq, H, D], k = [k1 | k2], v = [v1 | v2] [B, Tk, KVH, 2D] -> [B, Tq, H, D]."""
+        k1, k2 = jnp.split(k, 2, axis=-1)
+        v1, v2 = jnp.split(v, 2, axis=-1)
+        capture = self.wants_weights()
         result = tensor_attention(
             q,
             k1,
             k2,
             v1,
             v2,
-            mask=mask,
+            mask=self.full_mask(call),
             scale=self.scale,
             softcap=self.softcap,
-            q_offset=q_offset,
-            dropout_rate=0.0 if deterministic else self.dropout_rate,
-            dropout_rng=self.dropout_rng(deterministic),
-            return_probs=self.wants_weights(),
+            q_offset=call.q_offset,
+            dropout_rate=self.effective_dropout(call.deterministic),
+            dropout_rng=self.dropout_rng(call.deterministic),
+            return_probs=capture,
         )
-        if self.wants_weights():
+        if capture:
             result, aux = result
-            self.sow("intermediates", "attention_weights", aux["probs"].sum(-1))
-        return self.project_out(result, features)
+            self.sow_capture("attention_weights", aux["probs"].sum(-1))
+        return result

@@ -85,8 +85,22 @@ def test_captured_weights_and_cross_attention():
     cross = attn.build("softmax", num_heads=4, head_dim=8)
     cp = cross.init(jax.random.key(0), x, context=context)
     assert cross.apply(cp, x, context=context).shape == (B, T, E)
-    with pytest.raises(ValueError, match="decode=True is for self-attention"):
-        cross.apply(cp, x, context=context, decode=True, mutable=["cache"])
+
+    # Decoding with a context: the creating call caches the projected context keys/values, later calls reuse
+    # them, so token-by-token decoding equals the full (non-causal over the context) forward.
+    full = cross.apply(cp, x, context=context)
+    _, state = cross.apply(cp, x[:, :1], context=context, decode=True, mutable=["cache"])
+    assert state["cache"]["cross_key"].shape == (B, 7, 4, 8)
+    steps = []
+    for t in range(T):
+        y, state = cross.apply({**cp, **state}, x[:, t : t + 1], context=context, decode=True, mutable=["cache"])
+        steps.append(y)
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-5)
+    # The cached keys are used, not the context passed later: a different context of the same shape changes nothing.
+    other = cross.apply({**cp, **state}, x[:, :1], context=context * 3.0, decode=True, mutable=["cache"])[0]
+    np.testing.assert_allclose(other, full[:, :1], atol=1e-5)
+    with pytest.raises(ValueError, match="the cache was created for"):
+        cross.apply({**cp, **state}, x[:, :1], context=context[:, :5], decode=True, mutable=["cache"])
 
 
 def test_every_parameter_has_logical_axis_names():

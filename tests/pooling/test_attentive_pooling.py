@@ -133,10 +133,30 @@ def test_low_rank_layer_parameter_count_padding_and_gradients():
     ],
 )
 def test_bad_options_raise_value_errors_naming_them(name, options, kwargs, message):
-    layer = (
-        attn.build(name, **{"num_heads": 2, "head_dim": 4, "num_queries": 4, **options})
-        if name.startswith("attentive")
-        else attn.build(name, **{"num_heads": 2, "head_dim": 4, **options})
-    )
     with pytest.raises(ValueError, match=message):
+        layer = (
+            attn.build(name, **{"num_heads": 2, "head_dim": 4, "num_queries": 4, **options})
+            if name.startswith("attentive")
+            else attn.build(name, **{"num_heads": 2, "head_dim": 4, **options})
+        )
         jax.eval_shape(lambda k: layer.init(k, X, **kwargs), jax.random.key(0))
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("attentive_pooling", {"variant": "multihead", "num_heads": 2, "head_dim": 4, "num_queries": 3}),
+        ("attentive_pooling", {"variant": "efficient_probing", "num_heads": 2, "head_dim": 4, "num_queries": 4}),
+        ("low_rank_pooling", {"num_heads": 2, "head_dim": 4, "rank": 3}),
+    ],
+)
+def test_dropout_is_off_when_deterministic(name, options):
+    """dropout_rate > 0 with deterministic=True (inference, no "dropout" rng) equals dropout_rate = 0 bit for bit;
+    deterministic=False with a "dropout" rng does drop weights."""
+    plain = attn.build(name, **options)
+    dropped = attn.build(name, **options, dropout_rate=0.1)
+    params = plain.init(jax.random.key(1), X, mask=PADDED)
+    want = plain.apply(params, X, mask=PADDED)
+    np.testing.assert_array_equal(dropped.apply(params, X, mask=PADDED, deterministic=True), want)
+    train = dropped.apply(params, X, mask=PADDED, deterministic=False, rngs={"dropout": jax.random.key(2)})
+    assert float(jnp.abs(train - want).max()) > 1e-6

@@ -89,13 +89,13 @@ def test_causal_decode_and_gradients():
 @pytest.mark.parametrize(
     "options, message",
     [
-        (dict(attention_terms=("c2c",)), r"attention_terms=\('c2c',\) must be distinct entries of \('c2p', 'p2c'\)"),
-        (dict(p2c_index="transposed"), "p2c_index='transposed' is not supported; expected one of 'released', 'paper'"),
-        (dict(position="alibi"), "position='alibi' is not supported; expected one of 'none', 'rope'"),
+        (dict(attention_terms=("c2c",)), r"attention_terms=\('c2c',\) must be a tuple of distinct entries of"),
+        (dict(p2c_index="transposed"), "p2c_index='transposed' must be one of"),
+        (dict(position="alibi"), "position='alibi' must be one of"),
         (dict(position_buckets=64, max_relative_positions=32), "position_buckets=64 must be <= max_relative_positions"),
     ],
 )
 def test_bad_options_name_the_option(options, message):
-    layer = attn.build("deberta", num_heads=H, head_dim=D, **options)
     with pytest.raises(ValueError, match=message):
+        layer = attn.build("deberta", num_heads=H, head_dim=D, **options)
         trace_init(layer, X)

@@ -1,5 +1,7 @@
 """`gated` (Gated Attention for LLMs): reductions to softmax, the explicit gate formula, causality, decode."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -18,6 +20,7 @@ from layer_checks import (
 
 import attn
 from attn import functional as F
+from attn.softmax.gated import GatedAttention
 
 B, T, E, H, D = 2, 8, 16, 4, 4
 MASK = attn.Mask(causal=True)
@@ -96,12 +99,14 @@ def test_value_gate_causal_and_decode():
 @pytest.mark.parametrize(
     "option, value, message",
     [
-        ("gate", "channel", "gate='channel' is not supported; expected one of 'elementwise', 'headwise', 'none'"),
-        ("gate_position", "key", "gate_position='key' is not supported; expected one of 'sdpa', 'value'"),
-        ("gate_activation", "tanh", "gate_activation='tanh' is not supported; expected one of 'sigmoid', 'silu'"),
+        ("gate", "channel", "gate='channel' must be one of ('elementwise', 'headwise', 'none')"),
+        ("gate_position", "key", "gate_position='key' must be one of ('sdpa', 'value')"),
+        ("gate_activation", "tanh", "gate_activation='tanh' must be one of ('sigmoid', 'silu')"),
     ],
 )
 def test_bad_options_name_the_option(option, value, message):
-    layer = attn.build("gated", num_heads=H, head_dim=D, **{option: value})
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=re.escape(message)):  # at build time (the registry's validators)
+        attn.build("gated", num_heads=H, head_dim=D, **{option: value})
+    layer = GatedAttention(num_heads=H, head_dim=D, **{option: value})  # constructed directly: at call time
+    with pytest.raises(ValueError, match=re.escape(message)):
         trace_init(layer, X)

@@ -120,8 +120,8 @@ def test_jit_and_finite_gradients_reach_the_gaussian_parameters():
     ],
 )
 def test_bad_options_raise_value_errors_naming_them(options, kwargs, message):
-    layer = attn.build("gaussian_adaptive", **{"num_heads": H, "head_dim": D, **options})
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("*", r"\*")):
+        layer = attn.build("gaussian_adaptive", **{"num_heads": H, "head_dim": D, **options})
         jax.eval_shape(lambda k: layer.init(k, X, **kwargs), jax.random.key(0))
 
 

@@ -103,14 +103,14 @@ def test_causal_decode_with_attributes_and_gradients():
 @pytest.mark.parametrize(
     "options, message",
     [
-        (dict(relative_terms=("time",)), r"relative_terms=\('time',\) must be distinct entries of"),
+        (dict(relative_terms=("time",)), r"relative_terms=\('time',\) must be a tuple of distinct entries of"),
         (dict(fme_dim=5), "fme_dim=5 must be a positive even int"),
-        (dict(pitch_base=0.0), "pitch_base=0.0 must be > 0"),
+        (dict(pitch_base=0.0), "pitch_base=0.0 must be a number > 0"),
     ],
 )
 def test_bad_options_name_the_option(options, message):
-    layer = attn.build("ripo", num_heads=H, head_dim=D, **options)
     with pytest.raises(ValueError, match=message):
+        layer = attn.build("ripo", num_heads=H, head_dim=D, **options)
         trace_init(layer, X)
 
 

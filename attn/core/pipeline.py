@@ -1,0 +1,131 @@
+"""The softmax-family attention pipeline, one pure function per stage.
+
+    logits  = scores(q, k)                    scale * q k^T, optional softcap     float32 [B, H, Tq, Tk]
+    logits  = logits + bias                   (score_mod: position biases, steering)
+    logits  = mask(logits)                    -inf where the mask forbids
+    weights = normalize(logits)               softmax (with optional per-head sinks), or a variant's normalizer
+    weights = prob_mod(weights)               (e.g. clipped softmax)
+    weights = dropout(weights)                attention dropout, off when deterministic
+    heads   = mix(weights, v)                 [B, Tq, H, Dv], grouped over kv heads (GQA/MQA, v never repeated)
+
+`attn.core.reference.reference_softmax_attention` is exactly these functions in sequence, and so is the explicit
+path of `attn.core.softmax_layer.SoftmaxAttentionLayer` (whose stages are interceptable methods), so the two give
+bit-identical results. Fully masked rows give weights 0, output 0 and lse -inf (never NaN).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from attn.core import dispatch
+from attn.core.masks import Mask
+
+Array = jax.Array
+
+
+def accumulation_dtype(*arrays: Array) -> Any:
+    """float32, or float64 when an input is float64: low precision (bf16/fp16) inputs accumulate in float32."""
+    return jnp.promote_types(jnp.result_type(*arrays), jnp.float32)
+
+
+def _dot_operands(*arrays: Array) -> tuple[Array, ...]:
+    """The operands of a grouped einsum. XLA:CPU has no bf16 x bf16 -> f32 dot for some shapes ("Unsupported
+    element type for DotThunk"), so on CPU low-precision operands are widened first (the accumulation is float32
+    either way); on GPU/TPU they stay in their dtype."""
+    if dispatch.platform() == "cpu" and any(jnp.dtype(a.dtype).itemsize < 4 for a in arrays):
+        return tuple(a.astype(jnp.float32) if jnp.dtype(a.dtype).itemsize < 4 else a for a in arrays)
+    return arrays
+
+
+def grouped_logits(q: Array, k: Array) -> Array:
+    """q [B, Tq, H, D] . k [B, Tk, KVH, D] -> float32 (float64 for float64 inputs) [B, H, Tq, Tk] (unscaled);
+    query heads are grouped over the kv heads with a reshape, so k is never repeated (GQA/MQA)."""
+    batch, q_len, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    qg, kk = _dot_operands(q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim), k)
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, kk, preferred_element_type=accumulation_dtype(q, k))
+    return logits.reshape(batch, heads, q_len, k.shape[1])
+
+
+def grouped_weighted_values(weights: Array, v: Array) -> Array:
+    """Attention weights [B, H, Tq, Tk] times values [B, Tk, KVH, Dv] -> float32 [B, Tq, H, Dv], grouped like
+    `grouped_logits` (v is never repeated)."""
+    batch, heads, q_len, kv_len = weights.shape
+    kv_heads = v.shape[2]
+    grouped = weights.reshape(batch, kv_heads, heads // kv_heads, q_len, kv_len)
+    wg, vv = _dot_operands(grouped.astype(v.dtype), v)
+    out = jnp.einsum("bkgts,bskd->btkgd", wg, vv, preferred_element_type=accumulation_dtype(weights, v))
+    return out.reshape(batch, q_len, heads, v.shape[-1])
+
+
+def scores(q: Array, k: Array, *, scale: float | None = None, softcap: float | None = None) -> Array:
+    """Scaled (and optionally soft-capped) logits: float32 [B, H, Tq, Tk] from q [B, Tq, H, D], k [B, Tk, KVH, D].
+
+    scale defaults to 1/sqrt(D); softcap maps logits -> softcap * tanh(logits / softcap) (before any bias, as in
+    FlashAttention-2)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = grouped_logits(q, k) * scale
+    if softcap is not None:
+        logits = softcap * jnp.tanh(logits / softcap)
+    return logits
+
+
+def add_bias(logits: Array, bias: Array | None) -> Array:
+    """logits [B, H, Tq, Tk] + bias broadcastable to it (float32); None leaves the logits unchanged."""
+    if bias is None:
+        return logits
+    return logits + jnp.asarray(bias, logits.dtype)
+
+
+def mask_logits(logits: Array, mask: Mask | None, *, q_offset: Any = 0) -> Array:
+    """-inf where `mask` forbids (queries at absolute positions q_offset + i); logits [B, H, Tq, Tk]."""
+    if mask is None:
+        return logits
+    allowed = mask.materialize(logits.shape[-2], logits.shape[-1], q_offset=q_offset)
+    return jnp.where(allowed, logits, -jnp.inf)
+
+
+def softmax_weights(logits: Array, *, sinks: Array | None = None) -> tuple[Array, Array]:
+    """Softmax over keys of logits [B, H, Tq, Tk] -> (weights float32 [B, H, Tq, Tk], lse float32 [B, H, Tq]).
+
+    sinks: float [H], a per-head logit that joins the denominator and takes no value (weights then sum to < 1).
+    Rows with no finite logit (fully masked) give weights 0 and lse -inf.
+    """
+    row_max = jnp.max(logits, axis=-1, keepdims=True)
+    if sinks is not None:
+        sink = jnp.asarray(sinks, logits.dtype).reshape(1, -1, 1, 1)
+        row_max = jnp.maximum(row_max, sink)
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    unnormalized = jnp.exp(logits - row_max)
+    denom = jnp.sum(unnormalized, axis=-1, keepdims=True)
+    if sinks is not None:
+        denom = denom + jnp.exp(sink - row_max)
+    empty = denom == 0.0
+    weights = unnormalized / jnp.where(empty, 1.0, denom)
+    lse = jnp.where(empty, -jnp.inf, row_max + jnp.log(jnp.where(empty, 1.0, denom)))[..., 0]
+    return weights, lse
+
+
+def dropout_weights(weights: Array, rate: float, rng: Array | None) -> Array:
+    """Inverted dropout on attention weights; rate 0 (or rng None with rate 0) returns them unchanged."""
+    if rate == 0.0:
+        return weights
+    if not 0.0 < rate < 1.0:
+        raise ValueError(f"dropout_rate={rate!r} must be in [0, 1)")
+    if rng is None:
+        raise ValueError("dropout_rate > 0 needs dropout_rng (a jax.random key)")
+    keep = jax.random.bernoulli(rng, 1.0 - rate, weights.shape)
+    return jnp.where(keep, weights / (1.0 - rate), 0.0)
+
+
+def mix(weights: Array, v: Array) -> Array:
+    """weights [B, H, Tq, Tk] x v [B, Tk, KVH, Dv] -> float32 [B, Tq, H, Dv] (grouped, v never repeated)."""
+    return grouped_weighted_values(weights, v)
+
+
+def key_mass(weights: Array) -> Array:
+    """Attention each key received, summed over queries: weights [B, H, Tq, Tk] -> float32 [B, H, Tk]."""
+    return jnp.sum(weights, axis=-2, dtype=accumulation_dtype(weights))
