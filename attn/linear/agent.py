@@ -32,17 +32,16 @@ it to softmax attention (it is a product of two softmaxes).
 
 from __future__ import annotations
 
-import math
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from attn import functional as F
-from attn.core.layer import AttentionLayer
+from attn.core.conv import HeadwiseDepthwiseConv, kernel_size_or_off
+from attn.core.layer import AttentionCall, AttentionLayer
 from attn.core.linear_scan import linear_mask_parts, repeat_kv
 from attn.core.masks import Mask
-from attn.core.validation import check_qkv, shape_of
+from attn.core.validation import check_qkv, optional, positive, positive_int, shape_of
 from attn.registry import register
 
 Array = jax.Array
@@ -138,48 +137,6 @@ def agent_attention(
     return broadcast[0], {"aggregation": aggregated[1]["probs"], "broadcast": broadcast[1]["probs"]}
 
 
-class HeadwiseDepthwiseConv(nn.Module):
-    """Depthwise 1-D convolution over the token axis, one kernel per (head, channel): x [B, T, H, D] -> same.
-
-    Zero 'same' padding (odd kernel), kernel [K, H, D] named (None, "heads", "head_dim") with PyTorch's default
-    Conv init U(-1/sqrt(K), 1/sqrt(K)), bias [H, D] (zeros). Used for Agent Attention's DWC term and RALA's LePE.
-    """
-
-    kernel_size: int
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        size, (length, heads, dim) = self.kernel_size, x.shape[1:]
-        kernel = self.param(
-            "kernel",
-            nn.with_logical_partitioning(
-                nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_axis=0, out_axis=(1, 2)),
-                (None, "heads", "head_dim"),
-            ),
-            (size, heads, dim),
-            self.param_dtype,
-        )
-        bias = self.param(
-            "bias",
-            nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "head_dim")),
-            (heads, dim),
-            self.param_dtype,
-        )
-        half = size // 2
-        padded = jnp.pad(x.astype(self.dtype), ((0, 0), (half, half), (0, 0), (0, 0)))
-        kernel = jnp.asarray(kernel, self.dtype)
-        out = sum(padded[:, offset : offset + length] * kernel[offset] for offset in range(size))
-        return out + jnp.asarray(bias, self.dtype)
-
-
-def check_kernel_size(name: str, value: int) -> None:
-    """0 (off) or a positive odd int (a 'same' convolution needs a centre tap)."""
-    if not (isinstance(value, int) and value >= 0 and (value == 0 or value % 2 == 1)):
-        raise ValueError(f"{name}={value!r} must be 0 (off) or a positive odd int")
-
-
 @register(
     "agent",
     family="linear",
@@ -197,6 +154,15 @@ def check_kernel_size(name: str, value: int) -> None:
         "dwc_kernel_size": "kernel of the depthwise convolution of V added to the output (0 = off; paper: 3)",
         "scale": "logit scale of both softmax stages (None = 1/sqrt(head_dim))",
     },
+    fidelity="paper",
+    reference="the paper's agent aggregation / broadcast equations with agent biases and DWC; pooling, scale and bias "
+    "init from github.com/LeapLabTHU/Agent-Attention; 1-D form of the 2-D vision layer",
+    validators={
+        "num_agents": positive_int,
+        "bias_resolution": positive_int,
+        "dwc_kernel_size": kernel_size_or_off,
+        "scale": optional(positive),
+    },
 )
 class AgentAttention(AttentionLayer):
     """Agent Attention (non-causal self-attention). x [B, N, E] -> [B, N, E]."""
@@ -207,33 +173,32 @@ class AgentAttention(AttentionLayer):
     dwc_kernel_size: int = 3
     scale: float | None = None
 
-    @nn.compact
-    def __call__(
-        self,
-        x: Array,
-        *,
-        context: Array | None = None,
-        mask: Mask | None = None,
-        positions: Array | None = None,
-        decode: bool = False,
-        deterministic: bool = True,
-    ) -> Array:
-        self.check_input(x, context)
-        self.check_options()
-        if context is not None:
+    def validate(self, call: AttentionCall) -> None:
+        super().validate(call)
+        if call.cross:
             raise ValueError(
                 "agent attention is self-attention here (its DWC term adds conv(V) at each query's position); "
-                f"got a context of shape {context.shape}"
+                f"got a context of shape {call.context.shape}"
             )
-        if decode:
+        if call.decode:
             raise ValueError("decode=True is not supported by agent attention: it is not causal (no KV cache)")
-        causal, q_lengths, kv_lengths = linear_mask_parts(mask, "agent")
-        if causal:
+        if self.mask_parts(call)[0]:
             raise ValueError(
                 "agent attention is not causal: its agents pool every query and see every key; got a causal mask"
             )
-        batch, length, features = x.shape
-        q, k, v = self.project_qkv(x, None)
+
+    def mask_parts(self, call: AttentionCall) -> tuple[bool, Array | None, Array | None]:
+        """(causal, q_lengths, kv_lengths) of the call's mask; other mask parts raise."""
+        return linear_mask_parts(call.mask, "agent")
+
+    def prepare(self, q: Array, k: Array, v: Array, call: AttentionCall) -> tuple[Array, Array, Array, AttentionCall]:
+        """No positions (the agent biases carry the token order) and no cache (validate rejects decode)."""
+        return q, k, v, call
+
+    def attend(self, q: Array, k: Array, v: Array, call: AttentionCall) -> Array:
+        """q [B, N, H, D], k/v [B, N, KVH, D] -> [B, N, H, Dv]: agent aggregation, broadcast, plus DWC(V)."""
+        _, q_lengths, kv_lengths = self.mask_parts(call)
+        length = q.shape[1]
         aggregation_bias = broadcast_bias = None
         if self.agent_bias:
             init = nn.with_logical_partitioning(nn.initializers.truncated_normal(0.02), ("heads", None, None))
@@ -253,8 +218,8 @@ class AgentAttention(AttentionLayer):
             scale=self.scale,
             q_lengths=q_lengths,
             kv_lengths=kv_lengths,
-            dropout_rate=0.0 if deterministic else self.dropout_rate,
-            dropout_rng=self.dropout_rng(deterministic),
+            dropout_rate=self.effective_dropout(call.deterministic),
+            dropout_rng=self.dropout_rng(call.deterministic),
             return_probs=capture,
             implementation=self.implementation,
         )
@@ -277,13 +242,4 @@ class AgentAttention(AttentionLayer):
             y = y + conv(values).astype(y.dtype)
             if q_lengths is not None:
                 y = y * (jnp.arange(length) < jnp.asarray(q_lengths)[:, None])[:, :, None, None].astype(y.dtype)
-        return self.project_out(y, features)
-
-    def check_options(self) -> None:
-        for name in ("num_agents", "bias_resolution"):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and value > 0):
-                raise ValueError(f"{name}={value!r} must be a positive int")
-        check_kernel_size("dwc_kernel_size", self.dwc_kernel_size)
-        if self.scale is not None and not (isinstance(self.scale, (int, float)) and math.isfinite(self.scale)):
-            raise ValueError(f"scale={self.scale!r} must be a finite number or None")
+        return y

@@ -38,8 +38,8 @@ bidirectional case the own row is only attended directly (the TF code would also
 The paper also gives Combiner-Logsparse and -Mixture (not implemented); -Fixed uses summary = "max" as in the
 official code, or "mean". position="rope" rotates q and k first (the paper's models carry their own position
 embeddings; "none" is the paper's layer). Decoding keeps keys, values and queries (for the summary queries) in the
-"cache": a new token attends to its block's cached keys and to the summaries of the completed blocks, so decode
-equals the full forward (a decode chunk gathers its queries' blocks: O(L s D) memory for L new tokens).
+"cache": a decoded token attends to its block's cached keys and to the summaries of the completed blocks, so decode
+equals the full forward (a decode chunk gathers its queries' blocks: O(L s D) memory for L decoded tokens).
 With block_size >= T every key is local and Combiner is exactly softmax attention.
 
 Shapes: x [B, T, E] -> [B, T, E]; q [B, T, H, D], k/v [B, T, KVH, D] (repeated to H: the summaries are per query
@@ -50,18 +50,16 @@ from __future__ import annotations
 
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from attn.core import kv_cache
 from attn.core import positions as pos
-from attn.core.layer import AttentionLayer
+from attn.core.layer import AttentionCall, AttentionLayer
 from attn.core.linear_scan import repeat_kv
-from attn.core.masks import Mask
 from attn.core.padding import masked_softmax
-from attn.core.validation import check_choice, check_qkv, shape_of
+from attn.core.validation import check_choice, check_qkv, choice, optional, positive, positive_int, shape_of
 from attn.registry import register
 
 Array = jax.Array
@@ -280,6 +278,16 @@ def _dense_probs(local_p, region_p, own, within, size, kv_len) -> Array:
         "rope_base": "RoPE base (theta) when position='rope'",
         "scale": "logit scale (None = 1/sqrt(head_dim))",
     },
+    fidelity="official-code",
+    reference="the authors' code: _SelfAttSqrtn (Combiner-Fixed, max-pooled summaries) and _SelfAttAxialRowmajor with "
+    "row_summary='none' (Combiner-Axial)",
+    validators={
+        "block_size": positive_int,
+        "factorization": choice(*FACTORIZATIONS),
+        "summary": choice(*SUMMARIES),
+        "position": choice(*POSITIONS),
+        "scale": optional(positive),
+    },
 )
 class CombinerAttention(AttentionLayer):
     """Combiner-Fixed or -Axial attention, causal or bidirectional, with a KV (and query) cache. x [B, T, E] ->
@@ -292,70 +300,63 @@ class CombinerAttention(AttentionLayer):
     rope_base: float = 10000.0
     scale: float | None = None
 
-    @nn.compact
-    def __call__(
-        self,
-        x: Array,
-        *,
-        context: Array | None = None,
-        mask: Mask | None = None,
-        positions: Array | None = None,
-        decode: bool = False,
-        deterministic: bool = True,
-    ) -> Array:
-        self.check_input(x, context)
-        if not (isinstance(self.block_size, int) and self.block_size > 0):
-            raise ValueError(f"block_size={self.block_size!r} must be a positive int")
-        check_choice("summary", self.summary, SUMMARIES)
-        check_choice("factorization", self.factorization, FACTORIZATIONS)
-        check_choice("position", self.position, POSITIONS)
-        if context is not None:
-            raise ValueError(f"combiner is self-attention (regions are blocks of x); got a context {context.shape}")
+    def validate(self, call: AttentionCall) -> None:
+        super().validate(call)
+        if call.cross:
+            raise ValueError(
+                f"combiner is self-attention (regions are blocks of x); got a context {call.context.shape}"
+            )
+        mask = call.mask
         if mask is not None and not mask.replace(causal=False, q_lengths=None, kv_lengths=None).is_empty():
             raise ValueError(f"combiner supports only the mask parts causal, q_lengths and kv_lengths; got {mask!r}")
         causal = mask is not None and mask.causal
-        q_lengths = None if mask is None else mask.q_lengths
-        kv_lengths = None if mask is None else mask.kv_lengths
-        if decode and (not causal or q_lengths is not None or kv_lengths is not None):
+        if call.decode and (not causal or mask.q_lengths is not None or mask.kv_lengths is not None):
             raise ValueError(f"decode=True needs a causal mask without lengths (attn.Mask(causal=True)); got {mask!r}")
-        batch, length, features = x.shape
-        q, k, v = self.project_qkv(x, None)
-        offset = kv_cache.current_index(self) if decode else 0
+
+    def prepare(self, q: Array, k: Array, v: Array, call: AttentionCall) -> tuple[Array, Array, Array, AttentionCall]:
+        """RoPE on q and k (position='rope'); decoding writes q, k, v to the cache and returns the cached keys and
+        values, with the cached queries (the summary queries) in call.bias, q_offset = the cache index and the
+        mask's kv_lengths = the filled length."""
+        batch, length = q.shape[:2]
+        offset = kv_cache.current_index(self) if call.decode else 0
         if self.position == "rope":
-            q_pos = self.query_positions(positions, batch, length, offset)
+            q_pos = self.query_positions(call.positions, batch, length, offset)
             inv_freq, _ = pos.rope_frequencies(self.head_dim, base=self.rope_base)
             q, k = pos.apply_rope(q, q_pos, inv_freq), pos.apply_rope(k, q_pos, inv_freq)
-
-        summary_queries, q_offset = None, 0
-        if decode:
+        if call.decode:
             queries = self.variable("cache", "cached_query", jnp.zeros, q.shape, q.dtype)
             keys, values, start = kv_cache.write(self, k, v)
             if start is not None:  # later calls: attend over the filled cache
                 queries.value = jax.lax.dynamic_update_slice_in_dim(
                     queries.value, q.astype(queries.value.dtype), start, 1
                 )
-                k, v, summary_queries, q_offset = keys, values, queries.value, start
-                kv_lengths = jnp.full((batch,), start + length, jnp.int32)
+                filled = jnp.full((batch,), start + length, jnp.int32)
+                mask = call.mask.replace(kv_lengths=filled)
+                return q, keys, values, call.replace(mask=mask, q_offset=start, bias=queries.value)
+        return q, k, v, call
 
+    def attend(self, q: Array, k: Array, v: Array, call: AttentionCall) -> Array:
+        """q [B, T, H, D], k/v [B, S, KVH, D] -> [B, T, H, Dv] (the joint probabilities sown on request)."""
+        mask = call.mask
         capture = self.wants_weights()
         result = combiner_attention(
             q,
             k,
             v,
             block_size=self.block_size,
-            causal=causal,
+            causal=mask is not None and mask.causal,
             summary=self.summary,
             factorization=self.factorization,
             scale=self.scale,
-            summary_queries=summary_queries,
-            q_offset=q_offset,
-            q_lengths=q_lengths,
-            kv_lengths=kv_lengths,
-            dropout_rate=0.0 if deterministic else self.dropout_rate,
-            dropout_rng=self.dropout_rng(deterministic),
+            summary_queries=call.bias,
+            q_offset=call.q_offset,
+            q_lengths=None if mask is None else mask.q_lengths,
+            kv_lengths=None if mask is None else mask.kv_lengths,
+            dropout_rate=self.effective_dropout(call.deterministic),
+            dropout_rng=self.dropout_rng(call.deterministic),
             return_probs=capture,
         )
         if capture:
             result, probs = result
             self.sow("intermediates", "attention_weights", probs)
-        return self.project_out(result, features)
+        return result

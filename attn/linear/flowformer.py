@@ -39,9 +39,10 @@ import jax
 import jax.numpy as jnp
 
 from attn.core import dispatch
+from attn.core.layer import AttentionCall
 from attn.core.linear_scan import linear_attention, repeat_kv
 from attn.core.padding import length_mask
-from attn.core.validation import check_qkv, shape_of
+from attn.core.validation import check_qkv, positive, positive_int, shape_of
 from attn.linear.linear import BASE_OPTION_DOCS, LinearAttentionBase
 from attn.registry import register
 
@@ -191,27 +192,18 @@ def _causal_flows(phi_q, phi_k, values, kv_valid, eps, chunk_size, q_offset, ini
     supports_decode=True,
     summary="Flow-Attention: sigmoid kernel, flow conservation, source competition (softmax) and sink allocation",
     option_docs=BASE_OPTION_DOCS,
+    fidelity="official-code",
+    reference="github.com/thuml/Flowformer: Flow_Attention and Flow_Attention_Causal (eps inside every flow)",
+    validators={"chunk_size": positive_int, "eps": positive},
 )
 class FlowAttention(LinearAttentionBase):
     """Flow-Attention on the chunked-scan core, causal and non-causal. x [B, T, E] -> [B, T, E]."""
 
     mechanism_name = "flowformer"
 
-    def mix(
-        self,
-        q: Array,
-        k: Array,
-        v: Array,
-        *,
-        x: Array,
-        causal: bool,
-        q_lengths: Array | None,
-        kv_lengths: Array | None,
-        positions: Array | None,
-        decode: bool,
-        deterministic: bool,
-    ) -> Array:
-        offset = self.advance_decode_index(decode, q.shape[1])
+    def attend(self, q: Array, k: Array, v: Array, call: AttentionCall) -> Array:
+        """q [B, T, H, D], k/v [B, S, KVH, D] -> [B, T, H, Dv]; decoding continues the cached flow states."""
+        causal, q_lengths, kv_lengths = self.mask_parts(call)
         options = dict(
             causal=causal,
             eps=self.eps,
@@ -220,7 +212,7 @@ class FlowAttention(LinearAttentionBase):
             kv_lengths=kv_lengths,
             implementation=self.implementation,
         )
-        if not decode:
+        if not call.decode:
             return flow_attention(q, k, v, **options)
         initialized = self.has_variable("cache", "flow_kv")
         shapes = flow_state_shapes(q.shape[0], q.shape[2], q.shape[3], v.shape[3])
@@ -231,7 +223,7 @@ class FlowAttention(LinearAttentionBase):
         if not initialized:  # the cache-creating call is an ordinary forward
             return flow_attention(q, k, v, **options)
         start = {name: variable.value for name, variable in cached.items()}
-        y, state = flow_attention(q, k, v, q_offset=offset, initial_state=start, return_state=True, **options)
+        y, state = flow_attention(q, k, v, q_offset=call.q_offset, initial_state=start, return_state=True, **options)
         for name, variable in cached.items():
             variable.value = state[name]
         return y

@@ -14,7 +14,7 @@ Attention distillation (the paper's conversion recipe). With distill=True the la
 teacher weights p = softmax(q k^T / sqrt(D)) from its own (stop-gradient) queries and keys and the student
 weights a above from phi of the same stop-gradient q, k, and sows
 
-    hedgehog_distillation_loss(a, p) = mean over rows of KL(p || a) = cross-entropy(p, a) - H(p)
+    attention_distillation_loss(a, p) = mean over rows of KL(p || a) = cross-entropy(p, a) - H(p)
 
 under "losses"/"hedgehog_distillation". It differs from the paper's cross-entropy by the teacher's entropy, a
 constant for the feature maps, so the gradients are the same, and it is exactly 0 when the student equals the
@@ -22,7 +22,7 @@ teacher. Only the feature maps receive its gradient. This step is O(T^2) (it bui
 
 Converting a trained `softmax` model (position="none" or "rope"): build the same model with
 attention="hedgehog" (and position equal to the teacher's), init it, and copy every parameter of the softmax
-layers — `query`, `key`, `value`, `out` have the same names and shapes — keeping the new `query_feature_map` /
+layers — `query`, `key`, `value`, `out` have the same names and shapes — keeping the `query_feature_map` /
 `key_feature_map` parameters of the init. Stage 1: train with attention_options={"distill": True} and an
 optimizer restricted to the feature-map parameters (e.g. optax.multi_transform) on the sum of the sown
 "losses" (apply with mutable=["losses"]). Stage 2: set distill=False and fine-tune end to end on the task loss.
@@ -39,10 +39,13 @@ import jax.numpy as jnp
 
 from attn import functional as F
 from attn.core import positions as pos
+from attn.core.distillation import attention_distillation_loss
+from attn.core.headwise_linear import HeadwiseLinear
+from attn.core.layer import AttentionCall
 from attn.core.linear_scan import repeat_kv
 from attn.core.masks import Mask
-from attn.core.validation import check_choice
-from attn.linear.linear import BASE_OPTION_DOCS, HeadwiseLinear, LinearAttentionBase
+from attn.core.validation import choice, positive, positive_int
+from attn.linear.linear import BASE_OPTION_DOCS, LinearAttentionBase
 from attn.registry import register
 
 Array = jax.Array
@@ -76,24 +79,6 @@ def hedgehog_attention_weights(
     return scores / jnp.where(total == 0.0, 1.0, total)
 
 
-def hedgehog_distillation_loss(student_probs: Array, teacher_probs: Array, *, eps: float = 1e-12) -> Array:
-    """Attention distillation: mean over (batch, head, query) rows of KL(teacher || student), a float32 scalar.
-
-    Both are attention weights [..., Tq, Tk] whose rows sum to 1 (or are all 0 for fully masked rows, which add 0).
-    Equal to the cross-entropy between teacher and student rows minus the teacher's entropy: the same gradient for
-    the student, and 0 exactly when student == teacher. Student entries are clipped at `eps` inside the log.
-    """
-    if student_probs.shape != teacher_probs.shape:
-        raise ValueError(
-            f"student_probs {student_probs.shape} and teacher_probs {teacher_probs.shape} must have the same shape"
-        )
-    p = teacher_probs.astype(jnp.float32)
-    a = student_probs.astype(jnp.float32)
-    positive = p > 0
-    log_ratio = jnp.log(jnp.where(positive, p, 1.0)) - jnp.log(jnp.maximum(a, eps))
-    return jnp.mean(jnp.sum(jnp.where(positive, p * log_ratio, 0.0), axis=-1))
-
-
 @register(
     "hedgehog",
     family="linear",
@@ -110,6 +95,10 @@ def hedgehog_distillation_loss(student_probs: Array, teacher_probs: Array, *, ep
         "rope_base": "RoPE base (theta) when position='rope'",
         **BASE_OPTION_DOCS,
     },
+    fidelity="paper",
+    reference="the paper's spiky feature map softmax(xW) ⊕ softmax(-xW) and attention distillation (KL: the paper's "
+    "cross-entropy gradients)",
+    validators={"chunk_size": positive_int, "eps": positive, "position": choice(*POSITIONS)},
 )
 class HedgehogAttention(LinearAttentionBase):
     """Hedgehog linear attention with optional attention distillation. x [B, T, E] -> [B, T, E]."""
@@ -119,10 +108,6 @@ class HedgehogAttention(LinearAttentionBase):
     rope_base: float = 10000.0
 
     mechanism_name = "hedgehog"
-
-    def check_options(self) -> None:
-        super().check_options()
-        check_choice("position", self.position, POSITIONS)
 
     def uses_denominator(self) -> bool:
         return True
@@ -134,29 +119,21 @@ class HedgehogAttention(LinearAttentionBase):
             HeadwiseLinear(groups=self.kv_heads, heads_axis="kv_heads", name="key_feature_map", **common),
         )
 
-    def mix(
-        self,
-        q: Array,
-        k: Array,
-        v: Array,
-        *,
-        x: Array,
-        causal: bool,
-        q_lengths: Array | None,
-        kv_lengths: Array | None,
-        positions: Array | None,
-        decode: bool,
-        deterministic: bool,
-    ) -> Array:
-        batch, length = q.shape[:2]
-        offset = self.advance_decode_index(decode, length)
-        if self.position == "rope" and k.shape[1] == length:
-            q_pos = self.query_positions(positions, batch, length, offset)
+    def prepare(self, q: Array, k: Array, v: Array, call: AttentionCall) -> tuple[Array, Array, Array, AttentionCall]:
+        """The base positions, then RoPE on self-attention q and k when position='rope'."""
+        q, k, v, call = super().prepare(q, k, v, call)
+        if self.position == "rope" and k.shape[1] == q.shape[1]:
             inv_freq, _ = pos.rope_frequencies(self.head_dim, base=self.rope_base)
-            q, k = pos.apply_rope(q, q_pos, inv_freq), pos.apply_rope(k, q_pos, inv_freq)
+            q, k = pos.apply_rope(q, call.q_positions, inv_freq), pos.apply_rope(k, call.q_positions, inv_freq)
+        return q, k, v, call
+
+    def attend(self, q: Array, k: Array, v: Array, call: AttentionCall) -> Array:
+        """q [B, T, H, D], k/v [B, S, KVH, D] -> [B, T, H, Dv]: normalised linear attention of the spiky features
+        (and, with distill, the distillation loss sown under "losses")."""
+        causal, q_lengths, kv_lengths = self.mask_parts(call)
         query_map, key_map = self.feature_maps()
         q_features, k_features = spiky_features(query_map(q)), spiky_features(key_map(k))
-        if self.distill and not decode:
+        if self.distill and not call.decode:
             self.sow_distillation_loss(q, k, v, query_map, key_map, causal=causal, kv_lengths=kv_lengths)
         return self.linear_core(
             q_features,
@@ -166,7 +143,7 @@ class HedgehogAttention(LinearAttentionBase):
             decay=None,
             q_lengths=q_lengths,
             kv_lengths=kv_lengths,
-            decode=decode,
+            decode=call.decode,
         )
 
     def sow_distillation_loss(self, q, k, v, query_map, key_map, *, causal, kv_lengths) -> None:
@@ -184,4 +161,4 @@ class HedgehogAttention(LinearAttentionBase):
         student = hedgehog_attention_weights(
             spiky_features(query_map(q)), spiky_features(key_map(k)), causal=causal, kv_lengths=kv_lengths
         )
-        self.sow("losses", "hedgehog_distillation", hedgehog_distillation_loss(student, aux["probs"]))
+        self.sow("losses", "hedgehog_distillation", attention_distillation_loss(student, aux["probs"]))

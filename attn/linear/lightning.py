@@ -46,8 +46,9 @@ import numpy as np
 
 from attn import functional as F
 from attn.core.feature_maps import FEATURE_MAPS
+from attn.core.layer import AttentionCall
 from attn.core.positions import alibi_slopes
-from attn.core.validation import check_choice
+from attn.core.validation import check_choice, choice, non_negative_int, positive, positive_int
 from attn.linear.linear import BASE_OPTION_DOCS, LinearAttentionBase
 from attn.registry import register
 
@@ -128,6 +129,18 @@ class Lrpe(nn.Module):
         "gate": "multiply the normalised output by the gate u = x W_u (TNL's GLA)",
         **BASE_OPTION_DOCS,
     },
+    fidelity="official-code",
+    reference="github.com/OpenNLPLab/TransnormerLLM modeling_transnormer.py (decay 'tnl', LRPE init) and the paper's "
+    "Eqs. 9-14 (decay='tnl_paper' is Eq. 10 as printed)",
+    validators={
+        "chunk_size": positive_int,
+        "eps": positive,
+        "feature_map": choice(*FEATURE_MAPS),
+        "decay": choice(*DECAYS),
+        "layer_index": non_negative_int,
+        "num_layers": positive_int,
+        "output_norm": choice("none", "srms", "rmsnorm", "layernorm"),
+    },
 )
 class LightningAttention(LinearAttentionBase):
     """TransNormerLLM gated linear attention on the Lightning chunked scan. x [B, T, E] -> [B, T, E]."""
@@ -142,11 +155,9 @@ class LightningAttention(LinearAttentionBase):
 
     mechanism_name = "lightning"
 
-    def check_options(self) -> None:
-        super().check_options()
-        check_choice("feature_map", self.feature_map, tuple(FEATURE_MAPS))
-        check_choice("decay", self.decay, DECAYS)
-        tnl_decay(1, self.layer_index, self.num_layers)
+    def validate(self, call: AttentionCall) -> None:
+        super().validate(call)
+        tnl_decay(1, self.layer_index, self.num_layers)  # layer_index must lie in [0, num_layers)
 
     def map_features(self, q: Array, k: Array, q_pos: Array, k_pos: Array) -> tuple[Array, Array]:
         phi = FEATURE_MAPS[self.feature_map]
@@ -161,8 +172,9 @@ class LightningAttention(LinearAttentionBase):
             return None
         return jnp.asarray(tnl_decay(self.num_heads, self.layer_index, self.num_layers, self.decay))
 
-    def finish(self, y: Array, x: Array) -> Array:
-        y = self.norm_heads(y, self.output_norm)
-        if self.gate:
-            y = y * self.dense_heads(x, self.num_heads, "heads", "gate")
-        return y
+    def finish(self, y: Array) -> Array:
+        return self.norm_heads(y, self.output_norm)
+
+    def output_gate(self, x: Array) -> Array | None:
+        """TNL's GLA gate u = x W_u [B, T, H, D] (no activation), multiplied into the normalised outputs."""
+        return self.dense_heads(x, self.num_heads, "heads", "gate") if self.gate else None

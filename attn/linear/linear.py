@@ -23,18 +23,17 @@ probabilities, so dropout_rate has no effect and nothing is sown as attention we
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from attn import functional as F
+from attn.core import cache as cache_lib
 from attn.core.feature_maps import FEATURE_MAPS, elu_plus_one
-from attn.core.layer import AttentionLayer
+from attn.core.headwise_linear import HeadwiseLinear
+from attn.core.layer import AttentionCall, AttentionLayer
 from attn.core.linear_scan import linear_mask_parts
-from attn.core.masks import Mask
-from attn.core.validation import check_choice, check_positive
+from attn.core.validation import check_choice, choice, positive, positive_int
 from attn.registry import register
 
 Array = jax.Array
@@ -48,52 +47,15 @@ BASE_OPTION_DOCS = {
 }
 
 
-def identity_init(key: Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> Array:
-    """[groups, d, f] stacked identity matrices (rectangular when d != f)."""
-    del key
-    return jnp.broadcast_to(jnp.eye(shape[-2], shape[-1], dtype=dtype), shape)
-
-
-class HeadwiseLinear(nn.Module):
-    """x [B, T, heads, D] -> [B, T, heads, features]: one [D, features] map and bias per group of heads.
-
-    `groups` divides `heads`; head h uses map h // (heads / groups) (so kv-head maps also serve their queries).
-    The kernel [groups, D, features] is identity-initialised and named (heads_axis, "head_dim", None).
-    """
-
-    groups: int
-    features: int
-    heads_axis: str = "heads"
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        batch, length, heads, dim = x.shape
-        kernel = self.param(
-            "kernel",
-            nn.with_logical_partitioning(identity_init, (self.heads_axis, "head_dim", None)),
-            (self.groups, dim, self.features),
-            self.param_dtype,
-        )
-        bias = self.param(
-            "bias",
-            nn.with_logical_partitioning(nn.initializers.zeros, (self.heads_axis, None)),
-            (self.groups, self.features),
-            self.param_dtype,
-        )
-        grouped = x.astype(self.dtype).reshape(batch, length, self.groups, heads // self.groups, dim)
-        y = jnp.einsum("btgjd,gdf->btgjf", grouped, jnp.asarray(kernel, self.dtype))
-        y = y + jnp.asarray(bias, self.dtype)[:, None, :]
-        return y.reshape(batch, length, heads, self.features)
-
-
 class LinearAttentionBase(AttentionLayer):
-    """A sequence layer around `attn.functional.linear_attention` with the uniform call and a decode state.
+    """A sequence layer around `attn.functional.linear_attention` on the layer template, with a decode state.
 
-    Subclasses override the hooks: `map_features` (q, k -> phi(q), phi(k)), `decay_rates` (None or float [H]),
-    `uses_denominator`, `finish` (output norm / gate on [B, T, H, Dv]) or the whole `mix`.
-    decode=True keeps the state [B, H, Dk, Dv (+1)] ("state") and the next position ("cache_index") in "cache".
+    Stages: validate (the mask parts a linear state honours: causal, q_lengths, kv_lengths), prepare (positions;
+    with decode=True the decode index), attend (map_features -> the chunked core -> finish). Subclasses override
+    the hooks: `map_features` (q, k -> phi(q), phi(k)), `decay_rates` (None or float [H]), `uses_denominator`,
+    `finish` (a norm of the per-head outputs [B, T, H, Dv]), the template's `output_gate`, or the whole `attend`.
+    decode=True keeps the state [B, H, Dk, Dv (+1)] ("state") and the next position ("cache_index") in "cache", as an
+    `attn.core.cache.RecurrentState`.
     """
 
     chunk_size: int = 64
@@ -101,52 +63,53 @@ class LinearAttentionBase(AttentionLayer):
 
     mechanism_name = "linear attention"
 
-    @nn.compact
-    def __call__(
-        self,
-        x: Array,
-        *,
-        context: Array | None = None,
-        mask: Mask | None = None,
-        positions: Array | None = None,
-        decode: bool = False,
-        deterministic: bool = True,
-    ) -> Array:
-        self.check_input(x, context)
-        self.check_options()
-        causal, q_lengths, kv_lengths = linear_mask_parts(mask, self.mechanism_name)
-        if context is not None and (causal or decode):
+    # ------------------------------------------------------------------ template stages
+    def validate(self, call: AttentionCall) -> None:
+        super().validate(call)
+        causal, q_lengths, kv_lengths = self.mask_parts(call)
+        if call.cross and (causal or call.decode):
             raise ValueError(
                 f"{self.mechanism_name} with a context (cross-attention) is non-causal and has no decode state; "
-                f"got causal={causal}, decode={decode}"
+                f"got causal={causal}, decode={call.decode}"
             )
-        if decode and not causal:
+        if call.decode and not causal:
             raise ValueError(
-                f"decode=True needs a causal mask (attn.Mask(causal=True)); {self.mechanism_name} got mask={mask!r}"
+                f"decode=True needs a causal mask (attn.Mask(causal=True)); {self.mechanism_name} got "
+                f"mask={call.mask!r}"
             )
-        if decode and (q_lengths is not None or kv_lengths is not None):
+        if call.decode and (q_lengths is not None or kv_lengths is not None):
             raise ValueError("q_lengths / kv_lengths are not supported with decode=True (decode one row per sequence)")
-        q, k, v = self.project_qkv(x, context)
-        y = self.mix(
+
+    def mask_parts(self, call: AttentionCall) -> tuple[bool, Array | None, Array | None]:
+        """(causal, q_lengths int [B] or None, kv_lengths int [B] or None) of the call's mask; other parts raise."""
+        return linear_mask_parts(call.mask, self.mechanism_name)
+
+    def prepare(self, q: Array, k: Array, v: Array, call: AttentionCall) -> tuple[Array, Array, Array, AttentionCall]:
+        """q_positions int [B, T] (from the decode index when decoding, which then advances by T), kv_positions
+        (q_positions for self-attention, else int [1, S]) and q_offset (the first query's position)."""
+        batch, length = q.shape[:2]
+        offset = self.advance_decode_index(call.decode, length)
+        q_pos = self.query_positions(call.positions, batch, length, offset)
+        k_pos = q_pos if k.shape[1] == length else jnp.arange(k.shape[1], dtype=jnp.int32)[None]
+        return q, k, v, call.replace(q_positions=q_pos, kv_positions=k_pos, q_offset=offset)
+
+    def attend(self, q: Array, k: Array, v: Array, call: AttentionCall) -> Array:
+        """q [B, T, H, D], k/v [B, S, KVH, D] -> [B, T, H, Dv]: finish(core(phi(q), phi(k), v))."""
+        causal, q_lengths, kv_lengths = self.mask_parts(call)
+        q, k = self.map_features(q, k, call.q_positions, call.kv_positions)
+        y = self.linear_core(
             q,
             k,
             v,
-            x=x,
             causal=causal,
+            decay=self.decay_rates(),
             q_lengths=q_lengths,
             kv_lengths=kv_lengths,
-            positions=positions,
-            decode=decode,
-            deterministic=deterministic,
+            decode=call.decode,
         )
-        return self.project_out(y, x.shape[-1])
+        return self.finish(y)
 
     # ------------------------------------------------------------------ hooks
-    def check_options(self) -> None:
-        if not (isinstance(self.chunk_size, int) and self.chunk_size > 0):
-            raise ValueError(f"chunk_size={self.chunk_size!r} must be a positive int")
-        check_positive("eps", self.eps)
-
     def map_features(self, q: Array, k: Array, q_pos: Array, k_pos: Array) -> tuple[Array, Array]:
         return q, k
 
@@ -156,46 +119,21 @@ class LinearAttentionBase(AttentionLayer):
     def uses_denominator(self) -> bool:
         return False
 
-    def finish(self, y: Array, x: Array) -> Array:
+    def finish(self, y: Array) -> Array:
+        """The per-head outputs [B, T, H, Dv] after the core, before the output gate (default unchanged)."""
         return y
-
-    def mix(
-        self,
-        q: Array,
-        k: Array,
-        v: Array,
-        *,
-        x: Array,
-        causal: bool,
-        q_lengths: Array | None,
-        kv_lengths: Array | None,
-        positions: Array | None,
-        decode: bool,
-        deterministic: bool,
-    ) -> Array:
-        """q [B, T, H, D], k/v [B, S, KVH, D] -> [B, T, H, Dv] (before the output projection)."""
-        batch, length = q.shape[:2]
-        offset = self.advance_decode_index(decode, length)
-        q_pos = self.query_positions(positions, batch, length, offset)
-        k_pos = q_pos if k.shape[1] == length else jnp.arange(k.shape[1], dtype=jnp.int32)[None]
-        q, k = self.map_features(q, k, q_pos, k_pos)
-        y = self.linear_core(
-            q, k, v, causal=causal, decay=self.decay_rates(), q_lengths=q_lengths, kv_lengths=kv_lengths, decode=decode
-        )
-        return self.finish(y, x)
 
     # ------------------------------------------------------------------ shared pieces
     def advance_decode_index(self, decode: bool, length: int) -> Array | int:
         """Position of the first token of this call: 0, or the decode index (which then advances by `length`)."""
         if not decode:
             return 0
-        initialized = self.has_variable("cache", "cache_index")
-        index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
-        if not initialized:  # the cache-creating call is an ordinary forward from position 0
+        recurrent = cache_lib.load_state(self, ())
+        if recurrent is None:  # the cache-creating call is an ordinary forward from position 0
+            cache_lib.store_state(self, cache_lib.RecurrentState(state={}, index=jnp.array(0, jnp.int32)))
             return 0
-        start = index.value
-        index.value = start + length
-        return start
+        cache_lib.store_state(self, recurrent.replace(index=recurrent.index + length))
+        return recurrent.index
 
     def linear_core(
         self,
@@ -222,12 +160,17 @@ class LinearAttentionBase(AttentionLayer):
         )
         if not decode:
             return F.linear_attention(q, k, v, **options)
-        initialized = self.has_variable("cache", "state")
-        shape = (q.shape[0], q.shape[2], q.shape[3], v.shape[3] + int(self.uses_denominator()))
-        state = self.variable("cache", "state", jnp.zeros, shape, jnp.float32)
-        if not initialized:
+        # the recurrent state on the cache protocol: [B, H, Dk, Dv (+1)], index advanced by prepare
+        names = (("state", ("batch", "heads", "head_dim", None)),)
+        index = self.get_variable("cache", cache_lib.RECURRENT_INDEX)
+        if not self.has_variable("cache", "state"):
+            shape = (q.shape[0], q.shape[2], q.shape[3], v.shape[3] + int(self.uses_denominator()))
+            empty = cache_lib.RecurrentState({"state": jnp.zeros(shape, jnp.float32)}, index, names)
+            cache_lib.store_state(self, empty)
             return F.linear_attention(q, k, v, **options)
-        y, state.value = F.linear_attention(q, k, v, initial_state=state.value, return_state=True, **options)
+        recurrent = cache_lib.load_state(self, ("state",))
+        y, state = F.linear_attention(q, k, v, initial_state=recurrent.state["state"], return_state=True, **options)
+        cache_lib.store_state(self, cache_lib.RecurrentState({"state": state}, index, names))
         return y
 
     def norm_heads(self, y: Array, kind: str, name: str = "output_norm") -> Array:
@@ -276,6 +219,10 @@ LINEAR_FEATURE_MAPS = ("elu_plus_one", "relu", "identity", "learnable")
         "normalize": "divide by phi(q_t) . sum_{s<=t} phi(k_s) (Katharopoulos et al.); False: no denominator",
         **BASE_OPTION_DOCS,
     },
+    fidelity="paper",
+    reference="Katharopoulos et al. 2020, Sec. 3.2 (linearized attention, elu + 1 feature map) and Secs. 3.3-3.4 "
+    "(causal masking, RNN form)",
+    validators={"chunk_size": positive_int, "eps": positive, "feature_map": choice(*LINEAR_FEATURE_MAPS)},
 )
 class LinearAttention(LinearAttentionBase):
     """Kernelised linear attention. x [B, T, E] -> [B, T, E]."""
@@ -284,10 +231,6 @@ class LinearAttention(LinearAttentionBase):
     normalize: bool = True
 
     mechanism_name = "linear"
-
-    def check_options(self) -> None:
-        super().check_options()
-        check_choice("feature_map", self.feature_map, LINEAR_FEATURE_MAPS)
 
     def uses_denominator(self) -> bool:
         return self.normalize

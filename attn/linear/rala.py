@@ -26,19 +26,17 @@ it to softmax attention.
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from attn import functional as F
 from attn.core import positions as pos
+from attn.core.conv import HeadwiseDepthwiseConv, kernel_size_or_off
 from attn.core.feature_maps import elu_plus_one
-from attn.core.layer import AttentionLayer
+from attn.core.layer import AttentionCall, AttentionLayer
 from attn.core.linear_scan import linear_mask_parts, repeat_kv
-from attn.core.masks import Mask
 from attn.core.padding import length_mask
-from attn.core.validation import check_choice, check_positive, check_qkv
-from attn.linear.agent import HeadwiseDepthwiseConv, check_kernel_size
+from attn.core.validation import check_positive, check_qkv, choice, optional, positive, positive_int
 from attn.registry import register
 
 Array = jax.Array
@@ -126,6 +124,15 @@ def rank_augmented_linear_attention(
         "eps": "added to the mean-normalised denominator",
         "chunk_size": "chunk of the linear-attention core",
     },
+    fidelity="official-code",
+    reference="github.com/qhfan/RALA GateLinearAttentionNoSilu (RoPE and LePE are 1-D here, 2-D there)",
+    validators={
+        "position": choice(*POSITIONS),
+        "eps": positive,
+        "lepe_kernel_size": kernel_size_or_off,
+        "scale": optional(positive),
+        "chunk_size": positive_int,
+    },
 )
 class RankAugmentedLinearAttention(AttentionLayer):
     """RALA (non-causal). x [B, N, E] -> [B, N, E]."""
@@ -139,36 +146,37 @@ class RankAugmentedLinearAttention(AttentionLayer):
     eps: float = 1e-6
     chunk_size: int = 64
 
-    @nn.compact
-    def __call__(
-        self,
-        x: Array,
-        *,
-        context: Array | None = None,
-        mask: Mask | None = None,
-        positions: Array | None = None,
-        decode: bool = False,
-        deterministic: bool = True,
-    ) -> Array:
-        self.check_input(x, context)
-        check_choice("position", self.position, POSITIONS)
-        check_kernel_size("lepe_kernel_size", self.lepe_kernel_size)
-        check_positive("eps", self.eps)
-        if context is not None:
-            raise ValueError(f"rala is self-attention (its gate and LePE act per token); got a context {context.shape}")
-        if decode:
+    def validate(self, call: AttentionCall) -> None:
+        super().validate(call)
+        if call.cross:
+            raise ValueError(
+                f"rala is self-attention (its gate and LePE act per token); got a context {call.context.shape}"
+            )
+        if call.decode:
             raise ValueError("decode=True is not supported by rala: it is not causal (qbar averages every query)")
-        causal, q_lengths, kv_lengths = linear_mask_parts(mask, "rala")
-        if causal:
+        if self.mask_parts(call)[0]:
             raise ValueError("rala is not causal: the KV-buffer weights use the mean of all queries; got a causal mask")
-        batch, length, features = x.shape
-        q, k, v = self.project_qkv(x, None)
+
+    def mask_parts(self, call: AttentionCall) -> tuple[bool, Array | None, Array | None]:
+        """(causal, q_lengths, kv_lengths) of the call's mask; other mask parts raise."""
+        return linear_mask_parts(call.mask, "rala")
+
+    def prepare(self, q: Array, k: Array, v: Array, call: AttentionCall) -> tuple[Array, Array, Array, AttentionCall]:
+        """q_positions int [B, N] for RoPE (applied inside the op, to the numerator only); no cache."""
+        positions = self.query_positions(call.positions, q.shape[0], q.shape[1], 0) if self.position == "rope" else None
+        return q, k, v, call.replace(q_positions=positions)
+
+    def attend(self, q: Array, k: Array, v: Array, call: AttentionCall) -> Array:
+        """q [B, N, H, D], k/v [B, N, KVH, D] -> [B, N, H, Dv]: RALA plus LePE(V), padded rows 0 (the output gate
+        follows in the template)."""
+        _, q_lengths, kv_lengths = self.mask_parts(call)
+        length = q.shape[1]
         y = rank_augmented_linear_attention(
             q,
             k,
             v,
             kv_weighting=self.kv_weighting,
-            positions=self.query_positions(positions, batch, length, 0) if self.position == "rope" else None,
+            positions=call.q_positions,
             rope_base=self.rope_base,
             scale=self.scale,
             eps=self.eps,
@@ -185,8 +193,10 @@ class RankAugmentedLinearAttention(AttentionLayer):
                 self.lepe_kernel_size, dtype=self.dtype, param_dtype=self.param_dtype, name="lepe"
             )
             y = y + lepe(values).astype(y.dtype)
-        if self.gate:
-            y = y * self.dense_heads(x, self.num_heads, "heads", "gate")
         if q_lengths is not None:
             y = y * (jnp.arange(length) < jnp.asarray(q_lengths)[:, None])[:, :, None, None].astype(y.dtype)
-        return self.project_out(y, features)
+        return y
+
+    def output_gate(self, x: Array) -> Array | None:
+        """The output rank augmentation: an element-wise gate x W_g [B, N, H, Dv] (no activation)."""
+        return self.dense_heads(x, self.num_heads, "heads", "gate") if self.gate else None

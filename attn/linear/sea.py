@@ -28,7 +28,7 @@ context mixing of the official code. Here the compressed estimate is the normali
 the interpretable attention matrix is the sparse probabilities (sown as attention weights on request).
 
 Causal: the estimator is causal linear attention (row i sees bins only through keys j <= i) and the sparse
-softmax is masked with j <= i, so SEA is causal. Decoding keeps the usual KV cache; each new query estimates
+softmax is masked with j <= i, so SEA is causal. Decoding keeps the usual KV cache; each decoded query estimates
 over the cache (O(S) per token, like `softmax`), the bins being defined on the cache length.
 
 Shapes: x [B, T, E] -> [B, T, E]. Time O(T (C F + F M) + T k D), memory O(T (M + k D)) for fixed top_k and
@@ -41,7 +41,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,14 +48,14 @@ import numpy as np
 from attn import functional as F
 from attn.core import kv_cache
 from attn.core import positions as pos
+from attn.core.distillation import attention_distillation_loss
 from attn.core.feature_maps import FEATURE_MAPS
-from attn.core.layer import AttentionLayer
+from attn.core.headwise_linear import HeadwiseLinear
+from attn.core.layer import AttentionCall, AttentionLayer
 from attn.core.linear_scan import linear_mask_parts, repeat_kv
 from attn.core.masks import Mask
 from attn.core.padding import masked_softmax
-from attn.core.validation import check_choice, check_qkv
-from attn.linear.hedgehog import hedgehog_distillation_loss
-from attn.linear.linear import HeadwiseLinear
+from attn.core.validation import check_choice, check_qkv, choice, optional, positive, positive_int
 from attn.registry import register
 
 Array = jax.Array
@@ -315,7 +314,7 @@ def sea_distillation_loss(estimate: Array, teacher_probs: Array, bins: Array, nu
     """KL(teacher || estimate) over the compressed rows: estimate [B, Tq, H, M], teacher [B, H, Tq, S] summed
     into the M bins of `bins` [S]. A float32 scalar, 0 when the estimate equals the binned teacher."""
     teacher = jnp.einsum("bhts,sm->bhtm", teacher_probs.astype(jnp.float32), jax.nn.one_hot(bins, num_bins))
-    return hedgehog_distillation_loss(jnp.moveaxis(estimate, 2, 1), teacher)
+    return attention_distillation_loss(jnp.moveaxis(estimate, 2, 1), teacher)
 
 
 @register(
@@ -341,6 +340,19 @@ def sea_distillation_loss(estimate: Array, teacher_probs: Array, bins: Array, nu
         "scale": "softmax scale (None = 1/sqrt(head_dim))",
         "chunk_size": "chunk of the estimator's linear-attention core",
     },
+    fidelity="paper",
+    reference="the paper's pipeline (compressed estimate, per-row top-k, decompression, exact sparse softmax); its "
+    "learned decoder, FlatCSR kernels and grouped top-k are not reproduced (the estimate is the normalised linear "
+    "attention)",
+    validators={
+        "top_k": positive_int,
+        "compressed_length": positive_int,
+        "chunk_size": positive_int,
+        "num_features": optional(positive_int),
+        "feature_map": choice(*ESTIMATOR_MAPS),
+        "position": choice(*POSITIONS),
+        "scale": optional(positive),
+    },
 )
 class SparseEstimatedAttention(AttentionLayer):
     """SEA: linear-attention estimate, top-k selection, exact sparse softmax. x [B, T, E] -> [B, T, E]."""
@@ -357,45 +369,42 @@ class SparseEstimatedAttention(AttentionLayer):
     scale: float | None = None
     chunk_size: int = 64
 
-    @nn.compact
-    def __call__(
-        self,
-        x: Array,
-        *,
-        context: Array | None = None,
-        mask: Mask | None = None,
-        positions: Array | None = None,
-        decode: bool = False,
-        deterministic: bool = True,
-    ) -> Array:
-        self.check_input(x, context)
-        check_choice("position", self.position, POSITIONS)
-        check_choice("feature_map", self.feature_map, ESTIMATOR_MAPS)
-        for name in ("top_k", "compressed_length", "chunk_size"):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and value > 0):
-                raise ValueError(f"{name}={value!r} must be a positive int")
-        if self.num_features is not None and not (isinstance(self.num_features, int) and self.num_features > 0):
-            raise ValueError(f"num_features={self.num_features!r} must be a positive int or None")
-        causal, q_lengths, kv_lengths = linear_mask_parts(mask, "sea")
-        if context is not None and (causal or decode):
-            raise ValueError(f"sea with a context is non-causal cross-attention; got causal={causal}, decode={decode}")
-        if decode and (not causal or q_lengths is not None or kv_lengths is not None):
-            raise ValueError(f"decode=True needs a causal mask without lengths (attn.Mask(causal=True)); got {mask!r}")
-        batch, length, features = x.shape
-        q, k, v = self.project_qkv(x, context)
-        offset = kv_cache.current_index(self) if decode else 0
-        if self.position == "rope" and context is None:
-            q_pos = self.query_positions(positions, batch, length, offset)
+    def validate(self, call: AttentionCall) -> None:
+        super().validate(call)
+        causal, q_lengths, kv_lengths = self.mask_parts(call)
+        if call.cross and (causal or call.decode):
+            raise ValueError(
+                f"sea with a context is non-causal cross-attention; got causal={causal}, decode={call.decode}"
+            )
+        if call.decode and (not causal or q_lengths is not None or kv_lengths is not None):
+            raise ValueError(
+                f"decode=True needs a causal mask without lengths (attn.Mask(causal=True)); got {call.mask!r}"
+            )
+
+    def mask_parts(self, call: AttentionCall) -> tuple[bool, Array | None, Array | None]:
+        """(causal, q_lengths, kv_lengths) of the call's mask; other mask parts raise."""
+        return linear_mask_parts(call.mask, "sea")
+
+    def prepare(self, q: Array, k: Array, v: Array, call: AttentionCall) -> tuple[Array, Array, Array, AttentionCall]:
+        """RoPE on self-attention q and k (position='rope'); decoding appends k, v to the KV cache and returns the
+        whole cache, with q_offset = the cache index and the mask's kv_lengths = the filled length."""
+        batch, length = q.shape[:2]
+        offset = kv_cache.current_index(self) if call.decode else 0
+        if self.position == "rope" and not call.cross:
+            q_pos = self.query_positions(call.positions, batch, length, offset)
             inv_freq, _ = pos.rope_frequencies(self.head_dim, base=self.rope_base)
             q, k = pos.apply_rope(q, q_pos, inv_freq), pos.apply_rope(k, q_pos, inv_freq)
-        q_offset = 0
-        if decode:
+        if call.decode:
             keys, values, start = kv_cache.write(self, k, v)
             if start is not None:
-                k, v, q_offset = keys, values, start
-                kv_lengths = jnp.full((batch,), start + length, jnp.int32)
+                filled = jnp.full((batch,), start + length, jnp.int32)
+                return q, keys, values, call.replace(mask=call.mask.replace(kv_lengths=filled), q_offset=start)
+        return q, k, v, call
 
+    def attend(self, q: Array, k: Array, v: Array, call: AttentionCall) -> Array:
+        """q [B, T, H, D], k/v [B, S, KVH, D] -> [B, T, H, Dv]: estimate, top-k, exact sparse softmax (the sparse
+        probabilities sown as attention weights on request; with distill, the estimator's loss under "losses")."""
+        causal, q_lengths, kv_lengths = self.mask_parts(call)
         maps = self.estimator_maps_modules()
         estimator_q, estimator_k = (q, k) if maps is None else (maps[0](q), maps[1](k))
         options = dict(
@@ -406,7 +415,7 @@ class SparseEstimatedAttention(AttentionLayer):
             num_features=self.num_features,
             feature_seed=self.feature_seed,
             scale=self.scale,
-            q_offset=q_offset,
+            q_offset=call.q_offset,
             q_lengths=q_lengths,
             kv_lengths=kv_lengths,
             chunk_size=self.chunk_size,
@@ -417,16 +426,16 @@ class SparseEstimatedAttention(AttentionLayer):
             v,
             estimator_q=estimator_q,
             estimator_k=estimator_k,
-            dropout_rate=0.0 if deterministic else self.dropout_rate,
-            dropout_rng=self.dropout_rng(deterministic),
+            dropout_rate=self.effective_dropout(call.deterministic),
+            dropout_rng=self.dropout_rng(call.deterministic),
             return_aux=True,
             **options,
         )
         if self.wants_weights():
             self.sow("intermediates", "attention_weights", dense_probs(aux["probs"], aux["keys"], k.shape[1]))
-        if self.distill and not decode:
+        if self.distill and not call.decode:
             self.sow_distillation_loss(q, k, v, maps, mask=Mask(causal=causal, kv_lengths=kv_lengths), options=options)
-        return self.project_out(y, features)
+        return y
 
     def estimator_maps_modules(self) -> tuple[HeadwiseLinear, HeadwiseLinear] | None:
         """The estimator's per-head learnable maps of q (one per query head) and k (one per kv head), or None."""

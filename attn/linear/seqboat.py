@@ -43,7 +43,9 @@ official code), local attention O(B T' w (d + dv)) time and O(B T' w H) memory (
 attending to its own and the previous block), projections O(B T' E (d H + 2 dv H)). Decoding is not supported.
 No option reduces it to plain softmax attention (the EMA, gates and silu projections stay).
 
-Shapes: x [B, T, E] -> [B, T, E]. Masks: None (bidirectional) or attn.Mask(causal=True).
+Shapes: x [B, T, E] -> [B, T, E]. Masks: None (bidirectional) or attn.Mask(causal=True). The `head_outputs`
+stage (interventions, captures) sees the gated GAU outputs o * r split into heads, [B, T', H, dv], in the order
+of the compressed sequence for form='compressed' (T' slots), over the original tokens for form='masked'.
 
 Shared helpers defined here (candidates for attn/core if another mechanism needs them): `damped_ema` (MEGA EMA by
 FFT convolution), `compress_tokens` / `extract_tokens` (stable static-shape compaction), `local_window_attention`
@@ -62,9 +64,9 @@ import numpy as np
 
 from attn import functional as F
 from attn.core import positions as pos
-from attn.core.layer import AttentionLayer
+from attn.core.layer import AttentionCall, AttentionLayer
 from attn.core.masks import Mask
-from attn.core.validation import check_choice
+from attn.core.validation import choice, in_range, optional, positive, positive_int
 from attn.registry import register
 
 Array = jax.Array
@@ -236,6 +238,20 @@ def _ema_beta_init(key: Array, shape: tuple[int, ...], dtype: Any = jnp.float32)
         "position": "'rope' (rotary q/k at the original positions, the official LM) or 'none'",
         "rope_base": "RoPE base (theta) when position='rope'",
     },
+    fidelity="official-code",
+    reference="github.com/renll/SeqBoat: SeqBoatUnit, MultiHeadEMA, LatentConfigurator (the unit's own residual and "
+    "post-silu are left to the block)",
+    validators={
+        "window": positive_int,
+        "ema_dim": positive_int,
+        "hidden_dim": optional(positive_int),
+        "router": choice(*ROUTERS),
+        "init_temperature_scale": positive,
+        "capacity": optional(in_range(0, 1, low_inclusive=False)),
+        "form": choice(*FORMS),
+        "position": choice(*POSITIONS),
+    },
+    supports_gqa=False,
 )
 class SeqBoat(AttentionLayer):
     """SeqBoat layer (EMA + sparsely activated local GAU). x [B, T, E] -> [B, T, E]."""
@@ -250,23 +266,23 @@ class SeqBoat(AttentionLayer):
     position: str = "rope"
     rope_base: float = 10000.0
 
-    def check_options(self, features: int) -> int:
-        if not (isinstance(self.window, int) and self.window > 0):
-            raise ValueError(f"window={self.window!r} must be a positive int")
-        if not (isinstance(self.ema_dim, int) and self.ema_dim > 0):
-            raise ValueError(f"ema_dim={self.ema_dim!r} must be a positive int")
-        check_choice("router", self.router, ROUTERS)
-        check_choice("form", self.form, FORMS)
-        check_choice("position", self.position, POSITIONS)
-        if not self.init_temperature_scale > 0:
-            raise ValueError(f"init_temperature_scale={self.init_temperature_scale!r} must be > 0")
-        if self.capacity is not None and not 0.0 < self.capacity <= 1.0:
-            raise ValueError(f"capacity={self.capacity!r} must be None or a fraction in (0, 1]")
+    def validate(self, call: AttentionCall) -> None:
+        super().validate(call)
+        self.hidden_width(call.x.shape[-1])
+        if self.num_kv_heads not in (None, self.num_heads):
+            raise ValueError(f"num_kv_heads={self.num_kv_heads!r} is not supported: the GAU shares z for q and k")
+        if call.cross:
+            raise ValueError(f"seqboat is self-attention; got a context {call.context.shape}")
+        if call.decode:
+            raise ValueError("decode=True is not supported by seqboat (no cache for the compressed GAU)")
+        if call.mask is not None and not call.mask.replace(causal=False).is_empty():
+            raise ValueError(f"seqboat supports only the mask part causal (attn.Mask(causal=True)); got {call.mask!r}")
+
+    def hidden_width(self, features: int) -> int:
+        """The GAU's value/gate width: hidden_dim, or 2 * features; divisible by num_heads."""
         hidden = 2 * features if self.hidden_dim is None else self.hidden_dim
         if not (isinstance(hidden, int) and hidden > 0 and hidden % self.num_heads == 0):
             raise ValueError(f"hidden_dim={hidden!r} must be a positive int divisible by num_heads={self.num_heads}")
-        if self.num_kv_heads not in (None, self.num_heads):
-            raise ValueError(f"num_kv_heads={self.num_kv_heads!r} is not supported: the GAU shares z for q and k")
         return hidden
 
     def dense(self, x: Array, features: int, axes: tuple[str | None, str | None], name: str) -> Array:
@@ -284,6 +300,10 @@ class SeqBoat(AttentionLayer):
         )
         return jnp.einsum("...e,ef->...f", x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
 
+    # The template's stage sequence does not fit SeqBoat: its queries and keys come from the EMA states of the
+    # tokens the router activates (not from x), and its output is the EMA skip path plus the router-scaled GAU
+    # output scattered back to the activated tokens, both added after the output projection (gau_out). So the call
+    # is kept here, around the template's validate, attend and head_outputs stages.
     @nn.compact
     def __call__(
         self,
@@ -295,15 +315,13 @@ class SeqBoat(AttentionLayer):
         decode: bool = False,
         deterministic: bool = True,
     ) -> Array:
-        self.check_input(x, context)
+        """x [B, T, E] -> [B, T, E]."""
+        call = AttentionCall(
+            x=x, context=context, mask=mask, positions=positions, decode=decode, deterministic=deterministic
+        )
+        self.validate(call)
         batch, length, features = x.shape
-        hidden = self.check_options(features)
-        if context is not None:
-            raise ValueError(f"seqboat is self-attention; got a context {context.shape}")
-        if decode:
-            raise ValueError("decode=True is not supported by seqboat (no cache for the compressed GAU)")
-        if mask is not None and not mask.replace(causal=False).is_empty():
-            raise ValueError(f"seqboat supports only the mask part causal (attn.Mask(causal=True)); got {mask!r}")
+        hidden = self.hidden_width(features)
         causal = mask is not None and mask.causal
         token_pos = self.query_positions(positions, batch, length, 0)
 
@@ -412,41 +430,38 @@ class SeqBoat(AttentionLayer):
                 pos.apply_rope(q, gau_pos, inv_freq),
                 pos.apply_rope(k, gau_pos, inv_freq),
             )
-        rate = 0.0 if deterministic else self.dropout_rate
-        rng = self.dropout_rng(deterministic)
         if self.form == "compressed":
-            attended = local_window_attention(
-                q,
-                k,
-                values,
-                window=self.window,
-                causal=causal,
-                lengths=count,
-                dropout_rate=rate,
-                dropout_rng=rng,
-            )
+            attention_mask = Mask(causal=causal, kv_lengths=count)
         else:
-            attended = F.softmax_attention(
-                q,
-                k,
-                values,
-                mask=self.rank_window_mask(active, causal),
-                dropout_rate=rate,
-                dropout_rng=rng,
-                implementation="xla",
-            )
-        gau = self.dense(
-            attended.reshape(attended.shape[:2] + (hidden,)) * gate,
-            features,
-            ("mlp", "embed"),
-            "gau_out",
-        )
+            attention_mask = Mask(dense=self.rank_window_mask(active, causal))
+        attended = self.attend(q, k, values, call.replace(mask=attention_mask, q_positions=gau_pos))
+        attended = self.head_outputs(attended * gate.reshape(attended.shape), call)
+        gau = self.dense(attended.reshape(attended.shape[:2] + (hidden,)), features, ("mlp", "embed"), "gau_out")
         if self.form == "compressed":
             if slots < length:
                 gau = jnp.pad(gau, ((0, 0), (0, length - slots), (0, 0)))
             gau = extract_tokens(gau, jnp.where(rank < slots, rank, length))
         out = skip + scale[..., None] * gau
         return nn.with_logical_constraint(out.astype(self.dtype), ("batch", "length", "embed"))
+
+    def attend(self, q: Array, k: Array, v: Array, call: AttentionCall) -> Array:
+        """The GAU's local softmax attention: q, k [B, T', H, D], v [B, T', H, dv] -> [B, T', H, dv] (T' = the
+        compressed slots, or T for form='masked'). call.mask: Mask(causal, kv_lengths = activated tokens per row)
+        for form='compressed' (the window counts positions of the compressed sequence), or the dense rank-window
+        mask for form='masked'."""
+        rate, rng = self.effective_dropout(call.deterministic), self.dropout_rng(call.deterministic)
+        if self.form == "compressed":
+            return local_window_attention(
+                q,
+                k,
+                v,
+                window=self.window,
+                causal=call.mask.causal,
+                lengths=call.mask.kv_lengths,
+                dropout_rate=rate,
+                dropout_rng=rng,
+            )
+        return F.softmax_attention(q, k, v, mask=call.mask, dropout_rate=rate, dropout_rng=rng, implementation="xla")
 
     def rank_window_mask(self, active: Array, causal: bool) -> Array:
         """bool [B, 1, T, T]: both tokens active and their ranks among the active tokens within the window."""

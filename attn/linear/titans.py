@@ -61,11 +61,11 @@ import jax.numpy as jnp
 
 from attn import functional as F
 from attn.core import kv_cache
-from attn.core.layer import AttentionLayer, HeadProjection, OutputProjection
+from attn.core.layer import AttentionCall, AttentionLayer, HeadProjection, OutputProjection
 from attn.core.linear_scan import linear_mask_parts, repeat_kv
 from attn.core.masks import Mask
 from attn.core.padding import length_mask
-from attn.core.validation import check_choice
+from attn.core.validation import choice, non_negative_int, positive, positive_int
 from attn.linear.titans_memory import continue_memory, memory_apply, neural_memory
 from attn.registry import register
 
@@ -137,6 +137,19 @@ def _identity_heads(key: Array, shape: tuple[int, ...], dtype: Any = jnp.float32
         "num_persistent": "learned persistent memory tokens prepended (0 = none)",
         "theta_max": "largest memory step size: theta_t = theta_max * sigmoid(x_t w_theta)",
     },
+    fidelity="paper",
+    reference="the paper's memory update (eqs. 13-14, chunk-parallel 16-18), persistent memory (eq. 19) and "
+    "MAC/MAG/MAL (eqs. 21-31); the gate parameterisation, theta_max and the memory MLP width are interpretive choices",
+    validators={
+        "variant": choice(*VARIANTS),
+        "memory_depth": positive_int,
+        "memory_expansion": positive_int,
+        "chunk_size": positive_int,
+        "window": positive_int,
+        "segment_size": positive_int,
+        "num_persistent": non_negative_int,
+        "theta_max": positive,
+    },
 )
 class TitansAttention(AttentionLayer):
     """Titans (MAC / MAG / MAL / LMM) with a neural long-term memory. x [B, T, E] -> [B, T, E]."""
@@ -150,17 +163,30 @@ class TitansAttention(AttentionLayer):
     num_persistent: int = 4
     theta_max: float = 0.2
 
-    def check_options(self) -> None:
-        check_choice("variant", self.variant, VARIANTS)
-        for name in ("memory_depth", "memory_expansion", "chunk_size", "window", "segment_size"):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
-                raise ValueError(f"{name}={value!r} must be a positive int")
-        if not (isinstance(self.num_persistent, int) and self.num_persistent >= 0):
-            raise ValueError(f"num_persistent={self.num_persistent!r} must be an int >= 0")
-        if not (isinstance(self.theta_max, (int, float)) and self.theta_max > 0):
-            raise ValueError(f"theta_max={self.theta_max!r} must be a number > 0")
+    def validate(self, call: AttentionCall) -> None:
+        super().validate(call)
+        if call.cross:
+            raise ValueError(f"titans is self-attention only (a causal recurrence); got a context {call.context.shape}")
+        if call.decode and self.variant == "mac":
+            raise ValueError(
+                "decode=True is not supported by titans variant='mac' (memory as context restarts its attention "
+                "and memory read per segment, which the decode cache does not model); use variant 'mag', 'mal' or "
+                "'lmm', or run the full forward"
+            )
+        causal, q_lengths, _ = linear_mask_parts(call.mask, "titans")
+        if not causal:
+            raise ValueError(
+                "titans is causal only (a memory trained token by token); pass attn.Mask(causal=True), "
+                f"got mask={call.mask!r}"
+            )
+        if call.decode and q_lengths is not None:
+            raise ValueError("q_lengths is not supported by titans with decode=True (decode one row per sequence)")
 
+    # The template's fixed stage sequence (project_qkv -> prepare -> attend -> output_gate) does not fit Titans:
+    # the memory branch feeds the attention's inputs ('mal', attention over the memory's output) and gates its
+    # outputs ('mag'), 'mac' interleaves attention and memory updates segment by segment inside one scan, and
+    # padded rows are zeroed after the output projection. So the call is kept here, around the template's
+    # validate, head_outputs and project_out stages.
     @nn.compact
     def __call__(
         self,
@@ -173,26 +199,11 @@ class TitansAttention(AttentionLayer):
         deterministic: bool = True,
     ) -> Array:
         """x [B, T, E] -> [B, T, E]. `positions` is unused: order comes from the causal recurrence and mask."""
-        self.check_input(x, context)
-        self.check_options()
-        if context is not None:
-            raise ValueError(f"titans is self-attention only (a causal recurrence); got a context {context.shape}")
-        if decode and self.variant == "mac":
-            raise ValueError(
-                "decode=True is not supported by titans variant='mac' (memory as context restarts its attention "
-                "and memory read per segment, which the decode cache does not model); use variant 'mag', 'mal' or "
-                "'lmm', or run the full forward"
-            )
-        causal, q_lengths, _ = linear_mask_parts(mask, "titans")
-        if not causal:
-            raise ValueError(
-                "titans is causal only (a memory trained token by token); pass attn.Mask(causal=True), "
-                f"got mask={mask!r}"
-            )
-        if decode and q_lengths is not None:
-            raise ValueError("q_lengths is not supported by titans with decode=True (decode one row per sequence)")
-        del positions
-
+        call = AttentionCall(
+            x=x, context=context, mask=mask, positions=positions, decode=decode, deterministic=deterministic
+        )
+        self.validate(call)
+        _, q_lengths, _ = linear_mask_parts(mask, "titans")
         persistent = None
         if self.num_persistent:
             persistent = self.param(
@@ -206,7 +217,8 @@ class TitansAttention(AttentionLayer):
             y = self.memory_as_context(x, persistent, deterministic)
         else:
             y = self.memory_variants(x, persistent, deterministic, decode)
-        out = self.project_out(y.astype(self.dtype), x.shape[-1])
+        y = self.head_outputs(y.astype(self.dtype), call)
+        out = self.project_out(y, x.shape[-1])
         if q_lengths is not None:
             out = out * length_mask(q_lengths, x.shape[0], x.shape[1], "q_lengths")[:, :, None].astype(out.dtype)
         return out
@@ -293,7 +305,7 @@ class TitansAttention(AttentionLayer):
             v,
             mask=mask,
             q_offset=0 if q_offset is None else q_offset,
-            dropout_rate=self.dropout_rate,
+            dropout_rate=self.effective_dropout(deterministic),
             dropout_rng=self.dropout_rng(deterministic),
             implementation=self.implementation,
         )
@@ -427,7 +439,7 @@ class TitansAttention(AttentionLayer):
         initial = tuple(jnp.broadcast_to(w[None], (batch,) + w.shape) for w in self.memory_weights())
         momentum = tuple(jnp.zeros_like(w) for w in initial)
         mask = Mask(mask_fn=SegmentContext(prefix, size))
-        rng = self.dropout_rng(deterministic)
+        rate, rng = self.effective_dropout(deterministic), self.dropout_rng(deterministic)
         dtype = q.dtype
 
         def blocks(a: Array) -> Array:  # [B, T, ..] -> [N, B, C, ..], zero-padded at the end (causal: harmless)
@@ -449,7 +461,7 @@ class TitansAttention(AttentionLayer):
                 keys,
                 values,
                 mask=mask,
-                dropout_rate=self.dropout_rate,
+                dropout_rate=rate,
                 dropout_rng=None if rng is None else jax.random.fold_in(rng, index),
                 implementation=self.implementation,
             ).astype(jnp.float32)

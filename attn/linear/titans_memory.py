@@ -209,10 +209,10 @@ def continue_memory(
         start - 1 (the gradients of that chunk's remaining tokens are taken there). At start = 0 pass
         (M_0, S_0, M_0).
       start: int or traced int32 scalar, the position of the first token; a position that is a multiple of
-        `chunk_size` opens a new chunk (the snapshot becomes the current memory).
+        `chunk_size` opens a chunk (the snapshot becomes the current memory).
       chunk_size: b of `neural_memory`.
     Returns:
-      (y [B, L, H, Dv] float32, the new (weights, momentum, snapshot)). Feeding a sequence in pieces of any sizes
+      (y [B, L, H, Dv] float32, the updated (weights, momentum, snapshot)). Feeding a sequence in pieces of any sizes
       gives `neural_memory(..., chunk_size=b)` on the whole sequence (up to float rounding): the token scan is its
       recurrent form.
     """

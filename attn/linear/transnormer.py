@@ -34,8 +34,9 @@ import jax.numpy as jnp
 from attn import functional as F
 from attn.core import kv_cache
 from attn.core.feature_maps import FEATURE_MAPS
+from attn.core.layer import AttentionCall
 from attn.core.masks import Mask
-from attn.core.validation import check_choice, check_positive
+from attn.core.validation import choice, positive, positive_int
 from attn.linear.linear import BASE_OPTION_DOCS, LinearAttentionBase
 from attn.registry import register
 
@@ -69,6 +70,16 @@ def same_block(block_size: int):
         "diag_block_size": "block size of DiagAttention",
         **BASE_OPTION_DOCS,
     },
+    fidelity="paper",
+    reference="the paper's NormAttention (output norm instead of the scaling) and DiagAttention (block-diagonal "
+    "softmax); srms as in the authors' transnormer_t1/t2 configurations",
+    validators={
+        "chunk_size": positive_int,
+        "eps": positive,
+        "feature_map": choice(*FEATURE_MAPS),
+        "output_norm": choice("srms", "rmsnorm", "layernorm"),
+        "diag_block_size": positive_int,
+    },
 )
 class TransNormerAttention(LinearAttentionBase):
     """TransNormer's NormAttention, or DiagAttention when use_diag. x [B, T, E] -> [B, T, E]."""
@@ -80,33 +91,33 @@ class TransNormerAttention(LinearAttentionBase):
 
     mechanism_name = "transnormer"
 
-    def check_options(self) -> None:
-        super().check_options()
-        check_choice("feature_map", self.feature_map, tuple(FEATURE_MAPS))
-        check_choice("output_norm", self.output_norm, ("srms", "rmsnorm", "layernorm"))
-        if not isinstance(self.diag_block_size, int):
-            raise ValueError(f"diag_block_size={self.diag_block_size!r} must be a positive int")
-        check_positive("diag_block_size", self.diag_block_size)
-
     def map_features(self, q: Array, k: Array, q_pos: Array, k_pos: Array) -> tuple[Array, Array]:
         phi = FEATURE_MAPS[self.feature_map]
         return phi(q), phi(k)
 
-    def finish(self, y: Array, x: Array) -> Array:
+    def finish(self, y: Array) -> Array:
         return self.norm_heads(y, self.output_norm)
 
-    def mix(self, q: Array, k: Array, v: Array, *, decode: bool, deterministic: bool, **kwargs) -> Array:
+    def prepare(self, q: Array, k: Array, v: Array, call: AttentionCall) -> tuple[Array, Array, Array, AttentionCall]:
+        """NormAttention: the base positions and decode index. DiagAttention: unchanged (its KV cache keeps its
+        own index, written in `diag_attention`)."""
+        if self.use_diag:
+            return q, k, v, call
+        return super().prepare(q, k, v, call)
+
+    def attend(self, q: Array, k: Array, v: Array, call: AttentionCall) -> Array:
         if not self.use_diag:
-            return super().mix(q, k, v, decode=decode, deterministic=deterministic, **kwargs)
+            return super().attend(q, k, v, call)
+        causal, q_lengths, kv_lengths = self.mask_parts(call)
         return self.diag_attention(
             q,
             k,
             v,
-            causal=kwargs["causal"],
-            q_lengths=kwargs["q_lengths"],
-            kv_lengths=kwargs["kv_lengths"],
-            decode=decode,
-            deterministic=deterministic,
+            causal=causal,
+            q_lengths=q_lengths,
+            kv_lengths=kv_lengths,
+            decode=call.decode,
+            deterministic=call.deterministic,
         )
 
     def diag_attention(
@@ -128,7 +139,7 @@ class TransNormerAttention(LinearAttentionBase):
                 "cross-attention)"
             )
         dropout = dict(
-            dropout_rate=0.0 if deterministic else self.dropout_rate,
+            dropout_rate=self.effective_dropout(deterministic),
             dropout_rng=self.dropout_rng(deterministic),
             implementation=self.implementation,
         )

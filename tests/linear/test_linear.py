@@ -86,7 +86,7 @@ def test_errors_name_the_problem(layer_checks):
         layer.apply(variables, x, mask=attn.Mask(causal=True, q_segment_ids=ids, kv_segment_ids=ids))
     with pytest.raises(ValueError, match="decode=True needs a causal mask"):
         layer.apply(variables, x, mask=None, decode=True, mutable=["cache"])
-    with pytest.raises(ValueError, match="feature_map='exp' is not supported"):
+    with pytest.raises(ValueError, match="feature_map='exp' must be one of"):
         c.build("linear", feature_map="exp").init(jax.random.key(0), x)
     with pytest.raises(ValueError, match="chunk_size=0 must be a positive int"):
         c.build("linear", chunk_size=0).init(jax.random.key(0), x)

@@ -90,7 +90,7 @@ def test_errors_name_the_problem():
         build().init(KEY, x, decode=True)
     with pytest.raises(ValueError, match="lepe_kernel_size=4 must be 0 \\(off\\) or a positive odd int"):
         build(lepe_kernel_size=4).init(KEY, x)
-    with pytest.raises(ValueError, match="position='alibi' is not supported"):
+    with pytest.raises(ValueError, match="position='alibi' must be one of"):
         build(position="alibi").init(KEY, x)
     with pytest.raises(ValueError, match="eps=0"):
         build(eps=0.0).init(KEY, x)

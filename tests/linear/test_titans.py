@@ -180,6 +180,21 @@ def test_jit_and_finite_gradients(layer_checks):
         assert float(jnp.max(jnp.abs(jax.tree.leaves(grads[name])[0]))) > 0, name
 
 
+@pytest.mark.parametrize("variant", ["mac", "mag", "mal", "lmm"])
+def test_attention_dropout_is_off_when_deterministic(layer_checks, variant):
+    """dropout_rate=0.1 with deterministic=True is the dropout_rate=0 layer bit for bit (same parameters); in
+    training (deterministic=False, a "dropout" rng) the attention of the variants that have one changes."""
+    c = layer_checks
+    x = c.inputs(length=9)
+    variables = c.init(_layer(variant), x)
+    plain = c.forward(_layer(variant), variables, x)
+    dropped = _layer(variant, dropout_rate=0.1)
+    np.testing.assert_array_equal(np.asarray(c.forward(dropped, variables, x, deterministic=True)), np.asarray(plain))
+    if variant != "lmm":  # 'lmm' has no attention
+        training = c.forward(dropped, variables, x, deterministic=False, rngs={"dropout": jax.random.key(3)})
+        assert float(jnp.max(jnp.abs(training - plain))) > 1e-4
+
+
 def test_continue_memory_in_pieces_equals_the_chunked_form():
     """Resuming the token scan from (weights, momentum, chunk-start snapshot) in pieces 3 + 1 + 5 + 2 (chunk 4:
     pieces cross chunk boundaries mid-chunk) gives neural_memory's chunked outputs and final state."""
@@ -262,10 +277,10 @@ def test_bad_options_and_calls_raise(layer_checks):
     c = layer_checks
     x = c.inputs(length=4)
     cases = [
-        (dict(variant="mat"), c.CAUSAL, {}, "variant='mat' is not supported"),
+        (dict(variant="mat"), c.CAUSAL, {}, "variant='mat' must be one of"),
         (dict(memory_depth=0), c.CAUSAL, {}, "memory_depth=0 must be a positive int"),
         (dict(segment_size=2.5), c.CAUSAL, {}, "segment_size=2.5 must be a positive int"),
-        (dict(num_persistent=-1), c.CAUSAL, {}, "num_persistent=-1 must be an int >= 0"),
+        (dict(num_persistent=-1), c.CAUSAL, {}, "num_persistent=-1 must be a non-negative int"),
         (dict(theta_max=0.0), c.CAUSAL, {}, "theta_max=0.0 must be a number > 0"),
         ({}, None, {}, "titans is causal only"),
         ({}, attn.Mask(causal=True, window=2), {}, "cannot honour the mask part"),
