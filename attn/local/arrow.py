@@ -36,8 +36,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from attn.core.layer import AttentionCall
 from attn.core.masks import Mask
-from attn.core.validation import normalize_window
+from attn.core.validation import OptionValidator, int_at_least, non_negative_int, normalize_window
 from attn.registry import register
 from attn.softmax.multi_head import MultiHeadAttention
 
@@ -57,18 +58,28 @@ class ArrowPattern:
         return (q_idx < self.num_global) | (kv_idx < self.num_global) | band
 
 
+def _is_band(local_window: Any) -> bool:
+    try:
+        return normalize_window(local_window) is not None
+    except ValueError:
+        return False
+
+
+LOCAL_WINDOW = OptionValidator(
+    _is_band, "an int w >= 0 (|i - j| <= w) or a pair (left, right) of non-negative ints", "int >= 0 or (left, right)"
+)
+
+
+# arrow's band is its own mask; a sliding window would cut the global rows as well.
+NO_WINDOW = OptionValidator(
+    lambda v: v is None, "None (a window would also cut the global rows; arrow's band is set by local_window)", "None"
+)
+
+
 def local_band(local_window: Any) -> tuple[int, int]:
     """local_window as (left, right); ValueError naming `local_window` otherwise."""
-    try:
-        band = normalize_window(local_window)
-    except ValueError:
-        band = None
-    if band is None:
-        raise ValueError(
-            f"local_window={local_window!r} must be an int w >= 0 (|i - j| <= w) or a pair (left, right) of "
-            "non-negative ints"
-        )
-    return band
+    LOCAL_WINDOW("local_window", local_window)
+    return normalize_window(local_window)
 
 
 def arrow_mask(num_global: int, local_window: int | tuple[int, int], base: Mask | None = None) -> Mask:
@@ -113,6 +124,16 @@ def logn_factors(mask: Mask, q_len: int, kv_len: int, *, q_offset: Any, num_glob
         "logn_scaling": "multiply the global rows' logits by log(n) / log(logn_base_length), n = keys they see",
         "logn_base_length": "training length n_train of LogN scaling (factor 1 at this many keys; SeNER 512)",
     },
+    fidelity="official-code",
+    reference="THUDM/scholar-profiling (sener): arrow mask and LogN scaling log(n) / log(512) of the [CLS] row; "
+    "extended here to several global tokens and causal masks",
+    validators={
+        "local_window": LOCAL_WINDOW,
+        "num_global": non_negative_int,
+        "logn_base_length": int_at_least(2),
+        "window": NO_WINDOW,
+    },
+    has_attention_weights=True,
 )
 class ArrowAttention(MultiHeadAttention):
     """Arrow attention (SeNER): x [B, T, E] -> [B, T, E]; bidirectional unless the mask is causal."""
@@ -122,43 +143,27 @@ class ArrowAttention(MultiHeadAttention):
     logn_scaling: bool = True
     logn_base_length: int = 512
 
-    def check_input(self, x: Array, context: Array | None) -> None:
-        super().check_input(x, context)
-        if context is not None:
-            raise ValueError(f"arrow is self-attention; got a context of shape {context.shape}")
-        if self.window is not None:
-            raise ValueError(
-                f"window={self.window!r} would also cut the global rows; arrow's band is set by local_window"
-            )
-        local_band(self.local_window)
-        if not (isinstance(self.num_global, int) and self.num_global >= 0):
-            raise ValueError(f"num_global={self.num_global!r} must be a non-negative int")
-        if not (isinstance(self.logn_base_length, int) and self.logn_base_length >= 2):
-            raise ValueError(f"logn_base_length={self.logn_base_length!r} must be an int >= 2")
+    def validate(self, call: AttentionCall) -> None:
+        super().validate(call)
+        if call.cross:
+            raise ValueError(f"arrow is self-attention; got a context of shape {call.context.shape}")
 
-    def attend(
-        self,
-        q: Array,
-        k: Array,
-        v: Array,
-        *,
-        mask: Mask | None,
-        bias: Array | None,
-        q_offset,
-        deterministic: bool,
-    ) -> Array:
-        """q [B, Tq, H, D], k/v [B, Tk, KVH, D] -> [B, Tq, H, D]."""
-        pattern = arrow_mask(self.num_global, self.local_window, mask)
+    def prepare(self, q: Array, k: Array, v: Array, call: AttentionCall) -> tuple[Array, Array, Array, AttentionCall]:
+        """The softmax layer's positions and cache, then the arrow mask over the call's mask and LogN scaling of the
+        global rows: q [B, Tq, H, D] and the position bias rows are multiplied by lambda_i."""
+        q, k, v, call = super().prepare(q, k, v, call)
+        pattern = arrow_mask(self.num_global, self.local_window, call.mask)
+        bias = call.bias
         if self.logn_scaling and self.num_global > 0:
             factor = logn_factors(
                 pattern,
                 q.shape[1],
                 k.shape[1],
-                q_offset=q_offset,
+                q_offset=call.q_offset,
                 num_global=self.num_global,
                 base_length=self.logn_base_length,
             )  # [B|1, H|1, Tq]
             q = q * jnp.swapaxes(factor, 1, 2)[..., None].astype(q.dtype)
             if bias is not None:
                 bias = bias * factor[..., None]
-        return super().attend(q, k, v, mask=pattern, bias=bias, q_offset=q_offset, deterministic=deterministic)
+        return q, k, v, call.replace(mask=pattern, bias=bias)

@@ -25,7 +25,8 @@ O(B N (H + W) heads) for N = H W tokens (never N x N). No setting reduces it exa
 (the output always carries the gated residual); on a 1 x W grid one step is x + gamma * (softmax attention over the
 row) W_o. No causal masking, no decoding.
 
-Attention weights (when captured) are sown once per recurrence step, each float32 [B, heads, N, N].
+Attention weights (when captured) are sown once per recurrence step, each float32 [B, heads, N, N]; so are the
+per-head outputs (`head_outputs` [B, H, W, heads, D], where head interventions act on every step).
 """
 
 from __future__ import annotations
@@ -35,10 +36,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attn.core.layer import HeadProjection, OutputProjection, SpatialAttentionLayer
+from attn.core.layer import AttentionCall, HeadProjection, OutputProjection, SpatialAttentionLayer
 from attn.core.masks import Mask
 from attn.core.neighborhood import window_probs_to_dense
-from attn.core.validation import check_rank
+from attn.core.validation import check_rank, optional, positive, positive_int
 from attn.registry import register
 
 Array = jax.Array
@@ -69,6 +70,9 @@ def criss_cross_keys(height: int, width: int) -> np.ndarray:
         "gamma_init": "initial gate gamma; 0 is the paper's (inside a transformer trained from scratch with Adam it "
         "can stay stuck near 0, see benchmarks/results/vit_spatial_cpu.json; 1 opens the gate from the start)",
     },
+    fidelity="paper",
+    reference="CCNet paper: criss-cross attention and its recurrent form RCCA (R = 2), gamma initialised to 0",
+    validators={"recurrence": positive_int, "qk_reduction": positive_int, "scale": optional(positive)},
 )
 class CrissCrossAttention(SpatialAttentionLayer):
     """Recurrent criss-cross attention: x [B, H, W, E] -> [B, H, W, E] (including the gated residual)."""
@@ -82,18 +86,18 @@ class CrissCrossAttention(SpatialAttentionLayer):
     def qk_dim(self) -> int:
         return self.head_dim // self.qk_reduction
 
-    def check_input(self, x: Array, context: Array | None) -> None:
-        super().check_input(x, context)
-        check_rank("x", x, 4, "[batch, height, width, embed] (criss-cross attention is 2-D)")
-        if isinstance(self.recurrence, bool) or not isinstance(self.recurrence, int) or self.recurrence < 1:
-            raise ValueError(f"recurrence={self.recurrence!r} must be an int >= 1 (the paper uses 2)")
-        reduction = self.qk_reduction
-        if isinstance(reduction, bool) or not isinstance(reduction, int) or not 1 <= reduction <= self.head_dim:
+    def validate(self, call: AttentionCall) -> None:
+        super().validate(call)
+        check_rank("x", call.x, 4, "[batch, height, width, embed] (criss-cross attention is 2-D)")
+        if self.qk_reduction > self.head_dim:
             raise ValueError(
-                f"qk_reduction={reduction!r} must be an int between 1 and head_dim={self.head_dim} (query/key "
-                "channels per head are head_dim // qk_reduction >= 1)"
+                f"qk_reduction={self.qk_reduction!r} must be an int between 1 and head_dim={self.head_dim} "
+                "(query/key channels per head are head_dim // qk_reduction >= 1)"
             )
 
+    # The recurrence h <- h + gamma * W_o(CCA(h)) projects q, k, v from every step's output and needs the output
+    # projection between steps, so the template's single pass (project, attend, project out) cannot express it:
+    # this override runs the template's stages (validate, attend, head_outputs) once per step.
     @nn.compact
     def __call__(
         self,
@@ -105,8 +109,11 @@ class CrissCrossAttention(SpatialAttentionLayer):
         decode: bool = False,
         deterministic: bool = True,
     ) -> Array:
-        self.check_input(x, context)
-        self.check_call(mask, positions, decode)
+        """x [B, H, W, E] -> h_R [B, H, W, E] (the gated residual included)."""
+        call = AttentionCall(
+            x=x, context=context, mask=mask, positions=positions, decode=decode, deterministic=deterministic
+        )
+        self.validate(call)
         common = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
         # Created once and called every step: the recurrence shares its weights.
         query = HeadProjection(self.num_heads, self.qk_dim, "heads", name="query", **common)
@@ -116,16 +123,15 @@ class CrissCrossAttention(SpatialAttentionLayer):
         gamma_init = nn.initializers.constant(self.gamma_init)
         gamma = self.param("gamma", nn.with_logical_partitioning(gamma_init, ()), (), self.param_dtype)
 
-        rng = self.dropout_rng(deterministic)
         h = x
-        for step in range(self.recurrence):
-            step_rng = None if rng is None else jax.random.fold_in(rng, step)
-            y = self.criss_cross(query(h), key(h), value(h), step_rng)
+        for _ in range(self.recurrence):
+            y = self.head_outputs(self.attend(query(h), key(h), value(h), call), call)
             h = h + jnp.asarray(gamma, self.dtype) * out(y).astype(h.dtype)
         return h
 
-    def criss_cross(self, q: Array, k: Array, v: Array, rng: Array | None) -> Array:
-        """q [B, H, W, heads, Dqk], k [B, H, W, KVH, Dqk], v [B, H, W, KVH, D] -> [B, H, W, heads, D]."""
+    def attend(self, q: Array, k: Array, v: Array, call: AttentionCall) -> Array:
+        """One criss-cross step: q [B, H, W, heads, Dqk], k [B, H, W, KVH, Dqk], v [B, H, W, KVH, D] ->
+        [B, H, W, heads, D]; sows the step's dense weights float32 [B, heads, N, N] when captured."""
         batch, height, width, heads, _ = q.shape
         kv_heads = k.shape[-2]
         scale = self.qk_dim**-0.5 if self.scale is None else self.scale
@@ -142,11 +148,8 @@ class CrissCrossAttention(SpatialAttentionLayer):
                 criss_cross_keys(height, width),
                 height * width,
             )
-            self.sow("intermediates", "attention_weights", dense)
-        if rng is not None:
-            keep = jax.random.bernoulli(rng, 1.0 - self.dropout_rate, probs.shape)
-            probs = jnp.where(keep, probs / (1.0 - self.dropout_rate), 0.0)
-        probs = probs.astype(v.dtype)
+            self.sow_capture("attention_weights", dense)
+        probs = self.attention_dropout(probs, call.deterministic).astype(v.dtype)
         out = jnp.einsum("bijkgl,bljkd->bijkgd", probs[..., :height], v, preferred_element_type=jnp.float32)
         out = out + jnp.einsum("bijkgl,bilkd->bijkgd", probs[..., height:], v, preferred_element_type=jnp.float32)
         return out.reshape(batch, height, width, heads, v.shape[-1]).astype(q.dtype)

@@ -30,15 +30,12 @@ decoding.
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from attn.core.conv import conv
-from attn.core.layer import SpatialAttentionLayer
-from attn.core.masks import Mask
-from attn.core.validation import check_rank
+from attn.core.layer import AttentionCall, SpatialAttentionLayer
+from attn.core.validation import check_rank, optional, positive, positive_int
 from attn.core.windows import dense_window_probs, partition_windows, unpartition_windows, window_attention
 from attn.registry import register
 
@@ -52,6 +49,7 @@ Array = jax.Array
     catalog=34,
     input_kind="spatial",
     supports_causal=False,
+    supports_gqa=False,
     supports_decode=False,
     summary="CSWin cross-shaped windows: half the heads in horizontal, half in vertical stripes, with LePE",
     option_docs={
@@ -59,6 +57,10 @@ Array = jax.Array
         "lepe": "locally-enhanced positional encoding: depthwise 3x3 conv on V (per stripe) added to the output",
         "scale": "logit scale (None = 1/sqrt(head_dim))",
     },
+    fidelity="paper",
+    reference="CSWin paper: horizontal and vertical stripes on the two head halves, LePE; the head order and the "
+    "per-group LePE conv were compared with the official code",
+    validators={"stripe_width": positive_int, "scale": optional(positive)},
 )
 class CSWinAttention(SpatialAttentionLayer):
     """Cross-shaped window attention: x [B, H, W, E] -> [B, H, W, E]."""
@@ -67,9 +69,9 @@ class CSWinAttention(SpatialAttentionLayer):
     lepe: bool = True
     scale: float | None = None
 
-    def check_input(self, x: Array, context: Array | None) -> None:
-        super().check_input(x, context)
-        check_rank("x", x, 4, "[batch, height, width, embed] (cross-shaped windows are 2-D)")
+    def validate(self, call: AttentionCall) -> None:
+        super().validate(call)
+        check_rank("x", call.x, 4, "[batch, height, width, embed] (cross-shaped windows are 2-D)")
         if self.num_heads % 2:
             raise ValueError(
                 f"num_heads={self.num_heads} must be even: cswin gives half the heads horizontal stripes and half "
@@ -79,48 +81,36 @@ class CSWinAttention(SpatialAttentionLayer):
             raise ValueError(
                 f"num_kv_heads={self.num_kv_heads} must be even (each stripe direction gets half the kv heads)"
             )
-        height, width = x.shape[1:3]
-        sw = self.stripe_width
-        if isinstance(sw, bool) or not isinstance(sw, (int, np.integer)) or not 1 <= sw <= min(height, width):
+        height, width = call.x.shape[1:3]
+        if self.stripe_width > min(height, width):
             raise ValueError(
-                f"stripe_width={sw!r} must be an int between 1 and min(height, width) = {min(height, width)} "
-                f"(grid {height} x {width})"
+                f"stripe_width={self.stripe_width!r} must be an int between 1 and min(height, width) = "
+                f"{min(height, width)} (grid {height} x {width})"
             )
 
-    @nn.compact
-    def __call__(
-        self,
-        x: Array,
-        *,
-        context: Array | None = None,
-        mask: Mask | None = None,
-        positions: Array | None = None,
-        decode: bool = False,
-        deterministic: bool = True,
-    ) -> Array:
-        self.check_input(x, context)
-        self.check_call(mask, positions, decode)
-        batch, height, width, features = x.shape
-        q, k, v = self.spatial_qkv(x)
+    def attend(self, q: Array, k: Array, v: Array, call: AttentionCall) -> Array:
+        """q [B, H, W, heads, D], k/v [B, H, W, KVH, D] -> [B, H, W, heads, D]: the first half of the heads in
+        horizontal stripes, the second half in vertical ones; sows the dense weights float32 [B, heads, N, N] when
+        captured."""
+        height, width = q.shape[1:3]
         half, kv_half = self.num_heads // 2, self.kv_heads // 2
-        rng = self.dropout_rng(deterministic)
+        rng = self.dropout_rng(call.deterministic)
         rngs = [None, None] if rng is None else list(jax.random.split(rng))
-        capture = self.wants_weights()
         outputs, weights = [], []
         directions = (("horizontal", (self.stripe_width, width)), ("vertical", (height, self.stripe_width)))
         for branch, (name, stripe) in enumerate(directions):
             heads, kv_heads = slice(branch * half, (branch + 1) * half), slice(branch * kv_half, (branch + 1) * kv_half)
             out, probs = self.stripe_attention(
-                q[..., heads, :], k[..., kv_heads, :], v[..., kv_heads, :], stripe, name, rngs[branch], deterministic
+                q[..., heads, :], k[..., kv_heads, :], v[..., kv_heads, :], stripe, name, rngs[branch], call
             )
             outputs.append(out)
             weights.append(probs)
-        if capture:
-            self.sow("intermediates", "attention_weights", jnp.concatenate(weights, axis=1))
-        return self.spatial_out(jnp.concatenate(outputs, axis=-2), features)
+        if self.wants_weights():
+            self.sow_capture("attention_weights", jnp.concatenate(weights, axis=1))
+        return jnp.concatenate(outputs, axis=-2)
 
     def stripe_attention(
-        self, q: Array, k: Array, v: Array, stripe: tuple[int, int], name: str, rng, deterministic: bool
+        self, q: Array, k: Array, v: Array, stripe: tuple[int, int], name: str, rng: Array | None, call: AttentionCall
     ) -> tuple[Array, Array | None]:
         """One head group: q [B, H, W, h, D], k/v [B, H, W, kvh, D] -> ([B, H, W, h, D], dense probs or None)."""
         spatial = tuple(q.shape[1:3])
@@ -131,7 +121,7 @@ class CSWinAttention(SpatialAttentionLayer):
             v,
             window=stripe,
             scale=self.scale,
-            dropout_rate=0.0 if deterministic else self.dropout_rate,
+            dropout_rate=self.effective_dropout(call.deterministic),
             dropout_rng=rng,
             return_probs=capture,
             implementation=self.implementation,

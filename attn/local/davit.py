@@ -40,10 +40,10 @@ import flax.linen as nn
 import jax
 
 from attn import functional as F
-from attn.core.layer import SpatialAttentionLayer
+from attn.core.layer import AttentionCall, SpatialAttentionLayer
 from attn.core.masks import Mask
 from attn.core.neighborhood import IntPerAxis, per_axis
-from attn.core.validation import check_choice
+from attn.core.validation import choice, int_or_pair, optional, positive, positive_int
 from attn.core.windows import window_plan
 from attn.local.window import WindowAttention
 from attn.registry import register
@@ -58,26 +58,28 @@ class ChannelGroupAttention(SpatialAttentionLayer):
 
     scale: float | None = None
 
-    @nn.compact
-    def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
+    def validate(self, call: AttentionCall) -> None:
+        super().validate(call)
         if self.num_kv_heads not in (None, self.num_heads):
             raise ValueError(
                 f"num_kv_heads={self.num_kv_heads} is not supported by channel group attention (every channel "
                 f"group has its own keys); use None or num_heads={self.num_heads}"
             )
-        q, k, v = self.spatial_qkv(x)
+
+    def attend(self, q: Array, k: Array, v: Array, call: AttentionCall) -> Array:
+        """q, k, v [B, *S, H, C_g] -> [B, *S, H, C_g]: per group, softmax attention among its C_g channel tokens
+        whose features are the N positions."""
         batch, *spatial, heads, head_dim = q.shape
         # Channel tokens: [B, C_g tokens, groups, N features], so softmax attention runs over channels.
         tokens = [t.reshape(batch, -1, heads, head_dim).transpose(0, 3, 2, 1) for t in (q, k, v)]
         out = F.softmax_attention(
             *tokens,
             scale=head_dim**-0.5 if self.scale is None else self.scale,
-            dropout_rate=0.0 if deterministic else self.dropout_rate,
-            dropout_rng=self.dropout_rng(deterministic),
+            dropout_rate=self.effective_dropout(call.deterministic),
+            dropout_rng=self.dropout_rng(call.deterministic),
             implementation=self.implementation,
         )
-        y = out.transpose(0, 3, 2, 1).reshape(batch, *spatial, heads, head_dim)
-        return self.spatial_out(y, x.shape[-1])
+        return out.transpose(0, 3, 2, 1).reshape(batch, *spatial, heads, head_dim)
 
 
 @register(
@@ -94,6 +96,11 @@ class ChannelGroupAttention(SpatialAttentionLayer):
         "window_size": "spatial window per axis (int or tuple), clipped to the grid (DaViT uses 7)",
         "scale": "logit scale of both attentions (None = 1/sqrt(head_dim); for channels head_dim = C_g)",
     },
+    fidelity="paper",
+    reference="DaViT paper: channel group attention and spatial window attention (the official code's channel "
+    "attention is the same function with the projections renamed)",
+    validators={"mode": choice(*MODES), "window_size": int_or_pair(positive_int), "scale": optional(positive)},
+    supports_gqa=False,
 )
 class DaViTAttention(SpatialAttentionLayer):
     """Dual attention: x [B, *spatial, E] -> [B, *spatial, E]."""
@@ -102,6 +109,9 @@ class DaViTAttention(SpatialAttentionLayer):
     window_size: IntPerAxis = 7
     scale: float | None = None
 
+    # DaViT's layer is two attention layers in sequence with a residual between them (s = spatial(x), y = s +
+    # channel(x + s)), each with its own projections: it composes two template layers (each runs its own stages,
+    # head_outputs included, under the paths "spatial" and "channel") instead of one pass of the template.
     @nn.compact
     def __call__(
         self,
@@ -113,13 +123,13 @@ class DaViTAttention(SpatialAttentionLayer):
         decode: bool = False,
         deterministic: bool = True,
     ) -> Array:
-        self.check_input(x, context)
-        self.check_call(mask, positions, decode)
-        check_choice("mode", self.mode, MODES)
+        """x [B, *spatial, E] -> [B, *spatial, E]."""
+        call = AttentionCall(
+            x=x, context=context, mask=mask, positions=positions, decode=decode, deterministic=deterministic
+        )
+        self.validate(call)
         spatial = tuple(x.shape[1:-1])
         window = per_axis("window_size", self.window_size, len(spatial), int)
-        if min(window) < 1:
-            raise ValueError(f"window_size={window} must be >= 1 on every axis")
         common = dict(
             num_heads=self.num_heads,
             head_dim=self.head_dim,
@@ -134,8 +144,8 @@ class DaViTAttention(SpatialAttentionLayer):
         )
         if self.mode != "channel":
             clipped = window_plan(spatial, window, clip=True, window_name="window_size")[0]
-            attend = WindowAttention(window_size=clipped, rpb=False, name="spatial", **common)
-            s = attend(x, deterministic=deterministic)
+            spatial_attention = WindowAttention(window_size=clipped, rpb=False, name="spatial", **common)
+            s = spatial_attention(x, deterministic=deterministic)
             if self.mode == "spatial":
                 return s
         channel = ChannelGroupAttention(name="channel", **common)

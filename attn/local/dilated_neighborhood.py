@@ -28,6 +28,7 @@ from typing import Any
 
 from attn import functional as F
 from attn.core.neighborhood import IntPerAxis, normalize_neighborhood_args
+from attn.core.validation import int_or_pair, optional, positive_int
 from attn.local.neighborhood import NEIGHBORHOOD_OPTION_DOCS, NeighborhoodAttention
 from attn.registry import register
 
@@ -46,6 +47,10 @@ from attn.registry import register
         **NEIGHBORHOOD_OPTION_DOCS,
         "dilation": "dilation per axis (int or tuple); None = the largest that fits, extent // kernel_size",
     },
+    fidelity="official-code",
+    reference="NATTEN (github.com/SHI-Labs/NATTEN, the authors' library) dilated window semantics; DiNAT's per-stage "
+    "dilation rule",
+    validators={"dilation": optional(int_or_pair(positive_int))},
 )
 class DilatedNeighborhoodAttention(NeighborhoodAttention):
     """Dilated neighborhood attention: x [B, *spatial, E] -> [B, *spatial, E]."""

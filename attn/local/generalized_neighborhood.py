@@ -27,6 +27,7 @@ from typing import Any
 
 from attn import functional as F
 from attn.core.neighborhood import IntPerAxis
+from attn.core.validation import int_or_pair, positive_int
 from attn.local.neighborhood import NEIGHBORHOOD_OPTION_DOCS, NeighborhoodAttention
 from attn.registry import register
 
@@ -46,6 +47,10 @@ from attn.registry import register
         "dilation": "dilation per axis (int or tuple)",
         "stride": "stride per axis (int or tuple, 1 <= stride <= kernel_size): query tiles sharing one window",
     },
+    fidelity="official-code",
+    reference="NATTEN 0.20+ (github.com/SHI-Labs/NATTEN, the authors' library) stride and dilation semantics; the "
+    "speedup model reproduces the paper's Fig. 3 (eval.gna_speedup)",
+    validators={"dilation": int_or_pair(positive_int), "stride": int_or_pair(positive_int)},
 )
 class GeneralizedNeighborhoodAttention(NeighborhoodAttention):
     """Generalized (strided, dilated) neighborhood attention: x [B, *spatial, E] -> [B, *spatial, E]."""

@@ -38,10 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from attn import functional as F
-from attn.core.layer import SpatialAttentionLayer
-from attn.core.masks import Mask
+from attn.core.layer import AttentionCall, SpatialAttentionLayer
 from attn.core.neighborhood import IntPerAxis, per_axis
-from attn.core.validation import check_rank
+from attn.core.validation import check_rank, int_or_pair, non_negative_int, optional, positive, positive_int
 from attn.core.windows import dense_window_probs, partition_windows, unpartition_windows, window_key_mask
 from attn.registry import register
 
@@ -51,18 +50,17 @@ Array = jax.Array
 def halo_plan(
     spatial: tuple[int, ...], block_size: IntPerAxis, halo_size: IntPerAxis
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Validated (block, halo) per axis; ValueError naming the option otherwise."""
+    """(block, halo) per axis, each block within its extent; ValueError naming the option otherwise (the layer's
+    validators check the values themselves)."""
     rank = len(spatial)
     block = per_axis("block_size", block_size, rank, int)
     halo = per_axis("halo_size", halo_size, rank, int)
-    for axis, (n, b, h) in enumerate(zip(spatial, block, halo, strict=True)):
+    for axis, (n, b) in enumerate(zip(spatial, block, strict=True)):
         if not 1 <= b <= n:
             raise ValueError(
                 f"block_size={block} must be between 1 and the extent on every axis; axis {axis} has block {b} "
                 f"and extent {n} (spatial shape {spatial})"
             )
-        if h < 0:
-            raise ValueError(f"halo_size={halo} must be >= 0 on every axis (axis {axis} has {h})")
     return block, halo
 
 
@@ -111,6 +109,14 @@ def relative_offsets(block: int, halo: int) -> np.ndarray:
         "rel_pos": "2-D relative position embeddings (row and column tables [2 (b + h) - 1, head_dim]), q . r logits",
         "scale": "logit scale (None = 1/sqrt(head_dim)), applied to content and relative logits",
     },
+    fidelity="paper",
+    reference="HaloNet paper: blocked local attention with haloing; 2-D relative embeddings as in its reference code "
+    "(row + column tables)",
+    validators={
+        "block_size": int_or_pair(positive_int),
+        "halo_size": int_or_pair(non_negative_int),
+        "scale": optional(positive),
+    },
 )
 class HaloAttention(SpatialAttentionLayer):
     """HaloNet attention: x [B, H, W, E] -> [B, H, W, E]."""
@@ -120,27 +126,16 @@ class HaloAttention(SpatialAttentionLayer):
     rel_pos: bool = True
     scale: float | None = None
 
-    def check_input(self, x: Array, context: Array | None) -> None:
-        super().check_input(x, context)
-        check_rank("x", x, 4, "[batch, height, width, embed] (halo attention is 2-D)")
+    def validate(self, call: AttentionCall) -> None:
+        super().validate(call)
+        check_rank("x", call.x, 4, "[batch, height, width, embed] (halo attention is 2-D)")
 
-    @nn.compact
-    def __call__(
-        self,
-        x: Array,
-        *,
-        context: Array | None = None,
-        mask: Mask | None = None,
-        positions: Array | None = None,
-        decode: bool = False,
-        deterministic: bool = True,
-    ) -> Array:
-        self.check_input(x, context)
-        self.check_call(mask, positions, decode)
-        batch, *spatial, features = x.shape
+    def attend(self, q: Array, k: Array, v: Array, call: AttentionCall) -> Array:
+        """q [B, H, W, heads, D], k/v [B, H, W, KVH, D] -> [B, H, W, heads, D]; sows the dense weights float32
+        [B, heads, N, N] when captured."""
+        batch, *spatial = q.shape[:-2]
         spatial = tuple(spatial)
         block, halo = halo_plan(spatial, self.block_size, self.halo_size)
-        q, k, v = self.spatial_qkv(x)
         scale = self.head_dim**-0.5 if self.scale is None else self.scale
 
         queries, _ = partition_windows(q, block)  # [B * nB, T, H, D]
@@ -166,16 +161,17 @@ class HaloAttention(SpatialAttentionLayer):
             mask=window_key_mask(valid, batch),
             bias=bias,
             scale=scale,
-            dropout_rate=0.0 if deterministic else self.dropout_rate,
-            dropout_rng=self.dropout_rng(deterministic),
+            dropout_rate=self.effective_dropout(call.deterministic),
+            dropout_rng=self.dropout_rng(call.deterministic),
             return_probs=capture,
             implementation=self.implementation,
         )
         if capture:
             result, aux = result
-            dense = dense_window_probs(aux["probs"], spatial, block, key_indices=key_table)
-            self.sow("intermediates", "attention_weights", dense)
-        return self.spatial_out(unpartition_windows(result, spatial, block), features)
+            self.sow_capture(
+                "attention_weights", dense_window_probs(aux["probs"], spatial, block, key_indices=key_table)
+            )
+        return unpartition_windows(result, spatial, block)
 
     def relative_logits(self, queries: Array, block: tuple[int, ...], halo: tuple[int, ...]) -> Array:
         """q . r^row + q . r^col for query blocks [B, nB, b0 * b1, H, D] -> float32 [B * nB, H, b0 * b1, K]."""

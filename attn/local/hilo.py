@@ -30,16 +30,14 @@ head's weight on a pooled key is spread evenly over the s^2 tokens it averages).
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from attn import functional as F
-from attn.core.layer import SpatialAttentionLayer
-from attn.core.masks import Mask
+from attn.core.layer import AttentionCall, SpatialAttentionLayer
 from attn.core.neighborhood import window_probs_to_dense
-from attn.core.validation import check_rank
+from attn.core.validation import check_rank, in_range, optional, positive, positive_int
 from attn.core.windows import partition_windows, unpartition_windows
 from attn.registry import register
 
@@ -66,6 +64,11 @@ def hilo_heads(num_heads: int, alpha: float, window_size: int) -> tuple[int, int
         "window_size": "s: Hi-Fi window and Lo-Fi pooling size (H and W must be multiples; 1 = all heads global)",
         "scale": "logit scale (None = 1/sqrt(head_dim))",
     },
+    fidelity="official-code",
+    reference="the official LITv2 HiLo code: int(alpha * heads) Lo-Fi heads, Hi-Fi output first; deviation: one "
+    "output projection over all heads",
+    validators={"alpha": in_range(0, 1), "window_size": positive_int, "scale": optional(positive)},
+    supports_gqa=False,
 )
 class HiLoAttention(SpatialAttentionLayer):
     """HiLo attention: x [B, H, W, E] -> [B, H, W, E]."""
@@ -74,53 +77,53 @@ class HiLoAttention(SpatialAttentionLayer):
     window_size: int = 2
     scale: float | None = None
 
-    def check_input(self, x: Array, context: Array | None) -> None:
-        super().check_input(x, context)
-        check_rank("x", x, 4, "[batch, height, width, embed] (HiLo attention is 2-D)")
+    def validate(self, call: AttentionCall) -> None:
+        super().validate(call)
+        check_rank("x", call.x, 4, "[batch, height, width, embed] (HiLo attention is 2-D)")
         if self.num_kv_heads not in (None, self.num_heads):
             raise ValueError(
                 f"num_kv_heads={self.num_kv_heads} is not supported by hilo (its two head groups have separate "
                 f"keys/values); use None or num_heads={self.num_heads}"
             )
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
-            raise ValueError(f"alpha={self.alpha!r} must be a number in [0, 1] (the fraction of Lo-Fi heads)")
         s = self.window_size
-        height, width = x.shape[1:3]
-        if isinstance(s, bool) or not isinstance(s, int) or s < 1 or height % s or width % s:
+        height, width = call.x.shape[1:3]
+        if height % s or width % s:
             raise ValueError(
                 f"window_size={s!r} must be a positive int dividing the grid {height} x {width} (Hi-Fi windows and "
                 "Lo-Fi pooling cover the grid exactly)"
             )
 
-    @nn.compact
-    def __call__(
-        self,
-        x: Array,
-        *,
-        context: Array | None = None,
-        mask: Mask | None = None,
-        positions: Array | None = None,
-        decode: bool = False,
-        deterministic: bool = True,
-    ) -> Array:
-        self.check_input(x, context)
-        self.check_call(mask, positions, decode)
+    def project_qkv(self, x: Array, context: Array | None) -> tuple[Array, Array | None, Array | None]:
+        """x [B, H, W, E] -> q [B, H, W, heads, D] and the Hi-Fi heads' keys/values [B, H, W, hifi, D] (None when
+        every head is Lo-Fi). The Lo-Fi keys/values come from the pooled grid, in `attend`."""
+        batch, height, width, features = x.shape
+        hifi, _ = hilo_heads(self.num_heads, self.alpha, self.window_size)
+        flat = x.reshape(batch, height * width, features)
+        grid = lambda t: t.reshape(batch, height, width, *t.shape[-2:])
+        q = grid(self.dense_heads(flat, self.num_heads, "heads", "query"))
+        if not hifi:
+            return q, None, None
+        k = grid(self.dense_heads(flat, hifi, "kv_heads", "hifi_key"))
+        v = grid(self.dense_heads(flat, hifi, "kv_heads", "hifi_value"))
+        return q, k, v
+
+    def attend(self, q: Array, k: Array | None, v: Array | None, call: AttentionCall) -> Array:
+        """q [B, H, W, heads, D], Hi-Fi k/v [B, H, W, hifi, D] or None -> [B, H, W, heads, D] (Hi-Fi heads first);
+        sows the dense weights float32 [B, heads, N, N] when captured (a Lo-Fi head spreads the weight of a pooled
+        key evenly over the s x s tokens it averages)."""
+        x = call.x
         batch, height, width, features = x.shape
         s, tokens = self.window_size, height * width
         hifi, lofi = hilo_heads(self.num_heads, self.alpha, s)
-        flat = x.reshape(batch, tokens, features)
-        q = self.dense_heads(flat, self.num_heads, "heads", "query")
-        rng = self.dropout_rng(deterministic)
+        rng = self.dropout_rng(call.deterministic)
         rngs = [None, None] if rng is None else list(jax.random.split(rng))
-        dropout = dict(dropout_rate=0.0 if deterministic else self.dropout_rate, implementation=self.implementation)
+        dropout = dict(dropout_rate=self.effective_dropout(call.deterministic), implementation=self.implementation)
         capture = self.wants_weights()
         outputs, weights = [], []
 
         if hifi:
-            k = self.dense_heads(flat, hifi, "kv_heads", "hifi_key").reshape(batch, height, width, hifi, -1)
-            v = self.dense_heads(flat, hifi, "kv_heads", "hifi_value").reshape(batch, height, width, hifi, -1)
             result = F.neighborhood_attention(
-                q[:, :, :hifi].reshape(batch, height, width, hifi, -1),
+                q[..., :hifi, :],
                 k,
                 v,
                 kernel_size=s,
@@ -141,7 +144,13 @@ class HiLoAttention(SpatialAttentionLayer):
             k = self.dense_heads(pooled, lofi, "kv_heads", "lofi_key")
             v = self.dense_heads(pooled, lofi, "kv_heads", "lofi_value")
             result = F.softmax_attention(
-                q[:, :, hifi:], k, v, scale=self.scale, dropout_rng=rngs[1], return_probs=capture, **dropout
+                q[..., hifi:, :].reshape(batch, tokens, lofi, -1),
+                k,
+                v,
+                scale=self.scale,
+                dropout_rng=rngs[1],
+                return_probs=capture,
+                **dropout,
             )
             if capture:
                 result, aux = result
@@ -152,6 +161,5 @@ class HiLoAttention(SpatialAttentionLayer):
             outputs.append(result)
 
         if capture:
-            self.sow("intermediates", "attention_weights", jnp.concatenate(weights, axis=1).astype(jnp.float32))
-        y = jnp.concatenate(outputs, axis=2)
-        return self.project_out(y, features).reshape(batch, height, width, features)
+            self.sow_capture("attention_weights", jnp.concatenate(weights, axis=1).astype(jnp.float32))
+        return jnp.concatenate(outputs, axis=2).reshape(batch, height, width, self.num_heads, -1)

@@ -28,9 +28,9 @@ import jax
 import jax.numpy as jnp
 
 from attn import functional as F
-from attn.core.layer import SpatialAttentionLayer
-from attn.core.masks import Mask
+from attn.core.layer import AttentionCall, SpatialAttentionLayer
 from attn.core.neighborhood import normalize_neighborhood_args, window_probs_to_dense
+from attn.core.validation import choice, int_or_pair, optional, positive, positive_int
 from attn.registry import register
 
 Array = jax.Array
@@ -41,6 +41,13 @@ NEIGHBORHOOD_OPTION_DOCS = {
     "causal": "per-axis causal masking (bool or tuple): only keys at or before the query along that axis",
     "rpb": "learned relative position bias of NAT, [heads, 2 * kernel_size - 1 per axis], added to the logits",
     "scale": "logit scale (None = 1/sqrt(head_dim))",
+}
+
+# Per-option checks; how kernel, dilation and stride fit the grid is checked per call (attn.core.neighborhood).
+NEIGHBORHOOD_VALIDATORS = {
+    "kernel_size": int_or_pair(positive_int),
+    "causal": int_or_pair(choice(True, False)),
+    "scale": optional(positive),
 }
 
 
@@ -55,6 +62,10 @@ NEIGHBORHOOD_OPTION_DOCS = {
     supports_decode=False,
     summary="1-D/2-D/3-D neighborhood attention (NATTEN semantics) with NAT relative position bias",
     option_docs=NEIGHBORHOOD_OPTION_DOCS,
+    fidelity="official-code",
+    reference="NATTEN (github.com/SHI-Labs/NATTEN, the authors' library) neighborhood semantics and NAT's relative "
+    "position bias",
+    validators=NEIGHBORHOOD_VALIDATORS,
 )
 class NeighborhoodAttention(SpatialAttentionLayer):
     """Neighborhood attention: x [B, *spatial, E] -> [B, *spatial, E]. Subclasses add dilation and stride by
@@ -69,23 +80,12 @@ class NeighborhoodAttention(SpatialAttentionLayer):
         """kernel_size, dilation, stride, causal of the core op for this token layout."""
         return dict(kernel_size=self.kernel_size, dilation=1, stride=1, causal=self.causal)
 
-    @nn.compact
-    def __call__(
-        self,
-        x: Array,
-        *,
-        context: Array | None = None,
-        mask: Mask | None = None,
-        positions: Array | None = None,
-        decode: bool = False,
-        deterministic: bool = True,
-    ) -> Array:
-        self.check_input(x, context)
-        self.check_call(mask, positions, decode)
-        spatial = tuple(x.shape[1:-1])
+    def attend(self, q: Array, k: Array, v: Array, call: AttentionCall) -> Array:
+        """q [B, *S, H, D], k/v [B, *S, KVH, D] -> [B, *S, H, D]; sows the dense weights float32 [B, H, N, N] when
+        captured (N = prod(S))."""
+        spatial = tuple(q.shape[1:-2])
         args = self.neighborhood_args(spatial)
         kernel, _, _, _ = normalize_neighborhood_args(spatial, **args)
-        q, k, v = self.spatial_qkv(x)
         rpb = None
         if self.rpb:
             rpb = self.param(
@@ -104,13 +104,13 @@ class NeighborhoodAttention(SpatialAttentionLayer):
             **args,
             rpb=rpb,
             scale=self.scale,
-            dropout_rate=0.0 if deterministic else self.dropout_rate,
-            dropout_rng=self.dropout_rng(deterministic),
+            dropout_rate=self.effective_dropout(call.deterministic),
+            dropout_rng=self.dropout_rng(call.deterministic),
             return_probs=capture,
             implementation=self.implementation,
         )
         if capture:
             result, aux = result
             dense = window_probs_to_dense(aux["probs"], aux["key_indices"], math.prod(spatial))
-            self.sow("intermediates", "attention_weights", dense.astype(jnp.float32))
-        return self.spatial_out(result, x.shape[-1])
+            self.sow_capture("attention_weights", dense.astype(jnp.float32))
+        return result

@@ -35,21 +35,19 @@ import math
 import jax
 import numpy as np
 
+from attn.core.layer import AttentionCall
 from attn.core.masks import Mask
+from attn.core.validation import non_negative_int, positive_int
 from attn.registry import register
 from attn.softmax.multi_head import MultiHeadAttention
 
 Array = jax.Array
 
 
-def check_s2_options(
-    *, block_size: int, local_blocks: int, vert_stride: int, stride_offset: int, num_kv_heads: int
-) -> None:
-    """ValueError naming the option when the S2 pattern is malformed or cannot cover the context."""
-    for name, value in (("block_size", block_size), ("local_blocks", local_blocks), ("vert_stride", vert_stride)):
-        if not (isinstance(value, int) and value >= 1):
-            raise ValueError(f"{name}={value!r} must be a positive int")
-    if not (isinstance(stride_offset, int) and 0 <= stride_offset < vert_stride):
+def check_s2_cover(*, vert_stride: int, stride_offset: int, num_kv_heads: int) -> None:
+    """ValueError naming the option when the head shards cannot cover the context (the values themselves are
+    checked by the layer's validators)."""
+    if stride_offset >= vert_stride:
         raise ValueError(f"stride_offset={stride_offset!r} must be an int in [0, vert_stride={vert_stride})")
     if num_kv_heads < vert_stride:
         raise ValueError(
@@ -121,6 +119,7 @@ def s2_mask(
     op=None,
     input_kind="sequence",
     supports_causal=True,
+    supports_gqa=False,
     supports_decode=True,
     summary="S2: each kv head sees local blocks plus its own strided block shard; the heads together cover the "
     "causal context",
@@ -131,6 +130,16 @@ def s2_mask(
         "vert_stride == 0 (needs num_kv_heads >= vert_stride; 1 = dense causal)",
         "stride_offset": "offset of the head shards, in [0, vert_stride) (DKernel 0; vLLM/Phi-3-small 1)",
     },
+    fidelity="official-code",
+    reference="github.com/linxihui/dkernel (DKernel): local blocks plus a vertical-stride block shard per kv head; "
+    "stride_offset 0 (DKernel) or 1 (vLLM / Phi-3-small)",
+    validators={
+        "block_size": positive_int,
+        "local_blocks": positive_int,
+        "vert_stride": positive_int,
+        "stride_offset": non_negative_int,
+    },
+    has_attention_weights=True,
 )
 class S2Attention(MultiHeadAttention):
     """S2-Attention: causal multi-head attention whose heads see heterogeneous strided block shards.
@@ -141,33 +150,19 @@ class S2Attention(MultiHeadAttention):
     vert_stride: int = 4
     stride_offset: int = 0
 
-    def check_input(self, x: Array, context: Array | None) -> None:
-        super().check_input(x, context)
-        if context is not None:
+    def validate(self, call: AttentionCall) -> None:
+        super().validate(call)
+        if call.cross:
             raise ValueError(
-                f"s2_attention is causal self-attention; got a context of shape {context.shape} (cross-attention "
+                f"s2_attention is causal self-attention; got a context of shape {call.context.shape} (cross-attention "
                 "is not supported)"
             )
-        check_s2_options(
-            block_size=self.block_size,
-            local_blocks=self.local_blocks,
-            vert_stride=self.vert_stride,
-            stride_offset=self.stride_offset,
-            num_kv_heads=self.kv_heads,
-        )
+        check_s2_cover(vert_stride=self.vert_stride, stride_offset=self.stride_offset, num_kv_heads=self.kv_heads)
 
-    def attend(
-        self,
-        q: Array,
-        k: Array,
-        v: Array,
-        *,
-        mask: Mask | None,
-        bias: Array | None,
-        q_offset,
-        deterministic: bool,
-    ) -> Array:
-        """q [B, Tq, H, D], k/v [B, Tk, KVH, D] (Tk = the cache length when decoding) -> [B, Tq, H, D]."""
+    def prepare(self, q: Array, k: Array, v: Array, call: AttentionCall) -> tuple[Array, Array, Array, AttentionCall]:
+        """The softmax layer's positions and cache, then the call's mask AND causal AND the S2 per-head block
+        pattern over the k.shape[1] keys (the cache length when decoding)."""
+        q, k, v, call = super().prepare(q, k, v, call)
         pattern = s2_mask(
             k.shape[1],
             num_heads=self.num_heads,
@@ -176,6 +171,6 @@ class S2Attention(MultiHeadAttention):
             local_blocks=self.local_blocks,
             vert_stride=self.vert_stride,
             stride_offset=self.stride_offset,
-            base=mask,
+            base=call.mask,
         )
-        return super().attend(q, k, v, mask=pattern, bias=bias, q_offset=q_offset, deterministic=deterministic)
+        return q, k, v, call.replace(mask=pattern)

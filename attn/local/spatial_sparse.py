@@ -42,10 +42,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from attn import functional as F
-from attn.core.layer import SpatialAttentionLayer
-from attn.core.masks import Mask
+from attn.core.layer import AttentionCall, SpatialAttentionLayer
 from attn.core.neighborhood import IntPerAxis, per_axis
-from attn.core.validation import check_choice, check_qkv, check_rank, shape_of
+from attn.core.pipeline import dropout_weights
+from attn.core.validation import (
+    check_qkv,
+    check_rank,
+    choice,
+    int_or_pair,
+    non_negative_int,
+    optional,
+    positive,
+    positive_int,
+    shape_of,
+)
 from attn.core.windows import partition_windows, window_attention, window_plan
 from attn.registry import register
 
@@ -103,6 +113,8 @@ def spatial_sparse_attention(
     key_pe: Array | None = None,
     pool_weights: Array | None = None,
     scale: float | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: Array | None = None,
 ) -> tuple[Array, Array, Array, dict[str, Array]]:
     """The three SSA branches (see the module docstring), before gating.
 
@@ -115,6 +127,8 @@ def spatial_sparse_attention(
       key_pe: float [c^r, KVH, D], added to the keys of every compression block before pooling.
       pool_weights: float [c^r], weights of the learned pooling (None = mean).
       scale: logit scale, default 1/sqrt(D).
+      dropout_rate, dropout_rng: dropout on the attention weights of the three branches (the block scores of the
+        selection use the compressed weights before dropout).
     Returns:
       (o_cmp, o_slc, o_win, aux), each output [B, *S, H, D] in q.dtype; aux = {"selected": int32 [B, KVH, N, topk]
       selection blocks per query token (row-major), "compressed_probs": float32 [B, H, N, C]}.
@@ -127,6 +141,7 @@ def spatial_sparse_attention(
     comp, sel, owner = sparse_block_plan(spatial, compression_block, selection_block)
     if not (isinstance(topk, int) and topk >= 1):
         raise ValueError(f"topk={topk!r} must be a positive int")
+    rngs = [None] * 3 if dropout_rng is None else list(jax.random.split(dropout_rng, 3))
     tokens, groups = math.prod(spatial), heads // kv_heads
     comp_size, sel_size = math.prod(comp), math.prod(sel)
     num_sel = tokens // sel_size
@@ -148,7 +163,9 @@ def spatial_sparse_attention(
         kc, vc = kc.mean(axis=2), vc.mean(axis=2)
     else:
         kc, vc = (jnp.einsum("bcpkd,p->bckd", t, jnp.asarray(pool_weights, t.dtype)) for t in (kc, vc))
-    o_cmp, aux = F.softmax_attention(flat_q, kc, vc, scale=scale, return_probs=True)
+    o_cmp, aux = F.softmax_attention(
+        flat_q, kc, vc, scale=scale, dropout_rate=dropout_rate, dropout_rng=rngs[0], return_probs=True
+    )
     probs = aux["probs"]  # [B, H, N, C]
 
     # selection: block scores from the compressed probabilities, top-k blocks per (kv group, query)
@@ -166,12 +183,14 @@ def spatial_sparse_attention(
     scale_ = head_dim**-0.5 if scale is None else scale
     grouped_q = flat_q.reshape(batch, tokens, kv_heads, groups, head_dim)
     logits = jnp.einsum("bnkgd,bknwd->bkngw", grouped_q, gather(ks), preferred_element_type=jnp.float32) * scale_
-    weights = jax.nn.softmax(logits, axis=-1)
+    weights = dropout_weights(jax.nn.softmax(logits, axis=-1), dropout_rate, rngs[1])
     o_slc = jnp.einsum("bkngw,bknwd->bnkgd", weights.astype(v.dtype), gather(vs), preferred_element_type=jnp.float32)
 
     # a window larger than an extent covers that axis (as blocks do)
     window = window_plan(spatial, window_size, shift, clip=True, window_name="window_size")[0]
-    o_win = window_attention(q, k, v, window=window, shift=shift, scale=scale)
+    o_win = window_attention(
+        q, k, v, window=window, shift=shift, scale=scale, dropout_rate=dropout_rate, dropout_rng=rngs[2]
+    )
     out_shape = (batch, *spatial, heads, v.shape[-1])
     return (
         o_cmp.reshape(out_shape),
@@ -202,6 +221,18 @@ def spatial_sparse_attention(
         "key_pe": "learned intra-block position embedding added to keys before compression (zero init)",
         "scale": "logit scale (None = 1/sqrt(head_dim))",
     },
+    fidelity="official-code",
+    reference="github.com/DreamTechAI/Direct3D-S2: compression, top-k selection and window branches mixed by sigmoid "
+    "gates, here on a dense grid (the v2 compression stack is not reproduced)",
+    validators={
+        "compression_block": int_or_pair(positive_int),
+        "selection_block": int_or_pair(positive_int),
+        "topk": positive_int,
+        "pooling": choice(*POOLINGS),
+        "window_size": int_or_pair(positive_int),
+        "shift": int_or_pair(non_negative_int),
+        "scale": optional(positive),
+    },
 )
 class SpatialSparseAttention(SpatialAttentionLayer):
     """Spatial Sparse Attention: x [B, *spatial, E] -> [B, *spatial, E]."""
@@ -215,27 +246,12 @@ class SpatialSparseAttention(SpatialAttentionLayer):
     key_pe: bool = True
     scale: float | None = None
 
-    @nn.compact
-    def __call__(
-        self,
-        x: Array,
-        *,
-        context: Array | None = None,
-        mask: Mask | None = None,
-        positions: Array | None = None,
-        decode: bool = False,
-        deterministic: bool = True,
-    ) -> Array:
-        self.check_input(x, context)
-        self.check_call(mask, positions, decode)
-        check_choice("pooling", self.pooling, POOLINGS)
-        if self.dropout_rate:
-            raise ValueError(f"dropout_rate={self.dropout_rate!r} is not supported by spatial_sparse (use 0.0)")
-        batch, *spatial, features = x.shape
-        comp, _, _ = sparse_block_plan(tuple(spatial), self.compression_block, self.selection_block)
+    def attend(self, q: Array, k: Array, v: Array, call: AttentionCall) -> Array:
+        """q [B, *S, H, D], k/v [B, *S, KVH, D] -> [B, *S, H, D]: the three branches mixed by sigmoid gates of x."""
+        x = call.x
+        features = x.shape[-1]
+        comp, _, _ = sparse_block_plan(tuple(q.shape[1:-2]), self.compression_block, self.selection_block)
         comp_size = math.prod(comp)
-        q, k, v = self.spatial_qkv(x)
-
         pe = None
         if self.key_pe:
             pe = self.param(
@@ -264,6 +280,8 @@ class SpatialSparseAttention(SpatialAttentionLayer):
             key_pe=None if pe is None else jnp.asarray(pe, self.dtype),
             pool_weights=None if weights is None else jnp.asarray(weights, self.dtype),
             scale=self.scale,
+            dropout_rate=self.effective_dropout(call.deterministic),
+            dropout_rng=self.dropout_rng(call.deterministic),
         )
         gate_kernel = self.param(
             "gate",
@@ -273,4 +291,4 @@ class SpatialSparseAttention(SpatialAttentionLayer):
         )
         gates = jax.nn.sigmoid(jnp.einsum("...e,eg->...g", x.astype(self.dtype), jnp.asarray(gate_kernel, self.dtype)))
         y = gates[..., 0:1, None] * o_cmp + gates[..., 1:2, None] * o_slc + gates[..., 2:3, None] * o_win
-        return self.spatial_out(y.astype(self.dtype), features)
+        return y.astype(self.dtype)

@@ -33,7 +33,8 @@ This implementation's reading, which may differ from the paper:
      unknown here. Models alternate query_stream (and typically shift) from layer to layer.
 
 Shapes: x [B, T, *S, E] -> same. Time O(B H D (T prod(S)^2 + prod(S) T^2 + N prod(window))), memory
-O(B H (T prod(S)^2 + prod(S) T^2 + N prod(window))). No causal masking, no decoding, no dropout.
+O(B H (T prod(S)^2 + prod(S) T^2 + N prod(window))). Attention dropout applies to all three attentions. No causal
+masking, no decoding.
 """
 
 from __future__ import annotations
@@ -44,10 +45,10 @@ import flax.linen as nn
 import jax
 
 from attn import functional as F
-from attn.core.layer import OutputProjection, SpatialAttentionLayer
+from attn.core.layer import AttentionCall, OutputProjection, SpatialAttentionLayer
 from attn.core.masks import Mask
 from attn.core.neighborhood import IntPerAxis
-from attn.core.validation import check_choice, check_rank
+from attn.core.validation import check_rank, choice, int_or_pair, non_negative_int, optional, positive, positive_int
 from attn.core.windows import window_attention, window_plan
 from attn.registry import register
 
@@ -73,6 +74,15 @@ QUERY_STREAMS = ("spatial", "temporal")
         "query_stream": "which stream queries the other: 'spatial' or 'temporal' (alternate between blocks)",
         "scale": "logit scale of all three attentions (None = 1/sqrt(head_dim))",
     },
+    fidelity="reconstructed",
+    reference="the abstract of arXiv 2305.10874 only (3-D window cross-attention alternating the query role between "
+    "spatial and temporal blocks); the streams, residual and window options are this module's interpretation",
+    validators={
+        "window_size": int_or_pair(positive_int),
+        "shift": int_or_pair(non_negative_int),
+        "query_stream": choice(*QUERY_STREAMS),
+        "scale": optional(positive),
+    },
 )
 class SwapAttention(SpatialAttentionLayer):
     """Swap attention: x [B, T, *spatial, E] (frames first, 1 or 2 spatial axes) -> same shape."""
@@ -82,19 +92,14 @@ class SwapAttention(SpatialAttentionLayer):
     query_stream: str = "spatial"
     scale: float | None = None
 
-    def stream(self, x: Array, prefix: str) -> Array:
-        """Self-attention within each row of x [B', L, E] -> [B', L, E] with params <prefix>_{query,key,value,out}."""
-        q = self.dense_heads(x, self.num_heads, "heads", f"{prefix}_query")
-        k = self.dense_heads(x, self.kv_heads, "kv_heads", f"{prefix}_key")
-        v = self.dense_heads(x, self.kv_heads, "kv_heads", f"{prefix}_value")
-        y = F.softmax_attention(q, k, v, scale=self.scale, implementation=self.implementation)
-        return self.output(y, x.shape[-1], f"{prefix}_out")
+    def validate(self, call: AttentionCall) -> None:
+        super().validate(call)
+        check_rank("x", call.x, (4, 5), "[batch, frames, *spatial (1 or 2 axes), embed]")
 
-    def output(self, y: Array, features: int, name: str) -> Array:
-        return OutputProjection(
-            features=features, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name
-        )(y)
-
+    # The output adds the query stream's features to the projected cross-attention (y = A + o W_o), and the two
+    # streams run their own attention before the swap projections: the template's single pass (project, attend,
+    # project out) has no place for either, so this override runs its stages (validate, attend, head_outputs)
+    # around them.
     @nn.compact
     def __call__(
         self,
@@ -106,35 +111,63 @@ class SwapAttention(SpatialAttentionLayer):
         decode: bool = False,
         deterministic: bool = True,
     ) -> Array:
-        self.check_input(x, context)
-        check_rank("x", x, (4, 5), "[batch, frames, *spatial (1 or 2 axes), embed]")
-        self.check_call(mask, positions, decode)
-        check_choice("query_stream", self.query_stream, QUERY_STREAMS)
-        if self.dropout_rate:
-            raise ValueError(f"dropout_rate={self.dropout_rate!r} is not supported by swap (use 0.0)")
+        """x [B, T, *S, E] -> [B, T, *S, E]."""
+        call = AttentionCall(
+            x=x, context=context, mask=mask, positions=positions, decode=decode, deterministic=deterministic
+        )
+        self.validate(call)
         batch, frames, *spatial, features = x.shape
         pixels = math.prod(spatial)
 
         per_frame = x.reshape(batch * frames, pixels, features)
-        f_spatial = self.stream(per_frame, "spatial").reshape(x.shape)
+        f_spatial = self.stream(per_frame, "spatial", call).reshape(x.shape)
         per_location = x.reshape(batch, frames, pixels, features).swapaxes(1, 2).reshape(-1, frames, features)
-        f_temporal = self.stream(per_location, "temporal").reshape(batch, pixels, frames, features).swapaxes(1, 2)
-        f_temporal = f_temporal.reshape(x.shape)
+        f_temporal = self.stream(per_location, "temporal", call).reshape(batch, pixels, frames, features)
+        f_temporal = f_temporal.swapaxes(1, 2).reshape(x.shape)
 
         queries, memory = (f_spatial, f_temporal) if self.query_stream == "spatial" else (f_temporal, f_spatial)
         tokens = frames * pixels
-        q = self.dense_heads(queries.reshape(batch, tokens, features), self.num_heads, "heads", "swap_query")
-        k = self.dense_heads(memory.reshape(batch, tokens, features), self.kv_heads, "kv_heads", "swap_key")
-        v = self.dense_heads(memory.reshape(batch, tokens, features), self.kv_heads, "kv_heads", "swap_value")
-        grid = (batch, frames, *spatial)
+        grid = lambda t: t.reshape(batch, frames, *spatial, *t.shape[-2:])
+        q = grid(self.dense_heads(queries.reshape(batch, tokens, features), self.num_heads, "heads", "swap_query"))
+        k = grid(self.dense_heads(memory.reshape(batch, tokens, features), self.kv_heads, "kv_heads", "swap_key"))
+        v = grid(self.dense_heads(memory.reshape(batch, tokens, features), self.kv_heads, "kv_heads", "swap_value"))
+        y = self.head_outputs(self.attend(q, k, v, call), call)
+        return queries + self.output(y, features, "swap_out")
+
+    def attend(self, q: Array, k: Array, v: Array, call: AttentionCall) -> Array:
+        """The swapped cross-attention in 3-D windows: q [B, T, *S, H, D] (query stream), k/v [B, T, *S, KVH, D]
+        (the other stream) -> [B, T, *S, H, D]."""
         # a window larger than an extent covers that axis
-        window = window_plan(grid[1:], self.window_size, self.shift, clip=True, window_name="window_size")[0]
-        o = window_attention(
-            q.reshape(*grid, *q.shape[-2:]),
-            k.reshape(*grid, *k.shape[-2:]),
-            v.reshape(*grid, *v.shape[-2:]),
+        window = window_plan(q.shape[1:-2], self.window_size, self.shift, clip=True, window_name="window_size")[0]
+        return window_attention(
+            q,
+            k,
+            v,
             window=window,
             shift=self.shift,
             scale=self.scale,
+            dropout_rate=self.effective_dropout(call.deterministic),
+            dropout_rng=self.dropout_rng(call.deterministic),
+            implementation=self.implementation,
         )
-        return queries + self.output(o, features, "swap_out")
+
+    def stream(self, x: Array, prefix: str, call: AttentionCall) -> Array:
+        """Self-attention within each row of x [B', L, E] -> [B', L, E] with params <prefix>_{query,key,value,out}."""
+        q = self.dense_heads(x, self.num_heads, "heads", f"{prefix}_query")
+        k = self.dense_heads(x, self.kv_heads, "kv_heads", f"{prefix}_key")
+        v = self.dense_heads(x, self.kv_heads, "kv_heads", f"{prefix}_value")
+        y = F.softmax_attention(
+            q,
+            k,
+            v,
+            scale=self.scale,
+            dropout_rate=self.effective_dropout(call.deterministic),
+            dropout_rng=self.dropout_rng(call.deterministic),
+            implementation=self.implementation,
+        )
+        return self.output(y, x.shape[-1], f"{prefix}_out")
+
+    def output(self, y: Array, features: int, name: str) -> Array:
+        return OutputProjection(
+            features=features, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+        )(y)

@@ -30,9 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attn.core.layer import SpatialAttentionLayer
-from attn.core.masks import Mask
+from attn.core.layer import AttentionCall, SpatialAttentionLayer
 from attn.core.neighborhood import IntPerAxis
+from attn.core.validation import int_or_pair, non_negative_int, optional, positive, positive_int
 from attn.core.windows import dense_window_probs, window_attention, window_plan
 from attn.registry import register
 
@@ -64,6 +64,13 @@ def _relative_index(window: tuple[int, ...]) -> np.ndarray:
         "rpb": "learned relative position bias (Swin), [heads, 2 * window_size - 1 per axis]",
         "scale": "logit scale (None = 1/sqrt(head_dim))",
     },
+    fidelity="paper",
+    reference="Liu et al. 2021 (Swin), Sec. 3.2: window and shifted-window self-attention with relative position bias",
+    validators={
+        "window_size": int_or_pair(positive_int),
+        "shift": int_or_pair(non_negative_int),
+        "scale": optional(positive),
+    },
 )
 class WindowAttention(SpatialAttentionLayer):
     """Window attention: x [B, *spatial, E] -> [B, *spatial, E]."""
@@ -73,22 +80,11 @@ class WindowAttention(SpatialAttentionLayer):
     rpb: bool = False
     scale: float | None = None
 
-    @nn.compact
-    def __call__(
-        self,
-        x: Array,
-        *,
-        context: Array | None = None,
-        mask: Mask | None = None,
-        positions: Array | None = None,
-        decode: bool = False,
-        deterministic: bool = True,
-    ) -> Array:
-        self.check_input(x, context)
-        self.check_call(mask, positions, decode)
-        spatial = tuple(x.shape[1:-1])
+    def attend(self, q: Array, k: Array, v: Array, call: AttentionCall) -> Array:
+        """q [B, *S, H, D], k/v [B, *S, KVH, D] -> [B, *S, H, D]; sows the dense weights float32 [B, H, N, N] when
+        captured (N = prod(S))."""
+        spatial = tuple(q.shape[1:-2])
         window = window_plan(spatial, self.window_size, self.shift, window_name="window_size")[0]
-        q, k, v = self.spatial_qkv(x)
         bias = None
         if self.rpb:
             table = self.param(
@@ -111,14 +107,12 @@ class WindowAttention(SpatialAttentionLayer):
             shift=self.shift,
             bias=bias,
             scale=self.scale,
-            dropout_rate=0.0 if deterministic else self.dropout_rate,
-            dropout_rng=self.dropout_rng(deterministic),
+            dropout_rate=self.effective_dropout(call.deterministic),
+            dropout_rng=self.dropout_rng(call.deterministic),
             return_probs=capture,
             implementation=self.implementation,
         )
         if capture:
             result, aux = result
-            self.sow(
-                "intermediates", "attention_weights", dense_window_probs(aux["probs"], spatial, window, self.shift)
-            )
-        return self.spatial_out(result, x.shape[-1])
+            self.sow_capture("attention_weights", dense_window_probs(aux["probs"], spatial, window, self.shift))
+        return result

@@ -98,7 +98,7 @@ def test_captured_weights_and_gradients():
 
 def test_errors():
     x = jnp.zeros((1, 4, 4, 8))
-    with pytest.raises(ValueError, match=r"recurrence=0 must be an int >= 1"):
+    with pytest.raises(ValueError, match=r"recurrence=0 must be a positive int"):
         attn.build("criss_cross", num_heads=1, head_dim=8, recurrence=0).init(jax.random.key(0), x)
     with pytest.raises(ValueError, match=r"qk_reduction=16 must be an int between 1 and head_dim=8"):
         attn.build("criss_cross", num_heads=1, head_dim=8, qk_reduction=16).init(jax.random.key(0), x)

@@ -139,9 +139,9 @@ def test_causal_decode_and_gradients():
     ],
 )
 def test_bad_options_name_the_option(options, message):
-    layer = attn.build("s2_attention", **{"num_heads": 4, "head_dim": 4, **options})
     x = jnp.zeros((1, 8, E))
     with pytest.raises(ValueError, match=message):
+        layer = attn.build("s2_attention", **{"num_heads": 4, "head_dim": 4, **options})
         jax.eval_shape(lambda k, x: layer.init(k, x), jax.random.key(0), x)
 
 

@@ -1,5 +1,6 @@
 """`spatial_sparse` (Direct3D-S2 SSA): each branch equals its dense reference written with loops (block pooling,
-block scores and top-k, window mask), all blocks selected = full attention, the layer is the gated sum; errors."""
+block scores and top-k, window mask), all blocks selected = full attention, the layer is the gated sum; attention
+dropout (off when deterministic, the selection unchanged by it); errors."""
 
 import itertools
 import math
@@ -154,13 +155,33 @@ def test_layer_is_the_gated_sum_of_the_branches_and_trains():
         (dict(compression_block=2, selection_block=3), (6, 6), r"selection_block=\(3, 3\) must be a multiple of "),
         (dict(compression_block=2, selection_block=4), (6, 8), r"spatial shape \(6, 8\) must be a multiple of "),
         (dict(compression_block=2, selection_block=2, topk=0), (4, 4), "topk=0 must be a positive int"),
-        (dict(compression_block=2, selection_block=2, pooling="max"), (4, 4), "pooling='max' is not supported"),
-        (dict(compression_block=2, selection_block=2, dropout_rate=0.1), (4, 4), "dropout_rate=0.1 is not supported"),
+        (dict(compression_block=2, selection_block=2, pooling="max"), (4, 4), "pooling='max' must be one of"),
         (dict(compression_block=2, selection_block=2, window_size=2, shift=2), (4, 4), r"shift=\(2, 2\) must satisfy"),
     ],
 )
 def test_bad_options_name_the_option(options, spatial, message):
-    layer = attn.build("spatial_sparse", num_heads=2, head_dim=4, **options)
     x = jnp.zeros((1, *spatial, 8))
     with pytest.raises(ValueError, match=message):
+        layer = attn.build("spatial_sparse", num_heads=2, head_dim=4, **options)
         jax.eval_shape(lambda k, x: layer.init(k, x), jax.random.key(0), x)
+
+
+def test_dropout_is_off_when_deterministic_and_leaves_the_selection_alone():
+    options = dict(num_heads=2, head_dim=4, compression_block=2, selection_block=2, topk=2, window_size=2)
+    x = normal((1, 4, 4, 8))
+    plain = attn.build("spatial_sparse", **options)
+    dropped = attn.build("spatial_sparse", dropout_rate=0.5, **options)
+    params = random_params(plain, x)
+    y = plain.apply(params, x)
+    np.testing.assert_array_equal(dropped.apply(params, x, deterministic=True), y)
+    noisy = dropped.apply(params, x, deterministic=False, rngs={"dropout": jax.random.key(1)})
+    assert bool(jnp.all(jnp.isfinite(noisy))) and float(jnp.max(jnp.abs(noisy - y))) > 1e-3
+
+    q, k, v = normal((1, 4, 4, 2, 4), 1), normal((1, 4, 4, 1, 4), 2), normal((1, 4, 4, 1, 4), 3)
+    branch = dict(compression_block=2, selection_block=2, topk=2, window_size=2)
+    *clean, aux = spatial_sparse_attention(q, k, v, **branch)
+    *noisy, noisy_aux = spatial_sparse_attention(q, k, v, **branch, dropout_rate=0.5, dropout_rng=jax.random.key(2))
+    np.testing.assert_array_equal(noisy_aux["selected"], aux["selected"])
+    np.testing.assert_array_equal(noisy_aux["compressed_probs"], aux["compressed_probs"])
+    for a, b in zip(clean, noisy, strict=True):
+        assert float(jnp.max(jnp.abs(a - b))) > 1e-3  # every branch drops weights

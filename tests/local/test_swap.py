@@ -1,5 +1,6 @@
 """`swap` (VideoFactory Swap-CA): the layer equals its reference built from dense attention under explicit masks
-(same frame, same location, same 3-D window, written with loops), and swapping the query stream swaps the roles."""
+(same frame, same location, same 3-D window, written with loops), and swapping the query stream swaps the roles;
+attention dropout is off when deterministic; errors."""
 
 import itertools
 
@@ -87,13 +88,24 @@ def test_receptive_field_and_gradients():
 @pytest.mark.parametrize(
     "options, shape, message",
     [
-        (dict(query_stream="both"), (1, 2, 4, 4, 8), "query_stream='both' is not supported"),
+        (dict(query_stream="both"), (1, 2, 4, 4, 8), "query_stream='both' must be one of"),
         (dict(), (1, 4, 8), r"x must have rank 4 or 5 \[batch, frames, \*spatial"),
-        (dict(dropout_rate=0.1), (1, 2, 4, 4, 8), "dropout_rate=0.1 is not supported by swap"),
         (dict(window_size=2, shift=2), (1, 2, 4, 4, 8), r"shift=\(2, 2, 2\) must satisfy 0 <= shift < window_size"),
     ],
 )
 def test_bad_options_name_the_option(options, shape, message):
-    layer = attn.build("swap", num_heads=2, head_dim=4, **options)
     with pytest.raises(ValueError, match=message):
+        layer = attn.build("swap", num_heads=2, head_dim=4, **options)
         jax.eval_shape(lambda k, x: layer.init(k, x), jax.random.key(0), jnp.zeros(shape))
+
+
+def test_dropout_is_off_when_deterministic():
+    options = dict(num_heads=2, head_dim=4, window_size=(2, 2, 2))
+    x = normal((1, 2, 2, 4, 8))
+    plain = attn.build("swap", **options)
+    dropped = attn.build("swap", dropout_rate=0.5, **options)
+    params = random_params(plain, x)
+    y = plain.apply(params, x)
+    np.testing.assert_array_equal(dropped.apply(params, x, deterministic=True), y)
+    noisy = dropped.apply(params, x, deterministic=False, rngs={"dropout": jax.random.key(1)})
+    assert bool(jnp.all(jnp.isfinite(noisy))) and float(jnp.max(jnp.abs(noisy - y))) > 1e-3
