@@ -1,9 +1,11 @@
-"""Autoregressive KV cache kept in the flax "cache" collection.
+"""The dense KV cache: every token's keys and values, in order, on the cache protocol (`attn.core.cache.KVCache`).
 
 Flax convention: the first call with decode=True, when no cache exists yet, creates a zero cache whose length is
 the length of that call's input (so `model.init(rng, tokens[:, :max_len], decode=True)` or
 `attn.models.init_cache` sizes it) and computes an ordinary forward. Every later decode call writes its chunk
-[B, L, KVH, D] at `cache_index`, attends over the filled part and advances the index by L.
+[B, L, KVH, D] at `cache_index`, attends over the filled part and advances the index by L. The dense cache stores
+only keys, values and the index (variables "cached_key", "cached_value", "cache_index"); its per-head lengths are
+the index and its positions 0..index-1 (`KVCache.filled`, `KVCache.slot_positions`).
 """
 
 from __future__ import annotations
@@ -12,20 +14,21 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from attn.core import cache as cache_lib
 from attn.core.masks import Mask
 
 Array = jax.Array
 
 
 def cache_is_initialized(module: nn.Module) -> bool:
-    return module.has_variable("cache", "cached_key")
+    return module.has_variable("cache", cache_lib.KV_VARIABLES["keys"])
 
 
 def current_index(module: nn.Module) -> Array | int:
     """The index the next chunk will be written at (0 while the cache is being created)."""
     if not cache_is_initialized(module):
         return 0
-    return module.get_variable("cache", "cache_index")
+    return module.get_variable("cache", cache_lib.KV_VARIABLES["index"])
 
 
 def write(module: nn.Module, k: Array, v: Array) -> tuple[Array, Array, Array | None]:
@@ -34,17 +37,15 @@ def write(module: nn.Module, k: Array, v: Array) -> tuple[Array, Array, Array | 
     Returns (all keys, all values, index before the write); the index is None on the creating call, when the
     given k, v are returned unchanged.
     """
-    initialized = cache_is_initialized(module)
-    cached_k = module.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
-    cached_v = module.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
-    index = module.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
-    if not initialized:
+    cache = cache_lib.load(module)
+    if cache is None:
+        cache_lib.store(module, cache_lib.empty_kv(k, v, k.shape[1]))
         return k, v, None
-    start = index.value
-    cached_k.value = jax.lax.dynamic_update_slice_in_dim(cached_k.value, k.astype(cached_k.value.dtype), start, 1)
-    cached_v.value = jax.lax.dynamic_update_slice_in_dim(cached_v.value, v.astype(cached_v.value.dtype), start, 1)
-    index.value = start + k.shape[1]
-    return cached_k.value, cached_v.value, start
+    start = cache.index
+    keys = jax.lax.dynamic_update_slice_in_dim(cache.keys, k.astype(cache.keys.dtype), start, 1)
+    values = jax.lax.dynamic_update_slice_in_dim(cache.values, v.astype(cache.values.dtype), start, 1)
+    cache_lib.store(module, cache.replace(keys=keys, values=values, index=start + k.shape[1]))
+    return keys, values, start
 
 
 def decode_mask(mask: Mask | None, batch: int, start: Array, length: int) -> Mask:

@@ -3,6 +3,11 @@
     cache = init_cache(model, params, batch_size, max_len)        # zeros, shapes from jax.eval_shape
     tokens = generate(model, params, prompt, 32)                  # greedy, int [B, P + 32]
     tokens = generate(model, params, prompt, 32, temperature=0.8, top_k=40, rng=jax.random.key(0))
+    target = generate_encoder_decoder(model, params, src, 32, lengths=src_lengths)   # int [B, 32]
+
+`generate_encoder_decoder` drives a model with `encode(inputs, lengths)` and `decode(tokens, encoded, lengths,
+decode=...)` methods (`EncoderDecoder`; `VisionLanguageModel` with fusion="cross", inputs = images): it encodes
+once, then decodes from a start token with the decoder's cache.
 
 `params` is either the "params" collection or a whole variables dict with a "params" entry (as returned by
 `model.init`); boxed (logically partitioned) parameters work as they are.
@@ -11,7 +16,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -30,7 +35,8 @@ def init_cache(model: nn.Module, params: Any, batch_size: int, max_len: int) -> 
     """A zero "cache" collection for decoding up to `max_len` tokens in rows of `batch_size`.
 
     Shapes come from `jax.eval_shape` of the cache-creating decode call, so no forward pass runs.
-    Returns the pytree to pass as variables["cache"] (KV caches [B, max_len, ...] and int32 indices at 0).
+    Returns the pytree to pass as variables["cache"] (dense KV caches [B, max_len, ...], caches managed by a policy
+    at its budget, e.g. `streaming`'s [B, budget, ...] whatever max_len, and int32 indices at 0).
     """
     if batch_size <= 0 or max_len <= 0:
         raise ValueError(f"batch_size={batch_size} and max_len={max_len} must both be positive")
@@ -76,6 +82,23 @@ def generate(
     """
     if prompt.ndim != 2 or prompt.shape[1] == 0 or not jnp.issubdtype(prompt.dtype, jnp.integer):
         raise ValueError(f"prompt must be int [batch, length>=1]; got {prompt.dtype} {prompt.shape}")
+    _check_sampling(model, max_new_tokens, temperature, top_k, rng)
+    prompt = prompt.astype(jnp.int32)
+    if max_new_tokens == 0:
+        return prompt
+    batch, prompt_len = prompt.shape
+    total = prompt_len + max_new_tokens
+    variables = _variables(params)
+
+    def decode(cache: Any, tokens: jax.Array) -> tuple[jax.Array, Any]:
+        logits, state = model.apply({**variables, "cache": cache}, tokens, decode=True, mutable=["cache"])
+        return logits[:, -1], state["cache"]
+
+    cache = init_cache(model, variables, batch, total)
+    return _decode_loop(decode, cache, prompt, max_new_tokens, temperature, top_k, rng)
+
+
+def _check_sampling(model: nn.Module, max_new_tokens: int, temperature: float, top_k: int | None, rng: Any) -> None:
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
     if temperature < 0:
@@ -84,20 +107,24 @@ def generate(
         raise ValueError(f"top_k={top_k} must be None or in [1, vocab_size]")
     if temperature > 0 and rng is None:
         raise ValueError(f"temperature={temperature} samples tokens and needs rng (a jax.random key)")
-    prompt = prompt.astype(jnp.int32)
-    if max_new_tokens == 0:
-        return prompt
+
+
+def _decode_loop(
+    decode: Callable[[Any, jax.Array], tuple[jax.Array, Any]],
+    cache: Any,
+    prompt: jax.Array,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    rng: jax.Array | None,
+) -> jax.Array:
+    """Prefill `prompt` int32 [B, P] through `decode(cache, tokens) -> (last logits [B, V], cache)`, then one token
+    per step; returns int32 [B, P + max_new_tokens]. Step i draws with fold_in(rng, i)."""
     batch, prompt_len = prompt.shape
     total = prompt_len + max_new_tokens
     if rng is None:
         rng = jax.random.key(0)  # unused by greedy decoding; keeps one code path
-    variables = _variables(params)
-
-    def decode(cache: Any, tokens: jax.Array) -> tuple[jax.Array, Any]:
-        logits, state = model.apply({**variables, "cache": cache}, tokens, decode=True, mutable=["cache"])
-        return logits[:, -1], state["cache"]
-
-    logits, cache = decode(init_cache(model, variables, batch, total), prompt)
+    logits, cache = decode(cache, prompt)
     first = _next_token(logits, temperature, top_k, jax.random.fold_in(rng, 0))
     out = jnp.zeros((batch, total), jnp.int32).at[:, :prompt_len].set(prompt).at[:, prompt_len].set(first)
 
@@ -111,3 +138,45 @@ def generate(
 
     out, _ = jax.lax.fori_loop(1, max_new_tokens, step, (out, cache))
     return out
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "start_token", "temperature", "top_k"))
+def generate_encoder_decoder(
+    model: nn.Module,
+    params: Any,
+    inputs: jax.Array,
+    max_new_tokens: int,
+    *,
+    lengths: jax.Array | None = None,
+    start_token: int = 0,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    rng: jax.Array | None = None,
+) -> jax.Array:
+    """The decoder's continuation int32 [B, max_new_tokens] of `start_token`, conditioned on `inputs`.
+
+    inputs: what `model.encode` takes (source tokens int [B, Ts] with valid `lengths` int [B] for an
+    `EncoderDecoder`; images [B, H, W, C] for a `VisionLanguageModel` with fusion="cross"). The encoder runs once;
+    the decoder's cache is created by a real decode call over max_new_tokens positions (so a cross-attention layer
+    that keeps the projected context in its cache has it), then the start token is prefilled and every further
+    token costs one cached decoder step. Sampling as in `generate`. Jitted, with model, max_new_tokens,
+    start_token, temperature and top_k static.
+    """
+    _check_sampling(model, max_new_tokens, temperature, top_k, rng)
+    if max_new_tokens == 0:
+        return jnp.zeros((inputs.shape[0], 0), jnp.int32)
+    variables = _variables(params)
+    encoded = model.apply(variables, inputs, lengths, method="encode")
+    batch = inputs.shape[0]
+
+    def decode(cache: Any, tokens: jax.Array) -> tuple[jax.Array, Any]:
+        logits, state = model.apply(
+            {**variables, "cache": cache}, tokens, encoded, lengths, decode=True, mutable=["cache"], method="decode"
+        )
+        return logits[:, -1], state["cache"]
+
+    created = jnp.zeros((batch, max_new_tokens), jnp.int32)
+    _, state = model.apply(variables, created, encoded, lengths, decode=True, mutable=["cache"], method="decode")
+    prompt = jnp.full((batch, 1), start_token, jnp.int32)
+    out = _decode_loop(decode, state["cache"], prompt, max_new_tokens, temperature, top_k, rng)
+    return out[:, 1:]

@@ -1,0 +1,416 @@
+"""The cache protocol of every decoding layer: KV caches, cache policies, quantized storage, recurrent state.
+
+A layer that decodes keeps its state in the flax "cache" collection as one of two pytrees:
+
+  KVCache         keys [B, L, KVH, D] and values [B, L, KVH, Dv] (float, or `QuantizedArray` codes), the number
+                  of tokens seen (`index`, the absolute position of the next token) and, for a cache that a
+                  policy manages, the filled slots per (batch, kv head) `lengths` int32 [B, KVH] (ragged per head),
+                  the original positions of the kept entries `positions` int32 [B, KVH, L] and the statistics the
+                  policy asks for (`key_mass` float32 [B, KVH, L]: attention each kept key has received).
+                  The dense cache leaves lengths/positions unset: every head holds tokens 0..index-1 in order.
+  RecurrentState  any state pytree (linear attention's [B, H, Dk, Dv] sums, titans' memory weights) and `index`.
+
+Each field is one variable of the layer's "cache" collection (`KV_VARIABLES`; a RecurrentState's state keys plus
+`RECURRENT_INDEX`), so the dense cache keeps its variable names ("cached_key", "cached_value", "cache_index").
+`load(module)` reads a cache, `store(module, cache)` creates or overwrites its variables; `axes(cache)` gives the
+logical axis names of every leaf (`KV_AXES`): batch, cache_length, kv_heads, head_dim (the trainer's rules shard
+"batch" and "kv_heads"; "cache_length" stays unsharded).
+
+A `CachePolicy` decides what a KV cache keeps. At every decode call the layer gathers the cached entries and the
+incoming chunk into `Candidates` (C + L entries per (batch, kv head)); the policy answers
+
+  visible(candidates, q_positions) -> bool [B, KVH, Tq, C + L]   which entries each query attends to
+  keep(candidates) -> (indices [B, KVH, C], counts [B, KVH])     which entries the cache stores next, in order
+
+and may override `merge` (fold evicted entries into kept ones before the gather: the candidates' keys/values and
+stored forms are what it rewrites). `stats` names the statistics the layer must accumulate for it ("key_mass"). A
+policy that compacts only every N steps allocates its budget plus N slots and keeps everything in between (its
+`keep` sees `candidates.index`); per-head budgets are ragged `counts`. The cache is allocated at `capacity` slots,
+never at the generated length. Quantization is the storage of the cache (the layer's `cache_bits`); a policy that
+keeps a full-precision recent window next to quantized older entries (KIVI) holds two KVCaches, one per storage.
+
+Quantized storage: `quantize(x, bits, axis)` -> `QuantizedArray` of unsigned codes with a float32 scale and zero
+point (asymmetric min/max: x ~ code * scale + zero, |error| <= scale / 2), per token (over the last axis) or per
+channel (over the token axis 1); 8-bit codes are uint8, 4-bit codes are packed two per uint8 along the last axis
+(even channel in the low nibble). A cache stores per-token codes, so entries gather with their scales.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+Array = jax.Array
+
+QUANT_BITS = (4, 8)
+QUANT_AXES = ("token", "channel")
+
+# Logical axis names of the cache leaves.
+KV_AXES = ("batch", "cache_length", "kv_heads", "head_dim")
+LENGTHS_AXES = ("batch", "kv_heads")
+POSITIONS_AXES = ("batch", "kv_heads", "cache_length")
+
+
+# ---------------------------------------------------------------------------------------------- quantized storage
+@struct.dataclass
+class QuantizedArray:
+    """Unsigned integer codes of a float array x [..., D]: x ~ dequantize() = code * scale + zero.
+
+    codes: uint8 [..., D] (bits=8) or [..., D / 2] (bits=4, two codes per byte, even channel in the low nibble);
+    scale, zero: float32, [..., 1] (axis="token") or [B, 1, ..., D] (axis="channel": over the token axis 1).
+    """
+
+    codes: Array
+    scale: Array
+    zero: Array
+    bits: int = struct.field(pytree_node=False)
+    axis: str = struct.field(pytree_node=False)
+    dtype: Any = struct.field(pytree_node=False, default=jnp.float32)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        width = self.codes.shape[-1] * (2 if self.bits == 4 else 1)
+        return (*self.codes.shape[:-1], width)
+
+    def dequantize(self) -> Array:
+        """The float array [..., D] in `dtype`."""
+        codes = self.codes
+        if self.bits == 4:
+            low, high = codes & 0xF, codes >> 4
+            codes = jnp.stack([low, high], axis=-1).reshape(*codes.shape[:-1], codes.shape[-1] * 2)
+        return (codes.astype(jnp.float32) * self.scale + self.zero).astype(self.dtype)
+
+    def tokens(self, fn: Any) -> QuantizedArray:
+        """Applies `fn` (an op along the token axis 1: gather, slice, concatenate partner) to codes, scale and
+        zero; only per-token storage can be rearranged token by token."""
+        if self.axis != "token":
+            raise ValueError(f"axis={self.axis!r}: only per-token codes can be gathered or written token by token")
+        return self.replace(codes=fn(self.codes), scale=fn(self.scale), zero=fn(self.zero))
+
+
+def quantize(x: Array, bits: int, axis: str = "token") -> QuantizedArray:
+    """x [B, T, ...,  D] -> QuantizedArray with `bits` in (4, 8), min/max over D per token (axis="token") or over T
+    per channel (axis="channel"). 4-bit codes need an even D."""
+    if bits not in QUANT_BITS:
+        raise ValueError(f"bits={bits!r} must be one of {QUANT_BITS}")
+    if axis not in QUANT_AXES:
+        raise ValueError(f"axis={axis!r} must be one of {QUANT_AXES}")
+    if bits == 4 and x.shape[-1] % 2:
+        raise ValueError(f"4-bit codes pack two channels per byte; the last axis of x {x.shape} must be even")
+    reduce = -1 if axis == "token" else 1
+    xf = x.astype(jnp.float32)
+    low = jnp.min(xf, axis=reduce, keepdims=True)
+    high = jnp.max(xf, axis=reduce, keepdims=True)
+    levels = 2**bits - 1
+    scale = jnp.where(high > low, (high - low) / levels, 1.0)
+    codes = jnp.clip(jnp.round((xf - low) / scale), 0, levels).astype(jnp.uint8)
+    if bits == 4:
+        pairs = codes.reshape(*codes.shape[:-1], codes.shape[-1] // 2, 2)
+        codes = pairs[..., 0] | (pairs[..., 1] << 4)
+    return QuantizedArray(codes=codes, scale=scale, zero=low, bits=bits, axis=axis, dtype=x.dtype)
+
+
+def read(x: Array | QuantizedArray) -> Array:
+    """The float array of a stored leaf (dequantized if quantized)."""
+    return x.dequantize() if isinstance(x, QuantizedArray) else x
+
+
+def nbytes(tree: Any) -> int:
+    """Bytes held by the arrays of a pytree (a cache collection, a KVCache)."""
+    return sum(int(a.size) * a.dtype.itemsize for a in jax.tree.leaves(tree))
+
+
+# ---------------------------------------------------------------------------------------------- the KV cache
+@struct.dataclass
+class KVCache:
+    """A KV cache (see the module docstring). keys [B, L, KVH, D], values [B, L, KVH, Dv]: arrays or
+    QuantizedArray; index int32 []; lengths int32 [B, KVH] | None; positions int32 [B, KVH, L] | None;
+    key_mass float32 [B, KVH, L] | None."""
+
+    keys: Any
+    values: Any
+    index: Array
+    lengths: Array | None = None
+    positions: Array | None = None
+    key_mass: Array | None = None
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[1]
+
+    def filled(self) -> Array:
+        """int32 [B, KVH]: the filled slots of every (batch, kv head)."""
+        if self.lengths is not None:
+            return self.lengths
+        batch, _, kv_heads = self.keys.shape[:3]
+        return jnp.full((batch, kv_heads), self.index, jnp.int32)
+
+    def slot_positions(self) -> Array:
+        """int32 [B, KVH, L]: the original position of every slot (arange for the dense cache)."""
+        if self.positions is not None:
+            return self.positions
+        batch, length, kv_heads = self.keys.shape[:3]
+        return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, kv_heads, length))
+
+
+KV_VARIABLES = {
+    "keys": "cached_key",
+    "values": "cached_value",
+    "index": "cache_index",
+    "lengths": "cache_lengths",
+    "positions": "cache_positions",
+    "key_mass": "cache_key_mass",
+}
+
+
+def empty_kv(
+    keys: Array,
+    values: Array,
+    capacity: int,
+    *,
+    ragged: bool = False,
+    stats: tuple[str, ...] = (),
+    bits: int | None = None,
+) -> KVCache:
+    """A zero KVCache with `capacity` slots for keys [B, *, KVH, D] / values [B, *, KVH, Dv] of this dtype.
+
+    ragged: also per-head lengths and positions (a policy-managed cache); stats: the statistics to keep;
+    bits: quantized storage (per-token codes) or None."""
+    batch, _, kv_heads = keys.shape[:3]
+
+    def zeros(x: Array) -> Any:
+        z = jnp.zeros((batch, capacity, *x.shape[2:]), x.dtype)
+        return z if bits is None else quantize(z, bits, "token")
+
+    unknown = sorted(set(stats) - {"key_mass"})
+    if unknown:
+        raise ValueError(f"stats={stats!r} names unknown statistics {unknown}; expected some of ('key_mass',)")
+    ragged = ragged or bool(stats)
+    return KVCache(
+        keys=zeros(keys),
+        values=zeros(values),
+        index=jnp.array(0, jnp.int32),
+        lengths=jnp.zeros((batch, kv_heads), jnp.int32) if ragged else None,
+        positions=jnp.zeros((batch, kv_heads, capacity), jnp.int32) if ragged else None,
+        key_mass=jnp.zeros((batch, kv_heads, capacity), jnp.float32) if "key_mass" in stats else None,
+    )
+
+
+def axes(cache: KVCache) -> KVCache:
+    """The logical axis names of every leaf of `cache`, as a KVCache of tuples (quantized leaves: the codes' and
+    scales' axes are those of the keys)."""
+
+    def of(leaf: Any, names: tuple[str, ...]) -> Any:
+        if leaf is None:
+            return None
+        if isinstance(leaf, QuantizedArray):
+            return leaf.replace(codes=names, scale=names, zero=names)
+        return names
+
+    return KVCache(
+        keys=of(cache.keys, KV_AXES),
+        values=of(cache.values, KV_AXES),
+        index=(),
+        lengths=of(cache.lengths, LENGTHS_AXES),
+        positions=of(cache.positions, POSITIONS_AXES),
+        key_mass=of(cache.key_mass, POSITIONS_AXES),
+    )
+
+
+def load(module: nn.Module) -> KVCache | None:
+    """The KVCache of `module`'s "cache" collection, or None before the creating call."""
+    if not module.has_variable("cache", KV_VARIABLES["keys"]):
+        return None
+    fields = {
+        field: module.get_variable("cache", name) if module.has_variable("cache", name) else None
+        for field, name in KV_VARIABLES.items()
+    }
+    return KVCache(**fields)
+
+
+def store(module: nn.Module, cache: KVCache) -> None:
+    """Creates or overwrites the variables of `cache` in `module`'s "cache" collection (None fields are left out);
+    keys and values carry their logical axis names."""
+    for field, name in KV_VARIABLES.items():
+        value = getattr(cache, field)
+        if value is None:
+            continue
+        if field in ("keys", "values") and not isinstance(value, QuantizedArray):
+            value = nn.with_logical_constraint(value, KV_AXES)
+        module.put_variable("cache", name, value)
+
+
+# ---------------------------------------------------------------------------------------------- policies
+@struct.dataclass
+class Candidates:
+    """The cached entries followed by an incoming chunk: E = C + L entries per (batch, kv head).
+
+    keys [B, E, KVH, D] and values [B, E, KVH, Dv] (float, what attention reads); stored_keys / stored_values: the
+    same entries in the cache's storage form (arrays or QuantizedArray), what `keep` gathers; positions int32
+    [B, KVH, E] original positions; valid bool [B, KVH, E]; key_mass float32 [B, KVH, E] or None; index int32 []:
+    tokens seen including the chunk (the position of the next token); capacity: C."""
+
+    keys: Array
+    values: Array
+    stored_keys: Any
+    stored_values: Any
+    positions: Array
+    valid: Array
+    index: Array
+    key_mass: Array | None = None
+    capacity: int = struct.field(pytree_node=False, default=0)
+
+
+def candidates(cache: KVCache, k: Array, v: Array, bits: int | None = None) -> Candidates:
+    """The entries of `cache` followed by the chunk k [B, L, KVH, D], v [B, L, KVH, Dv] at positions index..index+L-1
+    (stored as `bits`-bit per-token codes when bits is set, so attention reads what the cache keeps)."""
+    batch, length, kv_heads = k.shape[:3]
+    if bits is not None:
+        k_stored, v_stored = quantize(k, bits), quantize(v, bits)
+        k, v = k_stored.dequantize(), v_stored.dequantize()
+        stored_keys = _concat(cache.keys, k_stored)
+        stored_values = _concat(cache.values, v_stored)
+    else:
+        stored_keys, stored_values = _concat(cache.keys, k), _concat(cache.values, v)
+    chunk_pos = cache.index + jnp.arange(length, dtype=jnp.int32)
+    positions = jnp.concatenate(
+        [cache.slot_positions(), jnp.broadcast_to(chunk_pos, (batch, kv_heads, length))], axis=-1
+    )
+    slot = jnp.arange(cache.capacity, dtype=jnp.int32)
+    valid = jnp.concatenate([slot < cache.filled()[..., None], jnp.ones((batch, kv_heads, length), bool)], axis=-1)
+    key_mass = None
+    if cache.key_mass is not None:
+        key_mass = jnp.concatenate([cache.key_mass, jnp.zeros((batch, kv_heads, length), jnp.float32)], axis=-1)
+    return Candidates(
+        keys=jnp.concatenate([read(cache.keys).astype(k.dtype), k], axis=1),
+        values=jnp.concatenate([read(cache.values).astype(v.dtype), v], axis=1),
+        stored_keys=stored_keys,
+        stored_values=stored_values,
+        positions=positions,
+        valid=valid,
+        index=cache.index + length,
+        key_mass=key_mass,
+        capacity=cache.capacity,
+    )
+
+
+def _concat(stored: Any, chunk: Any) -> Any:
+    if isinstance(stored, QuantizedArray):
+        return stored.replace(
+            codes=jnp.concatenate([stored.codes, chunk.codes], axis=1),
+            scale=jnp.concatenate([stored.scale, chunk.scale], axis=1),
+            zero=jnp.concatenate([stored.zero, chunk.zero], axis=1),
+        )
+    return jnp.concatenate([stored, chunk.astype(stored.dtype)], axis=1)
+
+
+def gather_entries(x: Any, indices: Array) -> Any:
+    """Entries of x [B, E, KVH, ...] (array or per-token QuantizedArray) at indices int32 [B, KVH, C], per
+    (batch, kv head) -> [B, C, KVH, ...]."""
+    if isinstance(x, QuantizedArray):
+        return x.tokens(lambda a: gather_entries(a, indices))
+    index = jnp.swapaxes(indices, 1, 2)  # [B, C, KVH]
+    index = index.reshape(*index.shape, *([1] * (x.ndim - 3)))
+    return jnp.take_along_axis(x, index, axis=1)
+
+
+def select(indices: Array, counts: Array, cands: Candidates) -> KVCache:
+    """The KVCache that keeps entries `indices` int32 [B, KVH, C] of `cands` (the first counts [B, KVH] of them
+    valid, in the given order)."""
+    take_heads = lambda a: jnp.take_along_axis(a, indices, axis=-1)  # noqa: E731 - [B, KVH, E] -> [B, KVH, C]
+    return KVCache(
+        keys=gather_entries(cands.stored_keys, indices),
+        values=gather_entries(cands.stored_values, indices),
+        index=cands.index,
+        lengths=counts.astype(jnp.int32),
+        positions=take_heads(cands.positions),
+        key_mass=None if cands.key_mass is None else take_heads(cands.key_mass),
+    )
+
+
+def ordered_keep(keep: Array, capacity: int) -> tuple[Array, Array]:
+    """(indices int32 [B, KVH, capacity], counts int32 [B, KVH]) of the entries where keep bool [B, KVH, E] is True,
+    in their original order (the kept entries first; the rest pad the slots and are marked unfilled). Entries
+    beyond `capacity` are dropped, the latest first."""
+    counts = jnp.sum(keep, axis=-1, dtype=jnp.int32)
+    order = jnp.argsort(~keep, axis=-1, stable=True).astype(jnp.int32)
+    return order[..., :capacity], jnp.minimum(counts, capacity)
+
+
+def head_mask(visible: Array, num_heads: int) -> Array:
+    """bool [B, KVH, Tq, E] per kv head -> [B, H, Tq, E] per query head (query head h reads kv head h // group)."""
+    group = num_heads // visible.shape[1]
+    return jnp.repeat(visible, group, axis=1)
+
+
+def kv_head_mass(mass: Array, kv_heads: int) -> Array:
+    """Per-query-head key mass float32 [B, H, E] -> per kv head [B, KVH, E] (summed over each head's group)."""
+    batch, heads, length = mass.shape
+    return jnp.sum(mass.reshape(batch, kv_heads, heads // kv_heads, length), axis=2)
+
+
+@dataclasses.dataclass(frozen=True)
+class CachePolicy:
+    """What a KV cache keeps (see the module docstring). Subclasses set `capacity` and implement `visible` and
+    `keep`; `stats` lists the statistics they read ("key_mass"), `storage_bits` quantizes what they store."""
+
+    stats: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def capacity(self) -> int:
+        raise NotImplementedError(f"{type(self).__name__} must define capacity (slots per (batch, kv head))")
+
+    def visible(self, cands: Candidates, q_positions: Array) -> Array:
+        """bool [B, KVH, Tq, E]: entries query i (at original position q_positions [B, Tq]) attends to."""
+        raise NotImplementedError(f"{type(self).__name__} must implement visible(candidates, q_positions)")
+
+    def keep(self, cands: Candidates) -> tuple[Array, Array]:
+        """(indices int32 [B, KVH, capacity], counts int32 [B, KVH]): the entries the cache stores next."""
+        raise NotImplementedError(f"{type(self).__name__} must implement keep(candidates)")
+
+    def merge(self, cands: Candidates, indices: Array, counts: Array) -> Candidates:
+        """Folds evicted entries into kept ones before the gather (default: none)."""
+        return cands
+
+    def step(self, cands: Candidates) -> KVCache:
+        """The cache after this call: keep, merge, gather."""
+        indices, counts = self.keep(cands)
+        return select(indices, counts, self.merge(cands, indices, counts))
+
+
+# ---------------------------------------------------------------------------------------------- recurrent state
+@struct.dataclass
+class RecurrentState:
+    """A recurrent decoding state: `state` (any pytree: linear attention's [B, H, Dk, Dv] sums, a memory's weights)
+    and index int32 [] (tokens seen). `names` (static) gives the logical axis names of every state leaf, keyed
+    like the state dict."""
+
+    state: dict[str, Array]
+    index: Array
+    names: tuple[tuple[str, tuple[str, ...]], ...] = struct.field(pytree_node=False, default=())
+
+
+RECURRENT_INDEX = "cache_index"
+
+
+def load_state(module: nn.Module, keys: tuple[str, ...]) -> RecurrentState | None:
+    """The RecurrentState of `module` whose state holds the variables `keys`, or None before the creating call."""
+    if not module.has_variable("cache", RECURRENT_INDEX):
+        return None
+    state = {key: module.get_variable("cache", key) for key in keys}
+    return RecurrentState(state=state, index=module.get_variable("cache", RECURRENT_INDEX))
+
+
+def store_state(module: nn.Module, state: RecurrentState) -> None:
+    """Creates or overwrites the state's variables (each state key is a variable, plus "cache_index"); leaves
+    named in `state.names` carry those logical axes."""
+    names = dict(state.names)
+    for key, value in {**state.state, RECURRENT_INDEX: state.index}.items():
+        if key in names:
+            value = nn.with_logical_constraint(value, names[key])
+        module.put_variable("cache", key, value)

@@ -1,0 +1,127 @@
+"""The base of softmax layers whose decode cache is managed by a `CachePolicy` (attn.core.cache).
+
+    decode=True, first call      allocate the cache at the policy's capacity (never the generated length) and
+                                 compute the ordinary forward (Flax convention), under `forward_visible`
+    decode=True, later calls     candidates = cached entries + this chunk -> visible (the policy) -> positions
+                                 (`cache_positions`) -> the softmax pipeline -> statistics -> keep/merge (the
+                                 policy) -> the cache at capacity again
+    decode=False                 the forward, causal, restricted by `forward_visible` (the attention a policy
+                                 amounts to, where it has a mask form)
+
+The cache holds keys before RoPE (so a policy may assign positions inside the cache) with per (batch, kv head)
+lengths and original positions; queries see the entries the policy makes visible through a dense per-head mask
+[B, H, Tq, C + L] (Tq is small while decoding). Statistics: when the policy lists "key_mass", the decode call runs
+the explicit stages and adds the attention each entry receives (summed over the queries and the query heads of
+its kv head) to the entry's accumulated mass before `keep`. Quantized storage: `cache_bits` (8 or 4) stores
+per-token codes and attention reads their dequantized values.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from attn.core import cache as cache_lib
+from attn.core import pipeline
+from attn.core.layer import AttentionCall
+from attn.core.masks import Mask
+from attn.core.softmax_layer import SoftmaxAttentionLayer
+
+Array = jax.Array
+
+POLICY_OPTION_DOCS = {
+    "cache_bits": "quantized cache storage: None (the layer's dtype), 8 or 4 bits per value (per-token codes)",
+}
+
+
+class PolicyAttention(SoftmaxAttentionLayer):
+    """Softmax attention whose decode cache a policy manages. x [B, T, E] -> [B, T, E]. Subclasses implement
+    `cache_policy()` and may override `forward_visible` and `cache_positions`."""
+
+    cache_bits: int | None = None
+
+    # ------------------------------------------------------------------ what a policy layer supplies
+    def cache_policy(self) -> cache_lib.CachePolicy:
+        raise NotImplementedError(f"{type(self).__name__} must implement cache_policy()")
+
+    def forward_visible(self, q_pos: Array, kv_pos: Array) -> Array | None:
+        """bool [B, 1, Tq, Tk] restricting the forward (decode=False and the creating call), or None (causal)."""
+        return None
+
+    def cache_positions(self, q: Array, cands: cache_lib.Candidates, q_pos: Array) -> tuple[Array, Array, Array | None]:
+        """Positions while decoding: (q, keys [B, E, KVH, D'], bias or None) for attention over the candidates.
+        Default: original positions (RoPE on q at q_pos and on each entry at its original position; a bias position
+        reads the first kv head's positions, exact for policies that keep the same entries in every head)."""
+        if self.position == "rope":
+            q, keys = self.rotate(q, cands.keys, q_pos, cands.positions)
+            return q, keys, None
+        return q, cands.keys, self.position_bias(q, q_pos, cands.positions[:, 0], Mask(causal=True))
+
+    # ------------------------------------------------------------------ the template's stages
+    def validate(self, call: AttentionCall) -> None:
+        super().validate(call)
+        name = self.registry_name or type(self).__name__
+        if call.cross:
+            raise ValueError(f"context is not supported by {name} (a cache policy for causal self-attention)")
+        if self.window is not None:
+            raise ValueError(f"window={self.window!r} must be None for {name}: the cache policy decides what is seen")
+        if call.decode and call.positions is not None:
+            raise ValueError(
+                f"positions with decode=True are not supported by {name}: positions come from the cache index"
+            )
+        if call.decode and call.mask is not None:
+            fields = ("q_lengths", "kv_lengths", "prefix_lengths", "block_mask", "dense", "mask_fn", "window")
+            given = [f for f in fields if getattr(call.mask, f) is not None]
+            if given:
+                raise ValueError(
+                    f"mask with {given} is not supported by {name} with decode=True (the cache policy decides which "
+                    "keys are visible); pass mask=None or attn.Mask(causal=True)"
+                )
+
+    def prepare(self, q: Array, k: Array, v: Array, call: AttentionCall) -> tuple[Array, Array, Array, AttentionCall]:
+        """The forward (and the creating decode call): causal positions and masks of the softmax layer, restricted
+        by `forward_visible`. Later decode calls: query positions from the cache index; `attend` does the rest."""
+        batch, length = q.shape[0], q.shape[1]
+        cache = cache_lib.load(self) if call.decode else None
+        if cache is not None:
+            q_pos = self.query_positions(None, batch, length, cache.index)
+            return q, k, v, call.replace(q_positions=q_pos, q_offset=cache.index)
+        if call.decode:
+            policy = self.cache_policy()
+            empty = cache_lib.empty_kv(k, v, policy.capacity, ragged=True, stats=policy.stats, bits=self.cache_bits)
+            cache_lib.store(self, empty)
+        mask = (call.mask if call.mask is not None else Mask()).replace(causal=True)
+        q, k, v, call = super().prepare(q, k, v, call.replace(decode=False, mask=mask))
+        visible = self.forward_visible(call.q_positions, call.kv_positions)
+        if visible is not None:
+            mask = mask.replace(dense=visible if mask.dense is None else mask.dense & visible)
+        return q, k, v, call.replace(mask=mask)
+
+    def attend(self, q: Array, k: Array, v: Array, call: AttentionCall) -> Array:
+        """The softmax pipeline; a decode call on an existing cache goes through the policy (`policy_attend`). (The
+        creating call leaves `prepare` with decode=False: it is an ordinary forward.)"""
+        if call.decode:
+            return self.policy_attend(q, k, v, call)
+        return super().attend(q, k, v, call)
+
+    def policy_attend(self, q: Array, k: Array, v: Array, call: AttentionCall) -> Array:
+        """A decode call on an existing cache: q [B, L, H, D] and this chunk's k, v [B, L, KVH, D] (before RoPE)
+        -> [B, L, H, Dv]; writes the policy's next cache. The stages see call.kv_positions = the candidates'
+        original positions per kv head [B, KVH, C + L]. (The flash kernel serves no decode call: dense per-head
+        masks and query offsets are outside it, so statistics come from the explicit weights stage.)"""
+        policy = self.cache_policy()
+        cache = cache_lib.load(self)
+        cands = cache_lib.candidates(cache, k, v, self.cache_bits)
+        visible = policy.visible(cands, call.q_positions)
+        q, keys, bias = self.cache_positions(q, cands, call.q_positions)
+        mask = Mask(dense=cache_lib.head_mask(visible, self.num_heads))
+        call = call.replace(mask=mask, bias=bias, kv_positions=cands.positions)
+        if "key_mass" in policy.stats:
+            logits = self.attention_logits(q, keys, call)
+            weights = self.attention_weights(logits, call)
+            mass = cache_lib.kv_head_mass(pipeline.key_mass(weights), self.kv_heads)
+            cands = cands.replace(key_mass=cands.key_mass + mass)
+            y = self.mix(self.attention_dropout(weights, call.deterministic), cands.values).astype(q.dtype)
+        else:
+            y = super().attend(q, keys, cands.values, call)
+        cache_lib.store(self, policy.step(cands))
+        return y
