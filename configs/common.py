@@ -132,3 +132,44 @@ def check_preset(name: str, arg: str | None, presets: tuple[str, ...]) -> str:
     if arg not in presets:
         raise ValueError(f"unknown preset {arg!r} for configs/{name}.py; expected one of {presets}")
     return arg
+
+
+def cnn_model(config: ConfigDict) -> ConfigDict:
+    """Makes `config.model` a residual CNN classifier with channel attention (attn.models.CNN), tiny defaults."""
+    config.model.kind = "cnn"  # see model.kind in base_config
+    config.model.attention = "eca"  # a "channels" mechanism (attn/channel/) in every residual block
+    config.model.num_classes = 4  # classes; must match the image source's num_classes
+    config.model.widths = (16, 32, 64)  # channels of each stage; stages after the first halve H and W
+    config.model.blocks_per_stage = 1  # residual blocks per stage
+    config.model.norm_groups = 8  # GroupNorm groups; must divide every width
+    return config.model
+
+
+def encoder_decoder_model(config: ConfigDict) -> ConfigDict:
+    """Makes `config.model` an encoder-decoder (attn.models.EncoderDecoder) with tiny defaults."""
+    config.model.kind = "encoder_decoder"  # see model.kind in base_config
+    sequence_model_fields(trunk_fields(config.model))  # num_layers counts the decoder's blocks
+    config.model.source_vocab_size = config_dict.placeholder(int)  # encoder vocabulary; None = vocab_size
+    config.model.encoder_layers = config_dict.placeholder(int)  # encoder blocks; None = num_layers
+    config.model.encoder_attention = "softmax"  # the encoder's (bidirectional) self-attention mechanism
+    config.model.encoder_attention_options = ConfigDict()  # attn.build options of encoder_attention
+    config.model.cross_attention = "softmax"  # the decoder's cross-attention to the encoder output
+    config.model.cross_attention_options = ConfigDict()  # attn.build options of cross_attention
+    return config.model
+
+
+def vlm_model(config: ConfigDict) -> ConfigDict:
+    """Makes `config.model` a vision-language model (attn.models.VisionLanguageModel) with tiny defaults."""
+    config.model.kind = "vlm"  # see model.kind in base_config
+    sequence_model_fields(trunk_fields(config.model))  # the text decoder's fields
+    config.model.fusion = "cross"  # "cross" (cross-attention to the image tokens) or "prefix" (prefix-LM)
+    config.model.cross_attention = "softmax"  # the decoder's cross-attention mechanism (fusion="cross")
+    config.model.cross_attention_options = ConfigDict()  # attn.build options of cross_attention
+    config.model.patch_size = 4  # square patch side in pixels; image_size must be a multiple
+    config.model.vision_layers = 2  # image encoder (ViT) blocks
+    config.model.vision_d_model = config_dict.placeholder(int)  # image encoder width; None = d_model
+    config.model.vision_num_heads = config_dict.placeholder(int)  # image encoder heads; None = num_heads
+    config.model.vision_mlp_dim = config_dict.placeholder(int)  # image encoder MLP width; None = mlp_dim
+    config.model.vision_attention = "softmax"  # image encoder mechanism ("sequence" or "spatial")
+    config.model.vision_attention_options = ConfigDict()  # attn.build options of vision_attention
+    return config.model

@@ -210,6 +210,8 @@ def _check_model(model: Mapping[str, Any]) -> None:
     names = [model["attention"]] if isinstance(model["attention"], str) else list(model["attention"])
     options = dict(model["attention_options"]) if isinstance(model["attention_options"], Mapping) else {}
     for name in names:
+        if name is None and kind == "cnn":  # a cnn stage without attention
+            continue
         try:
             spec = attn.get(name)
         except KeyError as error:  # the registry's message lists the closest names
@@ -219,7 +221,7 @@ def _check_model(model: Mapping[str, Any]) -> None:
                 f"model.attention={name!r} takes {spec.input_kind!r} inputs; a {kind} model needs a "
                 f"mechanism with input_kind in {tasks.INPUT_KINDS[kind]}"
             )
-        if kind == "decoder" and not spec.supports_causal:
+        if kind in ("decoder", "encoder_decoder", "vlm") and not spec.supports_causal:
             causal = [n for n in attn.list_mechanisms() if attn.get(n).supports_causal]
             raise ConfigError(
                 f"model.attention={name!r} does not support causal masking, which a decoder needs; "

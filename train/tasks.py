@@ -4,6 +4,11 @@
     encoder  head "mlm": batch {inputs, targets, weights [, lengths]} -> masked-token cross-entropy, accuracy
              head "classification": batch {inputs, labels [, lengths, weights]} -> cross-entropy, accuracy
     vit      batch {images, labels} -> cross-entropy, accuracy
+    cnn      batch {images, labels} -> cross-entropy, accuracy (channel attention mechanisms)
+    encoder_decoder  batch {sources, source_lengths, inputs, targets, weights} -> teacher-forced target
+             cross-entropy and token accuracy (the encoder reads `sources`, the decoder `inputs`)
+    vlm      batch {images, inputs, targets, weights} -> cross-entropy and accuracy at the weighted (answer)
+             positions of the text decoder
 
 Losses are weighted means. `loss_sums` returns sums (loss, correct predictions, weight) so that evaluation
 over several batches averages over tokens/examples exactly, not over batches.
@@ -22,14 +27,22 @@ import numpy as np
 
 import attn.models
 
-MODEL_KINDS = ("decoder", "encoder", "vit")
+MODEL_KINDS = ("decoder", "encoder", "vit", "cnn", "encoder_decoder", "vlm")
 
-# Registry input kinds each model accepts (vit's spatial mechanisms attend over the patch grid).
+# Registry input kinds each model's `attention` field accepts (vit's spatial mechanisms attend over the patch grid;
+# the cnn's attention is a channel mechanism; encoder_decoder's and vlm's `attention` is the decoder's causal
+# self-attention, their other mechanism fields are checked by the models).
 INPUT_KINDS: dict[str, tuple[str, ...]] = {
     "decoder": ("sequence",),
     "encoder": ("sequence",),
     "vit": ("sequence", "spatial"),
+    "cnn": ("channels",),
+    "encoder_decoder": ("sequence",),
+    "vlm": ("sequence",),
 }
+
+# Kinds whose batches are {images, labels}: one class per image.
+IMAGE_CLASSIFIERS = ("vit", "cnn")
 
 # Model dataclass fields the trainer sets itself (from precision.compute_dtype) rather than config.model.
 _TRAINER_SET = ("parent", "name", "dtype", "param_dtype")
@@ -59,7 +72,7 @@ class Task:
     """A model and how to feed it and score it.
 
     Attributes:
-      kind: "decoder", "encoder" or "vit".
+      kind: one of MODEL_KINDS.
       model: the flax.linen Module (compute dtype from the config, float32 parameters).
       head: the encoder head ("mlm" or "classification"); None for the other kinds.
     """
@@ -84,8 +97,12 @@ class Task:
     ) -> Any:
         """Logits float32 ([B, T, V] or [B, C]) for `batch`; with `mutable`, (logits, updated collections)."""
         rngs = {} if rng is None else {"dropout": rng}
-        if self.kind == "vit":
+        if self.kind in IMAGE_CLASSIFIERS:
             args, kwargs = (batch["images"],), {}
+        elif self.kind == "encoder_decoder":
+            args, kwargs = (batch["sources"], batch["inputs"]), {"src_lengths": batch.get("source_lengths")}
+        elif self.kind == "vlm":
+            args, kwargs = (batch["images"], batch["inputs"]), {}
         elif self.kind == "encoder":
             args, kwargs = (batch["inputs"],), {"lengths": batch.get("lengths")}
         else:
@@ -95,13 +112,17 @@ class Task:
     def init(self, rng: jax.Array, batch: Mapping[str, Any]) -> Any:
         """Boxed (logically partitioned) variables for a batch like `batch` (arrays or ShapeDtypeStructs)."""
         dummy = {key: jnp.zeros(value.shape, value.dtype) for key, value in batch.items()}
-        if self.kind == "vit":
+        if self.kind in IMAGE_CLASSIFIERS:
             return self.model.init(rng, dummy["images"])
+        if self.kind == "encoder_decoder":
+            return self.model.init(rng, dummy["sources"], dummy["inputs"])
+        if self.kind == "vlm":
+            return self.model.init(rng, dummy["images"], dummy["inputs"])
         return self.model.init(rng, dummy["inputs"])
 
     def loss_sums(self, logits: jax.Array, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
         """Float32 scalars: "loss_sum" (weighted cross-entropy, nats), "correct" and "weight" sums."""
-        if self.kind == "vit" or self.head == "classification":
+        if self.kind in IMAGE_CLASSIFIERS or self.head == "classification":
             labels = batch["labels"]
             weights = batch.get("weights", jnp.ones(labels.shape, jnp.float32))
         else:
@@ -126,11 +147,19 @@ class Task:
         return out
 
     def tokens_per_example(self, batch_spec: Mapping[str, tuple[tuple[int, ...], Any]]) -> int:
-        """Positions the model attends over per example: sequence length, or patches (+ class token)."""
-        if self.kind == "vit":
+        """Positions the model attends over per example: sequence length, patches (+ class token), source plus
+        target length (encoder_decoder), patches plus text length (vlm), or 1 for the cnn (an image: its
+        throughput is counted in images)."""
+        if self.kind == "cnn":
+            return 1
+        if self.kind in ("vit", "vlm"):
             height, width = batch_spec["images"][0][1:3]
             patches = (height // self.model.patch_size) * (width // self.model.patch_size)
+            if self.kind == "vlm":
+                return patches + int(batch_spec["inputs"][0][1])
             return patches + (1 if self.model.pool == "cls" else 0)
+        if self.kind == "encoder_decoder":
+            return int(batch_spec["sources"][0][1]) + int(batch_spec["inputs"][0][1])
         return int(batch_spec["inputs"][0][1])
 
 
@@ -151,7 +180,21 @@ def count_params(params: Any) -> int:
 
 
 def attention_layout(task: Task) -> tuple[int, int, int]:
-    """(num_layers, num_heads, head_dim) of the model, for the attention part of the FLOP estimate."""
+    """(num_layers, num_heads, head_dim) of the model, for the attention part of the FLOP estimate.
+
+    Attention sublayers are counted as layers: encoder_decoder has encoder_layers + 2 * num_layers (decoder self
+    and cross), vlm vision_layers + num_layers (+ num_layers with fusion="cross"); every one is counted at the
+    tokens_per_example length, so the estimate is an upper bound for them. The cnn has no sequence attention:
+    (0, 0, 0).
+    """
     model = task.model
+    if task.kind == "cnn":
+        return 0, 0, 0
     head_dim = model.head_dim or model.d_model // model.num_heads
-    return model.num_layers, model.num_heads, head_dim
+    layers = model.num_layers
+    if task.kind == "encoder_decoder":
+        encoder_layers = model.num_layers if model.encoder_layers is None else model.encoder_layers
+        layers = encoder_layers + 2 * model.num_layers
+    elif task.kind == "vlm":
+        layers = model.vision_layers + model.num_layers * (2 if model.fusion == "cross" else 1)
+    return layers, model.num_heads, head_dim

@@ -1,10 +1,14 @@
 """Models whose attention is any registered mechanism, chosen by name (per layer if wanted).
 
-DecoderLM   tokens int [B, T] -> logits float32 [B, T, vocab_size] (causal; KV-cache decoding)
-Encoder     tokens int [B, T], lengths int [B] -> float32 [B, num_classes] or [B, T, vocab_size]
-ViT         images float [B, H, W, C] -> float32 [B, num_classes]
-generate    greedy / top-k sampling with the KV cache; init_cache builds a zero cache
-build_model build_model("decoder" | "encoder" | "vit" | "cnn", **fields)
+DecoderLM            tokens int [B, T] -> logits float32 [B, T, vocab_size] (causal; KV-cache decoding)
+Encoder              tokens int [B, T], lengths int [B] -> float32 [B, num_classes] or [B, T, vocab_size]
+EncoderDecoder       src int [B, Ts] (+ src_lengths), tgt int [B, Tt] -> logits float32 [B, Tt, vocab_size]
+VisionLanguageModel  images float [B, H, W, C], tokens int [B, T] -> logits float32 [B, T, vocab_size]
+ViT                  images float [B, H, W, C] -> float32 [B, num_classes]
+CNN                  images float [B, H, W, C] -> float32 [B, num_classes] (channel attention mechanisms)
+generate             greedy / top-k sampling with the KV cache; init_cache builds a zero cache
+generate_encoder_decoder  the same for EncoderDecoder and VisionLanguageModel(fusion="cross")
+build_model          build_model("decoder" | "encoder" | "encoder_decoder" | "vlm" | "vit" | "cnn", **fields)
 """
 
 from __future__ import annotations
@@ -16,17 +20,37 @@ import flax.linen as nn
 from attn.models.cnn import CNN
 from attn.models.decoder import DecoderLM
 from attn.models.encoder import Encoder
-from attn.models.generate import generate, init_cache
+from attn.models.encoder_decoder import EncoderDecoder
+from attn.models.generate import generate, generate_encoder_decoder, init_cache
 from attn.models.vit import ViT
+from attn.models.vlm import VisionLanguageModel
 
-MODELS: dict[str, type[nn.Module]] = {"decoder": DecoderLM, "encoder": Encoder, "vit": ViT, "cnn": CNN}
+MODELS: dict[str, type[nn.Module]] = {
+    "decoder": DecoderLM,
+    "encoder": Encoder,
+    "encoder_decoder": EncoderDecoder,
+    "vlm": VisionLanguageModel,
+    "vit": ViT,
+    "cnn": CNN,
+}
 
 
 def build_model(kind: str, **fields: Any) -> nn.Module:
-    """The model of `kind` ("decoder", "encoder", "vit" or "cnn") built from its dataclass `fields`."""
+    """The model of `kind` (a key of MODELS) built from its dataclass `fields`."""
     if kind not in MODELS:
         raise ValueError(f"kind={kind!r} is not a model; expected one of {sorted(MODELS)}")
     return MODELS[kind](**fields)
 
 
-__all__ = ["CNN", "DecoderLM", "Encoder", "ViT", "build_model", "generate", "init_cache"]
+__all__ = [
+    "CNN",
+    "DecoderLM",
+    "Encoder",
+    "EncoderDecoder",
+    "ViT",
+    "VisionLanguageModel",
+    "build_model",
+    "generate",
+    "generate_encoder_decoder",
+    "init_cache",
+]

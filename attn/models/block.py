@@ -1,10 +1,13 @@
-"""Pre-norm transformer block whose attention layer is any registered mechanism, chosen by name.
+"""Pre-norm transformer block whose attention layers are registered mechanisms, chosen by name.
 
     x = x + dropout(attention(norm(x), mask, positions, decode))
+    x = x + dropout(cross_attention(norm(x), context, context_mask, decode))     (only with cross_attention set)
     x = x + dropout(mlp(norm(x)))
 
-The attention submodule is named `attention`, so its sown probabilities land at
-`intermediates/.../layers_<i>/attention/attention_weights` and its KV cache at `cache/.../attention`.
+The self-attention submodule is named `attention` and the cross-attention one `cross_attention`, so their sown
+probabilities land at `intermediates/.../layers_<i>/attention/attention_weights` and
+`.../layers_<i>/cross_attention/attention_weights`, their caches at `cache/.../layers_<i>/attention` and
+`cache/.../layers_<i>/cross_attention`, and intervention selectors name them by these paths.
 """
 
 from __future__ import annotations
@@ -28,6 +31,10 @@ RESERVED_OPTIONS = ("num_heads", "head_dim", "num_kv_heads", "dropout_rate", "dt
 # Input kinds a transformer block can feed: a token sequence, or (for ViT) the patch grid.
 BLOCK_INPUT_KINDS = ("sequence", "spatial")
 
+# Input kinds a cross-attention sublayer can feed: "cross" mechanisms, and "sequence" mechanisms that project
+# their keys and values from `context` (the softmax family does, see attn.core.layer.AttentionLayer.project_qkv).
+CROSS_INPUT_KINDS = ("sequence", "cross")
+
 
 def check_mechanism(name: str, *, grid: tuple[int, ...] | None = None) -> str:
     """Return the registry input kind of mechanism `name`, or raise ValueError if a block cannot host it.
@@ -49,10 +56,35 @@ def check_mechanism(name: str, *, grid: tuple[int, ...] | None = None) -> str:
     return kind
 
 
+def check_cross_mechanism(name: str) -> str:
+    """Return the input kind of mechanism `name`, or raise ValueError if it cannot be a cross-attention sublayer."""
+    kind = attn.get(name).input_kind
+    if kind not in CROSS_INPUT_KINDS:
+        raise ValueError(
+            f"cross_attention={name!r} has input kind {kind!r}; a cross-attention sublayer accepts only "
+            f"mechanisms of kind {list(CROSS_INPUT_KINDS)}"
+        )
+    return kind
+
+
+def _check_options(field: str, name: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
+    options = dict(options or {})
+    clash = sorted(set(options) & set(RESERVED_OPTIONS))
+    if clash:
+        raise ValueError(
+            f"{field} for {name!r} set {clash}; these come from the model fields "
+            "(num_heads, head_dim, num_kv_heads, dropout_rate, dtype, param_dtype)"
+        )
+    return options
+
+
 class TransformerBlock(nn.Module):
     """One pre-norm block: x [B, T, E] -> [B, T, E] in `dtype`.
 
-    mechanism / attention_options: registry name and its extra options for `attn.build`.
+    mechanism / attention_options: registry name of the self-attention and its extra options for `attn.build`.
+    cross_attention / cross_attention_options: registry name (input kind "cross", or a "sequence" mechanism that
+      takes its keys and values from `context`) and options of an optional cross-attention sublayer; None means
+      a block without one.
     grid: (h, w) patch grid with h * w == T, required by "spatial" mechanisms, which see x as [B, h, w, E].
     """
 
@@ -61,6 +93,8 @@ class TransformerBlock(nn.Module):
     head_dim: int
     mlp_dim: int
     attention_options: Mapping[str, Any] = None  # type: ignore[assignment]
+    cross_attention: str | None = None
+    cross_attention_options: Mapping[str, Any] = None  # type: ignore[assignment]
     num_kv_heads: int | None = None
     norm: str = "rmsnorm"
     mlp: str = "swiglu"
@@ -69,18 +103,9 @@ class TransformerBlock(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
-    def setup(self) -> None:
-        self.input_kind = check_mechanism(self.mechanism, grid=self.grid)
-        options = dict(self.attention_options or {})
-        clash = sorted(set(options) & set(RESERVED_OPTIONS))
-        if clash:
-            raise ValueError(
-                f"attention_options for {self.mechanism!r} set {clash}; these come from the model fields "
-                "(num_heads, head_dim, num_kv_heads, dropout_rate, dtype, param_dtype)"
-            )
-        # The attribute name is the submodule name: "attention" is the path models promise for sown weights.
-        self.attention = attn.build(
-            self.mechanism,
+    def _attention_layer(self, name: str, options: dict[str, Any], module_name: str) -> nn.Module:
+        layer = attn.build(
+            name,
             num_heads=self.num_heads,
             head_dim=self.head_dim,
             num_kv_heads=self.num_kv_heads,
@@ -89,31 +114,80 @@ class TransformerBlock(nn.Module):
             param_dtype=self.param_dtype,
             **options,
         )
-        self.attention_norm = make_norm(self.norm, dtype=self.dtype, param_dtype=self.param_dtype)
-        self.mlp_norm = make_norm(self.norm, dtype=self.dtype, param_dtype=self.param_dtype)
-        self.feed_forward = Mlp(self.mlp_dim, self.mlp, dtype=self.dtype, param_dtype=self.param_dtype)
-        self.dropout = nn.Dropout(self.dropout_rate)
+        return layer.clone(parent=self, name=module_name)
 
+    def _norm(self, name: str) -> nn.Module:
+        return make_norm(self.norm, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+
+    @nn.compact
     def __call__(
         self,
         x: jax.Array,
         *,
         mask: attn.Mask | None = None,
         positions: jax.Array | None = None,
+        context: jax.Array | None = None,
+        context_mask: attn.Mask | None = None,
         decode: bool = False,
         deterministic: bool = True,
     ) -> jax.Array:
-        h = self.attention_norm(x)
-        if self.input_kind == "spatial":
+        """x [B, T, E]; context [B, Tc, Ec] for the cross-attention sublayer, with `context_mask` an attn.Mask
+        over (x, context) pairs (e.g. kv_lengths of a padded context). Returns [B, T, E]."""
+        input_kind = check_mechanism(self.mechanism, grid=self.grid)
+        options = _check_options("attention_options", self.mechanism, self.attention_options)
+        if self.cross_attention is None and (context is not None or context_mask is not None):
+            raise ValueError("context / context_mask were given but this block has no cross_attention sublayer")
+        dropout = nn.Dropout(self.dropout_rate)
+
+        # The submodule names are the paths models promise for sown weights, caches and interventions.
+        attention = self._attention_layer(self.mechanism, options, "attention")
+        h = self._norm("attention_norm")(x)
+        if input_kind == "spatial":
             batch, length, features = h.shape
             if length != math.prod(self.grid):
                 raise ValueError(f"grid={self.grid} does not cover the sequence length {length}")
-            h = self.attention(h.reshape(batch, *self.grid, features), deterministic=deterministic)
+            h = attention(h.reshape(batch, *self.grid, features), deterministic=deterministic)
             h = h.reshape(batch, length, features)
         else:
-            h = self.attention(h, mask=mask, positions=positions, decode=decode, deterministic=deterministic)
-        x = x + self.dropout(h, deterministic=deterministic)
+            h = attention(h, mask=mask, positions=positions, decode=decode, deterministic=deterministic)
+        x = x + dropout(h, deterministic=deterministic)
         x = nn.with_logical_constraint(x, ACTIVATION_AXES)
-        h = self.feed_forward(self.mlp_norm(x))
-        x = x + self.dropout(h, deterministic=deterministic)
+
+        if self.cross_attention is not None:
+            h = self._cross_attend(self._norm("cross_attention_norm")(x), context, context_mask, decode, deterministic)
+            x = x + dropout(h, deterministic=deterministic)
+            x = nn.with_logical_constraint(x, ACTIVATION_AXES)
+
+        h = Mlp(self.mlp_dim, self.mlp, dtype=self.dtype, param_dtype=self.param_dtype, name="feed_forward")(
+            self._norm("mlp_norm")(x)
+        )
+        x = x + dropout(h, deterministic=deterministic)
         return nn.with_logical_constraint(x, ACTIVATION_AXES)
+
+    def _cross_attend(
+        self,
+        h: jax.Array,
+        context: jax.Array | None,
+        context_mask: attn.Mask | None,
+        decode: bool,
+        deterministic: bool,
+    ) -> jax.Array:
+        """The cross-attention sublayer on normalised h [B, T, E] -> [B, T, E]."""
+        name = self.cross_attention
+        check_cross_mechanism(name)
+        options = _check_options("cross_attention_options", name, self.cross_attention_options)
+        if context is None or context.ndim != 3:
+            shape = None if context is None else context.shape
+            raise ValueError(f"cross_attention={name!r} needs context [batch, context_length, embed]; got {shape}")
+        layer = self._attention_layer(name, options, "cross_attention")
+        try:
+            return layer(h, context=context, mask=context_mask, decode=decode, deterministic=deterministic)
+        except (TypeError, ValueError) as error:
+            # Which mechanisms can attend to a context is not a registry claim: the layer itself decides, and
+            # its refusal is reported here with the mechanism's name and the call that failed.
+            during = " with decode=True" if decode else ""
+            raise ValueError(
+                f"cross_attention={name!r} cannot attend to a context of shape {context.shape}{during}: {error} "
+                "(a cross-attention sublayer needs a mechanism of input kind 'cross', or a 'sequence' mechanism "
+                "that projects its keys and values from `context`, as the softmax family does)"
+            ) from error

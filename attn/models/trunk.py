@@ -2,8 +2,9 @@
 
 These helpers run inside a model's `nn.compact` method and read the model's trunk fields (`num_layers`,
 `d_model`, `num_heads`, `head_dim`, `num_kv_heads`, `mlp_dim`, `attention`, `attention_options`, `norm`,
-`mlp`, `dropout_rate`, `dtype`, `param_dtype`), so the submodules they create are the model's own children:
-`layers_<i>`, `final_norm`, `lm_head`.
+`mlp`, `dropout_rate`, `dtype`, `param_dtype`, and, where the model has them, `cross_attention` and
+`cross_attention_options`), so the submodules they create are the model's own children: `layers_<i>`,
+`final_norm`, `lm_head`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import attn
 from attn.core.positions import LearnedPositionEmbedding
 from attn.core.validation import check_choice
-from attn.models.block import TransformerBlock, check_mechanism
+from attn.models.block import TransformerBlock, check_cross_mechanism, check_mechanism
 from attn.models.fields import AttentionOptions, hash_fields, per_layer_mechanisms, per_layer_options
 from attn.models.layers import (
     ACTIVATION_AXES,
@@ -84,22 +85,45 @@ def resolve_layers(model: Any, *, grid: tuple[int, ...] | None = None) -> list[t
     return list(zip(names, options, strict=True))
 
 
+def resolve_cross_layers(model: Any) -> list[tuple[str | None, dict[str, Any]]]:
+    """(cross-attention mechanism name or None, options) per layer, from the model's optional `cross_attention`
+    (None, one registry name, or one per layer) and `cross_attention_options` fields."""
+    cross = getattr(model, "cross_attention", None)
+    if cross is None:
+        return [(None, {})] * model.num_layers
+    names = per_layer_mechanisms(cross, model.num_layers)
+    options = per_layer_options(getattr(model, "cross_attention_options", None), model.num_layers)
+    for name in set(names):
+        check_cross_mechanism(name)
+    return list(zip(names, options, strict=True))
+
+
 def block_stack(
     model: Any,
     x: jax.Array,
     *,
     mask: attn.Mask | None = None,
     positions: jax.Array | None = None,
+    context: jax.Array | None = None,
+    context_mask: attn.Mask | None = None,
     decode: bool = False,
     deterministic: bool = True,
     grid: tuple[int, ...] | None = None,
 ) -> jax.Array:
-    """Run the model's `num_layers` blocks and its final norm: x [B, T, d_model] -> [B, T, d_model]."""
+    """Run the model's `num_layers` blocks and its final norm: x [B, T, d_model] -> [B, T, d_model].
+
+    context [B, Tc, E] and context_mask (an attn.Mask over (x, context) pairs) feed the cross-attention sublayers
+    of a model with a `cross_attention` field; they must be None for a model without one.
+    """
     head_dim = resolve_head_dim(model)
-    for i, (name, options) in enumerate(resolve_layers(model, grid=grid)):
+    layers = resolve_layers(model, grid=grid)
+    cross_layers = resolve_cross_layers(model)
+    for i, ((name, options), (cross_name, cross_options)) in enumerate(zip(layers, cross_layers, strict=True)):
         x = TransformerBlock(
             mechanism=name,
             attention_options=options,
+            cross_attention=cross_name,
+            cross_attention_options=cross_options,
             num_heads=model.num_heads,
             head_dim=head_dim,
             num_kv_heads=model.num_kv_heads,
@@ -111,7 +135,15 @@ def block_stack(
             dtype=model.dtype,
             param_dtype=model.param_dtype,
             name=f"layers_{i}",
-        )(x, mask=mask, positions=positions, decode=decode, deterministic=deterministic)
+        )(
+            x,
+            mask=mask,
+            positions=positions,
+            context=context,
+            context_mask=context_mask,
+            decode=decode,
+            deterministic=deterministic,
+        )
     return make_norm(model.norm, dtype=model.dtype, param_dtype=model.param_dtype, name="final_norm")(x)
 
 

@@ -32,6 +32,59 @@ Dtype = Any
 POOLS = ("cls", "mean")
 
 
+def patch_grid(images: jax.Array, patch_size: int) -> tuple[int, int]:
+    """(H // patch_size, W // patch_size) of images [B, H, W, C]; ValueError for another rank or a remainder."""
+    if images.ndim != 4:
+        raise ValueError(f"images must be float [batch, height, width, channels]; got shape {images.shape}")
+    height, width = images.shape[1:3]
+    if height % patch_size or width % patch_size:
+        raise ValueError(f"image size {height}x{width} is not divisible by patch_size={patch_size}")
+    return height // patch_size, width // patch_size
+
+
+def embed_patches(
+    model: nn.Module, images: jax.Array, grid: tuple[int, int], *, cls_token: bool, deterministic: bool
+) -> jax.Array:
+    """Patch tokens [B, (1 +) h*w, d_model] of images float [B, H, W, C], with learned positions and dropout.
+
+    Runs inside `model`'s compact method and reads its `patch_size`, `d_model`, `dropout_rate`, `dtype` and
+    `param_dtype`: the parameters are the model's own `patch_embedding`, `position_embedding` and, with
+    `cls_token`, `cls_token` (prepended as token 0). `grid` is (h, w) = (H, W) // patch_size.
+    """
+    x = nn.Conv(
+        model.d_model,
+        kernel_size=(model.patch_size, model.patch_size),
+        strides=(model.patch_size, model.patch_size),
+        padding="VALID",
+        dtype=model.dtype,
+        param_dtype=model.param_dtype,
+        kernel_init=nn.with_logical_partitioning(
+            nn.initializers.lecun_normal(), ("patch_height", "patch_width", "channels", "embed")
+        ),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+        name="patch_embedding",
+    )(images)
+    batch = x.shape[0]
+    x = x.reshape(batch, grid[0] * grid[1], model.d_model)
+    if cls_token:
+        cls = model.param(
+            "cls_token",
+            nn.with_logical_partitioning(nn.initializers.zeros_init(), (None, None, "embed")),
+            (1, 1, model.d_model),
+            model.param_dtype,
+        )
+        x = jnp.concatenate([jnp.broadcast_to(jnp.asarray(cls, model.dtype), (batch, 1, model.d_model)), x], 1)
+    table = model.param(
+        "position_embedding",
+        nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), ("length", "embed")),
+        (x.shape[1], model.d_model),
+        model.param_dtype,
+    )
+    x = x + jnp.asarray(table, model.dtype)[None]
+    x = nn.with_logical_constraint(x, ACTIVATION_AXES)
+    return nn.Dropout(model.dropout_rate)(x, deterministic=deterministic)
+
+
 class ViT(nn.Module):
     """Image classifier: `__call__(images float[B, H, W, C], *, deterministic=True)` -> [B, num_classes].
 
@@ -69,38 +122,7 @@ class ViT(nn.Module):
     @nn.compact
     def __call__(self, images: jax.Array, *, deterministic: bool = True) -> jax.Array:
         grid = self._grid(images)
-        x = nn.Conv(
-            self.d_model,
-            kernel_size=(self.patch_size, self.patch_size),
-            strides=(self.patch_size, self.patch_size),
-            padding="VALID",
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            kernel_init=nn.with_logical_partitioning(
-                nn.initializers.lecun_normal(), ("patch_height", "patch_width", "channels", "embed")
-            ),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
-            name="patch_embedding",
-        )(images)
-        batch = x.shape[0]
-        x = x.reshape(batch, grid[0] * grid[1], self.d_model)
-        if self.pool == "cls":
-            cls = self.param(
-                "cls_token",
-                nn.with_logical_partitioning(nn.initializers.zeros_init(), (None, None, "embed")),
-                (1, 1, self.d_model),
-                self.param_dtype,
-            )
-            x = jnp.concatenate([jnp.broadcast_to(jnp.asarray(cls, self.dtype), (batch, 1, self.d_model)), x], 1)
-        table = self.param(
-            "position_embedding",
-            nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), ("length", "embed")),
-            (x.shape[1], self.d_model),
-            self.param_dtype,
-        )
-        x = x + jnp.asarray(table, self.dtype)[None]
-        x = nn.with_logical_constraint(x, ACTIVATION_AXES)
-        x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+        x = embed_patches(self, images, grid, cls_token=self.pool == "cls", deterministic=deterministic)
         # Only a class-token-free sequence maps onto the patch grid that spatial mechanisms need.
         x = block_stack(self, x, deterministic=deterministic, grid=None if self.pool == "cls" else grid)
         if self.pool == "cls":
@@ -125,11 +147,7 @@ class ViT(nn.Module):
         check_pool(self.pool, POOLS)
         if self.num_classes <= 0 or self.patch_size <= 0:
             raise ValueError(f"num_classes={self.num_classes} and patch_size={self.patch_size} must both be positive")
-        if images.ndim != 4:
-            raise ValueError(f"images must be float [batch, height, width, channels]; got shape {images.shape}")
-        height, width = images.shape[1:3]
-        if height % self.patch_size or width % self.patch_size:
-            raise ValueError(f"image size {height}x{width} is not divisible by patch_size={self.patch_size}")
+        grid = patch_grid(images, self.patch_size)
         if self.pool == "cls":
             for name in set(per_layer_mechanisms(self.attention, self.num_layers)):
                 if attn.get(name).input_kind == "spatial":
@@ -138,4 +156,4 @@ class ViT(nn.Module):
                         "needs pool='mean' (or a pooling mechanism); pool='cls' adds a class token that has no place "
                         "on the grid"
                     )
-        return height // self.patch_size, width // self.patch_size
+        return grid

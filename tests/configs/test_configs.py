@@ -12,7 +12,7 @@ import attn
 from train import config_checks, tasks
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
-NAMES = ("lm_tiny", "lm_125m", "mqar", "vit_tiny", "encoder_tiny")
+NAMES = ("lm_tiny", "lm_125m", "mqar", "vit_tiny", "encoder_tiny", "seq2seq_tiny", "vlm_tiny", "cnn_tiny")
 CASES = [(name, preset) for name in NAMES for preset in importlib.import_module(f"configs.{name}").PRESETS]
 
 
@@ -23,9 +23,16 @@ def _load(name, preset):
 def _abstract_batch(config):
     """ShapeDtypeStructs of one batch for `config` without touching the data pipeline."""
     b, t = config.batch_size, config.seq_len
-    if config.model.kind == "vit":
+    kind = config.model.kind
+    if kind in ("vit", "cnn", "vlm"):
         size = config.data.image_size
-        return {"images": jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32)}
+        images = {"images": jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32)}
+        return images if kind != "vlm" else {**images, "inputs": jax.ShapeDtypeStruct((b, 10), jnp.int32)}
+    if kind == "encoder_decoder":
+        return {
+            "sources": jax.ShapeDtypeStruct((b, t), jnp.int32),
+            "inputs": jax.ShapeDtypeStruct((b, t + 1), jnp.int32),
+        }
     return {"inputs": jax.ShapeDtypeStruct((b, t), jnp.int32)}
 
 

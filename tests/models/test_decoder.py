@@ -55,7 +55,9 @@ def test_sgd_step_lowers_next_token_loss(fields, real_init, sgd_losses, quick_pa
 def test_build_model_kinds():
     model = build_model("decoder", vocab_size=VOCAB, num_layers=1, d_model=16, num_heads=2, mlp_dim=32)
     assert isinstance(model, DecoderLM) and model.attention == "softmax"
-    with pytest.raises(ValueError, match=r"kind='gpt'.*\['cnn', 'decoder', 'encoder', 'vit'\]"):
+    with pytest.raises(
+        ValueError, match=r"kind='gpt'.*\['cnn', 'decoder', 'encoder', 'encoder_decoder', 'vit', 'vlm'\]"
+    ):
         build_model("gpt")
 
 

@@ -10,7 +10,9 @@ Sources (vocabulary / output):
   mqar            multi-query associative recall, vocab_size option (default 8192)
   selective_copy  selective copying, vocab_size option (default 16)
   passkey         passkey retrieval, vocab_size option (default 64)
+  seq2seq         reverse or sort a digit string (encoder-decoder), vocab 3 + num_digits
   images          procedural red/blue square relation images, labels in [0, num_classes)
+  image_questions "what colour is the shape at the <direction>?" about those images (vision-language), vocab 17
   npz             user .npz images/labels
 """
 
@@ -20,8 +22,10 @@ import difflib
 from typing import Any
 
 from train.data.base import SPLITS, DataSource, ElementSpec, check_options
+from train.data.image_questions import ImageQuestionSource
 from train.data.images import NpzImageSource, RelationImageSource
 from train.data.masked_lm import MaskedLMSource
+from train.data.seq2seq import Seq2SeqSource
 from train.data.synthetic import MQARSource, PasskeySource, SelectiveCopySource
 from train.data.text import Corpus, TextSource, load_corpus
 
@@ -33,12 +37,14 @@ _SOURCES: dict[str, type[DataSource]] = {
         MQARSource,
         SelectiveCopySource,
         PasskeySource,
+        Seq2SeqSource,
         RelationImageSource,
+        ImageQuestionSource,
         NpzImageSource,
     )
 }
 # Sources whose batches have no sequence axis; seq_len is ignored for them.
-_NO_SEQ_LEN = ("images", "npz")
+_NO_SEQ_LEN = ("images", "image_questions", "npz")
 
 
 def list_sources() -> list[str]:
@@ -77,7 +83,8 @@ def make_source(
       split: "train" (endless) or "valid" (text, masked_lm and npz: a finite walk over held-out data,
         `source.num_batches` batches; synthetic tasks: an endless stream disjoint from "train").
       batch_size: the GLOBAL batch size; this process yields batch_size // process_count rows.
-      seq_len: tokens per row (required for sequence sources, ignored by "images" and "npz").
+      seq_len: tokens per row (required for sequence sources, ignored by "images", "image_questions" and "npz";
+        the longest source for "seq2seq").
       seed: non-negative int.
       process_index, process_count: this process's place in a multi-host job.
       **options: source options (see `source_options(name)`); an unknown one raises ValueError.
@@ -102,12 +109,14 @@ __all__ = [
     "Corpus",
     "DataSource",
     "ElementSpec",
+    "ImageQuestionSource",
     "MQARSource",
     "MaskedLMSource",
     "NpzImageSource",
     "PasskeySource",
     "RelationImageSource",
     "SelectiveCopySource",
+    "Seq2SeqSource",
     "TextSource",
     "list_sources",
     "load_corpus",

@@ -92,11 +92,15 @@ def render_relation_images(
     square_size: int,
     num_distractors: int,
     noise_std: float,
+    *,
+    target_colors: tuple[np.ndarray, np.ndarray] | None = None,
+    distractor_colors: np.ndarray = DISTRACTOR_COLORS,
 ) -> np.ndarray:
     """Renders float32 [B, image_size, image_size, 3] images in [0, 1] for `sample_relation_geometry` output.
 
-    A grey background of random brightness in [0.05, 0.45], `num_distractors` squares of other colours
-    at random places, then the red and blue squares on top (colours jittered by +-0.1 per channel), then
+    A grey background of random brightness in [0.05, 0.45], `num_distractors` squares of `distractor_colors`
+    [N, 3] at random places, then the two target squares on top at geometry["red"] and geometry["blue"]
+    (colours RED and BLUE, or `target_colors`, two float [B, 3] arrays; jittered by +-0.1 per channel), then
     Gaussian pixel noise of std `noise_std`, clipped to [0, 1].
     """
     batch = len(geometry["labels"])
@@ -105,9 +109,10 @@ def render_relation_images(
     images = np.broadcast_to(background, (batch, image_size, image_size, 3)).copy()
     for _ in range(num_distractors):
         corner = rng.integers(0, positions, size=(batch, 2))
-        color = DISTRACTOR_COLORS[rng.integers(0, len(DISTRACTOR_COLORS), size=batch)]
+        color = distractor_colors[rng.integers(0, len(distractor_colors), size=batch)]
         _paint(images, corner, square_size, color)
-    for name, base in (("red", RED), ("blue", BLUE)):
+    bases = (RED, BLUE) if target_colors is None else target_colors
+    for name, base in zip(("red", "blue"), bases, strict=True):
         color = base + rng.uniform(-_COLOR_JITTER, _COLOR_JITTER, size=(batch, 3)).astype(np.float32)
         _paint(images, geometry[name], square_size, color)
     if noise_std > 0:

@@ -32,7 +32,9 @@ ALL = list_sources()
 
 
 def test_registry_lists_every_source():
-    assert ALL == sorted(["text", "mqar", "selective_copy", "passkey", "images", "npz", "masked_lm"])
+    assert ALL == sorted(
+        ["text", "mqar", "selective_copy", "passkey", "seq2seq", "images", "image_questions", "npz", "masked_lm"]
+    )
 
 
 @pytest.mark.parametrize("name", ALL)
