@@ -45,7 +45,11 @@ def zero_head_rows(params, name: str, heads):
     return tree
 
 
-@pytest.mark.parametrize("name", sorted(LAYERS))
+@pytest.mark.parametrize(
+    "name",
+    # linear runs in the default suite; the others (each a few compiles) with the slow tests CI runs afterwards.
+    [n if n == "linear" else pytest.param(n, marks=pytest.mark.slow) for n in sorted(LAYERS)],
+)
 def test_head_ablation_equals_zeroed_output_rows_and_weight_rules_raise(layer_checks, name):
     options, mask = LAYERS[name]
     layer = layer_checks.build(name, **options)

@@ -376,6 +376,7 @@ def float64_forward(case_id: str) -> tuple[Any, jax.Array, Any]:
     return jitted(layer, **kwargs, swap=True), jnp.asarray(p.x, jnp.float64), params
 
 
+@pytest.mark.slow  # float64 compiles of every mechanism: ~2 min on 2 cores; CI runs it after the default run
 @pytest.mark.parametrize("case", case_params(check="grads"))
 def test_gradients_match_finite_differences(case):
     require(case, "grads")
@@ -395,6 +396,7 @@ def test_gradients_match_finite_differences(case):
             raise AssertionError(f"{error}\n({case.name}: {note})" if note else str(error)) from None
 
 
+@pytest.mark.slow
 def test_float64_is_computed_in_float64():
     """Central differences along one input direction at steps 1e-3 and 1e-6 agree to 1e-4 in float64 arithmetic
     (truncation error ~1e-7, rounding ~1e-10); a float32 stage inside makes the small step's quotient noise of
