@@ -206,6 +206,27 @@ def test_query_ranges_are_absolute_positions_while_decoding(lm):
     np.testing.assert_array_equal(full[:, :5], model.apply(variables, TOKENS)[:, :5])  # queries < 5 untouched
 
 
+def test_cross_attention_decoding_selects_queries_by_absolute_position():
+    layer = attn.build("softmax", num_heads=2, head_dim=4)
+    x = jax.random.normal(jax.random.key(18), (1, 6, 8))
+    context = jax.random.normal(jax.random.key(19), (1, 5, 8))
+    params = layer.init(jax.random.key(20), x, context=context)
+    rule = iv.add_to_logits(keys=(0, 2), value=2.0, queries=(3, 5))
+    with attn.intervene(rule):
+        full = layer.apply(params, x, context=context)
+        _, state = layer.apply(params, x[:, :1], context=context, decode=True, mutable=["cache"])
+        steps = []
+        for t in range(6):
+            y, state = layer.apply(
+                {**params, **state}, x[:, t : t + 1], context=context, decode=True, mutable=["cache"]
+            )
+            steps.append(y)
+    np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=1e-5)
+    plain = layer.apply(params, x, context=context)
+    assert not np.allclose(full[:, 3:5], plain[:, 3:5])
+    np.testing.assert_array_equal(full[:, :3], plain[:, :3])
+
+
 def test_encoder_and_vit_take_interventions():
     encoder = Encoder(vocab_size=V, num_layers=2, d_model=16, num_heads=4, mlp_dim=32, head="mlm")
     variables = encoder.init(jax.random.key(6), TOKENS)

@@ -302,12 +302,22 @@ class AttentionLayer(nn.Module):
             created = self.has_variable("cache", "cross_key")
             cached_k = self.variable("cache", "cross_key", lambda: k)
             cached_v = self.variable("cache", "cross_value", lambda: v)
-            if created and cached_k.value.shape != k.shape:
+            # Decoded query positions, so query selections (interventions) see absolute positions while decoding.
+            index = self.variable("cache", "cross_index", lambda: jnp.array(0, jnp.int32))
+            if not created:  # the creating call: an ordinary forward
+                return k, v, call
+            if cached_k.value.shape != k.shape:
                 raise ValueError(
                     f"context of shape {tuple(call.context.shape)} gives cross keys {k.shape}, but the cache was "
                     f"created for {cached_k.value.shape}; use the same context for every decode step"
                 )
-            return cached_k.value, cached_v.value, call
+            start = index.value
+            index.value = start + call.x.shape[1]
+            changes: dict[str, Any] = {"q_offset": start}
+            if call.positions is None:
+                batch, length = call.x.shape[0], call.x.shape[1]
+                changes["q_positions"] = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
+            return cached_k.value, cached_v.value, call.replace(**changes)
         keys, values, start = kv_cache.write(self, k, v)
         if start is None:  # the creating call: an ordinary forward
             return k, v, call
