@@ -318,10 +318,7 @@ class AttentionLayer(nn.Module):
                 batch, length = call.x.shape[0], call.x.shape[1]
                 changes["q_positions"] = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
             return cached_k.value, cached_v.value, call.replace(**changes)
-        keys, values, start = kv_cache.write(self, k, v)
-        if start is None:  # the creating call: an ordinary forward
-            return k, v, call
-        mask = kv_cache.decode_mask(call.mask, k.shape[0], start, k.shape[1])
+        keys, values, mask, start = self.cache_write(k, v, call.mask)
         return keys, values, call.replace(mask=mask, q_offset=start)
 
     def query_positions(self, positions: Array | None, batch: int, length: int, offset: Any) -> Array:
