@@ -19,6 +19,7 @@ from attn.core.validation import check_choice, check_positive
 Array = jax.Array
 
 ROPE_SCALINGS = (None, "linear", "ntk", "yarn")
+YARN_RAMPS = ("code", "paper")
 
 
 # ---------------------------------------------------------------------------------------------------- RoPE
@@ -31,6 +32,7 @@ def rope_frequencies(
     original_max_len: int = 2048,
     yarn_beta_fast: float = 32.0,
     yarn_beta_slow: float = 1.0,
+    yarn_ramp: str = "code",
 ) -> tuple[np.ndarray, float]:
     """Inverse frequencies theta_i = base^(-2i/d), i < d/2, after context-extension scaling.
 
@@ -38,8 +40,19 @@ def rope_frequencies(
       None      plain RoPE (Su et al., RoFormer).
       "linear"  position interpolation: theta_i / factor.
       "ntk"     NTK-aware: base * factor^(d / (d - 2)).
-      "yarn"    YaRN: per-frequency ramp between interpolation (long wavelengths) and extrapolation (short
-                ones), plus the attention temperature sqrt(1/t) = 0.1 ln(factor) + 1 applied to q and k.
+      "yarn"    YaRN (Peng et al. 2023): theta_i' = (1 - w_i) theta_i + w_i theta_i / factor, a ramp w_i from
+                extrapolation (w = 0, short wavelengths) to interpolation (w = 1, long ones), plus the attention
+                temperature sqrt(1/t) = 0.1 ln(factor) + 1 (1 for factor <= 1) multiplied into q and k. `yarn_ramp`:
+        "code"  (default) the ramp of the YaRN authors' code (jquesnelle/yarn), `transformers`
+                (`_compute_yarn_parameters`) and vLLM, which YaRN checkpoints (Qwen2.5, DeepSeek, ...) were trained
+                with: linear in the pair index i between the correction dims
+                    low = max(floor(c(beta_fast)), 0),  high = min(ceil(c(beta_slow)), head_dim - 1),
+                    c(n) = head_dim ln(original_max_len / (2 pi n)) / (2 ln base)   (the pair that turns n times),
+                w_i = clip((i - low) / (high - low), 0, 1) (high += 0.001 when low == high).
+        "paper" the paper's gamma(r) (Sec. 3.2, "NTK-by-parts"): linear in the number of rotations
+                r_i = original_max_len theta_i / (2 pi) over the original context, w_i = 1 - clip((r_i - beta_slow) /
+                (beta_fast - beta_slow), 0, 1). It differs from "code" in the transition pairs (at head_dim 64,
+                factor 4, base 1e4, original_max_len 2048: pairs 9-20 of 32, by up to a factor 1.8).
     Returns (inv_freq float64 [head_dim // 2], magnitude multiplier for q and k).
     """
     if head_dim % 2:
@@ -47,6 +60,7 @@ def rope_frequencies(
     check_choice("rope_scaling", scaling, ROPE_SCALINGS)
     check_positive("rope_base", base)
     check_positive("rope_scaling_factor", factor)
+    check_choice("rope_yarn_ramp", yarn_ramp, YARN_RAMPS)
     exponents = np.arange(0, head_dim, 2, dtype=np.float64) / head_dim
     if scaling == "ntk":
         base = base * factor ** (head_dim / (head_dim - 2))
@@ -55,11 +69,29 @@ def rope_frequencies(
     if scaling == "linear":
         inv_freq = inv_freq / factor
     elif scaling == "yarn" and factor > 1.0:
-        wavelength_ratio = original_max_len * inv_freq / (2 * math.pi)  # rotations over the original context
-        ramp = np.clip((wavelength_ratio - yarn_beta_slow) / (yarn_beta_fast - yarn_beta_slow), 0.0, 1.0)
-        inv_freq = (1.0 - ramp) * inv_freq / factor + ramp * inv_freq
+        if yarn_ramp == "code":
+            interpolate = _yarn_code_ramp(head_dim, base, original_max_len, yarn_beta_fast, yarn_beta_slow)
+        else:
+            rotations = original_max_len * inv_freq / (2 * math.pi)  # turns of each pair over the original context
+            interpolate = 1.0 - np.clip((rotations - yarn_beta_slow) / (yarn_beta_fast - yarn_beta_slow), 0.0, 1.0)
+        inv_freq = interpolate * inv_freq / factor + (1.0 - interpolate) * inv_freq
         multiplier = 0.1 * math.log(factor) + 1.0
     return inv_freq, multiplier
+
+
+def _yarn_code_ramp(
+    head_dim: int, base: float, original_max_len: int, beta_fast: float, beta_slow: float
+) -> np.ndarray:
+    """Interpolation weight of each frequency pair, float64 [head_dim // 2], as YaRN's released code computes it."""
+
+    def correction_dim(turns: float) -> float:
+        return head_dim * math.log(original_max_len / (turns * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), head_dim - 1)
+    if low == high:
+        high += 0.001  # the released code's guard against a zero-width ramp
+    return np.clip((np.arange(head_dim // 2, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
 
 
 def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray | Array, multiplier: float = 1.0) -> Array:

@@ -45,6 +45,7 @@ SOFTMAX_OPTION_DOCS = {
     "rope_scaling": "RoPE context extension: None, 'linear', 'ntk' or 'yarn'",
     "rope_scaling_factor": "context extension factor for rope_scaling",
     "rope_original_max_len": "training context length that YaRN's ramp refers to",
+    "rope_yarn_ramp": "YaRN frequency ramp: 'code' (YaRN's code, transformers, vLLM; default) or 'paper' (gamma(r))",
     "relative_num_buckets": "T5 bias: number of buckets",
     "relative_max_distance": "T5 bias: distance beyond which buckets saturate",
     "shaw_max_distance": "Shaw: relative distances are clipped to [-k, k]",
@@ -64,6 +65,7 @@ class SoftmaxAttentionLayer(AttentionLayer):
     rope_scaling: str | None = None
     rope_scaling_factor: float = 1.0
     rope_original_max_len: int = 2048
+    rope_yarn_ramp: str = "code"
     relative_num_buckets: int = 32
     relative_max_distance: int = 128
     shaw_max_distance: int = 16
@@ -109,6 +111,7 @@ class SoftmaxAttentionLayer(AttentionLayer):
             scaling=self.rope_scaling,
             factor=self.rope_scaling_factor,
             original_max_len=self.rope_original_max_len,
+            yarn_ramp=self.rope_yarn_ramp,
         )
         kv_pos = q_pos if kv_pos is None else jnp.asarray(kv_pos)
         if kv_pos.ndim == 3:  # per kv head: rotate each head's keys at its own positions

@@ -3,9 +3,8 @@ Visual Backbones" (Vaswani et al., HaloNet, catalog [72]).
 
 The 2-D token grid [H, W] is split into non-overlapping query blocks of b_0 x b_1 tokens. Every query of a block
 attends to the same (b_0 + 2 h_0) x (b_1 + 2 h_1) key/value neighbourhood: its block plus a halo of h tokens on
-each side. Where the halo leaves the image the grid is zero-padded, and the padded keys are masked out (so a border
-block simply sees fewer keys). With 2-D relative position embeddings (HaloNet's row + column form, as in its
-reference code: one table per axis, shared by the heads):
+each side. Where the halo leaves the image the grid is zero-padded. With 2-D relative position embeddings
+(HaloNet's row + column form, as in its reference code: one table per axis, shared by the heads):
 
     q, k, v = x W_q, x W_k, x W_v                                             heads H, kv heads KVH
     l_ij = (q_i . k_j + q_i . r^row[row(j) - row(i)] + q_i . r^col[col(j) - col(i)]) / sqrt(D)
@@ -15,17 +14,29 @@ r^row: float [2 (b_0 + h_0) - 1, D], r^col: float [2 (b_1 + h_1) - 1, D] (option
 of a key in the haloed window lies in [-(b + h - 1), b + h - 1] per axis. The relative logits share the 1/sqrt(D)
 scale of the content logits (the Stand-Alone Self-Attention / BoTNet form).
 
-Extents that are not a multiple of the block are padded at the end (HaloNet requires multiples): the last block is
-partial, its padded queries are dropped and padded keys masked.
+Border padding (`mask_padding`): in the paper every block, border blocks included, gets the full (b + 2h)^2 memory
+(its Fig. 1 cuts a [4, 4, c] memory around each block of a [4, 4, c] image with b = 2, h = 1, and projects it to
+keys and values), and no attention mask is described (it calls its blocked attention non-masked).
+mask_padding=False (default) does that: a padded position is a zero pixel, so its key and value are the
+projections of 0 (the k / v biases, or 0 with use_bias=False) and it takes part in the softmax like any key.
+timm's `HaloAttn` also attends to the padding unmasked but pads k and v after their projection (zero keys and
+values even with qkv_bias): the two agree when use_bias=False. mask_padding=True masks the padded keys out instead
+(lucidrains/halonet-pytorch; a border block then sees only its real neighbours, like `window` at the grid's edge).
+
+Extents that are not a multiple of the block are padded at the end the same way (HaloNet requires multiples): the
+last block is partial and its padded queries are dropped.
 
 Implementation: the query blocks come from `attn.core.windows.partition_windows`; the haloed key windows are
 gathered once per block with a flat index table (`halo_key_table`); attention is `attn.functional.softmax_attention`
-batched over blocks with the validity mask and the relative logits as its bias.
+batched over blocks with the relative logits as its bias, and either the padding mask (mask_padding=True) or the
+zero-pixel keys and values in the padded slots.
 
 Shapes: x [B, H, W, E] -> [B, H, W, E]. Time O(B N (b + 2h)^2 H D) and memory O(B N (b + 2h)^2 (H + KVH D / b^2))
 for N = H W tokens (never N x N). halo_size = 0 is non-overlapping window attention (`window` with
-window_size = block_size); block_size = (H, W) with halo_size = 0 and rel_pos=False is plain softmax attention
-over the flattened tokens. No causal masking, no decoding.
+window_size = block_size; with mask_padding=True where the extents are not multiples of the block); block_size =
+(H, W) with halo_size = 0 and rel_pos=False is plain softmax attention over the flattened tokens. No causal
+masking, no decoding. Captured weights are over the real tokens: with mask_padding=False a row sums to 1 minus the
+mass on the padding.
 """
 
 from __future__ import annotations
@@ -40,7 +51,7 @@ import numpy as np
 from attn import functional as F
 from attn.core.layer import AttentionCall, SpatialAttentionLayer
 from attn.core.neighborhood import IntPerAxis, per_axis
-from attn.core.validation import check_rank, int_or_pair, non_negative_int, optional, positive, positive_int
+from attn.core.validation import check_rank, choice, int_or_pair, non_negative_int, optional, positive, positive_int
 from attn.core.windows import dense_window_probs, partition_windows, unpartition_windows, window_key_mask
 from attn.registry import register
 
@@ -108,14 +119,20 @@ def relative_offsets(block: int, halo: int) -> np.ndarray:
         "halo_size": "halo per side (int or pair, >= 0): each block attends to (b + 2h) x (b + 2h) keys around it",
         "rel_pos": "2-D relative position embeddings (row and column tables [2 (b + h) - 1, head_dim]), q . r logits",
         "scale": "logit scale (None = 1/sqrt(head_dim)), applied to content and relative logits",
+        "mask_padding": "False (the paper, Fig. 1): zero-padded border pixels are keys/values like any other; True: "
+        "they are masked out",
     },
     fidelity="paper",
-    reference="HaloNet paper: blocked local attention with haloing; 2-D relative embeddings as in its reference code "
-    "(row + column tables)",
+    reference="HaloNet paper (arXiv 2103.12731): blocked local attention with haloing; border padding from its Fig. 1 "
+    "caption (a full [b + 2h]^2 memory per block, linearly transformed to keys and values) and its statement that "
+    "the blocked attention is non-masked (the full text was not available here; both read from quotes in reviews "
+    "and independent implementations); 2-D relative embeddings as in its reference code (row + column tables); "
+    "compared with timm HaloAttn (pads k/v after projection, unmasked) and lucidrains/halonet-pytorch (masked)",
     validators={
         "block_size": int_or_pair(positive_int),
         "halo_size": int_or_pair(non_negative_int),
         "scale": optional(positive),
+        "mask_padding": choice(True, False),
     },
 )
 class HaloAttention(SpatialAttentionLayer):
@@ -125,6 +142,7 @@ class HaloAttention(SpatialAttentionLayer):
     halo_size: IntPerAxis = 3
     rel_pos: bool = True
     scale: float | None = None
+    mask_padding: bool = False
 
     def validate(self, call: AttentionCall) -> None:
         super().validate(call)
@@ -149,6 +167,13 @@ class HaloAttention(SpatialAttentionLayer):
             return flat.reshape(batch * num_blocks, key_table.shape[1], *t.shape[-2:])
 
         keys, values = gather(k), gather(v)
+        mask = window_key_mask(valid, batch)
+        if not self.mask_padding and not valid.all():
+            # Keys and values of the zero pixels that pad the grid: the projections of 0.
+            real = jnp.asarray(np.tile(valid, (batch, 1)))[:, :, None, None]
+            keys = jnp.where(real, keys, self.zero_pixel_projection("key", keys.dtype))
+            values = jnp.where(real, values, self.zero_pixel_projection("value", values.dtype))
+            mask = None
         bias = None
         if self.rel_pos:
             bias = self.relative_logits(queries.reshape(batch, num_blocks, *queries.shape[1:]), block, halo) * scale
@@ -158,7 +183,7 @@ class HaloAttention(SpatialAttentionLayer):
             queries,
             keys,
             values,
-            mask=window_key_mask(valid, batch),
+            mask=mask,
             bias=bias,
             scale=scale,
             dropout_rate=self.effective_dropout(call.deterministic),
@@ -168,10 +193,16 @@ class HaloAttention(SpatialAttentionLayer):
         )
         if capture:
             result, aux = result
-            self.sow_capture(
-                "attention_weights", dense_window_probs(aux["probs"], spatial, block, key_indices=key_table)
-            )
+            probs = aux["probs"] * jnp.asarray(np.tile(valid, (batch, 1)))[:, None, None, :]  # drop the padding
+            self.sow_capture("attention_weights", dense_window_probs(probs, spatial, block, key_indices=key_table))
         return unpartition_windows(result, spatial, block)
+
+    def zero_pixel_projection(self, name: str, dtype: jnp.dtype) -> Array:
+        """The "key" / "value" projection of a zero input pixel, [KVH, D]: the projection's bias, or zeros."""
+        params = self.variables["params"][name]
+        if "bias" in params:
+            return jnp.asarray(nn.unbox(params["bias"]), dtype)
+        return jnp.zeros((self.kv_heads, self.head_dim), dtype)
 
     def relative_logits(self, queries: Array, block: tuple[int, ...], halo: tuple[int, ...]) -> Array:
         """q . r^row + q . r^col for query blocks [B, nB, b0 * b1, H, D] -> float32 [B * nB, H, b0 * b1, K]."""

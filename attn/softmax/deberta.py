@@ -8,7 +8,7 @@ With relative distance r(i, j) = i - j (query minus key position):
 
     Q^c = x W_q,   K^c = x W_k,   V = x W_v                               (content projections)
     Q^r = P W_q,   K^r = P W_k      share_att_key=True  (DeBERTa-v2/v3: the layer's own projections, with bias)
-    Q^r = P W_qr,  K^r = P W_kr     share_att_key=False (DeBERTa-v1: separate position projections)
+    Q^r = P W_qr + b_qr,  K^r = P W_kr   share_att_key=False (DeBERTa-v1: separate `pos_q_proj`, `pos_proj`)
     delta(i, j) = clip(bucket(i - j) + k, 0, 2k - 1)
     A_ij = Q^c_i . K^c_j  +  Q^c_i . K^r_delta(i,j)  +  K^c_j . Q^r_delta'(i,j)        (c2c + c2p + p2c)
     o_i  = softmax_j(A_ij / sqrt(d (1 + n_terms)) + mask) V                    (1/sqrt(3d) with both terms)
@@ -16,6 +16,19 @@ With relative distance r(i, j) = i - j (query minus key position):
 bucket: `position_buckets` = b > 0 selects DeBERTa-v2's log buckets (`log_bucket_position`): distances with
 |r| <= b/2 keep their value, longer ones map logarithmically onto (b/2, b) up to `max_relative_positions`, where
 they saturate; then k = b. With b <= 0, bucket(r) = r and k = `max_relative_positions` (v1: clipping only).
+Past `max_relative_positions` the released codes differ: microsoft/DeBERTa's 2023 code clips r to
++-(max_relative_positions - 1) before bucketing (`log_bucket_clamp=True`), its 2021 code and `transformers` do not
+(`log_bucket_clamp=False`, default: how released checkpoints are run). Unclamped buckets exceed +-(b - 1), and the
+final clip of delta then maps a distance r <= -max_relative_positions to row 0 instead of row 1; nothing else
+differs (for r >= max_relative_positions both give row 2k - 1).
+
+Which DeBERTa each setting reproduces (attention layer; other options at their defaults):
+  v1 (deberta-base/-large, 2020): position_buckets=0, max_relative_positions=512, share_att_key=False, use_bias=True
+      (position_key without bias, position_query with one, as v1's `pos_proj` / `pos_q_proj`; v1's content key has
+      no bias, so a converted v1 checkpoint sets this layer's key bias to zero).
+  v2 (deberta-v2-xlarge/-xxlarge) and v3 (deberta-v3-*, the same attention): position_buckets=256,
+      max_relative_positions=512, share_att_key=True, use_bias=True; log_bucket_clamp=False as `transformers`
+      (models/deberta_v2) and microsoft/DeBERTa 2021, True as microsoft/DeBERTa's 2023 code.
 
 p2c index: the paper writes delta(j, i) (key minus query). Both released implementations (microsoft/DeBERTa and
 HuggingFace, which pretrained checkpoints were trained with) index p2c with the same delta(i, j) as c2p;
@@ -62,14 +75,19 @@ TERMS = ("c2p", "p2c")
 P2C_INDICES = ("released", "paper")
 
 
-def log_bucket_position(relative: Array, bucket_size: int, max_position: int) -> Array:
+def log_bucket_position(relative: Array, bucket_size: int, max_position: int, *, clamp: bool = False) -> Array:
     """DeBERTa-v2's log buckets of relative distances (int [...] -> int32 [...], sign kept).
 
-    |r| <= bucket_size // 2 is kept exactly; larger |r| (first clipped to max_position - 1) maps to
+    |r| <= bucket_size // 2 is kept exactly; larger |r| maps to
     sign(r) * (mid + ceil(log(|r| / mid) / log((max_position - 1) / mid) * (mid - 1))), mid = bucket_size // 2,
-    so the largest distance lands on bucket_size - 1.
+    so |r| = max_position - 1 lands on bucket_size - 1. clamp=False (transformers `make_log_bucket_position`,
+    microsoft/DeBERTa 2021): the formula goes on past it, |r| >= max_position giving buckets >= bucket_size.
+    clamp=True (microsoft/DeBERTa 2023): r is first clipped to [-(max_position - 1), max_position - 1], so the
+    buckets stay within +-(bucket_size - 1).
     """
-    relative = jnp.clip(jnp.asarray(relative, jnp.int32), -max_position + 1, max_position - 1)
+    relative = jnp.asarray(relative, jnp.int32)
+    if clamp:
+        relative = jnp.clip(relative, -max_position + 1, max_position - 1)
     mid = bucket_size // 2
     sign = jnp.sign(relative)
     # Distances inside (-mid, mid) are replaced by mid - 1 before the log only to keep it finite; they are kept
@@ -80,15 +98,23 @@ def log_bucket_position(relative: Array, bucket_size: int, max_position: int) ->
 
 
 def relative_index(
-    q_positions: Array, kv_positions: Array, *, position_buckets: int, max_relative_positions: int
+    q_positions: Array,
+    kv_positions: Array,
+    *,
+    position_buckets: int,
+    max_relative_positions: int,
+    log_bucket_clamp: bool = False,
 ) -> tuple[Array, int]:
-    """delta(i, j) = clip(bucket(i - j) + k, 0, 2k - 1): int32 [B|1, Tq, Tk], and the span k."""
+    """delta(i, j) = clip(bucket(i - j) + k, 0, 2k - 1): int32 [B|1, Tq, Tk], and the span k.
+
+    q_positions int [B|1, Tq] or [Tq], kv_positions int [B|1, Tk] or [Tk]. The two log-bucket variants differ only
+    where i - j <= -max_relative_positions: row 0 without the clamp, row 1 with it."""
     q = jnp.asarray(q_positions, jnp.int32)
     kv = jnp.asarray(kv_positions, jnp.int32)
     q, kv = (q[None] if q.ndim == 1 else q), (kv[None] if kv.ndim == 1 else kv)
     relative = q[:, :, None] - kv[:, None, :]
     if position_buckets > 0:
-        relative = log_bucket_position(relative, position_buckets, max_relative_positions)
+        relative = log_bucket_position(relative, position_buckets, max_relative_positions, clamp=log_bucket_clamp)
         span = position_buckets
     else:
         span = max_relative_positions
@@ -155,17 +181,23 @@ class DisentangledTerms(NamedTuple):
         "attention_terms": "relative terms added to content-to-content: a subset of ('c2p', 'p2c'); () = softmax",
         "position_buckets": "b > 0: DeBERTa-v2 log buckets, table of 2b rows; <= 0: plain clipping (DeBERTa-v1)",
         "max_relative_positions": "distance where the log buckets saturate (or the clip distance when b <= 0)",
-        "share_att_key": "project the position table with the layer's W_q / W_k (v2/v3) instead of separate ones",
+        "share_att_key": "project the position table with the layer's W_q / W_k (v2/v3) instead of separate ones "
+        "(v1: position_key without bias, position_query with one)",
+        "log_bucket_clamp": "clip i - j to +-(max_relative_positions - 1) before log-bucketing (microsoft/DeBERTa 2023 "
+        "code) instead of not (False: transformers and microsoft/DeBERTa 2021, which released checkpoints run with)",
         "p2c_index": "'released' (p2c indexed by delta(i, j), as in the official code) or 'paper' (delta(j, i))",
     },
     fidelity="official-code",
-    reference="github.com/microsoft/DeBERTa v2/v3 disentangled attention (log_bucket_position, share_att_key, p2c "
-    "indexed as released); p2c_index='paper' is the paper's delta(j, i)",
+    reference="github.com/microsoft/DeBERTa disentangled_attention.py (v1 2020: pos_proj / pos_q_proj biases; v2/v3: "
+    "share_att_key, p2c indexed as released) and da_utils.py (log buckets, 2021 unclamped and 2023 clamped); "
+    "transformers models/deberta_v2 make_log_bucket_position / build_relative_position (unclamped, the default); "
+    "p2c_index='paper' is the paper's delta(j, i)",
     validators={
         "position": choice("none", "rope"),
         "attention_terms": subset(*TERMS),
         "p2c_index": choice(*P2C_INDICES),
         "max_relative_positions": int_at_least(2),
+        "log_bucket_clamp": choice(True, False),
     },
     has_attention_weights=True,
 )
@@ -178,6 +210,7 @@ class DisentangledAttention(MultiHeadAttention):
     max_relative_positions: int = 512
     share_att_key: bool = True
     p2c_index: str = "released"
+    log_bucket_clamp: bool = False
 
     def _logit_scale(self) -> float:
         if self.scale is not None:
@@ -212,7 +245,11 @@ class DisentangledAttention(MultiHeadAttention):
         terms = tuple(self.attention_terms)
         if not terms:
             return None
-        options = dict(position_buckets=self.position_buckets, max_relative_positions=self.max_relative_positions)
+        options = dict(
+            position_buckets=self.position_buckets,
+            max_relative_positions=self.max_relative_positions,
+            log_bucket_clamp=self.log_bucket_clamp,
+        )
         c2p_index, span = relative_index(q_pos, kv_pos, **options)
         if self.p2c_index == "paper":
             p2c_index = relative_index(kv_pos, q_pos, **options)[0].swapaxes(-1, -2)
@@ -242,12 +279,13 @@ class DisentangledAttention(MultiHeadAttention):
         return out
 
     def _position_projection(self, table: Array, name: str, heads: int, heads_axis: str) -> Array:
-        """P W_r with separate "position_query" / "position_key" kernels (DeBERTa-v1)."""
+        """P W_r (+ b) with separate "position_query" / "position_key" projections, biased as DeBERTa-v1's
+        `pos_q_proj` (bias) and `pos_proj` (no bias), whatever `use_bias` says."""
         return HeadProjection(
             heads=heads,
             head_dim=self.head_dim,
             heads_axis=heads_axis,
-            use_bias=self.use_bias,
+            use_bias=name == "query",
             dtype=jnp.float32,
             param_dtype=self.param_dtype,
             name=f"position_{name}",

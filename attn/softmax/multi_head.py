@@ -39,6 +39,7 @@ __all__ = ["POSITIONS", "MultiHeadAttention"]
         "rope_scaling": optional(choice("linear", "ntk", "yarn")),
         "rope_scaling_factor": positive,
         "rope_original_max_len": positive_int,
+        "rope_yarn_ramp": choice("code", "paper"),
         "relative_num_buckets": positive_int,
         "relative_max_distance": positive_int,
         "shaw_max_distance": positive_int,

@@ -2,11 +2,13 @@
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import attn
 from attn.core import positions as pos
 
 
@@ -41,6 +43,73 @@ def test_rope_scalings():
     np.testing.assert_allclose(same, plain)
     with pytest.raises(ValueError, match="head_dim=15 must be even"):
         pos.rope_frequencies(15)
+
+
+def yarn_code_reference(head_dim, base, factor, original_max_len, beta_fast=32.0, beta_slow=1.0):
+    """YaRN's released ramp (jquesnelle/yarn `find_correction_range` + `linear_ramp_mask`, transformers
+    `_compute_yarn_parameters`), one frequency pair at a time."""
+    dim_of = lambda turns: head_dim * math.log(original_max_len / (turns * 2 * math.pi)) / (2 * math.log(base))
+    low, high = max(math.floor(dim_of(beta_fast)), 0), min(math.ceil(dim_of(beta_slow)), head_dim - 1)
+    out = []
+    for i in range(head_dim // 2):
+        theta = base ** (-2 * i / head_dim)
+        w = min(max((i - low) / (high - low), 0.0), 1.0)  # 1 = interpolate (theta / s), 0 = extrapolate
+        out.append(w * theta / factor + (1 - w) * theta)
+    return np.array(out)
+
+
+def yarn_paper_reference(head_dim, base, factor, original_max_len, alpha=1.0, beta=32.0):
+    """YaRN paper Sec. 3.2: r = L / lambda_d, gamma(r) = 0 below alpha, 1 above beta, linear between;
+    h(theta_d) = (1 - gamma) theta_d / s + gamma theta_d."""
+    out = []
+    for i in range(head_dim // 2):
+        theta = base ** (-2 * i / head_dim)
+        r = original_max_len / (2 * math.pi / theta)
+        gamma = 0.0 if r < alpha else 1.0 if r > beta else (r - alpha) / (beta - alpha)
+        out.append((1 - gamma) * theta / factor + gamma * theta)
+    return np.array(out)
+
+
+@pytest.mark.parametrize("head_dim, base, factor, original_max_len", [(64, 1e4, 4.0, 2048), (128, 1e6, 4.0, 32768)])
+def test_yarn_ramps_equal_their_references(head_dim, base, factor, original_max_len):
+    options = dict(base=base, scaling="yarn", factor=factor, original_max_len=original_max_len)
+    code, code_mult = pos.rope_frequencies(head_dim, **options)
+    paper, paper_mult = pos.rope_frequencies(head_dim, yarn_ramp="paper", **options)
+    np.testing.assert_allclose(code, yarn_code_reference(head_dim, base, factor, original_max_len), rtol=1e-12)
+    np.testing.assert_allclose(paper, yarn_paper_reference(head_dim, base, factor, original_max_len), rtol=1e-12)
+    assert code_mult == paper_mult == pytest.approx(0.1 * math.log(factor) + 1.0)
+
+
+def test_yarn_code_and_paper_ramps_differ_in_the_transition_pairs():
+    code, _ = pos.rope_frequencies(64, scaling="yarn", factor=4.0, original_max_len=2048)
+    paper, _ = pos.rope_frequencies(64, scaling="yarn", factor=4.0, original_max_len=2048, yarn_ramp="paper")
+    ratio = code / paper
+    differing = np.nonzero(np.abs(ratio - 1) > 1e-9)[0]
+    np.testing.assert_array_equal(differing, np.arange(9, 21))
+    assert ratio.max() == pytest.approx(1.8, abs=0.01)  # the code ramp keeps pair 15 nearer to extrapolation
+    with pytest.raises(ValueError, match=r"rope_yarn_ramp='gamma' is not supported; expected one of 'code', 'paper'"):
+        pos.rope_frequencies(64, scaling="yarn", factor=4.0, yarn_ramp="gamma")
+
+
+def test_softmax_layer_rotates_with_the_chosen_yarn_ramp():
+    """The layer's option reaches RoPE: the layer's logits equal q . k rotated with that ramp's frequencies."""
+    x = jax.random.normal(jax.random.key(2), (1, 2, 8))
+    positions = jnp.array([[0, 1500]])
+    options = dict(num_heads=1, head_dim=64, rope_scaling="yarn", rope_scaling_factor=4.0, rope_original_max_len=2048)
+    for ramp in ("code", "paper"):
+        layer = attn.build("softmax", rope_yarn_ramp=ramp, **options)
+        params = layer.init(jax.random.key(0), x, positions=positions)
+        _, state = layer.apply(params, x, positions=positions, mutable=["intermediates"])
+        (weights,) = state["intermediates"]["attention_weights"]
+        p = nn.meta.unbox(params)["params"]
+        q = jnp.einsum("bte,ehd->bthd", x, p["query"]["kernel"])
+        k = jnp.einsum("bte,ehd->bthd", x, p["key"]["kernel"])
+        inv_freq, mult = pos.rope_frequencies(64, scaling="yarn", factor=4.0, original_max_len=2048, yarn_ramp=ramp)
+        q, k = pos.apply_rope(q, positions, inv_freq, mult), pos.apply_rope(k, positions, inv_freq, mult)
+        expected = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / 8.0, axis=-1)
+        np.testing.assert_allclose(weights, expected, atol=1e-5)
+    with pytest.raises(ValueError, match=r"rope_yarn_ramp='gamma' must be one of"):
+        attn.build("softmax", rope_yarn_ramp="gamma", **options).init(jax.random.key(0), x)
 
 
 def test_alibi_slopes_and_bias():

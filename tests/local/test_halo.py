@@ -1,8 +1,8 @@
-"""The `halo` layer (HaloNet [72]): equals dense softmax attention under the haloed-block mask built with loops, with
-the row + column relative logits; halo 0 is window attention; captured weights; gradients; errors."""
+"""The `halo` layer (HaloNet [72]): equals a (query, window slot) loop with the row + column relative logits, with the
+zero-padded border attended (the paper) or masked; halo 0 is window attention; captured weights; gradients; errors."""
 
 import itertools
-from functools import partial
+import math
 
 import flax.linen as nn
 import jax
@@ -12,7 +12,6 @@ import pytest
 from local_reference import normal, random_params
 
 import attn
-from attn import functional as F
 
 
 def loop_halo_mask(spatial, block, halo):
@@ -28,54 +27,77 @@ def loop_halo_mask(spatial, block, halo):
     return mask
 
 
-def loop_offsets(spatial, block, halo, mask):
-    """int [N, N] row and column indices into the relative tables (key - query + b + h - 1; 0 where masked)."""
-    coords = list(itertools.product(*[range(n) for n in spatial]))
-    rows = np.zeros(mask.shape, int)
-    cols = np.zeros(mask.shape, int)
-    for a, (qr, qc) in enumerate(coords):
-        for b, (kr, kc) in enumerate(coords):
-            if mask[a, b]:
-                rows[a, b] = kr - qr + block[0] + halo[0] - 1
-                cols[a, b] = kc - qc + block[1] + halo[1] - 1
-    return rows, cols
+def loop_halo_reference(params, x, block, halo, rel_pos, mask_padding):
+    """numpy float64, one (query, window slot) pair at a time: every query attends to the (b + 2h) window around its
+    block; a slot outside the grid is a zero pixel (key b_k, value b_v: the projections of 0) unless mask_padding
+    drops it. Logits (q . k + q . r_row[dr] + q . r_col[dc]) / sqrt(D), offsets d = key - query + b + h - 1."""
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), nn.meta.unbox(params)["params"])
+    x = np.asarray(x, np.float64)
+    batch, rows, cols, _ = x.shape
+    heads, head_dim = p["query"]["kernel"].shape[1:]
+    groups = heads // p["key"]["kernel"].shape[1]
+    proj = lambda n: np.einsum("brce,ehd->brchd", x, p[n]["kernel"]) + p[n].get("bias", 0.0)
+    q, k, v = proj("query"), proj("key"), proj("value")
+    zero_k = p["key"].get("bias", np.zeros(p["key"]["kernel"].shape[1:]))
+    zero_v = p["value"].get("bias", np.zeros(p["value"]["kernel"].shape[1:]))
+    out = np.zeros((batch, rows, cols, heads, head_dim))
+    for b, r, c, h in itertools.product(range(batch), range(rows), range(cols), range(heads)):
+        top, left = (r // block[0]) * block[0] - halo[0], (c // block[1]) * block[1] - halo[1]
+        logits, values = [], []
+        for kr in range(top, top + block[0] + 2 * halo[0]):
+            for kc in range(left, left + block[1] + 2 * halo[1]):
+                inside = 0 <= kr < rows and 0 <= kc < cols
+                if not inside and mask_padding:
+                    continue
+                key = k[b, kr, kc, h // groups] if inside else zero_k[h // groups]
+                logit = q[b, r, c, h] @ key
+                if rel_pos:
+                    logit += q[b, r, c, h] @ p["rel_height"][kr - r + block[0] + halo[0] - 1]
+                    logit += q[b, r, c, h] @ p["rel_width"][kc - c + block[1] + halo[1] - 1]
+                logits.append(logit / math.sqrt(head_dim))
+                values.append(v[b, kr, kc, h // groups] if inside else zero_v[h // groups])
+        weights = np.exp(np.array(logits) - max(logits))
+        out[b, r, c, h] = (weights / weights.sum()) @ np.array(values)
+    return np.einsum("brchd,hde->brce", out, p["out"]["kernel"]) + p["out"].get("bias", 0.0)
 
 
-def halo_reference(params, x, block, halo, rel_pos):
-    mask = loop_halo_mask(x.shape[1:-1], block, halo)
-    rows, cols = loop_offsets(x.shape[1:-1], block, halo, mask)
-    return _dense(params, x, mask, rows, cols, rel_pos)
-
-
-@partial(jax.jit, static_argnames="rel_pos")
-def _dense(params, x, mask, rows, cols, rel_pos):
-    p = nn.meta.unbox(params)["params"]
-    batch, *spatial, features = x.shape
-    tokens = int(np.prod(spatial))
-    flat = x.reshape(batch, tokens, features)
-    q, k, v = (jnp.einsum("bne,ehd->bnhd", flat, p[n]["kernel"]) for n in ("query", "key", "value"))
-    scale = q.shape[-1] ** -0.5
-    bias = None
-    if rel_pos:
-        table = p["rel_height"][rows] + p["rel_width"][cols]  # [N, N, D]
-        bias = jnp.einsum("bnhd,nmd->bhnm", q, table) * scale
-    out = F.softmax_attention(q, k, v, mask=jnp.asarray(mask)[None, None], bias=bias, scale=scale)
-    return jnp.einsum("bnhd,hde->bne", out, p["out"]["kernel"]).reshape(x.shape)
-
-
+@pytest.mark.parametrize("mask_padding", [False, True])
 @pytest.mark.parametrize(
-    "spatial, block, halo, rel_pos, kv_heads",
-    [((6, 8), (3, 4), (1, 1), True, 2), ((7, 5), (3, 2), (2, 1), True, None), ((5, 5), (2, 2), (1, 1), False, 1)],
-    ids=["divisible_gqa", "partial_blocks", "mqa_no_rel"],
+    "spatial, block, halo, rel_pos, kv_heads, use_bias",
+    [
+        ((6, 8), (3, 4), (1, 1), True, 2, True),
+        ((7, 5), (3, 2), (2, 1), True, None, True),
+        ((5, 5), (2, 2), (1, 1), False, 1, False),
+    ],
+    ids=["divisible_gqa_bias", "partial_blocks_bias", "mqa_no_rel"],
 )
-def test_layer_equals_dense_masked_reference(spatial, block, halo, rel_pos, kv_heads):
+def test_layer_equals_loop_reference(spatial, block, halo, rel_pos, kv_heads, use_bias, mask_padding):
     layer = attn.build(
-        "halo", num_heads=4, head_dim=8, num_kv_heads=kv_heads, block_size=block, halo_size=halo, rel_pos=rel_pos
+        "halo",
+        num_heads=4,
+        head_dim=8,
+        num_kv_heads=kv_heads,
+        block_size=block,
+        halo_size=halo,
+        rel_pos=rel_pos,
+        use_bias=use_bias,
+        mask_padding=mask_padding,
     )
     x = normal((2, *spatial, 16))
     params = random_params(layer, x)
-    out = jax.jit(layer.apply)(params, x)
-    np.testing.assert_allclose(out, halo_reference(params, x, block, halo, rel_pos), atol=3e-5, rtol=1e-5)
+    expected = loop_halo_reference(params, x, block, halo, rel_pos, mask_padding)
+    np.testing.assert_allclose(jax.jit(layer.apply)(params, x), expected, atol=3e-5, rtol=1e-5)
+
+
+def test_padding_settings_differ_only_in_border_blocks():
+    """The default attends to the zero padding (so border blocks change); interior blocks are the same either way."""
+    x = normal((1, 9, 9, 8))
+    options = dict(num_heads=2, head_dim=4, block_size=3, halo_size=1)
+    unmasked = attn.build("halo", **options)
+    masked = attn.build("halo", mask_padding=True, **options)
+    params = random_params(unmasked, x)
+    diff = np.abs(np.asarray(unmasked.apply(params, x) - masked.apply(params, x))).max(-1)[0]
+    assert diff[3:6, 3:6].max() < 1e-6 and diff[:3].min() > 1e-4 and diff[6:].min() > 1e-4
 
 
 def test_zero_halo_is_window_attention():
@@ -86,18 +108,29 @@ def test_zero_halo_is_window_attention():
     np.testing.assert_allclose(jax.jit(halo.apply)(params, x), jax.jit(window.apply)(params, x), atol=2e-5)
 
 
-def test_captured_weights_gradients_and_relative_tables():
-    spatial, block, halo = (5, 6), (2, 3), (1, 2)
-    layer = attn.build("halo", num_heads=2, head_dim=4, block_size=block, halo_size=halo)
+@pytest.mark.parametrize("mask_padding", [False, True])
+def test_captured_weights_gradients_and_relative_tables(mask_padding):
+    spatial, block, halo = (6, 9), (2, 3), (1, 2)  # the middle block's window stays inside the grid
+    layer = attn.build("halo", num_heads=2, head_dim=4, block_size=block, halo_size=halo, mask_padding=mask_padding)
     x = normal((1, *spatial, 8))
     params = random_params(layer, x)
     assert nn.meta.unbox(params)["params"]["rel_height"].shape == (2 * (2 + 1) - 1, 4)
     assert nn.meta.unbox(params)["params"]["rel_width"].shape == (2 * (3 + 2) - 1, 4)
     _, state = jax.jit(lambda p, x: layer.apply(p, x, mutable=["intermediates"]))(params, x)
     (weights,) = state["intermediates"]["attention_weights"]
-    assert weights.shape == (1, 2, 30, 30)
-    assert np.all(np.asarray(weights)[..., ~loop_halo_mask(spatial, block, halo)] == 0)
-    np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-5)
+    assert weights.shape == (1, 2, 54, 54)
+    halo_mask = loop_halo_mask(spatial, block, halo)
+    assert np.all(np.asarray(weights)[..., ~halo_mask] == 0)
+    # Rows sum to 1 with the padding masked; otherwise to 1 minus the mass on the zero-padded pixels, which only the
+    # queries of border blocks (whose window leaves the grid) have.
+    window = (block[0] + 2 * halo[0]) * (block[1] + 2 * halo[1])
+    border = halo_mask.sum(-1) < window
+    row_sums = np.asarray(weights.sum(-1))[0]
+    if mask_padding:
+        np.testing.assert_allclose(row_sums, 1.0, atol=1e-5)
+    else:
+        assert border.any() and (~border).any() and np.all(row_sums[:, border] < 1 - 1e-4)
+        np.testing.assert_allclose(row_sums[:, ~border], 1.0, atol=1e-5)
 
     grads = jax.jit(jax.grad(lambda p: jnp.sum(layer.apply(p, x) ** 2)))(params)
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
