@@ -29,8 +29,24 @@ import flax.linen as nn
 from attn.core.validation import choice, in_range, optional, positive_int
 
 INPUT_KINDS = ("sequence", "spatial", "channels", "cross", "pooling")
+# What a layer of each input kind takes and returns (its __call__; the README's table of input kinds).
+INPUT_SHAPES = {
+    "sequence": "x [batch, length, embed] -> [batch, length, embed]",
+    "spatial": "x [batch, *spatial, embed] (1 to 3 spatial axes) -> the same shape",
+    "channels": "x [batch, *spatial, channels] (NHWC for images) -> the same shape",
+    "cross": "x [batch, length, embed], context [batch, context_length, context_embed] -> [batch, length, embed]",
+    "pooling": "x [batch, length, embed] -> [batch, embed]",
+}
 FAMILIES = ("softmax", "linear", "local", "sparse", "kv", "channel", "cross", "pooling")
 FIDELITIES = ("paper", "official-code", "peer", "reconstructed")
+
+# Per-layer fields a mechanism may declare (`register(..., layer_fields=...)`): options whose value depends on the
+# layer's place in the model. Every model that builds attention by name fills them per layer (attn.models.fields
+# .with_layer_fields) unless the user set them in attention_options.
+LAYER_FIELDS: dict[str, str] = {
+    "layer_index": "0-based index of the layer in its stack of blocks",
+    "num_layers": "number of blocks in the stack",
+}
 
 
 class Required:
@@ -107,6 +123,7 @@ class MechanismSpec:
       supports_gqa: num_kv_heads < num_heads works (meaningful for the sequence and spatial kinds).
       has_attention_weights: the layer computes an explicit probability matrix through the attention pipeline's
         named stages (interventions on weights and logits apply).
+      layer_fields: options (names from LAYER_FIELDS) that the models fill per layer unless the user sets them.
     """
 
     name: str
@@ -124,9 +141,13 @@ class MechanismSpec:
     reference: str | None
     supports_gqa: bool
     has_attention_weights: bool
+    layer_fields: tuple[str, ...] = ()
 
     def build(self, **options: Any) -> nn.Module:
         return build(self.name, **options)
+
+    def __repr__(self) -> str:  # the interactive prompt shows the readable description, not 4 KB of fields
+        return str(self)
 
     def __str__(self) -> str:
         yes = {True: "yes", False: "no"}
@@ -139,12 +160,14 @@ class MechanismSpec:
             f"{self.name}: {self.summary}",
             f"  paper: {self.paper} ({catalog})",
             f"  fidelity: {fidelity}; reference: {self.reference or 'not recorded'}",
-            f"  family: {self.family}; input: {self.input_kind}",
+            f"  family: {self.family}; input: {self.input_kind}, {INPUT_SHAPES[self.input_kind]}",
             f"  module: {self.module.__module__}.{self.module.__qualname__}; op: {op}",
             f"  claims: causal {yes[self.supports_causal]}, decode {yes[self.supports_decode]}, "
             f"gqa {yes[self.supports_gqa]}, attention weights {yes[self.has_attention_weights]}",
-            "  options:",
         ]
+        if self.layer_fields:
+            lines.append(f"  filled per layer by the models: {', '.join(self.layer_fields)}")
+        lines.append("  options:")
         lines += [f"    {option}" for option in self.options.values()]
         return "\n".join(lines)
 
@@ -220,12 +243,14 @@ def register(
     reference: str | None = None,
     supports_gqa: bool = True,
     has_attention_weights: bool = False,
+    layer_fields: tuple[str, ...] = (),
 ) -> Callable[[type[nn.Module]], type[nn.Module]]:
     """Class decorator that registers a flax.linen Module as the mechanism `name` and sets `registry_name` on it.
 
     `validators` maps option names to (name, value) -> None checks (attn.core.validation: positive_int,
     choice(...), ...); `fidelity` is one of FIDELITIES and `reference` says what it was checked against. Every
-    mechanism must give both (tests/test_registry.py and feature_table() enforce it).
+    mechanism must give both (tests/test_registry.py and feature_table() enforce it). `layer_fields` names the
+    options (keys of LAYER_FIELDS) that depend on the layer's place in the model; the models fill them per layer.
     """
     if name != name.lower() or not name.replace("_", "").isalnum():
         raise ValueError(f"mechanism name {name!r} must be lowercase snake case")
@@ -240,10 +265,24 @@ def register(
     for option, validator in (validators or {}).items():
         if not callable(validator):
             raise ValueError(f"validators[{option!r}]={validator!r} must be a callable (name, value) -> None")
+    layer_fields = tuple(layer_fields)
+    unknown_fields = [field for field in layer_fields if field not in LAYER_FIELDS]
+    if unknown_fields:
+        raise ValueError(
+            f"layer_fields={layer_fields!r} of mechanism {name!r} names {unknown_fields}; expected some of "
+            f"{tuple(LAYER_FIELDS)}"
+        )
 
     def decorator(module: type[nn.Module]) -> type[nn.Module]:
         if name in _REGISTRY and _REGISTRY[name].module is not module:
             raise ValueError(f"mechanism {name!r} is already registered by {_REGISTRY[name].module.__qualname__}")
+        options = _module_options(module, option_docs or {}, validators or {})
+        missing = [field for field in layer_fields if field not in options]
+        if missing:
+            raise ValueError(
+                f"layer_fields={layer_fields!r} of mechanism {name!r} names {missing}, not option(s) of "
+                f"{module.__name__}; expected some of {', '.join(options)}"
+            )
         _REGISTRY[name] = MechanismSpec(
             name=name,
             family=family,
@@ -254,12 +293,13 @@ def register(
             input_kind=input_kind,
             supports_causal=supports_causal,
             supports_decode=supports_decode,
-            options=_module_options(module, option_docs or {}, validators or {}),
+            options=options,
             summary=summary,
             fidelity=fidelity,
             reference=reference,
             supports_gqa=supports_gqa,
             has_attention_weights=has_attention_weights,
+            layer_fields=layer_fields,
         )
         module.registry_name = name
         # The layer template (attn/core/layer.py, which must not import the registry) runs these at every call.

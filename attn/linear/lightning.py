@@ -20,10 +20,18 @@ The decay is fixed (not learned: the paper found learnable lambda unstable), per
 The two differ in the head rate (8h/H in (0, 8] vs 2^(-8h/H) in [2^-8, 1/2)): read literally, Eq. 10 gives every
 head of the first layer lambda <= e^-1 (a receptive field of a few tokens), which contradicts the paper's aim of
 "retaining full attention at the lower layers"; the released models were trained with "tnl", so it is the default.
-In both, lower layers forget fastest. The paper applies LRPE to the first layer only (other layers keep only the
-decay); `lrpe` is a per-layer option here. The model passes `layer_index` and `num_layers` per layer through
-attention_options. Checked against the paper (Eqs. 9-14: LRPE-d a_st = q_s^T k_t lambda^(s-t) exp(i theta (s-t))
-with learned theta; GLA O = Norm(Q K^T V) ⊙ U with U = X W_u, no activation on U or V; phi = swish;
+In both, lower layers forget fastest.
+
+Per layer: the spec declares `layer_fields=("layer_index", "num_layers")`, so every model that builds attention by
+name (DecoderLM, Encoder, ViT, the encoder-decoder and VLM stacks) fills them for each of its layers from one
+options dict, unless the user sets them in attention_options. LRPE: the paper applies it to the first layer only
+(later layers keep only the decay; OpenNLPLab's model cards say the same of the released models), and the
+released code takes a per-layer list (`linear_use_lrpe_list`). lrpe=None (default) follows the paper, LRPE iff
+layer_index == 0; True / False force it on / off in this layer. A layer built alone (layer_index=0, num_layers=1)
+therefore has LRPE.
+
+Checked against the paper (Eqs. 9-14: LRPE-d a_st = q_s^T k_t lambda^(s-t) exp(i theta (s-t)) with learned theta;
+GLA O = Norm(Q K^T V) ⊙ U with U = X W_u, no activation on U or V; phi = swish;
 SRMSNorm(x) = x / (||x||_2 / sqrt(d)) over the concatenated heads) and the released code (theta initialised to
 10000^(-2 i / (H D)) over the flattened (head, dim) index; q, k <- [x cos(theta t), x sin(theta t)]).
 The sum is computed by the chunked core (Lightning Attention-2):
@@ -48,7 +56,7 @@ from attn import functional as F
 from attn.core.feature_maps import FEATURE_MAPS
 from attn.core.layer import AttentionCall
 from attn.core.positions import alibi_slopes
-from attn.core.validation import check_choice, choice, non_negative_int, positive, positive_int
+from attn.core.validation import check_choice, choice, non_negative_int, optional, positive, positive_int
 from attn.linear.linear import BASE_OPTION_DOCS, LinearAttentionBase
 from attn.registry import register
 
@@ -124,14 +132,17 @@ class Lrpe(nn.Module):
         "printed: exp(-(8h/H)(1 - l/L)), h, l 1-based) or 'none' (lambda = 1)",
         "layer_index": "this layer's index l (0-based), for the TNL decay schedule",
         "num_layers": "number of layers L of the model, for the TNL decay schedule",
-        "lrpe": "apply LRPE (learned relative cos/sin encoding of q and k; doubles the key dimension)",
+        "lrpe": "LRPE (learned relative cos/sin encoding of q and k; doubles the key dimension): None = the paper's "
+        "placement (first layer only: layer_index == 0), True / False = on / off in this layer",
         "output_norm": "norm of the concatenated head outputs: 'srms' (TNL), 'rmsnorm', 'layernorm' or 'none'",
         "gate": "multiply the normalised output by the gate u = x W_u (TNL's GLA)",
         **BASE_OPTION_DOCS,
     },
     fidelity="official-code",
-    reference="github.com/OpenNLPLab/TransnormerLLM modeling_transnormer.py (decay 'tnl', LRPE init) and the paper's "
-    "Eqs. 9-14 (decay='tnl_paper' is Eq. 10 as printed)",
+    reference="OpenNLPLab's released modeling_transnormer.py (TransnormerModel: slope_rate * (1 - idx / (L - 1) + "
+    "1e-5) per layer, linear_use_lrpe_list; Lrpe init), the paper's Eqs. 9-14 (decay='tnl_paper' is Eq. 10 as "
+    "printed) and its and the model cards' LRPE in the first layer only",
+    layer_fields=("layer_index", "num_layers"),
     validators={
         "chunk_size": positive_int,
         "eps": positive,
@@ -140,6 +151,7 @@ class Lrpe(nn.Module):
         "layer_index": non_negative_int,
         "num_layers": positive_int,
         "output_norm": choice("none", "srms", "rmsnorm", "layernorm"),
+        "lrpe": optional(choice(True, False)),
     },
 )
 class LightningAttention(LinearAttentionBase):
@@ -149,7 +161,7 @@ class LightningAttention(LinearAttentionBase):
     decay: str = "tnl"
     layer_index: int = 0
     num_layers: int = 1
-    lrpe: bool = True
+    lrpe: bool | None = None
     output_norm: str = "srms"
     gate: bool = True
 
@@ -159,10 +171,15 @@ class LightningAttention(LinearAttentionBase):
         super().validate(call)
         tnl_decay(1, self.layer_index, self.num_layers)  # layer_index must lie in [0, num_layers)
 
+    @property
+    def uses_lrpe(self) -> bool:
+        """Whether this layer applies LRPE: `lrpe`, or with lrpe=None the paper's rule (the first layer only)."""
+        return self.layer_index == 0 if self.lrpe is None else self.lrpe
+
     def map_features(self, q: Array, k: Array, q_pos: Array, k_pos: Array) -> tuple[Array, Array]:
         phi = FEATURE_MAPS[self.feature_map]
         q, k = phi(q), phi(k)
-        if self.lrpe:
+        if self.uses_lrpe:
             lrpe = Lrpe(kv_heads=self.kv_heads, param_dtype=self.param_dtype, name="lrpe")
             q, k = lrpe(q, q_pos), lrpe(k, k_pos)
         return q, k

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import attn
 from attn.core.conv import conv, group_norm
 from attn.models.encoder import classifier
-from attn.models.fields import AttentionOptions, hash_fields, per_layer_options
+from attn.models.fields import AttentionOptions, hash_fields, per_layer_options, with_layer_fields
 
 Dtype = Any
 
@@ -159,15 +159,21 @@ class CNN(nn.Module):
         args = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = conv(stages[0][0], 3, use_bias=False, name="stem", **args)(images.astype(self.dtype))
         x = nn.relu(group_norm(self.norm_groups, name="stem_norm", **args)(x))
+        # A mechanism's per-layer fields count the residual blocks of all stages (attn.models.fields).
+        depth, index = sum(blocks for _, blocks, _, _ in stages), 0
         for s, (width, blocks, name, options) in enumerate(stages):
             for b in range(blocks):
+                block_options = options
+                if name is not None:
+                    block_options = with_layer_fields(name, options, layer_index=index, num_layers=depth)
+                index += 1
                 x = ResidualBlock(
                     in_features=x.shape[-1],
                     features=width,
                     stride=2 if s > 0 and b == 0 else 1,
                     norm_groups=self.norm_groups,
                     mechanism=name,
-                    mechanism_options=options,
+                    mechanism_options=block_options,
                     name=f"stage_{s}_block_{b}",
                     **args,
                 )(x, condition=condition)

@@ -32,7 +32,9 @@ class DecoderLM(TokenTrunk):
       num_kv_heads: key/value heads (GQA/MQA); None means num_heads.
       attention: registry name, or one name per layer. Each must be a "sequence" mechanism that
         supports causal masking (and decoding, to use decode=True).
-      attention_options: extra `attn.build` options, one dict for all layers or one per layer.
+      attention_options: extra `attn.build` options, one dict for all layers or one per layer. The per-layer fields
+        a mechanism declares (its spec's `layer_fields`: `layer_index`, the block's 0-based index in this stack
+        whatever the other blocks' mechanisms, and `num_layers`) are filled for each layer unless set here.
       norm: "rmsnorm" or "layernorm". mlp: "swiglu" or "gelu".
       tie_embeddings: output head is the transposed token embedding.
       position_embedding: "none" (the mechanism handles positions, e.g. RoPE) or "learned" (max_len rows).

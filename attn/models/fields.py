@@ -1,6 +1,10 @@
-"""Model fields that may be given once or per layer, and hashing of models with dict-valued fields.
+"""Model fields that may be given once or per layer, the per-layer fields of mechanisms, and hashing of models with
+dict-valued fields.
 
-`attention` may be one registry name or one per layer; `attention_options` one dict or one per layer.
+`attention` may be one registry name or one per layer; `attention_options` one dict or one per layer. A mechanism
+whose options depend on the layer's place in the model declares them (`register(..., layer_fields=("layer_index",
+"num_layers"))`, e.g. `lightning`'s decay schedule); `with_layer_fields` fills them for each layer of a stack, so a
+model built from one options dict still gives every layer its own value.
 Models are passed to `jax.jit` as static arguments (e.g. by `generate`), which needs a hash: the
 dataclass hash would fail on dict fields, so `hash_fields` hashes a frozen copy of the fields instead.
 """
@@ -10,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+import attn
 
 # One dict of `attn.build` options for every layer, or one dict per layer.
 AttentionOptions = Mapping[str, Any] | Sequence[Mapping[str, Any]]
@@ -47,6 +53,24 @@ def per_layer_options(
         if not isinstance(entry, Mapping):
             raise ValueError(f"attention_options entries must be dicts; got {entry!r}")
     return tuple(dict(entry) for entry in options)
+
+
+def with_layer_fields(name: str, options: Mapping[str, Any], *, layer_index: int, num_layers: int) -> dict[str, Any]:
+    """`options` of mechanism `name` for layer `layer_index` (0-based) of a stack of `num_layers` blocks: the
+    mechanism's declared per-layer fields (its spec's `layer_fields`) are filled in, except those the user set
+    in `options` (an explicit value wins, also when one dict serves every layer)."""
+    if not 0 <= layer_index < num_layers:
+        raise ValueError(f"layer_index={layer_index} must lie in [0, num_layers={num_layers})")
+    values = {"layer_index": layer_index, "num_layers": num_layers}
+    filled = dict(options)
+    for field in attn.get(name).layer_fields:
+        if field not in values:
+            raise ValueError(
+                f"mechanism {name!r} declares the per-layer field {field!r}, which the models cannot fill; "
+                f"expected some of {tuple(values)}"
+            )
+        filled.setdefault(field, values[field])
+    return filled
 
 
 def freeze(value: Any) -> Any:

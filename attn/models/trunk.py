@@ -21,7 +21,13 @@ import attn
 from attn.core.positions import LearnedPositionEmbedding
 from attn.core.validation import check_choice
 from attn.models.block import TransformerBlock, check_cross_mechanism, check_mechanism
-from attn.models.fields import AttentionOptions, hash_fields, per_layer_mechanisms, per_layer_options
+from attn.models.fields import (
+    AttentionOptions,
+    hash_fields,
+    per_layer_mechanisms,
+    per_layer_options,
+    with_layer_fields,
+)
 from attn.models.layers import (
     ACTIVATION_AXES,
     MLPS,
@@ -72,8 +78,19 @@ def resolve_head_dim(model: Any) -> int:
     return model.d_model // model.num_heads
 
 
+def stack_options(names: Sequence[str], options: Sequence[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """(name, options) per layer of a stack, with each mechanism's per-layer fields (layer_index, num_layers) filled
+    in where the user did not set them (see attn.models.fields.with_layer_fields)."""
+    count = len(names)
+    return [
+        (name, with_layer_fields(name, entry, layer_index=i, num_layers=count))
+        for i, (name, entry) in enumerate(zip(names, options, strict=True))
+    ]
+
+
 def resolve_layers(model: Any, *, grid: tuple[int, ...] | None = None) -> list[tuple[str, dict[str, Any]]]:
-    """Validated (mechanism name, options) per layer; checks norm/mlp choices and mechanism kinds."""
+    """Validated (mechanism name, options) per layer, per-layer fields filled; checks norm/mlp choices and
+    mechanism kinds."""
     if model.num_layers < 0:
         raise ValueError(f"num_layers={model.num_layers} must be >= 0")
     check_choice("norm", model.norm, NORMS)
@@ -82,12 +99,12 @@ def resolve_layers(model: Any, *, grid: tuple[int, ...] | None = None) -> list[t
     options = per_layer_options(model.attention_options, model.num_layers)
     for name in set(names):
         check_mechanism(name, grid=grid)
-    return list(zip(names, options, strict=True))
+    return stack_options(names, options)
 
 
 def resolve_cross_layers(model: Any) -> list[tuple[str | None, dict[str, Any]]]:
     """(cross-attention mechanism name or None, options) per layer, from the model's optional `cross_attention`
-    (None, one registry name, or one per layer) and `cross_attention_options` fields."""
+    (None, one registry name, or one per layer) and `cross_attention_options` fields; per-layer fields filled."""
     cross = getattr(model, "cross_attention", None)
     if cross is None:
         return [(None, {})] * model.num_layers
@@ -95,7 +112,7 @@ def resolve_cross_layers(model: Any) -> list[tuple[str | None, dict[str, Any]]]:
     options = per_layer_options(getattr(model, "cross_attention_options", None), model.num_layers)
     for name in set(names):
         check_cross_mechanism(name)
-    return list(zip(names, options, strict=True))
+    return stack_options(names, options)
 
 
 def block_stack(

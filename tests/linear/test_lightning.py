@@ -63,7 +63,7 @@ def test_without_decay_norm_gate_and_lrpe_it_is_linear_attention(layer_checks):
 
 def test_decode_with_state_equals_full_forward_and_is_causal(layer_checks):
     c = layer_checks
-    layer = c.build("lightning", num_kv_heads=2, layer_index=1, num_layers=4, chunk_size=4)
+    layer = c.build("lightning", num_kv_heads=2, layer_index=1, num_layers=4, chunk_size=4, lrpe=True)
     x = c.inputs()
     variables = c.init(layer, x)
     assert {"gate", "lrpe"} <= set(variables["params"])
@@ -97,3 +97,16 @@ def test_options_are_checked(layer_checks):
         c.build("lightning", output_norm="batchnorm").init(jax.random.key(0), x, mask=c.CAUSAL)
     spec = attn.get("lightning")
     assert spec.catalog == 19 and spec.supports_decode and spec.op is attn.functional.linear_attention
+
+
+def test_lrpe_follows_the_paper_first_layer_only_unless_forced(layer_checks):
+    """lrpe=None: LRPE (its theta parameter) in the layer with layer_index 0 only; True / False force it."""
+    c = layer_checks
+    x = c.inputs()
+    has_lrpe = {}
+    for index, lrpe in ((0, None), (2, None), (2, True), (0, False)):
+        layer = c.build("lightning", layer_index=index, num_layers=4, lrpe=lrpe)
+        has_lrpe[index, lrpe] = "lrpe" in jax.eval_shape(lambda layer=layer: c.init(layer, x))["params"]
+    assert has_lrpe == {(0, None): True, (2, None): False, (2, True): True, (0, False): False}
+    with pytest.raises(ValueError, match="lrpe='first' must be None or one of"):
+        c.build("lightning", lrpe="first").init(jax.random.key(0), x, mask=c.CAUSAL)
