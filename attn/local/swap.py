@@ -21,7 +21,8 @@ windows at borders; a window larger than an extent covers the axis).
 
 STATUS — INTERPRETATION. The paper's method section could not be read here (searched: arXiv 2305.10874 full text,
 its HTML/markdown mirrors, which are stored only from their opening, and code search for "Swap-CA" / "swapped
-cross-attention"; no model code by the authors was found). What the abstract fixes: cross-attention
+cross-attention"; the authors' repository github.com/daooshee/HD-VG-130M, listed as the paper's official code,
+holds the dataset's README and licence only, no model code). What the abstract fixes: cross-attention
 "in 3D windows" that "alternates the 'query' role between spatial and temporal blocks".
 This implementation's reading, which may differ from the paper:
   1. the streams: full-frame spatial self-attention and full-length temporal self-attention (as in the
@@ -76,7 +77,9 @@ QUERY_STREAMS = ("spatial", "temporal")
     },
     fidelity="reconstructed",
     reference="the abstract of arXiv 2305.10874 only (3-D window cross-attention alternating the query role between "
-    "spatial and temporal blocks); the streams, residual and window options are this module's interpretation",
+    "spatial and temporal blocks); the method section was not reachable and the authors' repository "
+    "(daooshee/HD-VG-130M) has no model code; the streams, residual and window options are this module's "
+    "interpretation",
     validators={
         "window_size": int_or_pair(positive_int),
         "shift": int_or_pair(non_negative_int),

@@ -9,17 +9,23 @@ position, controls how spiky each row is; a value temperature scales each value 
     tau_tok(x_i)   = 1 + tanh(x_i w_h)              w_h in R^E per head, zero-initialised   (token-aware)
     tau_pos(n_i)   = 1 + exp(-exp(beta_h)) log n_i   beta_h initialised to 2                 (position-aware)
     q_i           <- tau_tok(x_i) * tau_pos(n_i) * q_i        (equivalently, row i of the logits is scaled)
+                  or (tau_tok(x_i) - 1 + tau_pos(n_i)) * q_i   with combine="sum" (see below)
     v_j           <- (1 + tanh(x_j u_g)) * v_j       u_g in R^E per kv head, zero-initialised  (value temperature)
     o_i            = softmax(scale q_i K^T + bias + mask) V
 
 Verified against the official code (github.com/umich-sota/selective_attention, lit_gpt/model_finetune_att.py,
 lit_gpt/gpt_2_PTS.py): the position term multiplies the logits of row i by 1 + exp(-exp(beta)) log(row_length_i),
 row_length_i = i + 1 (causal), beta a learned scalar initialised to 2.0 (1.5 in the GPT-2 script). That repository
-holds only this position-aware part: it has no token-aware query temperature and no value temperature, and the
-paper text was not reachable here. Secondary descriptions of the paper's Section 3 (its ablation columns
+holds only this position-aware part: it has no token-aware query temperature and no value temperature. The paper's
+method section (Section 3) could not be read here: arXiv 2411.12892 (HTML and its markdown mirror) is stored only
+from its opening (abstract and introduction: "temperature scaling for value embeddings", "less than 0.5% new
+parameters through a weight-sharing strategy", with no formula), and the overviews found describe the token and
+position terms without their combination. Secondary descriptions of the paper's Section 3 (its ablation columns
 "tau_pos + tau_tok"; a public re-implementation writing tau_tok = tanh(f(x)), tau_pos = 1 + sigmoid(a) log n)
-suggest the paper ADDS the two query terms, tau = tau_tok + tau_pos, where this layer multiplies them; the two
-agree at initialisation (w = 0) and whenever either term is off, and differ once both are trained. Unresolved.
+suggest the paper ADDS the two query terms, tau = tau_tok + tau_pos, where this layer multiplies them; the two agree
+at initialisation (w = 0) and whenever either term is off, and differ once both are trained; combine="sum" computes
+that reading, tanh(x w) + tau_pos (the default, "product", is this layer's own reading). Unresolved, as are the
+weight sharing and the exact form of the value temperature: this layer is experimental.
 
 Choices of ours: n_i is the number of keys row i attends to (covers padding and windows; = the official
 row_length for causal self-attention); beta is one per head (official: one per layer) initialised to 2; the
@@ -44,6 +50,8 @@ import jax.numpy as jnp
 
 from attn.core.layer import AttentionCall
 from attn.core.masks import Mask
+from attn.core.pipeline import accumulation_dtype
+from attn.core.validation import choice
 from attn.registry import register
 from attn.softmax.multi_head import MultiHeadAttention
 
@@ -73,12 +81,16 @@ def visible_keys(mask: Mask | None, window, q_len: int, kv_len: int, q_offset) -
         "position_temperature": "position-aware query temperature 1 + exp(-exp(beta_h)) log(n_i)",
         "value_temperature": "value temperature 1 + tanh(x u_g) per kv head",
         "position_beta_init": "initial beta_h of the position temperature (2 in the official code: almost 1)",
+        "combine": "'product': q scaled by tau_tok * tau_pos; 'sum': by tanh(x w_h) + tau_pos, the sum tau_tok + "
+        "tau_pos of secondary descriptions (the paper's choice is unresolved: see the module doc)",
     },
     fidelity="reconstructed",
     reference="position temperature verified against github.com/umich-sota/selective_attention "
     "(lit_gpt/model_finetune_att.py, lit_gpt/gpt_2_PTS.py); token and value temperatures and their product with it "
-    "are reconstructed from secondary descriptions (the paper may add tau_tok + tau_pos)",
+    "are reconstructed from secondary descriptions (the paper may add tau_tok + tau_pos); the paper's Section 3 "
+    "was searched for (arXiv 2411.12892 HTML, mirrors, overviews) and not found past the introduction",
     has_attention_weights=True,
+    validators={"combine": choice("product", "sum")},
 )
 class SelectiveAttention(MultiHeadAttention):
     """Softmax attention with SSA query and value temperatures. x [B, T, E] -> [B, T, E]."""
@@ -87,17 +99,20 @@ class SelectiveAttention(MultiHeadAttention):
     position_temperature: bool = True
     value_temperature: bool = True
     position_beta_init: float = 2.0
+    combine: str = "product"
 
     def _temperature(self, source: Array, heads: int, heads_axis: str, name: str) -> Array:
-        """1 + tanh(source w): float32 [B, T, heads, 1] with w [E, heads] zero-initialised."""
+        """tanh(source w): [B, T, heads, 1] with w [E, heads] zero-initialised, in float32 (float64 for float64
+        inputs)."""
         w = self.param(
             name,
             nn.with_logical_partitioning(nn.initializers.zeros, ("embed", heads_axis)),
             (source.shape[-1], heads),
             self.param_dtype,
         )
-        logits = jnp.einsum("bte,eh->bth", source.astype(jnp.float32), jnp.asarray(w, jnp.float32))
-        return (1.0 + jnp.tanh(logits))[..., None]
+        dtype = accumulation_dtype(source, w)
+        logits = jnp.einsum("bte,eh->bth", source.astype(dtype), jnp.asarray(w, dtype))
+        return jnp.tanh(logits)[..., None]
 
     def validate(self, call: AttentionCall) -> None:
         super().validate(call)
@@ -108,17 +123,23 @@ class SelectiveAttention(MultiHeadAttention):
 
     def project_qkv(self, x: Array, context: Array | None) -> tuple[Array, Array, Array]:
         q, k, v = super().project_qkv(x, context)
-        if self.query_temperature:
-            q = (q * self._temperature(x, self.num_heads, "heads", "query_temperature")).astype(q.dtype)
+        if self.query_temperature and self.combine == "product":
+            q = (q * (1.0 + self._temperature(x, self.num_heads, "heads", "query_temperature"))).astype(q.dtype)
         if self.value_temperature:
             source = x if context is None else context
-            v = (v * self._temperature(source, self.kv_heads, "kv_heads", "value_temperature")).astype(v.dtype)
+            tau_v = 1.0 + self._temperature(source, self.kv_heads, "kv_heads", "value_temperature")
+            v = (v * tau_v).astype(v.dtype)
         return q, k, v
 
     def prepare(self, q: Array, k: Array, v: Array, call: AttentionCall) -> tuple[Array, Array, Array, AttentionCall]:
         """The `softmax` layer's positions and cache, then the position temperature tau_pos(n_i) on q (n_i: the keys
-        row i attends to, hence after the cache), so any softmax kernel computes SSA."""
+        row i attends to, hence after the cache; with combine="sum", tanh(x_i w) + tau_pos(n_i)), so any softmax
+        kernel computes SSA."""
         q, k, v, call = super().prepare(q, k, v, call)
+        if self.combine == "sum" and self.query_temperature:
+            tau_tok = self._temperature(call.x, self.num_heads, "heads", "query_temperature")  # [B, Tq, H, 1]
+            if not self.position_temperature:
+                return (q * (1.0 + tau_tok)).astype(q.dtype), k, v, call
         if self.position_temperature:
             beta = self.param(
                 "position_beta",
@@ -127,7 +148,10 @@ class SelectiveAttention(MultiHeadAttention):
                 self.param_dtype,
             )
             n = visible_keys(call.mask, self.window, q.shape[1], k.shape[1], call.q_offset)  # [B|1, H|1, Tq]
-            strength = jnp.exp(-jnp.exp(jnp.asarray(beta, jnp.float32)))[None, :, None]
-            tau = 1.0 + strength * jnp.log(jnp.maximum(n, 1.0))  # [B|1, H, Tq]
-            q = (q * jnp.moveaxis(tau, 1, 2)[..., None]).astype(q.dtype)
+            dtype = accumulation_dtype(q, beta)
+            strength = jnp.exp(-jnp.exp(jnp.asarray(beta, dtype)))[None, :, None]
+            tau = jnp.moveaxis(1.0 + strength * jnp.log(jnp.maximum(n.astype(dtype), 1.0)), 1, 2)[..., None]
+            if self.combine == "sum" and self.query_temperature:
+                tau = tau + tau_tok  # [B, Tq, H, 1]
+            q = (q * tau).astype(q.dtype)
         return q, k, v, call

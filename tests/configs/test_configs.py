@@ -4,11 +4,13 @@ import ast
 import importlib
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
 
 import attn
+from attn.models.fields import with_layer_fields
 from train import config_checks, tasks
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
@@ -36,9 +38,66 @@ def _abstract_batch(config):
     return {"inputs": jax.ShapeDtypeStruct((b, t), jnp.int32)}
 
 
-def _param_count(task, config):
+def _param_shapes(task, config):
+    """The model's parameter tree of `config` as ShapeDtypeStructs (nothing is computed)."""
     variables = jax.eval_shape(lambda rng: task.init(rng, _abstract_batch(config)), jax.random.key(0))
-    return tasks.count_params(variables["params"])
+    return nn.unbox(variables["params"])
+
+
+def _param_count(task, config):
+    return tasks.count_params(_param_shapes(task, config))
+
+
+def _shapes(tree):
+    return jax.tree.map(lambda leaf: tuple(leaf.shape), tree)
+
+
+def _attention_sublayers(params):
+    """{path: subtree} of every sublayer named "attention" in a parameter tree."""
+    found = {}
+
+    def walk(tree, path):
+        for key, value in tree.items():
+            if key == "attention":
+                found[path + key] = value
+            elif isinstance(value, dict):
+                walk(value, path + key + "/")
+
+    walk(params, "")
+    return found
+
+
+def _standalone_attention_shapes(model, x_shape, layer_index, mask=None):
+    """Parameter shapes of `model.attention` built alone with the model's heads, head width and options (per-layer
+    fields filled for layer `layer_index`), on an input of x_shape."""
+    head_dim = model.head_dim or model.d_model // model.num_heads
+    layer = attn.build(
+        model.attention,
+        num_heads=model.num_heads,
+        head_dim=head_dim,
+        num_kv_heads=model.num_kv_heads,
+        **with_layer_fields(
+            model.attention, model.attention_options, layer_index=layer_index, num_layers=model.num_layers
+        ),
+    )
+    x = jax.ShapeDtypeStruct(x_shape, jnp.float32)
+    variables = jax.eval_shape(lambda key, x: layer.init(key, x, mask=mask), jax.random.key(0), x)
+    return _shapes(nn.unbox(variables["params"]))
+
+
+def _decoder_param_count(model):
+    """Parameter count of a `decoder` model from its config fields alone: tied or untied token embedding, learned
+    positions, per layer q/k/v/out (no biases), two norms (RMSNorm: scale; LayerNorm: scale and bias) and the MLP
+    (SwiGLU: three matrices; GELU: two; no biases), and the final norm."""
+    e, heads = model.d_model, model.num_heads
+    head_dim = model.head_dim or e // heads
+    kv_heads = model.num_kv_heads or heads
+    norm = e if model.norm == "rmsnorm" else 2 * e
+    mlp = (3 if model.mlp == "swiglu" else 2) * e * model.mlp_dim
+    layer = 2 * e * heads * head_dim + 2 * e * kv_heads * head_dim + 2 * norm + mlp
+    embedding = model.vocab_size * e * (1 if model.tie_embeddings else 2)
+    positions = model.max_len * e if model.position_embedding == "learned" else 0
+    return embedding + positions + model.num_layers * layer + norm
 
 
 @pytest.mark.parametrize("name,preset", CASES)
@@ -46,7 +105,15 @@ def test_config_loads_passes_checks_and_builds(name, preset):
     config = _load(name, preset)
     config_checks.check_config(config)
     task = tasks.build_task(config.model, config.precision.compute_dtype)
-    assert _param_count(task, config) > 0
+    params = _param_shapes(task, config)
+    sublayers = _attention_sublayers(params)
+    stacks = 2 if config.model.kind in ("encoder_decoder", "vlm") else 1  # encoder (or vision) stack + decoder
+    if config.model.kind == "cnn":  # one attention module per residual block
+        assert len(sublayers) == config.model.blocks_per_stage * len(config.model.widths)
+    else:
+        assert len(sublayers) == stacks * config.model.num_layers, sorted(sublayers)
+    if config.model.kind == "decoder":
+        assert tasks.count_params(params) == _decoder_param_count(config.model)
 
 
 def test_lm_125m_is_gpt2_small_sized():
@@ -55,6 +122,18 @@ def test_lm_125m_is_gpt2_small_sized():
     assert config.seq_len == 1024 and config.precision.compute_dtype == "bfloat16"
     count = _param_count(tasks.build_task(config.model, "bfloat16"), config)
     assert 80e6 < count < 130e6, count
+
+
+@pytest.mark.parametrize(
+    "mlp, norm, tie_embeddings, position_embedding, num_kv_heads",
+    [("gelu", "layernorm", False, "learned", 1), ("swiglu", "rmsnorm", True, "none", None)],
+)
+def test_decoder_parameter_count_follows_its_fields(mlp, norm, tie_embeddings, position_embedding, num_kv_heads):
+    config = _load("lm_tiny", "smoke")
+    model = config.model
+    model.mlp, model.norm, model.tie_embeddings = mlp, norm, tie_embeddings
+    model.position_embedding, model.num_kv_heads = position_embedding, num_kv_heads
+    assert _param_count(tasks.build_task(model), config) == _decoder_param_count(model)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -101,7 +180,12 @@ def test_any_causal_mechanism_can_be_chosen_by_name(mechanism):
     config.model.attention = mechanism
     config.model.num_heads = 4  # some mechanisms give each head a different pattern (s2_attention)
     config_checks.check_config(config)
-    assert _param_count(tasks.build_task(config.model), config) > 0
+    sublayers = _attention_sublayers(_param_shapes(tasks.build_task(config.model), config))
+    assert sorted(sublayers) == [f"layers_{i}/attention" for i in range(config.model.num_layers)]
+    for i in range(config.model.num_layers):
+        x_shape = (1, config.seq_len, config.model.d_model)
+        want = _standalone_attention_shapes(config.model, x_shape, i, mask=attn.Mask(causal=True))
+        assert _shapes(sublayers[f"layers_{i}/attention"]) == want, (mechanism, i)
 
 
 @pytest.mark.parametrize("mechanism", [n for n in attn.list_mechanisms() if attn.get(n).input_kind == "spatial"])
@@ -109,4 +193,9 @@ def test_any_spatial_mechanism_can_be_chosen_by_name_for_vit(mechanism):
     config = _load("vit_tiny", "")  # the 8x8 patch grid fits every mechanism's default window
     config.model.attention = mechanism
     config_checks.check_config(config)
-    assert _param_count(tasks.build_task(config.model), config) > 0
+    sublayers = _attention_sublayers(_param_shapes(tasks.build_task(config.model), config))
+    grid = config.data.image_size // config.model.patch_size
+    assert sorted(sublayers) == [f"layers_{i}/attention" for i in range(config.model.num_layers)]
+    for i in range(config.model.num_layers):
+        want = _standalone_attention_shapes(config.model, (1, grid, grid, config.model.d_model), i)
+        assert _shapes(sublayers[f"layers_{i}/attention"]) == want, (mechanism, i)

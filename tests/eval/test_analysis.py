@@ -63,7 +63,9 @@ def test_run_report_matches_captured_weights(workdir):
         assert 0.0 <= entry["first_key_mass"] <= entry["first_key_mass_max_head"] <= 1.0
         assert entry["first_key_mass"] == pytest.approx(p[..., 0].mean(), rel=1e-5)
         assert entry["first_key_mass_max_head"] == pytest.approx(p[..., 0].mean(axis=(0, 2)).max(), rel=1e-5)
-        assert 0.0 <= entry["entropy"] <= np.log(p.shape[-1])
+        rows = p.reshape(-1, p.shape[-1])  # every (batch, head, query) row; 0 log 0 = 0 for masked keys
+        entropy = np.mean([-sum(w * np.log(w) for w in row if w > 0) for row in rows])
+        assert entry["entropy"] == pytest.approx(entropy, rel=1e-5)
         x = np.asarray(residual[entry["layer"]])
         assert x.shape == (8, run.config.seq_len, run.config.model.d_model)
         assert entry["residual"]["max_abs"] == pytest.approx(np.abs(x).max(), rel=1e-6)

@@ -59,7 +59,8 @@ def test_tensorboard_scalars_have_the_expected_tags_and_steps(smoke_run):
         "perf/tokens_per_s",
         "perf/mfu",
     ):
-        assert [step for step, _ in scalars[tag]] == [2, 4, 6], tag
+        # The first invocation stopped at step 3, between log steps: step 3 is logged there, 4 by the second.
+        assert [step for step, _ in scalars[tag]] == [2, 3, 4, 6], tag
     for tag in ("eval/loss", "eval/perplexity", "eval/accuracy"):
         assert [step for step, _ in scalars[tag]] == [3, 6], tag
     loss = dict(scalars["train/loss"])
@@ -69,18 +70,47 @@ def test_tensorboard_scalars_have_the_expected_tags_and_steps(smoke_run):
     assert "config" in metrics.read_text(workdir)
 
 
+def probe_weights_by_hand(workdir):
+    """The attention weights [B, H, T, T] of each layer of the step-6 checkpoint on the probe batch, as the model
+    sows them, in float64 numpy."""
+    config = lm_tiny.get_config("smoke")
+    s = trainer.setup(config, workdir)
+    layout = trainer.layout_state(s)
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=2, save_every=3)
+    try:
+        state, _, step = trainer.restore_or_init(s, layout, checkpointer)
+    finally:
+        checkpointer.close()
+    assert step == 6
+    _, collections = s.task.apply({"params": state.params}, s.probe_batch, mutable=["intermediates"])
+    flat = jax.tree_util.tree_flatten_with_path(collections["intermediates"])[0]
+    weights = {}
+    for path, value in flat:
+        keys = [str(getattr(entry, "key", entry)) for entry in path]
+        if "attention_weights" in keys:
+            weights[int(keys[0].split("_")[1])] = np.asarray(value, np.float64)
+    return weights
+
+
 def test_attention_statistics_per_layer(smoke_run):
+    """The logged step-6 statistics equal entropy and first-key mass recomputed, row by row, from the weights the
+    checkpointed model gives the probe batch (mean over batch, heads and queries)."""
     workdir, _, _ = smoke_run
     scalars = metrics.read_scalars(workdir)
-    seq_len = lm_tiny.get_config("smoke").seq_len
-    for layer in (0, 1):
-        entropy = [v for _, v in scalars[f"attention/entropy/layer_{layer}"]]
-        mass = [v for _, v in scalars[f"attention/first_key_mass/layer_{layer}"]]
-        assert len(entropy) == len(mass) == 2
-        # Causal rows: query i spreads over i + 1 keys, so entropy <= mean log(i + 1) < log(T).
-        assert all(0 < e < math.log(seq_len) for e in entropy)
-        # Query 0 puts all its mass on key 0, so the mean mass is at least 1 / T.
-        assert all(1 / seq_len <= m <= 1 for m in mass)
+    weights = probe_weights_by_hand(workdir)
+    assert sorted(weights) == [0, 1]
+    for layer, probs in weights.items():
+        batch, heads, length, _ = probs.shape
+        np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+        assert np.all(probs[..., np.triu_indices(length, 1)[0], np.triu_indices(length, 1)[1]] == 0)  # causal
+        rows = [probs[b, h, i, : i + 1] for b in range(batch) for h in range(heads) for i in range(length)]
+        entropy = np.mean([-sum(p * math.log(p) for p in row if p > 0) for row in rows])
+        mass = np.mean([row[0] for row in rows])
+        logged_entropy = dict(scalars[f"attention/entropy/layer_{layer}"])
+        logged_mass = dict(scalars[f"attention/first_key_mass/layer_{layer}"])
+        assert sorted(logged_entropy) == sorted(logged_mass) == [3, 6]
+        assert logged_entropy[6] == pytest.approx(entropy, rel=1e-4)
+        assert logged_mass[6] == pytest.approx(mass, rel=1e-4)
 
 
 def test_metrics_jsonl_mirrors_the_scalars(smoke_run):
@@ -88,13 +118,16 @@ def test_metrics_jsonl_mirrors_the_scalars(smoke_run):
     with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
     logged = [row["step"] for row in rows if "train/loss" in row]
-    assert logged == [2, 4, 6]  # the resumed run logged 4 and 6; nothing duplicated
+    assert logged == [2, 3, 4, 6]  # the first run logged 2 and (stopping) 3, the resumed one 4 and 6; no duplicates
 
 
 def test_checkpoint_of_a_different_model_is_a_clear_error(smoke_run, tmp_path):
     workdir, _, _ = smoke_run
     config = lm_tiny.get_config("smoke")
     config.model.d_model = 64
+    with pytest.raises(ConfigError, match=r"written with a different config: model.d_model 32 -> 64;"):
+        trainer.run(config, workdir)
+    config.allow_changes = "model.d_model"  # accepted by the config check, the shapes still differ
     with pytest.raises(ConfigError, match="different model config") as info:
         trainer.run(config, workdir)
     assert "params/" in str(info.value) and "\n" not in str(info.value)
