@@ -34,6 +34,14 @@ setup(
     ),
     install_requires=_REQUIRES,
     extras_require=_EXTRAS,
+    # Commands that run this package's tools from any directory, even one with its own train.py or eval/
+    # (`python -m train` would import those instead): eval/console_scripts.py.
+    entry_points={
+        "console_scripts": [
+            "attn-train = eval.console_scripts:train_main",
+            "attn-eval = eval.console_scripts:eval_main",
+        ]
+    },
     license="Apache-2.0",
     classifiers=["Programming Language :: Python :: 3", "Topic :: Scientific/Engineering :: Artificial Intelligence"],
 )

@@ -23,7 +23,7 @@ Presets (`--config configs/cnn_tiny.py:<preset>`):
 
 from __future__ import annotations
 
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, config_dict
 
 from configs import common
 
@@ -51,6 +51,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
     config.data.name = "images"  # procedural relation images
     config.data.image_size = 32  # pixels per side
     config.data.num_classes = 2  # is the blue square right of the red one?
+    # Your own images instead: --config.data.name=npz --config.data.path=file.npz (arrays images, labels)
+    config.data.path = config_dict.placeholder(str)
 
     config.optimizer.learning_rate = 3e-3
     config.optimizer.warmup_steps = 50

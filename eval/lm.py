@@ -24,6 +24,39 @@ import jax
 from train.run import Run, load_run
 
 
+def open_run(workdir: str, step: int | None = None) -> Run:
+    """`load_run(workdir, step)`, or SystemExit with one line when `workdir` holds no run to load (missing, empty,
+    or without a finished checkpoint / that step). Shared by the `python -m eval.*` tools that read a run."""
+    if not os.path.isdir(workdir):
+        raise SystemExit(f"error: --workdir={workdir!r} does not exist; train a run there first (python -m train)")
+    folder = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(folder):
+        raise SystemExit(f"error: --workdir={workdir!r} holds no checkpoints/ folder; is it a training run's workdir?")
+    # Finished checkpoints are folders named by their step (in-progress saves carry a temporary suffix). Checked
+    # here, before the checkpoint manager starts its background clean-up, so the exit is immediate and quiet.
+    steps = sorted(int(name) for name in os.listdir(folder) if name.isdigit())
+    if not steps:
+        raise SystemExit(
+            f"error: --workdir={workdir!r} has no finished checkpoint yet; the first one is written at "
+            "checkpoint_every steps, at the last step and on SIGTERM"
+        )
+    if step is not None and step not in steps:
+        raise SystemExit(f"error: --step={step} is not a checkpoint of {workdir!r}; its checkpoints: {steps}")
+    try:
+        return load_run(workdir, step)
+    except (FileNotFoundError, ValueError) as error:
+        detail = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise SystemExit(f"error: --workdir={workdir!r}: {detail}") from None
+
+
+def quiet_logs() -> None:
+    """Checkpoint restores log tens of INFO lines through absl; keep warnings unless --verbosity was given."""
+    from absl import flags, logging
+
+    if not flags.FLAGS.is_parsed() or not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+
+
 def rows_for_length(batch_size: int, factor: int, divisor: int) -> int:
     """Rows per batch at `factor` x the training length: batch_size / factor, a multiple of `divisor`."""
     rows = max(batch_size // factor, divisor)
@@ -62,7 +95,8 @@ def main(argv: Sequence[str]) -> None:
     factors = [int(f) for f in args.factors.split(",") if f.strip()]
     if not factors or any(f < 1 for f in factors):
         raise SystemExit(f"error: --factors={args.factors!r} must be positive integers, e.g. 1,2,4")
-    run = load_run(args.workdir, args.step)
+    quiet_logs()
+    run = open_run(args.workdir, args.step)
     if not run.task.is_language_model:
         raise SystemExit(f"error: eval.lm evaluates language models; this run's model.kind is {run.task.kind!r}")
     results = evaluate_lengths(run, factors, args.num_batches or run.config.eval.num_batches)

@@ -2,7 +2,7 @@
 
     python -m eval.sweep --config configs/vit_tiny.py:sweep \\
         --mechanisms softmax,neighborhood,window,halo --workdir-root runs/sweep_vit \\
-        --output benchmarks/results/vit_spatial_cpu.json \\
+        [--output benchmarks/results/vit_spatial_cpu.json] \\
         [--set model.pool=mean] [--option neighborhood.kernel_size=5] [--no-plot]
     python -m eval.sweep --from-json benchmarks/results/vit_spatial_cpu.json   # table + PNG again, no run
 
@@ -11,10 +11,14 @@ where it stopped, and a finished run is read back, not retrained). `--set` overr
 runs; `--option name.key=value` passes an `attn.build` option to one mechanism. The report holds, per mechanism,
 the final evaluation metrics, the last training loss, the wall time of this invocation and the steps trained,
 plus the chance level of the task (1 / num_classes for classification) so "beats chance" can be read off.
-A run that fails (bad options, divergence) is recorded with its error and the sweep goes on.
 
-Output: the JSON report and a PNG bar chart of the evaluation accuracy (or loss) per mechanism, with the chance
-level drawn; the Markdown table goes to stdout.
+Before anything trains, every mechanism's config is built as the trainer builds it (name, options and their
+values, data, model traced on one example with no compilation); any problem is listed, one line per mechanism,
+and the sweep exits 2. A run that fails while training (e.g. divergence) is recorded with its error, the sweep
+goes on, and it exits 1 at the end.
+
+Output: the JSON report (default `<workdir-root>/sweep.json`) and a PNG bar chart next to it of the evaluation
+accuracy (or loss) per mechanism, with the chance level drawn; the Markdown table goes to stdout.
 """
 
 from __future__ import annotations
@@ -24,13 +28,14 @@ import ast
 import datetime
 import json
 import os
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 
-from train.run import load_config_file, train, unknown_override_message
+from train.run import build_run, load_config_file, train, unknown_override_message
 
 
 def parse_value(text: str) -> Any:
@@ -93,12 +98,35 @@ def last_metrics(workdir: str) -> tuple[dict[str, float], dict[str, float]]:
     return eval_metrics, train_metrics
 
 
-def run_one(config: Any, name: str, options: Mapping[str, Any], workdir: str) -> dict[str, Any]:
-    """Trains (or resumes / reads back) one mechanism; a record for the report."""
+def mechanism_config(config: Any, name: str, options: Mapping[str, Any]) -> Any:
+    """A copy of `config` whose every layer uses mechanism `name` with `options` added to model.attention_options."""
     config = config.copy_and_resolve_references()
     config.model.attention = name
     for key, value in options.items():
         config.model.attention_options[key] = value
+    return config
+
+
+def check_mechanisms(config: Any, options: Mapping[str, Mapping[str, Any]], workdir_root: str) -> list[str]:
+    """One line per mechanism of `options` (name -> its options) whose run could not start, [] when all can.
+
+    Each config is built as the trainer builds it (`train.run.build_run`: config checks, data, the model traced on
+    one example, state shapes), without compiling or training anything.
+    """
+    problems = []
+    for name, mechanism_options_ in options.items():
+        try:
+            build_run(mechanism_config(config, name, mechanism_options_), os.path.join(workdir_root, name))
+        except (ValueError, KeyError, TypeError) as error:
+            detail = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+            detail = next((line.strip() for line in str(detail).splitlines() if line.strip()), type(error).__name__)
+            problems.append(f"{name}: {detail}")
+    return problems
+
+
+def run_one(config: Any, name: str, options: Mapping[str, Any], workdir: str) -> dict[str, Any]:
+    """Trains (or resumes / reads back) one mechanism; a record for the report."""
+    config = mechanism_config(config, name, options)
     record: dict[str, Any] = {"mechanism": name, "options": dict(options), "workdir": workdir}
     start = time.perf_counter()
     try:
@@ -163,11 +191,15 @@ def plot(report: Mapping[str, Any], path: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Runs the sweep (or redraws `--from-json`) and returns the report. SystemExit(2) naming every mechanism whose
+    config cannot be built, before any training; SystemExit(1) after the report is written when a run failed."""
     parser = argparse.ArgumentParser(prog="python -m eval.sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="config file[:preset], as for python -m train")
     parser.add_argument("--mechanisms", help="comma-separated registry names")
     parser.add_argument("--workdir-root", default="runs/sweep", help="one run directory per mechanism under it")
-    parser.add_argument("--output", help="JSON report path (the PNG goes next to it)")
+    parser.add_argument(
+        "--output", help="JSON report path, default <workdir-root>/sweep.json (the PNG goes next to it)"
+    )
     parser.add_argument("--set", action="append", default=[], help="config override for every run: a.b=value")
     parser.add_argument("--option", action="append", default=[], help="attn.build option: mechanism.key=value")
     parser.add_argument("--no-plot", action="store_true", help="write no PNG")
@@ -178,13 +210,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         with open(args.from_json) as f:
             report = json.load(f)
     else:
-        if not args.config or not args.mechanisms or not args.output:
-            parser.error("--config, --mechanisms and --output are required (or --from-json)")
+        if not args.config or not args.mechanisms:
+            parser.error("--config and --mechanisms are required (or --from-json)")
+        args.output = args.output or os.path.join(args.workdir_root, "sweep.json")
         mechanisms = [name.strip() for name in args.mechanisms.split(",") if name.strip()]
-        config = load_config_file(args.config)
-        for arg in args.set:
-            set_field(config, *split_assignment(arg, "--set"))
-        options = mechanism_options(args.option, mechanisms)
+        try:
+            config = load_config_file(args.config)
+            for arg in args.set:
+                set_field(config, *split_assignment(arg, "--set"))
+            options = mechanism_options(args.option, mechanisms)
+        except (ValueError, OSError) as error:
+            raise SystemExit(f"error: {error}") from None
+        problems = check_mechanisms(config, options, args.workdir_root)
+        if problems:
+            for problem in problems:
+                print(f"error: {problem}", file=sys.stderr)
+            print(f"nothing trained: fix the {len(problems)} mechanism(s) above", file=sys.stderr)
+            raise SystemExit(2)
         report = {
             "tool": "eval.sweep",
             "config": args.config,
@@ -206,6 +248,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     path = args.output or args.from_json
     if not args.no_plot:
         plot(report, os.path.splitext(path)[0] + ".png")
+    failed = [r["mechanism"] for r in report["records"] if "error" in r]
+    if failed and not args.from_json:
+        print(f"error: {len(failed)} run(s) failed: {', '.join(failed)}; report in {path}", file=sys.stderr)
+        raise SystemExit(1)
     return report
 
 

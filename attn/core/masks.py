@@ -91,6 +91,12 @@ class Mask:
         segment_ids: Array | tuple[Array, Array] | None = None,
     ) -> Mask | None:
         """Merges the functional keyword arguments into one Mask (None when nothing masks)."""
+        if mask is not None and not isinstance(mask, Mask) and not shape_of(mask):  # True, False, a 0-d array
+            raise ValueError(
+                f"mask={mask!r} is a scalar, which would mask nothing (True) or everything (False); pass "
+                "attn.Mask(causal=True) for a causal mask, a boolean array [batch|1, heads|1, q_len, kv_len] "
+                "(True = attend), or None for no mask"
+            )
         base = mask if isinstance(mask, Mask) else cls()
         updates: dict[str, Any] = {}
         if mask is not None and not isinstance(mask, Mask):

@@ -36,7 +36,17 @@ def check_qkv(q: Any, k: Any, v: Any, *, spatial_axes: int = 1) -> tuple[int, in
     if ks[-1] != qs[-1]:
         raise ValueError(f"head_dim mismatch: q has head_dim={qs[-1]} but k has head_dim={ks[-1]}; expected equal")
     heads, kv_heads = qs[-2], ks[-2]
-    check_gqa(heads, kv_heads)
+    try:
+        check_gqa(heads, kv_heads)
+    except ValueError as error:
+        # q [B, H, T, D] / k [B, KVH, S, D] (the PyTorch layout) read as [B, T, H, D] fails here first.
+        if spatial_axes == 1 and ks[1] > 0 and qs[1] % ks[1] == 0:
+            raise ValueError(
+                f"{error}; if q {qs} and k {ks} are [batch, heads, length, head_dim] (the PyTorch layout), note that "
+                "these functions take [batch, length, heads, head_dim] (jax.nn.dot_product_attention's): pass "
+                "q.transpose(0, 2, 1, 3) (and the same for k, v), and transpose the output back"
+            ) from None
+        raise
     return heads, kv_heads
 
 

@@ -4,6 +4,7 @@
     tokens = generate(model, params, prompt, 32)                  # greedy, int [B, P + 32]
     tokens = generate(model, params, prompt, 32, temperature=0.8, top_k=40, rng=jax.random.key(0))
     target = generate_encoder_decoder(model, params, src, 32, lengths=src_lengths)   # int [B, 32]
+    for token in generate_stream(model, params, prompt, 32): ...  # int32 [B] per step, as generate's tokens
 
 `generate_encoder_decoder` drives a model with `encode(inputs, lengths)` and `decode(tokens, encoded, lengths,
 decode=...)` methods (`EncoderDecoder`; `VisionLanguageModel` with fusion="cross", inputs = images): it encodes
@@ -16,7 +17,7 @@ once, then decodes from a start token with the decoder's cache.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -96,6 +97,52 @@ def generate(
 
     cache = init_cache(model, variables, batch, total)
     return _decode_loop(decode, cache, prompt, max_new_tokens, temperature, top_k, rng)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "temperature", "top_k"))
+def _decode_step(
+    model: nn.Module,
+    variables: Any,
+    cache: Any,
+    tokens: jax.Array,
+    key: jax.Array,
+    temperature: float,
+    top_k: int | None,
+) -> tuple[jax.Array, Any]:
+    """One cached decode call on tokens int32 [B, T] -> (next token int32 [B], updated cache)."""
+    logits, state = model.apply({**variables, "cache": cache}, tokens, decode=True, mutable=["cache"])
+    return _next_token(logits[:, -1], temperature, top_k, key), state["cache"]
+
+
+def generate_stream(
+    model: nn.Module,
+    params: Any,
+    prompt: jax.Array,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    rng: jax.Array | None = None,
+) -> Iterator[jax.Array]:
+    """Yields the `max_new_tokens` tokens that `generate` appends to `prompt` int [B, P], one int32 [B] per step,
+    each as soon as it is decoded (for printing while sampling).
+
+    Same arguments and draws as `generate` (step i uses fold_in(rng, i)); the prefill and the single-token step are
+    each compiled once, and the loop runs in Python, one dispatch per token.
+    """
+    if prompt.ndim != 2 or prompt.shape[1] == 0 or not jnp.issubdtype(prompt.dtype, jnp.integer):
+        raise ValueError(f"prompt must be int [batch, length>=1]; got {prompt.dtype} {prompt.shape}")
+    _check_sampling(model, max_new_tokens, temperature, top_k, rng)
+    if max_new_tokens == 0:
+        return
+    variables = _variables(params)
+    rng = jax.random.key(0) if rng is None else rng  # unused by greedy decoding, as in _decode_loop
+    cache = init_cache(model, variables, prompt.shape[0], prompt.shape[1] + max_new_tokens)
+    tokens = prompt.astype(jnp.int32)
+    for i in range(max_new_tokens):
+        token, cache = _decode_step(model, variables, cache, tokens, jax.random.fold_in(rng, i), temperature, top_k)
+        yield token
+        tokens = token[:, None]
 
 
 def _check_sampling(model: nn.Module, max_new_tokens: int, temperature: float, top_k: int | None, rng: Any) -> None:

@@ -1,5 +1,6 @@
 """Bad input gives a ValueError (KeyError for registry names) that names the argument and what was expected."""
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -90,3 +91,24 @@ def test_bad_option_values_in_layer():
         attn.build("softmax", num_heads=2, head_dim=8, rope_scaling="dynamic").init(jax.random.key(0), x)
     with pytest.raises(ValueError, match=r"x must have rank 3 \[batch, length, embed\]"):
         attn.build("softmax", num_heads=2, head_dim=8).init(jax.random.key(0), x[0])
+
+
+def test_torch_layout_gets_a_transpose_hint():
+    q_bhtd = jnp.zeros((2, 32, 16, 8))  # [batch, heads=32, length=16, head_dim]
+    k_bhtd = jnp.zeros((2, 8, 32, 8))  # [batch, kv_heads=8, length=32, head_dim]
+    with pytest.raises(ValueError, match=r"are \[batch, heads, length, head_dim\].*transpose\(0, 2, 1, 3\)"):
+        F.softmax_attention(q_bhtd, k_bhtd, k_bhtd)
+    k = jnp.zeros((2, 3, 3, 16))  # 3 does not divide 8 on axis 1 either: not a transposed layout, no hint
+    with pytest.raises(ValueError) as info:
+        F.softmax_attention(q, k, k)
+    assert "PyTorch" not in str(info.value) and "num_kv_heads=3" in str(info.value)
+
+
+@pytest.mark.parametrize("mask", [True, False, jnp.asarray(True)])
+def test_scalar_mask_is_refused(mask):
+    with pytest.raises(ValueError, match=r"is a scalar, which would mask nothing \(True\) or everything \(False\)"):
+        F.softmax_attention(q, kv, kv, mask=mask)
+    layer = attn.build("softmax", num_heads=2, head_dim=8)
+    x = jnp.zeros((1, 4, 16))
+    with pytest.raises(ValueError, match=r"attn.Mask\(causal=True\)"):
+        layer.init(jax.random.key(0), x, mask=mask)

@@ -61,3 +61,10 @@ def test_suite_registry_and_bad_settings():
         bench.Bench(repeats=0)
     with pytest.raises(ValueError, match="warmup=-1 must be >= 0"):
         bench.Bench(warmup=-1)
+
+
+def test_list_describes_suites_without_tracker_references(capsys):
+    assert bench.main(["--list"]) is None
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == len(bench.available_suites())
+    assert not [line for line in lines if "issue" in line.lower()], lines

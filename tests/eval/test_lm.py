@@ -66,3 +66,35 @@ def test_command_writes_json_to_workdir_and_output(trained, tmp_path):
     assert report["step"] == config.total_steps and report["train_seq_len"] == config.seq_len
     assert [entry["seq_len"] for entry in report["results"]] == [config.seq_len, 2 * config.seq_len]
     assert all(entry["perplexity"] > 1 for entry in report["results"])
+    # One line per length and the paths written: the checkpoint restore's INFO logs stay quiet.
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert len(lines) == 3 and lines[0].startswith("seq_len") and lines[2].startswith("wrote"), lines
+
+
+def _eval_lm(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "eval.lm", *args], cwd=REPO, capture_output=True, text=True, timeout=180
+    )
+
+
+@pytest.mark.parametrize("state", ["missing", "empty", "no_checkpoint_yet"])
+def test_workdir_without_a_run_is_one_line(tmp_path, state):
+    workdir = tmp_path / "run"
+    if state != "missing":
+        workdir.mkdir()
+    if state == "no_checkpoint_yet":
+        (workdir / "checkpoints").mkdir()
+        (workdir / "checkpoints" / "10.orbax-checkpoint-tmp-1").mkdir()  # a save in progress is not a checkpoint
+    done = _eval_lm("--workdir", str(workdir))
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: --workdir="), done.stderr[-2000:]
+    expected = {"missing": "does not exist", "empty": "no checkpoints/", "no_checkpoint_yet": "no finished checkpoint"}
+    assert expected[state] in lines[0]
+    assert (state == "missing") != workdir.exists()  # nothing created in a missing workdir
+
+
+def test_unknown_step_lists_the_checkpoints(trained):
+    workdir, config, _ = trained
+    done = _eval_lm("--workdir", workdir, "--step", "999")
+    assert done.returncode != 0
+    assert done.stderr.strip() == f"error: --step=999 is not a checkpoint of {workdir!r}; its checkpoints: [2]"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import zipfile
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -211,8 +212,19 @@ _NPZ_SPLIT_SEED = 20240531
 
 @functools.lru_cache(maxsize=4)
 def _load_npz(resolved: str, mtime_ns: int) -> tuple[np.ndarray, np.ndarray]:
+    if not zipfile.is_zipfile(resolved):  # np.load would try it as a pickle and say "contains pickled data"
+        with open(resolved, "rb") as f:
+            head = f.read(16)
+        raise ValueError(
+            f"data.path {resolved!r} is not an .npz archive (it starts with {head!r}); write one with "
+            "numpy.savez(path, images=[N, H, W, C], labels=[N])"
+        )
     with np.load(resolved, allow_pickle=False) as archive:
         keys = sorted(archive.files)
+        if not keys:
+            raise ValueError(
+                f"data.path {resolved!r} is an empty .npz (no arrays); expected 'images' [N, H, W, C] and 'labels' [N]"
+            )
         for image_key, label_key in (("images", "labels"), ("x", "y")):
             if image_key in archive.files and label_key in archive.files:
                 images, labels = archive[image_key], archive[label_key]
@@ -229,7 +241,9 @@ def _load_npz(resolved: str, mtime_ns: int) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(
             f"labels in {resolved!r} must be integer [N] with N={len(images)}, got {labels.dtype} {labels.shape}"
         )
-    if len(labels) and labels.min() < 0:
+    if not len(labels):
+        raise ValueError(f"data.path {resolved!r} holds 0 examples; need at least 2 (one to train, one to validate)")
+    if labels.min() < 0:
         raise ValueError(f"labels in {resolved!r} must be >= 0, got min {labels.min()}")
     images.flags.writeable = False
     labels.flags.writeable = False
@@ -252,11 +266,20 @@ class NpzImageSource(DataSource):
     split="train": endless shuffled epochs; the order of epoch e is `default_rng([seed, e])`'s
     permutation, and global batch i takes the next global_batch_size examples of the concatenated epochs
     (this process takes its slice of them). split="valid": a finite walk over the valid examples in
-    order, the last batch padded with weight-0 rows. `num_classes` is max(label) + 1.
+    order, the last batch padded with weight-0 rows. `num_classes` is max(label) + 1, or the `num_classes` option
+    (every label must be below it). `image_size`, when set, must equal the images' height and width, so a config
+    written for the procedural `images` source (which sets both) runs on a file with `--config.data.name=npz
+    --config.data.path=<file>.npz` and refuses one of another size or class count in one line.
     """
 
     name: ClassVar[str] = "npz"
-    OPTIONS: ClassVar[dict[str, Any]] = {"path": None, "valid_fraction": 0.1, "num_batches": None}
+    OPTIONS: ClassVar[dict[str, Any]] = {
+        "path": None,
+        "valid_fraction": 0.1,
+        "num_batches": None,
+        "image_size": None,
+        "num_classes": None,
+    }
 
     def __init__(
         self,
@@ -270,6 +293,8 @@ class NpzImageSource(DataSource):
         path: str | os.PathLike | None = None,
         valid_fraction: float = 0.1,
         num_batches: int | None = None,
+        image_size: int | None = None,
+        num_classes: int | None = None,
     ) -> None:
         super().__init__(
             split=split,
@@ -293,6 +318,23 @@ class NpzImageSource(DataSource):
         self._orders: dict[int, np.ndarray] = {}
         self.num_classes = int(self._labels.max()) + 1
         self.image_shape = tuple(int(n) for n in self._images.shape[1:])
+        if num_classes is not None:
+            num_classes = check_int("data.num_classes", num_classes, 1)
+            if self.num_classes > num_classes:
+                raise ValueError(
+                    f"data.path {os.fspath(path)!r} has labels up to {self.num_classes - 1}, but data.num_classes="
+                    f"{num_classes}; set --config.data.num_classes={self.num_classes} "
+                    f"--config.model.num_classes={self.num_classes}"
+                )
+            self.num_classes = num_classes
+        if image_size is not None:
+            image_size = check_int("data.image_size", image_size, 1)
+            height, width = self.image_shape[:2]
+            if (height, width) != (image_size, image_size):
+                raise ValueError(
+                    f"data.path {os.fspath(path)!r} holds {height}x{width} images, but data.image_size={image_size}; "
+                    + (f"set --config.data.image_size={height}" if height == width else "use square images")
+                )
         if split == "valid":
             self.num_batches = eval_batch_count(len(self._indices), self.global_batch_size, num_batches)
 
