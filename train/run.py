@@ -31,6 +31,7 @@ from train.checkpointing import Checkpointer
 from train.config_checks import unknown_override_message
 from train.config_file import load_config_file
 from train.data import make_source
+from train.optim import make_optimizer
 from train.state import TrainState
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "build_run",
     "load_config_file",
     "load_run",
+    "make_optimizer",
     "train",
     "unknown_override_message",
 ]

@@ -326,44 +326,40 @@ def _recurrent(q: Array, k: Array, v: Array, log_decay: Array | None, state: Arr
 
 
 def _chunked(q: Array, k: Array, v: Array, log_decay: Array | None, state: Array, chunk: int) -> tuple[Array, Array]:
-    """Lightning Attention-2: masked attention inside chunks, the state carried across chunks by `lax.scan`."""
+    """Lightning Attention-2: masked attention inside chunks, the state carried across chunks by `lax.scan`.
+
+    q, k [B, H, T, Dk], v [B, H, T, Dv], log_decay [B|1, H, T] or None, state [B, H, Dk, Dv]. The inputs are cut
+    into chunk-major blocks [N, B, H, C, .] and each scan step does the whole chunk (intra-chunk attention, the
+    carried-state term and the state update), so the only state-sized arrays are the carry: no per-chunk
+    [B, H, N, Dk, Dv] stack is written. Returns (out [B, H, T, Dv], final state [B, H, Dk, Dv])."""
     batch, heads, length, _ = q.shape
     num_chunks = -(-length // chunk)
     pad = num_chunks * chunk - length
 
-    def blocks(x: Array) -> Array:  # [.., T, ..] -> [.., N, C, ..] on axis 2, zero-padded
+    def blocks(x: Array) -> Array:  # [B, H, T, ..] -> [N, B, H, C, ..], zero-padded
         if pad:
             widths = [(0, 0)] * x.ndim
             widths[2] = (0, pad)
             x = jnp.pad(x, widths)
-        return x.reshape(x.shape[:2] + (num_chunks, chunk) + x.shape[3:])
+        return jnp.moveaxis(x.reshape(x.shape[:2] + (num_chunks, chunk) + x.shape[3:]), 2, 0)
 
-    qc, kc, vc = blocks(q), blocks(k), blocks(v)  # [B, H, N, C, D]
-    gc = None if log_decay is None else blocks(log_decay)  # [B|1, H, N, C]; padding has decay 1 (log 0)
-
-    scores = jnp.einsum("bhncd,bhnsd->bhncs", qc, kc) * _causal_weights(gc, chunk)
-    intra = jnp.einsum("bhncs,bhnse->bhnce", scores, vc)
-    if gc is None:
-        chunk_kv = jnp.einsum("bhnsd,bhnse->bhnde", kc, vc)
-        chunk_decay = None
-    else:
-        cum = jnp.cumsum(gc, axis=-1)  # within each chunk only
-        to_end = jnp.exp(cum[..., -1:] - cum)[..., None]
-        chunk_kv = jnp.einsum("bhnsd,bhnse->bhnde", kc * to_end, vc)
-        chunk_decay = jnp.exp(cum[..., -1])  # [B|1, H, N]
+    xs = (blocks(q), blocks(k), blocks(v))
+    if log_decay is not None:
+        xs = xs + (blocks(log_decay),)  # [N, B|1, H, C]; padding has decay 1 (log 0)
 
     def step(carry, inputs):
-        kv = inputs[0]
-        before = carry
-        if chunk_decay is not None:
-            carry = inputs[1][..., None, None] * carry
-        return carry + kv, before
+        qn, kn, vn = inputs[:3]  # [B, H, C, D]
+        gn = inputs[3] if log_decay is not None else None
+        scores = jnp.einsum("bhcd,bhsd->bhcs", qn, kn) * _causal_weights(gn, chunk)
+        out = jnp.einsum("bhcs,bhse->bhce", scores, vn)
+        inter = jnp.einsum("bhcd,bhde->bhce", qn, carry)
+        if gn is None:
+            return carry + jnp.einsum("bhsd,bhse->bhde", kn, vn), out + inter
+        cum = jnp.cumsum(gn, axis=-1)  # within the chunk only
+        to_end = jnp.exp(cum[..., -1:] - cum)[..., None]
+        carry = jnp.exp(cum[..., -1])[..., None, None] * carry + jnp.einsum("bhsd,bhse->bhde", kn * to_end, vn)
+        return carry, out + jnp.exp(cum)[..., None] * inter
 
-    xs = (jnp.moveaxis(chunk_kv, 2, 0),) + (() if chunk_decay is None else (jnp.moveaxis(chunk_decay, 2, 0),))
-    final, before = jax.lax.scan(step, state, xs)
-    before = jnp.moveaxis(before, 0, 2)  # [B, H, N, Dk, Dv]: the state entering each chunk
-    inter = jnp.einsum("bhncd,bhnde->bhnce", qc, before)
-    if gc is not None:
-        inter = jnp.exp(cum)[..., None] * inter
-    out = (intra + inter).reshape(batch, heads, num_chunks * chunk, -1)[:, :, :length]
+    final, out = jax.lax.scan(step, state, xs)  # out [N, B, H, C, Dv]
+    out = jnp.moveaxis(out, 0, 2).reshape(batch, heads, num_chunks * chunk, -1)[:, :, :length]
     return out, final

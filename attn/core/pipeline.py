@@ -42,23 +42,36 @@ def _dot_operands(*arrays: Array) -> tuple[Array, ...]:
 
 def grouped_logits(q: Array, k: Array) -> Array:
     """q [B, Tq, H, D] . k [B, Tk, KVH, D] -> float32 (float64 for float64 inputs) [B, H, Tq, Tk] (unscaled);
-    query heads are grouped over the kv heads with a reshape, so k is never repeated (GQA/MQA)."""
+    query heads are grouped over the kv heads with a reshape, so k is never repeated (GQA/MQA).
+
+    One `dot_general` with q as the left operand, so the product comes out query-major ([B, KVH, G, Tq, Tk])
+    and no Tq x Tk transpose follows; only q ([B, Tq, H, D]) is moved into [B, KVH, G, Tq, D] first."""
     batch, q_len, heads, head_dim = q.shape
     kv_heads = k.shape[2]
-    qg, kk = _dot_operands(q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim), k)
-    logits = jnp.einsum("btkgd,bskd->bkgts", qg, kk, preferred_element_type=accumulation_dtype(q, k))
+    grouped = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim).transpose(0, 2, 3, 1, 4)
+    qg, kk = _dot_operands(grouped, k)
+    # contract D (axis 4 of qg, 3 of k); batch over B and KVH (axes 0, 1 of qg; 0, 2 of k) -> [B, KVH, G, Tq, Tk]
+    logits = jax.lax.dot_general(
+        qg, kk, (((4,), (3,)), ((0, 1), (0, 2))), preferred_element_type=accumulation_dtype(q, k)
+    )
     return logits.reshape(batch, heads, q_len, k.shape[1])
 
 
 def grouped_weighted_values(weights: Array, v: Array) -> Array:
     """Attention weights [B, H, Tq, Tk] times values [B, Tk, KVH, Dv] -> float32 [B, Tq, H, Dv], grouped like
-    `grouped_logits` (v is never repeated)."""
+    `grouped_logits` (v is never repeated).
+
+    One `dot_general` with v as the left operand ([B, KVH, Dv, G, Tq] out, then a Tq x Dv transpose): the order
+    `jax.nn.dot_product_attention` lowers to, with which XLA:CPU keeps no extra [Tq, H, Dv] buffer."""
     batch, heads, q_len, kv_len = weights.shape
     kv_heads = v.shape[2]
     grouped = weights.reshape(batch, kv_heads, heads // kv_heads, q_len, kv_len)
     wg, vv = _dot_operands(grouped.astype(v.dtype), v)
-    out = jnp.einsum("bkgts,bskd->btkgd", wg, vv, preferred_element_type=accumulation_dtype(weights, v))
-    return out.reshape(batch, q_len, heads, v.shape[-1])
+    # contract Tk (axis 1 of v, 4 of wg); batch over B and KVH (axes 0, 2 of v; 0, 1 of wg) -> [B, KVH, Dv, G, Tq]
+    out = jax.lax.dot_general(
+        vv, wg, (((1,), (4,)), ((0, 2), (0, 1))), preferred_element_type=accumulation_dtype(weights, v)
+    )
+    return out.transpose(0, 4, 1, 3, 2).reshape(batch, q_len, heads, v.shape[-1])
 
 
 def scores(q: Array, k: Array, *, scale: float | None = None, softcap: float | None = None) -> Array:
@@ -92,21 +105,47 @@ def softmax_weights(logits: Array, *, sinks: Array | None = None) -> tuple[Array
     """Softmax over keys of logits [B, H, Tq, Tk] -> (weights float32 [B, H, Tq, Tk], lse float32 [B, H, Tq]).
 
     sinks: float [H], a per-head logit that joins the denominator and takes no value (weights then sum to < 1).
-    Rows with no finite logit (fully masked) give weights 0 and lse -inf.
+    Rows with no finite logit (fully masked) give weights 0 and lse -inf, with gradient 0 (never NaN).
+
+    Differentiated by its own rule (`_softmax_lse_jvp`), like `jax.nn.softmax`: the derivative is written in the
+    outputs (d weights = weights (d logits - sum(weights d logits)), d lse = sum(weights d logits)), so the
+    backward pass keeps only the weights and never differentiates the row max or the empty-row guards.
     """
+    sink = None if sinks is None else jnp.asarray(sinks, logits.dtype).reshape(1, -1, 1, 1)
+    return _softmax_lse(logits, sink)
+
+
+@jax.custom_jvp
+def _softmax_lse(logits: Array, sink: Array | None) -> tuple[Array, Array]:
+    """(weights [B, H, Tq, Tk], lse [B, H, Tq]) of logits [B, H, Tq, Tk] with an optional sink logit [1, H, 1, 1]."""
     row_max = jnp.max(logits, axis=-1, keepdims=True)
-    if sinks is not None:
-        sink = jnp.asarray(sinks, logits.dtype).reshape(1, -1, 1, 1)
+    if sink is not None:
         row_max = jnp.maximum(row_max, sink)
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
     unnormalized = jnp.exp(logits - row_max)
     denom = jnp.sum(unnormalized, axis=-1, keepdims=True)
-    if sinks is not None:
+    if sink is not None:
         denom = denom + jnp.exp(sink - row_max)
     empty = denom == 0.0
-    weights = unnormalized / jnp.where(empty, 1.0, denom)
+    # Fully masked rows are 0 / 0 here and selected to 0 afterwards. Guarding the denominator instead gives the
+    # same values but makes XLA:CPU keep a second [B, H, Tq, Tk] buffer through the backward pass.
+    weights = jnp.where(empty, 0.0, unnormalized / denom)
     lse = jnp.where(empty, -jnp.inf, row_max + jnp.log(jnp.where(empty, 1.0, denom)))[..., 0]
     return weights, lse
+
+
+@_softmax_lse.defjvp
+def _softmax_lse_jvp(primals, tangents):
+    """With p_s = exp(sink - lse) the sink's share: d w_i = w_i (d x_i - sum_j w_j d x_j - p_s d sink) and
+    d lse = sum_j w_j d x_j + p_s d sink. Masked keys and empty rows have w = 0, so their tangents are 0."""
+    logits, sink = primals
+    d_logits, d_sink = tangents
+    weights, lse = _softmax_lse(logits, sink)
+    d_lse = jnp.sum(weights * d_logits, axis=-1, keepdims=True)
+    if sink is not None:
+        share = jnp.where(jnp.isfinite(lse), jnp.exp(sink[..., 0] - lse), 0.0)[..., None]  # p_s; 0 when all -inf
+        d_lse = d_lse + share * d_sink
+    return (weights, lse), (weights * (d_logits - d_lse), d_lse[..., 0])
 
 
 def dropout_weights(weights: Array, rate: float, rng: Array | None) -> Array:
