@@ -1,5 +1,5 @@
 """`HeadwiseLinear`: a per-head (or per-group-of-heads) linear map of head vectors, identity-initialised; the
-learnable feature maps of linear attention (`linear`'s learnable map, `hedgehog`) and SEA's estimator maps use it.
+learnable feature maps of linear attention (`linear`'s learnable map, `hedgehog`) use it.
 
 x [B, T, heads, D] -> [B, T, heads, features]; kernel [groups, D, features] named (heads_axis, "head_dim", None),
 bias [groups, features] named (heads_axis, None).

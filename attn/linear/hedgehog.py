@@ -1,14 +1,24 @@
 """`hedgehog`: learnable spiky linear attention ([217] "The Hedgehog & the Porcupine: Expressive Linear Attentions
 with Softmax Mimicry").
 
-Per head, a trainable feature map mimics the spiky, monotonic weights of softmax attention:
+Per head, a trainable feature map (W identity-initialised, b zero) mimics the spiky, monotonic weights of softmax
+attention. The paper's map (its listing, and HazyResearch/lolcats `Exp`):
 
-    phi(x) = [softmax(x W + b) ⊕ softmax(-(x W + b))]      (softmax over the feature axis; W identity-initialised)
+    phi(x) = exp(x W + b) ⊕ exp(-(x W + b))                                   (feature_map="exp", the default)
     a_ij   = phi_q(q_i) . phi_k(k_j) / sum_{j' allowed} phi_q(q_i) . phi_k(k_j')
     o_i    = sum_j a_ij v_j                               (computed linearly: normalised chunked-scan core)
 
 with separate maps for queries (one per query head) and keys (one per kv head); phi is positive and has 2D
-features (state [B, H, 2D, D + 1], the last column being the normaliser).
+features (state [B, H, 2D, D + 1], the last column being the normaliser). Stabilisation: query i's features are
+computed as exp(±y_i - c_i) with c_i = max |y_i| (y = x W + b), and every key's with one shift m = max |y_k| over all
+keys and features of its (batch, kv head) — decoding keeps the m of its first call in "cache"/"key_shift". Both are
+positive factors common to a query row's numerator and denominator, so a_ij is the unshifted formula's, and no
+feature exceeds 1. The core's eps (added to the denominator) defaults to 1e-12 here: the shifted denominator is
+exp(-(c_i + m)) times the unshifted one, and a larger eps would no longer be negligible against it. (LoLCATs'
+`Exp` shifts each half and each key by its own max/min, which does not cancel; it is not used.)
+
+feature_map="softmax" is LoLCATs' form, phi(x) = softmax(xW + b) ⊕ softmax(-(xW + b)) (each half normalised over the
+features: a different, bounded map).
 
 Attention distillation (the paper's conversion recipe). With distill=True the layer also computes the softmax
 teacher weights p = softmax(q k^T / sqrt(D)) from its own (stop-gradient) queries and keys and the student
@@ -40,6 +50,7 @@ import jax.numpy as jnp
 from attn import functional as F
 from attn.core import positions as pos
 from attn.core.distillation import attention_distillation_loss
+from attn.core.feature_maps import spiky_exp, spiky_softmax
 from attn.core.headwise_linear import HeadwiseLinear
 from attn.core.layer import AttentionCall
 from attn.core.linear_scan import repeat_kv
@@ -51,12 +62,7 @@ from attn.registry import register
 Array = jax.Array
 
 POSITIONS = ("none", "rope")
-
-
-def spiky_features(x: Array) -> Array:
-    """[softmax(x) ⊕ softmax(-x)] over the last axis: [..., D] -> [..., 2D], positive, each half summing to 1."""
-    x = x.astype(jnp.float32)
-    return jnp.concatenate([jax.nn.softmax(x, axis=-1), jax.nn.softmax(-x, axis=-1)], axis=-1)
+FEATURE_ACTIVATIONS = ("exp", "softmax")
 
 
 def hedgehog_attention_weights(
@@ -88,22 +94,32 @@ def hedgehog_attention_weights(
     input_kind="sequence",
     supports_causal=True,
     supports_decode=True,
-    summary="linear attention with learnable spiky maps softmax(Wx) ⊕ softmax(-Wx); attention distillation loss",
+    summary="linear attention with learnable spiky maps exp(xW + b) ⊕ exp(-xW - b); attention distillation loss",
     option_docs={
+        "feature_map": "'exp' (the paper's exp(xW + b) ⊕ exp(-xW - b), max-shifted) or 'softmax' (LoLCATs' "
+        "softmax(xW + b) ⊕ softmax(-xW - b))",
         "distill": "also sow the attention-distillation loss against the layer's own softmax weights under 'losses'",
         "position": "'none' or 'rope' (rotary q/k before the feature maps; match the softmax model being converted)",
         "rope_base": "RoPE base (theta) when position='rope'",
         **BASE_OPTION_DOCS,
     },
     fidelity="paper",
-    reference="the paper's spiky feature map softmax(xW) ⊕ softmax(-xW) and attention distillation (KL: the paper's "
-    "cross-entropy gradients)",
-    validators={"chunk_size": positive_int, "eps": positive, "position": choice(*POSITIONS)},
+    reference="arXiv 2402.04347 (Sec. 4: map exp(xW + b) ⊕ exp(-xW - b), attention-distillation cross-entropy with "
+    "the rest of the model frozen, then end-to-end finetuning); HazyResearch/lolcats src/model/feature_map.py (Exp, "
+    "SoftmaxDim); distillation as KL (the paper's cross-entropy gradients)",
+    validators={
+        "chunk_size": positive_int,
+        "eps": positive,
+        "position": choice(*POSITIONS),
+        "feature_map": choice(*FEATURE_ACTIVATIONS),
+    },
 )
 class HedgehogAttention(LinearAttentionBase):
     """Hedgehog linear attention with optional attention distillation. x [B, T, E] -> [B, T, E]."""
 
     distill: bool = False
+    feature_map: str = "exp"
+    eps: float = 1e-12
     position: str = "none"
     rope_base: float = 10000.0
 
@@ -132,7 +148,9 @@ class HedgehogAttention(LinearAttentionBase):
         (and, with distill, the distillation loss sown under "losses")."""
         causal, q_lengths, kv_lengths = self.mask_parts(call)
         query_map, key_map = self.feature_maps()
-        q_features, k_features = spiky_features(query_map(q)), spiky_features(key_map(k))
+        q_features, k_features = self.spiky(
+            query_map(q), key_map(k), decode_offset=call.q_offset if call.decode else None
+        )
         if self.distill and not call.decode:
             self.sow_distillation_loss(q, k, v, query_map, key_map, causal=causal, kv_lengths=kv_lengths)
         return self.linear_core(
@@ -145,6 +163,21 @@ class HedgehogAttention(LinearAttentionBase):
             kv_lengths=kv_lengths,
             decode=call.decode,
         )
+
+    def spiky(self, q_proj: Array, k_proj: Array, *, decode_offset: Array | int | None = None) -> tuple[Array, Array]:
+        """phi of the mapped q [B, T, H, D] and k [B, S, KVH, D] -> float32 [B, T, H, 2D], [B, S, KVH, 2D].
+
+        "exp": per-query-row shift, one key shift per (batch, kv head); when decoding (decode_offset = the first
+        position of this call) the key shift of the call at position 0 is kept in "cache" and reused."""
+        if self.feature_map == "softmax":
+            return spiky_softmax(q_proj), spiky_softmax(k_proj)
+        key_shift = jnp.max(jnp.abs(k_proj.astype(jnp.float32)), axis=(1, 3), keepdims=True)  # [B, 1, KVH, 1]
+        if decode_offset is not None:
+            if self.has_variable("cache", "key_shift"):
+                stored = self.get_variable("cache", "key_shift")
+                key_shift = jnp.where(jnp.asarray(decode_offset) == 0, key_shift, stored)
+            self.put_variable("cache", "key_shift", key_shift)
+        return spiky_exp(q_proj), spiky_exp(k_proj, key_shift)
 
     def sow_distillation_loss(self, q, k, v, query_map, key_map, *, causal, kv_lengths) -> None:
         """Teacher: softmax weights of the frozen q, k; student: Hedgehog weights of phi(frozen q, k)."""
@@ -159,6 +192,6 @@ class HedgehogAttention(LinearAttentionBase):
             implementation=self.implementation,
         )
         student = hedgehog_attention_weights(
-            spiky_features(query_map(q)), spiky_features(key_map(k)), causal=causal, kv_lengths=kv_lengths
+            *self.spiky(query_map(q), key_map(k)), causal=causal, kv_lengths=kv_lengths
         )
         self.sow("losses", "hedgehog_distillation", attention_distillation_loss(student, aux["probs"]))

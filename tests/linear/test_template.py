@@ -21,7 +21,7 @@ LAYERS = {
     "agent": ({"num_agents": 3, "bias_resolution": 4}, None),
     "rala": ({}, None),
     "combiner": ({"block_size": 4}, attn.Mask(causal=True)),
-    "sea": ({"top_k": 4, "compressed_length": 4}, attn.Mask(causal=True)),
+    "sea": ({"top_k": 4, "compressed_length": 8}, attn.Mask(causal=True)),
     "titans": (
         {"variant": "mag", "memory_depth": 1, "chunk_size": 4, "window": 3, "num_persistent": 1},
         attn.Mask(causal=True),
