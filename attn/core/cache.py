@@ -8,7 +8,9 @@ A layer that decodes keeps its state in the flax "cache" collection as one of tw
                   the original positions of the kept entries `positions` int32 [B, KVH, L] and the statistics the
                   policy asks for (`key_mass` float32 [B, KVH, L]: attention each kept key has received).
                   The dense cache leaves lengths/positions unset: every head holds tokens 0..index-1 in order.
-  RecurrentState  any state pytree (linear attention's [B, H, Dk, Dv] sums, titans' memory weights) and `index`.
+  RecurrentState  any state pytree (linear attention's [B, H, Dk, Dv] sums, titans' memory weights) and `index`;
+                  with index None, side state kept next to a KVCache and sharing its index (RC-MHA's convolution
+                  histories, Combiner's cached queries, RIPO's per-slot attributes).
 
 Each field is one variable of the layer's "cache" collection (`KV_VARIABLES`; a RecurrentState's state keys plus
 `RECURRENT_INDEX`), so the dense cache keeps its variable names ("cached_key", "cached_value", "cache_index").
@@ -387,19 +389,25 @@ class CachePolicy:
 @struct.dataclass
 class RecurrentState:
     """A recurrent decoding state: `state` (any pytree: linear attention's [B, H, Dk, Dv] sums, a memory's weights)
-    and index int32 [] (tokens seen). `names` (static) gives the logical axis names of every state leaf, keyed
-    like the state dict."""
+    and index int32 [] (tokens seen), or None for side state that lives next to the layer's KVCache and shares its
+    index. `names` (static) gives the logical axis names of every state leaf, keyed like the state dict."""
 
     state: dict[str, Array]
-    index: Array
+    index: Array | None
     names: tuple[tuple[str, tuple[str, ...]], ...] = struct.field(pytree_node=False, default=())
 
 
 RECURRENT_INDEX = "cache_index"
 
 
-def load_state(module: nn.Module, keys: tuple[str, ...]) -> RecurrentState | None:
-    """The RecurrentState of `module` whose state holds the variables `keys`, or None before the creating call."""
+def load_state(module: nn.Module, keys: tuple[str, ...], *, shared_index: bool = False) -> RecurrentState | None:
+    """The RecurrentState of `module` whose state holds the variables `keys`, or None before the creating call.
+
+    shared_index: side state of a KVCache (its index is the cache's; the returned state has index None)."""
+    if not all(module.has_variable("cache", key) for key in keys):
+        return None
+    if shared_index:
+        return RecurrentState(state={key: module.get_variable("cache", key) for key in keys}, index=None)
     if not module.has_variable("cache", RECURRENT_INDEX):
         return None
     state = {key: module.get_variable("cache", key) for key in keys}
@@ -407,10 +415,11 @@ def load_state(module: nn.Module, keys: tuple[str, ...]) -> RecurrentState | Non
 
 
 def store_state(module: nn.Module, state: RecurrentState) -> None:
-    """Creates or overwrites the state's variables (each state key is a variable, plus "cache_index"); leaves
-    named in `state.names` carry those logical axes."""
+    """Creates or overwrites the state's variables (each state key is a variable, plus "cache_index" unless the
+    index is None); leaves named in `state.names` carry those logical axes."""
     names = dict(state.names)
-    for key, value in {**state.state, RECURRENT_INDEX: state.index}.items():
+    index = {} if state.index is None else {RECURRENT_INDEX: state.index}
+    for key, value in {**state.state, **index}.items():
         if key in names:
             value = nn.with_logical_constraint(value, names[key])
         module.put_variable("cache", key, value)

@@ -8,7 +8,9 @@ for the same mesh axis twice).
 
 For sequence layers: `HeadwiseDepthwiseConv`, a depthwise convolution over the token axis of per-head vectors
 [B, T, H, D] (kernel named (None, "heads", "head_dim")), with the validator `kernel_size_or_off` for its size option
-(agent's DWC term, RALA's LePE).
+(agent's DWC term, RALA's LePE); `causal_depthwise_conv`, the causal depthwise convolution over the token axis
+with a carried state for decoding (RC-MHA's and Titans' convolutions after the q/k/v projections), and
+`identity_filter`, its pass-through initialiser.
 """
 
 from __future__ import annotations
@@ -117,6 +119,26 @@ def spatial_mean(x: Array) -> Array:
     """Global average pool of [B, *spatial, C] over the spatial axes -> [B, C], reduced in float32 (float64 for
     float64 inputs)."""
     return jnp.mean(x, axis=tuple(range(1, x.ndim - 1)), dtype=jnp.promote_types(x.dtype, jnp.float32)).astype(x.dtype)
+
+
+def causal_depthwise_conv(x: Array, kernel: Array, state: Array | None = None, bias: Array | None = None) -> Array:
+    """y_t = bias + sum_s kernel[s] * x_{t - w + 1 + s}: x [B, T, H, D], kernel [w, D] or [w, H, D] -> [B, T, H, D].
+
+    `state` [B, w - 1, H, D] holds the w - 1 rows before x (zeros when None: left zero padding); `bias` [D] or None.
+    """
+    width = kernel.shape[0]
+    if state is None:
+        state = jnp.zeros((x.shape[0], width - 1, *x.shape[2:]), x.dtype)
+    padded = jnp.concatenate([state.astype(x.dtype), x], axis=1)
+    kernel = jnp.asarray(kernel, x.dtype)
+    length = x.shape[1]
+    y = sum(kernel[s] * padded[:, s : s + length] for s in range(width))
+    return y if bias is None else y + jnp.asarray(bias, x.dtype)
+
+
+def identity_filter(key, shape, dtype=jnp.float32) -> Array:
+    """[w, ...] filter that passes the current token through: tap w - 1 is 1, the others 0."""
+    return jnp.zeros(shape, dtype).at[-1].set(1.0)
 
 
 class HeadwiseDepthwiseConv(nn.Module):

@@ -110,7 +110,8 @@ class AttentionCall:
     x [B, T, E] (or [B, *S, E]); context [B, Tc, Ec] or None (cross-attention); mask: an `attn.Mask` or None;
     positions: the caller's int [B, T] positions or None; decode, deterministic: the call's flags. The stages fill
     in q_positions int [B, Tq], kv_positions int [B|1, Tk], q_offset (absolute position of the first query: the
-    cache index when decoding) and bias (an additive logits bias, or a mechanism's own position terms).
+    cache index when decoding), bias (an additive logits bias, or a mechanism's own position terms) and state (what a
+    mechanism's prepare read from its decoding cache for its attend, e.g. Combiner's cached summary queries).
     """
 
     x: Any
@@ -123,6 +124,7 @@ class AttentionCall:
     kv_positions: Any = None
     q_offset: Any = 0
     bias: Any = None
+    state: Any = None
 
     @property
     def cross(self) -> bool:
@@ -167,19 +169,22 @@ class AttentionLayer(nn.Module):
         decode: bool = False,
         deterministic: bool = True,
     ) -> Array:
-        """Attention over x, or from x to a context.
+        """Attention over x, or from x to a context: `layer.apply(params, x, mask=attn.Mask(causal=True))`.
 
         Args:
-          x: [batch, length, embed] for sequence layers; [batch, *spatial, embed] (1 to 3 spatial axes) for
-            spatial layers.
+          x: [batch, length, embed] for sequence layers (input kind "sequence"); [batch, *spatial, embed] (1 to 3
+            spatial axes) for spatial layers. Channel-attention modules take [batch, *spatial, channels] and pooling
+            heads [batch, length, embed] -> [batch, embed] (their own __call__; `attn.registry.INPUT_SHAPES`).
           context: [batch, context_length, context_embed] to attend to (cross-attention; keys and values are
             projected from it, and positions apply to self-attention only), or None for self-attention.
           mask: an `attn.Mask` (causal, padding lengths, segment ids, window, prefix-LM, block mask, mask_fn,
-            dense), or None. For cross-attention its kv side refers to the context.
+            dense), a boolean array [batch|1, heads|1, q_len, kv_len] (True = attend), or None for no mask; a
+            Python bool is refused (mask=True would mask nothing). For cross-attention its kv side refers to the
+            context.
           positions: int [batch, length] absolute positions of x (default: 0..T-1, or continuing from the cache
             index when decoding).
           decode: autoregressive decoding with the layer's cache (apply with mutable=["cache"]): the first call
-            creates the cache at the length of its input, later calls append.
+            creates the cache at the length of its input, later calls append (see attn.models.generate).
           deterministic: False enables dropout (needs a "dropout" rng).
         Returns:
           the same shape as x, in `dtype`.
@@ -281,11 +286,21 @@ class AttentionLayer(nn.Module):
 
     # ------------------------------------------------------------------ stage: positions and cache
     def prepare(self, q: Array, k: Array, v: Array, call: AttentionCall) -> tuple[Array, Array, Array, AttentionCall]:
-        """Positions and the decode cache. Default: query positions (continuing from the cache index when
-        decoding), the dense KV cache when decoding, no bias."""
+        """Positions and the decode cache. Default: `locate` (positions, the dense KV cache when decoding), no bias."""
+        return self.locate(q, k, v, call)
+
+    def locate(
+        self, q: Array, k: Array, v: Array, call: AttentionCall, rotate: Any = None
+    ) -> tuple[Array, Array, Array, AttentionCall]:
+        """The position steps every prepare shares: query positions (the caller's, or continuing from the cache index
+        when decoding), then `rotate(q, k, q_positions) -> (q, k)` on self-attention (RoPE: keys enter the cache
+        rotated), then the decode cache (`update_cache`), then the key positions (the queries' for self-attention
+        over the same tokens, else 0..Tk-1). Returns q, k, v and the call with q_positions and kv_positions set."""
         batch, length = q.shape[0], q.shape[1]
         offset = kv_cache.current_index(self) if call.decode and not call.cross else 0
         q_pos = self.query_positions(call.positions, batch, length, offset)
+        if rotate is not None and not call.cross:
+            q, k = rotate(q, k, q_pos)
         call = call.replace(q_positions=q_pos)
         if call.decode:
             k, v, call = self.update_cache(k, v, call)

@@ -25,7 +25,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from attn.core import intervention_state, kv_cache, pipeline
+from attn.core import intervention_state, pipeline
 from attn.core import positions as pos
 from attn.core.layer import AttentionCall, AttentionLayer
 from attn.core.masks import Mask
@@ -90,17 +90,9 @@ class SoftmaxAttentionLayer(AttentionLayer):
 
     def prepare(self, q: Array, k: Array, v: Array, call: AttentionCall) -> tuple[Array, Array, Array, AttentionCall]:
         """RoPE on self-attention q/k, the decode cache, and the relative-position bias of the position option."""
-        batch, length = q.shape[0], q.shape[1]
-        offset = kv_cache.current_index(self) if call.decode and not call.cross else 0
-        q_pos = self.query_positions(call.positions, batch, length, offset)
-        if not call.cross and self.position == "rope":
-            q, k = self.rotate(q, k, q_pos)
-        call = call.replace(q_positions=q_pos)
-        if call.decode:
-            k, v, call = self.update_cache(k, v, call)
-        kv_pos = q_pos if (not call.cross and k.shape[1] == length) else jnp.arange(k.shape[1], dtype=jnp.int32)
-        bias = None if call.cross else self.position_bias(q, q_pos, kv_pos, call.mask)
-        return q, k, v, call.replace(kv_positions=kv_pos, bias=bias)
+        q, k, v, call = self.locate(q, k, v, call, rotate=self.rotate if self.position == "rope" else None)
+        bias = None if call.cross else self.position_bias(q, call.q_positions, call.kv_positions, call.mask)
+        return q, k, v, call.replace(bias=bias)
 
     def rotate(self, q: Array, k: Array, q_pos: Array, kv_pos: Array | None = None) -> tuple[Array, Array]:
         """RoPE with this layer's base and scaling: q [B, Tq, H, D] at q_pos int [B, Tq]; k [B, Tk, KVH, D] at kv_pos,

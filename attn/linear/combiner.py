@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attn.core import cache as cache_lib
 from attn.core import kv_cache
 from attn.core import positions as pos
 from attn.core.layer import AttentionCall, AttentionLayer
@@ -67,6 +68,7 @@ Array = jax.Array
 SUMMARIES = ("max", "mean")
 FACTORIZATIONS = ("fixed", "axial")
 POSITIONS = ("rope", "none")
+QUERY_AXES = (("cached_query", ("batch", "cache_length", "heads", "head_dim")),)
 
 
 def combiner_attention(
@@ -315,7 +317,7 @@ class CombinerAttention(AttentionLayer):
 
     def prepare(self, q: Array, k: Array, v: Array, call: AttentionCall) -> tuple[Array, Array, Array, AttentionCall]:
         """RoPE on q and k (position='rope'); decoding writes q, k, v to the cache and returns the cached keys and
-        values, with the cached queries (the summary queries) in call.bias, q_offset = the cache index and the
+        values, with the cached queries (the summary queries) in call.state, q_offset = the cache index and the
         mask's kv_lengths = the filled length."""
         batch, length = q.shape[:2]
         offset = kv_cache.current_index(self) if call.decode else 0
@@ -324,15 +326,19 @@ class CombinerAttention(AttentionLayer):
             inv_freq, _ = pos.rope_frequencies(self.head_dim, base=self.rope_base)
             q, k = pos.apply_rope(q, q_pos, inv_freq), pos.apply_rope(k, q_pos, inv_freq)
         if call.decode:
-            queries = self.variable("cache", "cached_query", jnp.zeros, q.shape, q.dtype)
+            # The queries of the cached tokens (the summaries' queries): side state of the KV cache.
+            cached = cache_lib.load_state(self, ("cached_query",), shared_index=True)
             keys, values, start = kv_cache.write(self, k, v)
-            if start is not None:  # later calls: attend over the filled cache
-                queries.value = jax.lax.dynamic_update_slice_in_dim(
-                    queries.value, q.astype(queries.value.dtype), start, 1
-                )
+            if start is None:  # the creating call: an ordinary forward, then zero queries of the cache's length
+                zeros = cache_lib.RecurrentState({"cached_query": jnp.zeros(q.shape, q.dtype)}, None, QUERY_AXES)
+                cache_lib.store_state(self, zeros)
+            else:  # later calls: attend over the filled cache
+                stored = cached.state["cached_query"]
+                queries = jax.lax.dynamic_update_slice_in_dim(stored, q.astype(stored.dtype), start, 1)
+                cache_lib.store_state(self, cache_lib.RecurrentState({"cached_query": queries}, None, QUERY_AXES))
                 filled = jnp.full((batch,), start + length, jnp.int32)
                 mask = call.mask.replace(kv_lengths=filled)
-                return q, keys, values, call.replace(mask=mask, q_offset=start, bias=queries.value)
+                return q, keys, values, call.replace(mask=mask, q_offset=start, state=queries)
         return q, k, v, call
 
     def attend(self, q: Array, k: Array, v: Array, call: AttentionCall) -> Array:
@@ -348,7 +354,7 @@ class CombinerAttention(AttentionLayer):
             summary=self.summary,
             factorization=self.factorization,
             scale=self.scale,
-            summary_queries=call.bias,
+            summary_queries=call.state,
             q_offset=call.q_offset,
             q_lengths=None if mask is None else mask.q_lengths,
             kv_lengths=None if mask is None else mask.kv_lengths,

@@ -38,6 +38,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from attn.core import cache as cache_lib
 from attn.core import dispatch
 from attn.core.layer import AttentionCall
 from attn.core.linear_scan import linear_attention, repeat_kv
@@ -214,16 +215,19 @@ class FlowAttention(LinearAttentionBase):
         )
         if not call.decode:
             return flow_attention(q, k, v, **options)
-        initialized = self.has_variable("cache", "flow_kv")
+        # The flow state on the cache protocol: a RecurrentState whose index the template's prepare advanced.
         shapes = flow_state_shapes(q.shape[0], q.shape[2], q.shape[3], v.shape[3])
-        cached = {
-            name: self.variable("cache", f"flow_{name}", jnp.zeros, shape, jnp.float32)
-            for name, shape in shapes.items()
-        }
-        if not initialized:  # the cache-creating call is an ordinary forward
+        keys = tuple(f"flow_{name}" for name in shapes)
+        names = tuple((f"flow_{name}", ("batch", "heads", None, None)) for name in shapes)
+        if not self.has_variable("cache", keys[0]):  # the cache-creating call is an ordinary forward
+            index = self.get_variable("cache", cache_lib.RECURRENT_INDEX)
+            zeros = {f"flow_{name}": jnp.zeros(shape, jnp.float32) for name, shape in shapes.items()}
+            cache_lib.store_state(self, cache_lib.RecurrentState(zeros, index, names))
             return flow_attention(q, k, v, **options)
-        start = {name: variable.value for name, variable in cached.items()}
+        recurrent = cache_lib.load_state(self, keys)
+        start = {name: recurrent.state[f"flow_{name}"] for name in shapes}
         y, state = flow_attention(q, k, v, q_offset=call.q_offset, initial_state=start, return_state=True, **options)
-        for name, variable in cached.items():
-            variable.value = state[name]
+        cache_lib.store_state(
+            self, recurrent.replace(state={f"flow_{name}": state[name] for name in shapes}, names=names)
+        )
         return y

@@ -104,7 +104,7 @@ def neural_memory(
       activation: sigma between MLP layers.
       return_state: also return (weights, momentum) after the last token, each a tuple of [B, H, in, out].
     Returns:
-      y [B, T, H, Dv] float32 (y_t = M_t(q_t)), or (y, (weights, momentum)).
+      y [B, T, H, Dv] float32, float64 for float64 inputs (y_t = M_t(q_t)), or (y, (weights, momentum)).
     """
     batch, length, heads = q.shape[:3]
     if not (isinstance(chunk_size, (int, np.integer)) and chunk_size > 0):
@@ -116,7 +116,8 @@ def neural_memory(
     for name, gate in (("alpha", alpha), ("eta", eta), ("theta", theta)):
         if gate.shape != (batch, length, heads):
             raise ValueError(f"{name} has shape {gate.shape}; expected [batch, length, heads] = {q.shape[:3]}")
-    weights = tuple(_batched(w, batch, heads, "initial_weights") for w in initial_weights)
+    dtype = compute_dtype(q, k, v, *initial_weights)
+    weights = tuple(_batched(w, batch, heads, "initial_weights", dtype) for w in initial_weights)
     if not weights:
         raise ValueError("initial_weights must hold at least one layer")
     dims = [weights[0].shape[2]] + [w.shape[3] for w in weights]
@@ -132,21 +133,26 @@ def neural_memory(
     if initial_momentum is None:
         momentum = tuple(jnp.zeros_like(w) for w in weights)
     else:
-        momentum = tuple(_batched(s, batch, heads, "initial_momentum") for s in initial_momentum)
+        momentum = tuple(_batched(s, batch, heads, "initial_momentum", dtype) for s in initial_momentum)
         if [s.shape for s in momentum] != [w.shape for w in weights]:
             raise ValueError("initial_momentum must have the shapes of initial_weights")
 
     # [B, H, T, D] and [B, H, T]
-    qh, kh, vh = (jnp.swapaxes(x.astype(jnp.float32), 1, 2) for x in (q, k, v))
-    ah, eh, th = (jnp.swapaxes(g.astype(jnp.float32), 1, 2) for g in (alpha, eta, theta))
+    qh, kh, vh = (jnp.swapaxes(x.astype(dtype), 1, 2) for x in (q, k, v))
+    ah, eh, th = (jnp.swapaxes(g.astype(dtype), 1, 2) for g in (alpha, eta, theta))
     run = _recurrent if form == "recurrent" else _chunked
     y, state = run(qh, kh, vh, ah, eh, th, weights, momentum, int(chunk_size), activation)
     y = jnp.swapaxes(y, 1, 2)
     return (y, state) if return_state else y
 
 
-def _batched(w: Array, batch: int, heads: int, name: str) -> Array:
-    w = jnp.asarray(w, jnp.float32)
+def compute_dtype(*arrays: Array) -> jnp.dtype:
+    """float32, or float64 when an input is float64 (the memory never computes below float32)."""
+    return jnp.promote_types(jnp.result_type(*arrays), jnp.float32)
+
+
+def _batched(w: Array, batch: int, heads: int, name: str, dtype: jnp.dtype) -> Array:
+    w = jnp.asarray(w, dtype)
     if w.ndim == 3:
         w = jnp.broadcast_to(w[None], (batch,) + w.shape)
     if w.ndim != 4 or w.shape[:2] != (batch, heads):
@@ -220,9 +226,10 @@ def continue_memory(
         raise ValueError(f"chunk_size={chunk_size!r} must be a positive int")
     if len(state) != 3:
         raise ValueError(f"state must be (weights, momentum, snapshot); got {len(state)} parts")
-    qh, kh, vh = (jnp.swapaxes(x.astype(jnp.float32), 1, 2) for x in (q, k, v))
-    ah, eh, th = (jnp.swapaxes(g.astype(jnp.float32), 1, 2) for g in (alpha, eta, theta))
-    state = tuple(tuple(jnp.asarray(w, jnp.float32) for w in part) for part in state)
+    dtype = compute_dtype(q, k, v, *state[0])
+    qh, kh, vh = (jnp.swapaxes(x.astype(dtype), 1, 2) for x in (q, k, v))
+    ah, eh, th = (jnp.swapaxes(g.astype(dtype), 1, 2) for g in (alpha, eta, theta))
+    state = tuple(tuple(jnp.asarray(w, dtype) for w in part) for part in state)
     y, state = _token_scan(qh, kh, vh, ah, eh, th, state, jnp.asarray(start, jnp.int32), int(chunk_size), activation)
     return jnp.swapaxes(y, 1, 2), state
 

@@ -13,6 +13,13 @@ causal running sum scaled by 1/sqrt(length) (attributed there to the follow-up p
 linear "adjustment" of the current input. The HE/WE/ME forms below are our reading of "simplifications": the
 per-position matrix becomes a per-position vector (HE), a per-position scalar (WE), or nothing (ME).
 
+Absolute or relative position weights: not settled by a primary source. The search was repeated (arXiv 2308.07661
+and 2311.12678: only abstract pages are stored; code search: no implementation by the author). The third-party SHE
+indexes its per-position matrices by the absolute position s of the input (one matrix per time index, applied
+before the prefix sum), and this layer follows it; a relative form (weights indexed by t - s) would make the mix a
+causal convolution and need the last max_length inputs, not a running sum, as decoding state. The layer is
+experimental until the paper's equations are checked.
+
 Implemented, per head h (heads partition the channels; v and g have head_dim D each):
 
     v_s = x_s W_v,   g_t = x_t W_g                                     ("value", "adjust" projections)
@@ -41,8 +48,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from attn.core import cache as cache_lib
 from attn.core.layer import AttentionCall, AttentionLayer
 from attn.core.masks import Mask
+from attn.core.pipeline import accumulation_dtype
 from attn.core.validation import check_choice, choice, positive_int
 from attn.registry import register
 
@@ -50,6 +59,7 @@ Array = jax.Array
 
 VARIANTS = ("she", "he", "we", "me")
 LENGTH_SCALINGS = ("sqrt", "mean", "none")
+RUNNING_SUM_AXES = (("running_sum", ("batch", "heads", "head_dim")),)
 
 
 def _identity_matrices(key: Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> Array:
@@ -64,20 +74,22 @@ def extractor_mix(
     """The Extractor's causal mixing (see the module doc), given the per-position terms.
 
     e: [B, T, H, D] the terms e_s of positions start..start+T-1; g: [B, T, H, D] the adjustments g_t.
-    carry: float32 [B, H, D] sum of e_s over the positions before `start` (None = zero).
-    Returns (g ⊙ c [B, T, H, D] in g.dtype, the updated carry float32 [B, H, D]).
+    carry: [B, H, D] sum of e_s over the positions before `start` (None = zero), in float32 (float64 for float64
+    inputs), as is the arithmetic.
+    Returns (g ⊙ c [B, T, H, D] in g.dtype, the updated carry [B, H, D]).
     """
     check_choice("length_scaling", length_scaling, LENGTH_SCALINGS)
-    sums = jnp.cumsum(e.astype(jnp.float32), axis=1)
+    dtype = accumulation_dtype(e, g)
+    sums = jnp.cumsum(e.astype(dtype), axis=1)
     if carry is not None:
         sums = sums + carry[:, None]
-    count = (start + jnp.arange(e.shape[1]) + 1).astype(jnp.float32)[None, :, None, None]
+    count = (start + jnp.arange(e.shape[1]) + 1).astype(dtype)[None, :, None, None]
     if length_scaling == "sqrt":
         sums = sums / jnp.sqrt(count)
     elif length_scaling == "mean":
         sums = sums / count
-    total = jnp.sum(e.astype(jnp.float32), axis=1) + (0.0 if carry is None else carry)
-    return (g.astype(jnp.float32) * sums).astype(g.dtype), total
+    total = jnp.sum(e.astype(dtype), axis=1) + (0.0 if carry is None else carry)
+    return (g.astype(dtype) * sums).astype(g.dtype), total
 
 
 def _check_mask(mask: Mask | None) -> None:
@@ -157,21 +169,24 @@ class Extractor(AttentionLayer):
         """g, v [B, T, H, D] -> g ⊙ c [B, T, H, D]; decoding continues the running sum kept in the "cache"
         collection. Dropout (the attention-dropout helper) acts on the mixed output."""
         batch, length = v.shape[:2]
-        carry = start = None
-        if call.decode:
-            created = not self.has_variable("cache", "running_sum")
-            running = self.variable(
-                "cache", "running_sum", jnp.zeros, (batch, self.num_heads, self.head_dim), jnp.float32
-            )
-            index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
-            if not created:
-                carry, start = running.value, index.value
+        carry = start = recurrent = None
+        if call.decode:  # the running sum on the cache protocol (a RecurrentState)
+            recurrent = cache_lib.load_state(self, ("running_sum",))
+            if recurrent is None:  # the creating call: an ordinary forward, then a zero state
+                shape = (batch, self.num_heads, self.head_dim)
+                zeros = {"running_sum": jnp.zeros(shape, accumulation_dtype(v, g))}
+                recurrent = cache_lib.RecurrentState(zeros, jnp.array(0, jnp.int32), RUNNING_SUM_AXES)
+                cache_lib.store_state(self, recurrent)
+                recurrent = None
+            else:
+                carry, start = recurrent.state["running_sum"], recurrent.index
         e = self.position_terms(v, 0 if start is None else start)
         y, total = extractor_mix(
             e, g, start=0 if start is None else start, carry=carry, length_scaling=self.length_scaling
         )
-        if call.decode and start is not None:
-            running.value, index.value = total, start + length
+        if recurrent is not None:
+            state = cache_lib.RecurrentState({"running_sum": total}, start + length, RUNNING_SUM_AXES)
+            cache_lib.store_state(self, state)
         return self.attention_dropout(y, call.deterministic)
 
     def position_terms(self, v: Array, start: Any) -> Array:

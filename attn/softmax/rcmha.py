@@ -46,7 +46,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from attn.core import cache as cache_lib
 from attn.core import kv_cache
+from attn.core.conv import causal_depthwise_conv, identity_filter
 from attn.core.layer import AttentionCall, AttentionLayer
 from attn.core.validation import check_rank, choice, positive_int
 from attn.registry import get, register
@@ -55,26 +57,6 @@ from attn.softmax.relative_music import MusicRelativeAttention, music_relative_l
 Array = jax.Array
 
 RELATIVE = ("xl", "music", "none")
-
-
-def causal_depthwise_conv(x: Array, kernel: Array, state: Array | None = None, bias: Array | None = None) -> Array:
-    """y_t = bias + sum_s kernel[s] * x_{t - w + 1 + s}: x [B, T, H, D], kernel [w, D] or [w, H, D] -> [B, T, H, D].
-
-    `state` [B, w - 1, H, D] holds the w - 1 rows before x (zeros when None: left zero padding); `bias` [D] or None.
-    """
-    width = kernel.shape[0]
-    if state is None:
-        state = jnp.zeros((x.shape[0], width - 1, *x.shape[2:]), x.dtype)
-    padded = jnp.concatenate([state.astype(x.dtype), x], axis=1)
-    kernel = jnp.asarray(kernel, x.dtype)
-    length = x.shape[1]
-    y = sum(kernel[s] * padded[:, s : s + length] for s in range(width))
-    return y if bias is None else y + jnp.asarray(bias, x.dtype)
-
-
-def identity_filter(key, shape, dtype=jnp.float32) -> Array:
-    """[w, ...] filter that passes the current token through: tap w - 1 is 1, the others 0."""
-    return jnp.zeros(shape, dtype).at[-1].set(1.0)
 
 
 @register(
@@ -135,8 +117,11 @@ class RelativeConvolutionalAttention(MusicRelativeAttention):
     def convolve(self, q: Array, k: Array, v: Array, decode: bool) -> tuple[Array, Array, Array]:
         """q [B, T, H, D], k, v [B, T, KVH, D] -> the same shapes, each through its causal depthwise convolution."""
         streaming = decode and kv_cache.cache_is_initialized(self)
-        out = []
-        for name, y, heads in (("query", q, self.num_heads), ("key", k, self.kv_heads), ("value", v, self.kv_heads)):
+        names = ("query", "key", "value")
+        # The convolution histories: side state of the KV cache (the cache protocol's RecurrentState, shared index).
+        histories = cache_lib.load_state(self, tuple(f"conv_{name}" for name in names), shared_index=True)
+        out, updated = [], {}
+        for name, y, heads in zip(names, (q, k, v), (self.num_heads, self.kv_heads, self.kv_heads), strict=True):
             # one filter and bias per channel of a head, shared by all heads (the authors' SpatialDepthWiseConvolution)
             kernel = self.param(
                 f"{name}_conv",
@@ -152,13 +137,20 @@ class RelativeConvolutionalAttention(MusicRelativeAttention):
             )
             state = None
             if decode:
-                shape = (y.shape[0], self.conv_width - 1, heads, self.head_dim)
-                cached = self.variable("cache", f"conv_{name}", jnp.zeros, shape, y.dtype)
-                if streaming:
-                    state = cached.value
+                if streaming and histories is not None:
+                    state = histories.state[f"conv_{name}"]
                     history = jnp.concatenate([state.astype(y.dtype), y], axis=1)
-                    cached.value = history[:, history.shape[1] - (self.conv_width - 1) :]
+                    updated[f"conv_{name}"] = history[:, history.shape[1] - (self.conv_width - 1) :]
+                else:  # the creating call: zero histories
+                    updated[f"conv_{name}"] = jnp.zeros(
+                        (y.shape[0], self.conv_width - 1, heads, self.head_dim), y.dtype
+                    )
             out.append(causal_depthwise_conv(y, kernel, state, conv_bias))
+        if decode:
+            axes = tuple(
+                (key, ("batch", None, "kv_heads" if "query" not in key else "heads", "head_dim")) for key in updated
+            )
+            cache_lib.store_state(self, cache_lib.RecurrentState(updated, None, axes))
         return tuple(out)
 
     def relative_logits(self, q: Array, kv_len: int, positions: Array | None, q_offset, decode: bool) -> Array | None:

@@ -52,6 +52,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from attn.core import cache as cache_lib
 from attn.core.layer import AttentionCall
 from attn.core.validation import optional, positive, positive_int, subset
 from attn.registry import get, register
@@ -194,9 +195,12 @@ class RIPOAttention(MusicRelativeAttention):
         if decode:
             # cache_write already ran: this chunk's keys went to q_offset (0 on the creating call, where the cache
             # is exactly this chunk); keep their attributes at the same slots.
-            cached = self.variable("cache", "cached_attributes", jnp.zeros, (batch, kv_len, 3), jnp.float32)
-            cached.value = jax.lax.dynamic_update_slice_in_dim(cached.value, q_attr, q_offset, axis=1)
-            kv_attr = cached.value
+            # Side state of the KV cache on the cache protocol (a RecurrentState sharing the cache's index).
+            cached = cache_lib.load_state(self, ("cached_attributes",), shared_index=True)
+            stored = jnp.zeros((batch, kv_len, 3), jnp.float32) if cached is None else cached.state["cached_attributes"]
+            kv_attr = jax.lax.dynamic_update_slice_in_dim(stored, q_attr, q_offset, axis=1)
+            axes = (("cached_attributes", ("batch", "cache_length", None)),)
+            cache_lib.store_state(self, cache_lib.RecurrentState({"cached_attributes": kv_attr}, None, axes))
         scores = jnp.zeros((batch, self.num_heads, length, kv_len), jnp.float32)
         if "index" in terms:
             heads = 1 if self.share_heads else self.num_heads

@@ -252,7 +252,7 @@ def test_decode_token_by_token_and_after_a_prefill_equals_the_full_forward(layer
     full = jax.jit(lambda inputs: layer.apply(variables, inputs, mask=c.CAUSAL))(x)
     decoded, cache = _decode_jitted(layer, variables, x, chunks, c.CAUSAL)
     np.testing.assert_allclose(decoded, full, atol=2e-5, rtol=2e-5)
-    assert int(cache["cache_index"]) == 11
+    assert int(cache["cache_index"]) == persistent + 11  # positions of [P || x] seen
     assert cache["memory_snapshot_1"].shape == (2, 4, 16, 8)
     if variant != "lmm":
         assert cache["cached_key"].shape == (2, persistent + 11, 2, 8)  # [P || x]
