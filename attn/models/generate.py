@@ -164,14 +164,16 @@ def _decode_loop(
     temperature: float,
     top_k: int | None,
     rng: jax.Array | None,
+    prefill: Callable[[Any, jax.Array], tuple[jax.Array, Any]] | None = None,
 ) -> jax.Array:
-    """Prefill `prompt` int32 [B, P] through `decode(cache, tokens) -> (last logits [B, V], cache)`, then one token
-    per step; returns int32 [B, P + max_new_tokens]. Step i draws with fold_in(rng, i)."""
+    """Prefill `prompt` int32 [B, P] through `prefill` (default `decode`), `(cache, tokens) -> (last logits [B, V],
+    cache)`, then one token per step with `decode`; returns int32 [B, P + max_new_tokens]. Step i draws with
+    fold_in(rng, i)."""
     batch, prompt_len = prompt.shape
     total = prompt_len + max_new_tokens
     if rng is None:
         rng = jax.random.key(0)  # unused by greedy decoding; keeps one code path
-    logits, cache = decode(cache, prompt)
+    logits, cache = (prefill or decode)(cache, prompt)
     first = _next_token(logits, temperature, top_k, jax.random.fold_in(rng, 0))
     out = jnp.zeros((batch, total), jnp.int32).at[:, :prompt_len].set(prompt).at[:, prompt_len].set(first)
 
@@ -203,11 +205,12 @@ def generate_encoder_decoder(
     """The decoder's continuation int32 [B, max_new_tokens] of `start_token`, conditioned on `inputs`.
 
     inputs: what `model.encode` takes (source tokens int [B, Ts] with valid `lengths` int [B] for an
-    `EncoderDecoder`; images [B, H, W, C] for a `VisionLanguageModel` with fusion="cross"). The encoder runs once;
-    the decoder's cache is created by a real decode call over max_new_tokens positions (so a cross-attention layer
-    that keeps the projected context in its cache has it), then the start token is prefilled and every further
-    token costs one cached decoder step. Sampling as in `generate`. Jitted, with model, max_new_tokens,
-    start_token, temperature and top_k static.
+    `EncoderDecoder`; images [B, H, W, C] for a `VisionLanguageModel`). The encoder runs once; the decoder's cache
+    is created by a real decode call over max_new_tokens positions (so a cross-attention layer that keeps the
+    projected context in its cache has it), then the start token is prefilled and every further token costs one
+    cached decoder step. A model whose `fusion` is "prefix" gets the encoded tokens on the creating call and the
+    prefill only (they are then in the cache) and None afterwards. Sampling as in `generate`. Jitted, with model,
+    max_new_tokens, start_token, temperature and top_k static.
     """
     _check_sampling(model, max_new_tokens, temperature, top_k, rng)
     if max_new_tokens == 0:
@@ -216,14 +219,25 @@ def generate_encoder_decoder(
     encoded = model.apply(variables, inputs, lengths, method="encode")
     batch = inputs.shape[0]
 
-    def decode(cache: Any, tokens: jax.Array) -> tuple[jax.Array, Any]:
+    prefix = getattr(model, "fusion", None) == "prefix"
+
+    def step(cache: Any, tokens: jax.Array, context: jax.Array | None) -> tuple[jax.Array, Any]:
         logits, state = model.apply(
-            {**variables, "cache": cache}, tokens, encoded, lengths, decode=True, mutable=["cache"], method="decode"
+            {**variables, "cache": cache}, tokens, context, lengths, decode=True, mutable=["cache"], method="decode"
         )
         return logits[:, -1], state["cache"]
 
     created = jnp.zeros((batch, max_new_tokens), jnp.int32)
     _, state = model.apply(variables, created, encoded, lengths, decode=True, mutable=["cache"], method="decode")
     prompt = jnp.full((batch, 1), start_token, jnp.int32)
-    out = _decode_loop(decode, state["cache"], prompt, max_new_tokens, temperature, top_k, rng)
+    out = _decode_loop(
+        lambda cache, tokens: step(cache, tokens, None if prefix else encoded),
+        state["cache"],
+        prompt,
+        max_new_tokens,
+        temperature,
+        top_k,
+        rng,
+        prefill=lambda cache, tokens: step(cache, tokens, encoded),
+    )
     return out[:, 1:]

@@ -181,16 +181,19 @@ class VisionLanguageModel(nn.Module):
     ) -> jax.Array:
         """Logits float32 [B, T, vocab_size] of text tokens int [B, T] given image tokens encoded [B, N, d_model].
 
-        decode=True (apply with mutable=["cache"]) decodes with the KV cache; it needs fusion="cross" (a prefix
-        would have to be written by the call that starts the sequence only).
+        decode=True (apply with mutable=["cache"]) decodes with the KV cache. With fusion="prefix" the image tokens
+        are written into the cache by the calls that start the sequence (the cache-creating call and the first
+        decode call give `encoded`); later calls continue with encoded=None (their keys see the cached image).
         """
         if lengths is not None:
             raise ValueError("images have no padding: lengths must be None")
         if self.fusion == "cross":
+            if encoded is None:
+                raise ValueError("fusion='cross' needs the image tokens `encoded` on every call")
             return self.decoder(tokens, context=encoded, decode=decode, deterministic=deterministic)
-        if decode:
-            raise ValueError("decode=True needs fusion='cross'; with fusion='prefix' use the full forward")
-        return self.decoder(tokens, prefix=encoded, deterministic=deterministic)
+        if encoded is None and not decode:
+            raise ValueError("encoded=None continues a cached sequence: it needs decode=True")
+        return self.decoder(tokens, prefix=encoded, decode=decode, deterministic=deterministic)
 
     def __call__(self, images: jax.Array, tokens: jax.Array, *, deterministic: bool = True) -> jax.Array:
         return self.decode(tokens, self.encode(images, deterministic=deterministic), deterministic=deterministic)

@@ -46,8 +46,11 @@ def test_spatial_mechanism_in_the_image_encoder(quick_params):
     assert jax.jit(model.apply)(params, images(), text()).shape == (BATCH, TEXT, VOCAB)
 
 
-def test_cached_generation_equals_greedy_full_forwards(quick_params):
-    model = small_model(fusion="cross")
+@pytest.mark.parametrize("fusion", ["cross", "prefix"])
+def test_cached_generation_equals_greedy_full_forwards(fusion, quick_params):
+    """Cross fusion caches the projected image keys; prefix fusion writes the image tokens into the self-attention
+    cache on the prefill and continues without them."""
+    model = small_model(fusion=fusion)
     params = quick_params(model, images(), text())
     generated = generate_encoder_decoder(model, params, images(), 4, start_token=1)
     forward = jax.jit(lambda tok: model.apply(params, images(), tok))
@@ -64,8 +67,9 @@ def test_bad_fields_are_rejected():
         jax.eval_shape(small_model(patch_size=5).init, jax.random.key(0), images(), text())
     model = small_model(fusion="prefix")
     params = jax.eval_shape(model.init, jax.random.key(0), images(), text())
-    with pytest.raises(ValueError, match="decode=True needs fusion='cross'"):
-        jax.eval_shape(
-            lambda p: model.apply(p, text(), jnp.zeros((BATCH, 16, 32)), decode=True, method="decode", mutable=True),
-            params,
-        )
+    with pytest.raises(ValueError, match="encoded=None continues a cached sequence"):
+        jax.eval_shape(lambda p: model.apply(p, text(), None, method="decode"), params)
+    cross = small_model(fusion="cross")
+    cross_params = jax.eval_shape(cross.init, jax.random.key(0), images(), text())
+    with pytest.raises(ValueError, match="needs the image tokens"):
+        jax.eval_shape(lambda p: cross.apply(p, text(), None, method="decode"), cross_params)
