@@ -26,6 +26,9 @@ def base_config() -> ConfigDict:
     config.eval_every = 500  # steps between evaluations (also at the last step); 0 = only at the end
     config.checkpoint_every = 500  # steps between checkpoints (also at the last step and on SIGTERM)
     config.keep_checkpoints = 3  # most recent checkpoints kept on disk; older ones are deleted
+    # Resuming refuses a config that differs from the checkpoint's in model, data or optimization; list the
+    # dotted fields to accept deliberately, e.g. --config.allow_changes=total_steps,optimizer.learning_rate
+    config.allow_changes = ""
 
     config.model = ConfigDict()  # the network: kind, size, attention mechanism
     config.model.kind = "decoder"  # "decoder" (causal LM), "encoder" (mlm / classification) or "vit"

@@ -1,17 +1,26 @@
 """Command line: `python -m train --config configs/x.py[:preset] --workdir runs/x [--config.a.b=value ...]`.
 
-Rerunning the same command resumes from the latest checkpoint in the workdir. Config problems, divergence
-(nan/inf loss) and checkpoint/config mismatches exit non-zero with a one-line message; SIGTERM saves a
-checkpoint and exits 0.
+Rerunning the same command resumes from the newest checkpoint in the workdir that verifies. Config problems,
+divergence (nan/inf loss), checkpoint/config mismatches, a workdir another run holds, damaged checkpoints and a
+checkpoint that cannot be written exit non-zero with a one-line message; SIGTERM saves a checkpoint and exits 0
+(during start-up or compilation: exits 0 having saved nothing).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from train.preemption import PreemptionGuard
+
+_GUARD = PreemptionGuard()
+if __name__ == "__main__":
+    # Installed before absl, the config file and JAX load: a SIGTERM at any point of start-up only sets a flag.
+    _GUARD.__enter__()
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with a preset: configs/lm_tiny.py or configs/lm_tiny.py:smoke."
@@ -79,9 +88,10 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; --verbosity=0 brings it back
+        # A failed save is reported in one line (CheckpointSaveError); orbax's own tracebacks of it are noise.
+        logging.get_absl_logger().addFilter(_drop_orbax_errors)
     # Imported here so `--help` and flag errors do not wait for JAX.
     from train import trainer
-    from train.config_checks import ConfigError
 
     try:
         config = _CONFIG.value
@@ -89,13 +99,31 @@ def main(argv: Sequence[str]) -> None:
     except OSError as error:
         sys.exit(f"error: --config: {str(error).strip().splitlines()[-1].strip()}")
     try:
-        result = trainer.run(config, _WORKDIR.value)
-    except (ConfigError, trainer.TrainingDiverged) as error:
-        sys.exit(f"error: {error}")
-    if result.preempted:
+        result = trainer.run(config, _WORKDIR.value, guard=_GUARD)
+    except trainer.RUN_ERRORS as error:
+        _exit_now(f"error: {error}")
+    except OSError as error:  # e.g. metrics.jsonl on a full disk
+        _exit_now(f"error: {error}")
+    if result.stopped_before_first_step:
+        print("stopped before the first step; nothing to save", flush=True)
+    elif result.preempted:
         print(f"stopped by SIGTERM at step {result.step}; resume with the same command", flush=True)
     else:
         print(f"done: step {result.step}; checkpoint {result.checkpoint}", flush=True)
+
+
+def _drop_orbax_errors(record) -> bool:
+    """Logging filter: False for orbax's error records (their exceptions reach `main` and are reported)."""
+    return not (record.levelno >= 40 and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+def _exit_now(message: str) -> None:
+    """Prints `message` to stderr and exits 1 at once. After a failed save, orbax's background threads can wait
+    minutes for a directory that will never appear and print tracebacks at interpreter shutdown; the run has
+    already closed its writers and checkpointer, so nothing is left to wait for."""
+    print(message, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)
 
 
 if __name__ == "__main__":

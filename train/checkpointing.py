@@ -11,23 +11,66 @@ Each step directory ``<directory>/<step>/`` holds three orbax items:
 
 Orbax writes each step into ``<step>.orbax-checkpoint-tmp*`` and renames it when complete, so a crash
 mid-save never leaves a half-written step that ``latest_step`` would report.
+
+Integrity: ``meta`` also records a 64-bit checksum of every state array (``state_checksums``: computed on
+the devices from the array's bits, so it does not depend on the mesh), the SHA-256 of the ``data`` item and
+of ``meta`` itself, and which leaves held nan/inf. ``restore`` recomputes and compares them; a checkpoint
+that fails (or that orbax cannot read: a truncated or deleted file) raises ``CheckpointDamaged``, and
+``restore()`` without a step falls back to the newest checkpoint that verifies (``skipped`` lists the
+damaged ones). A failed asynchronous save is reported by ``poll`` (call it every step) as
+``CheckpointSaveError`` with the step, the reason and the newest checkpoint on disk.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax import lax
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: checksums of the state arrays and SHA-256 of the data and meta items
+DAMAGED_SUFFIX = "-damaged"  # damaged step directories are moved from <directory>/<step> to <directory>-damaged/
+
+
+class CheckpointDamaged(RuntimeError):
+    """A checkpoint that cannot be read or does not match the checksums recorded when it was written.
+
+    Attributes:
+      step: the checkpoint's step (None when the message covers several checkpoints).
+      path: its step directory.
+      reason: what failed, in a few words.
+    """
+
+    def __init__(self, message: str, *, step: int | None = None, path: str | None = None, reason: str = "") -> None:
+        super().__init__(message)
+        self.step, self.path, self.reason = step, path, reason
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (full disk, read-only workdir, ...); the message is one line.
+
+    Attributes:
+      step: the step whose save failed (None if unknown).
+      reason: the operating system's words for it ("no space left on device"), or the error's first line.
+      last_step: the newest checkpoint that is on disk, or None.
+    """
+
+    def __init__(self, step: int | None, reason: str, last_step: int | None) -> None:
+        which = f"checkpoint {step}" if step is not None else "a checkpoint"
+        last = f"the last checkpoint on disk is {last_step}" if last_step is not None else "no checkpoint is on disk"
+        super().__init__(f"{which} could not be written: {reason}; {last}")
+        self.step, self.reason, self.last_step = step, reason, last_step
 
 
 def _path_str(path: tuple[Any, ...]) -> str:
@@ -52,7 +95,7 @@ def _shapes(tree: Any) -> dict[str, list[int]]:
     return {_path_str(path): [int(d) for d in np.shape(leaf)] for path, leaf in leaves}
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
     """Plain-JSON copy of ``obj`` (numpy/jax scalars and arrays become numbers and lists)."""
 
     def default(x: Any) -> Any:
@@ -107,6 +150,110 @@ def _find_mesh(abstract: Any) -> jax.sharding.Mesh | None:
     return None
 
 
+# -- integrity: checksums of arrays and JSON -----------------------------------------------------------
+
+_CHECKSUM_SEEDS = (0x243F6A88, 0x85A308D3)  # two independent 32-bit lanes (hex digits of pi)
+
+
+def _fmix32(h: jax.Array) -> jax.Array:
+    """MurmurHash3's 32-bit finalizer: a bijection of uint32 in which every input bit flips about half of
+    the output bits."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _words(x: jax.Array) -> jax.Array:
+    """The bits of ``x`` as uint32 words: [*x.shape] for 1-, 2- and 4-byte dtypes (zero-extended),
+    [*x.shape, 2] for 8-byte dtypes."""
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    size = jnp.dtype(x.dtype).itemsize
+    if size == 4 or size == 8:
+        return lax.bitcast_convert_type(x, jnp.uint32)
+    if size in (1, 2):
+        return lax.bitcast_convert_type(x, jnp.uint8 if size == 1 else jnp.uint16).astype(jnp.uint32)
+    raise ValueError(f"a state array has dtype {x.dtype}; expected a 1-, 2-, 4- or 8-byte dtype to checksum")
+
+
+def _leaf_summary(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(uint32[2] checksum, bool finite) of one array.
+
+    Lane ``j`` is ``sum_i fmix32(word_i ^ fmix32(i + seed_j)) mod 2**32`` over the flat index ``i`` of every
+    word, computed in the array's own shape (no reshape, so no resharding) with exact integer sums: the
+    result is the same on any mesh and any reduction order. Changing any one word changes both lanes.
+    """
+    words = _words(x)
+    index = jnp.zeros(words.shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(words.ndim)):
+        index = index + lax.broadcasted_iota(jnp.uint32, words.shape, axis) * jnp.uint32(stride % 2**32)
+        stride *= words.shape[axis]
+    lanes = [jnp.sum(_fmix32(words ^ _fmix32(index + jnp.uint32(seed))), dtype=jnp.uint32) for seed in _CHECKSUM_SEEDS]
+    finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True)
+    return jnp.stack(lanes), finite
+
+
+_summaries = jax.jit(lambda leaves: [_leaf_summary(x) for x in leaves])
+
+
+def state_checksums(tree: Any) -> tuple[dict[str, str], list[str]]:
+    """Checksums of every array of ``tree`` and the paths of the leaves holding nan/inf.
+
+    Args:
+      tree: pytree of arrays (``jax.Array``, possibly sharded over several processes, or numpy).
+
+    Returns:
+      ``({path: 16 hex digits}, [paths of leaves with a nan or inf])``. The checksum depends only on the
+      array's shape, dtype and values, not on its sharding. With several processes this is a collective.
+    """
+    leaves = [(_path_str(path), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    groups: dict[tuple[int, ...], list[int]] = {}  # one jitted call per set of devices the leaves live on
+    arrays = []
+    for i, (_, leaf) in enumerate(leaves):
+        array = leaf if isinstance(leaf, jax.Array) else jnp.asarray(leaf)
+        arrays.append(array)
+        groups.setdefault(tuple(sorted(d.id for d in array.sharding.device_set)), []).append(i)
+    checksums: dict[str, str] = {}
+    nonfinite: list[str] = []
+    for indices in groups.values():
+        for i, (lanes, finite) in zip(indices, _summaries([arrays[i] for i in indices]), strict=True):
+            path = leaves[i][0]
+            checksums[path] = "".join(f"{int(lane):08x}" for lane in _to_host(lanes))
+            if not bool(_to_host(finite)):
+                nonfinite.append(path)
+    return checksums, sorted(nonfinite)
+
+
+def _sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def _save_failure_reason(error: BaseException) -> str:
+    """'no space left on device' for an OSError anywhere in the exception chain (or a tensorstore error that
+    carries an ``os_error_code``), else the error's first line."""
+    seen, current = set(), error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        code = current.errno if isinstance(current, OSError) else None
+        if code is None:
+            match = re.search(r"os_error_code='?(\d+)", str(current))
+            code = int(match.group(1)) if match else None
+        if code in errno.errorcode:
+            return os.strerror(code).lower()
+        current = current.__cause__ or current.__context__
+    return _first_line(error)
+
+
 class Checkpointer:
     """Saves and restores training checkpoints in ``directory`` (orbax ``CheckpointManager``).
 
@@ -117,7 +264,10 @@ class Checkpointer:
       async_save: write in a background thread; ``save`` returns once the arrays are copied to host.
       keep_every: additionally keep every checkpoint whose step is a multiple of this (None: off).
 
-    Call ``save``/``restore``/``wait`` from every process: orbax coordinates the hosts.
+    Attributes:
+      skipped: ``[(step, reason), ...]`` of the damaged checkpoints the last ``restore()`` passed over.
+
+    Call ``save``/``poll``/``restore``/``wait`` from every process: orbax coordinates the hosts.
     """
 
     def __init__(
@@ -139,6 +289,9 @@ class Checkpointer:
         self.keep = int(keep)
         self.save_every = int(save_every)
         self.async_save = bool(async_save)
+        self.skipped: list[tuple[int, str]] = []
+        self._pending: int | None = None  # the step of an asynchronous save not yet known to have finished
+        self._failed = False  # a save failed and was reported: closing must not raise it again or wait on it
         options = ocp.CheckpointManagerOptions(
             max_to_keep=self.keep,
             keep_period=keep_every,
@@ -159,6 +312,28 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         """All fully written steps, ascending."""
         return sorted(self._manager.all_steps())
+
+    def step_path(self, step: int) -> str:
+        """The directory of checkpoint ``step``."""
+        return os.path.join(self.directory, str(int(step)))
+
+    def last_good_step(self, before: int | None = None) -> int | None:
+        """The newest checkpoint (older than ``before``, if given) whose train state was finite when saved.
+
+        Checkpoints whose ``meta`` cannot be read or fails its SHA-256 do not count. The trainer saves only
+        after the step's loss was checked, so this is the last checkpoint with a finite loss *and* finite
+        parameters and optimizer state.
+        """
+        for step in sorted(self.all_steps(), reverse=True):
+            if before is not None and step >= before:
+                continue
+            try:
+                meta = self.read_meta(step)
+            except Exception:  # noqa: BLE001 - an unreadable checkpoint is not a good one
+                continue
+            if self._meta_problem(meta) is None and not meta.get("nonfinite"):
+                return step
+        return None
 
     # -- save --------------------------------------------------------------------------------------
 
@@ -183,14 +358,15 @@ class Checkpointer:
           force: save even off the ``save_every`` grid (preemption, end of training).
 
         Returns:
-          True when a save was started (with ``async_save`` it may still be in flight: see ``wait``);
+          True when a save was started (with ``async_save`` it may still be in flight: see ``poll``/``wait``);
           False when the step is off the grid or already saved.
 
         Raises:
-          Whatever a previous asynchronous save raised, so failures are never silent.
+          CheckpointSaveError: this save, or a previous asynchronous one, failed.
         """
         step = int(step)
-        self._manager.check_for_errors()
+        if self._pending is not None:
+            self.wait()  # orbax would wait for the previous save anyway; this way its failure names its step
         if not force and step % self.save_every:
             return False
         if step in self._manager.all_steps():
@@ -206,67 +382,207 @@ class Checkpointer:
                 "shape": list(key_data.shape),
                 "data": key_data.ravel().tolist(),
             }
+        checksums, nonfinite = state_checksums(state)
+        data = {"process_count": jax.process_count(), "states": _allgather_json(jsonable(data_state))}
         meta = {
             "format": _FORMAT_VERSION,
             "step": step,
-            "config": _jsonable(dict(config) if config is not None else {}),
+            "config": jsonable(dict(config) if config is not None else {}),
             "rng": rng_meta,
             "shapes": _shapes(state),
+            "checksums": checksums,
+            "nonfinite": nonfinite,
+            "data_sha256": _sha256_json(data),
         }
-        data = {"process_count": jax.process_count(), "states": _allgather_json(_jsonable(data_state))}
-        return self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=ocp.args.JsonSave(data),
-                meta=ocp.args.JsonSave(meta),
-            ),
-            force=True,
-        )
+        meta["meta_sha256"] = _sha256_json(meta)
+        try:
+            started = self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    data=ocp.args.JsonSave(data),
+                    meta=ocp.args.JsonSave(meta),
+                ),
+                force=True,
+            )
+        except Exception as error:
+            raise self._save_error(step, error) from error
+        if started and self.async_save:
+            self._pending = step
+        return started
+
+    def poll(self) -> None:
+        """Raises ``CheckpointSaveError`` at once if an asynchronous save has failed; cheap, never blocks.
+
+        Call it every step: a full disk or a read-only workdir then stops the run at the next step, not at
+        the next save. With several processes this is a collective while a save is in flight (the processes
+        agree on the outcome, so they all stop at the same step).
+        """
+        if self._pending is None:
+            return
+        finished = not self._manager.is_saving_in_progress()
+        error = None
+        if finished:
+            try:
+                self._manager.wait_until_finished()  # returns at once: the save thread has ended
+                self._manager.check_for_errors()
+            except Exception as caught:  # noqa: BLE001 - reported as CheckpointSaveError below
+                error = caught
+        if jax.process_count() > 1:
+            flags = multihost_utils.process_allgather(np.array([finished, error is not None], np.bool_))
+            flags = np.asarray(flags).reshape(-1, 2)
+            finished, failed = bool(np.all(flags[:, 0])), bool(np.any(flags[:, 1]))
+        else:
+            failed = error is not None
+        if failed:
+            step, self._pending = self._pending, None
+            raise self._save_error(step, error or RuntimeError("the save failed on another process"))
+        if finished:
+            self._pending = None
 
     def wait(self) -> None:
-        """Blocks until pending asynchronous saves are finished; raises the error if one failed."""
-        self._manager.wait_until_finished()
-        self._manager.check_for_errors()
+        """Blocks until pending asynchronous saves are finished; ``CheckpointSaveError`` if one failed."""
+        try:
+            self._manager.wait_until_finished()
+            self._manager.check_for_errors()
+        except Exception as error:
+            step, self._pending = self._pending, None
+            raise self._save_error(step, error) from error
+        self._pending = None
+
+    def _save_error(self, step: int | None, error: BaseException) -> CheckpointSaveError:
+        self._failed = True
+        try:
+            self._manager.reload()
+            on_disk = [s for s in self._manager.all_steps() if s != step]
+        except Exception:  # noqa: BLE001 - the directory itself may be gone; say what is known
+            on_disk = []
+        return CheckpointSaveError(step, _save_failure_reason(error), max(on_disk) if on_disk else None)
 
     # -- restore -----------------------------------------------------------------------------------
 
     def read_meta(self, step: int | None = None) -> dict[str, Any]:
-        """The ``meta`` JSON of ``step`` (default: latest): step, config, rng, shapes."""
+        """The ``meta`` JSON of ``step`` (default: latest): step, config, rng, shapes, checksums."""
         step = self._resolve_step(step)
         restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(restored["meta"])
 
     def restore(
-        self, step: int | None = None, *, abstract_state: Any
+        self,
+        step: int | None = None,
+        *,
+        abstract_state: Any,
+        check_meta: Callable[[dict[str, Any]], None] | None = None,
     ) -> tuple[Any, dict[str, Any] | None, jax.Array | None, dict[str, Any]]:
-        """Restores ``step`` (default: the latest) onto the shardings of ``abstract_state``.
+        """Restores ``step`` (default: the newest checkpoint that verifies) onto the shardings of ``abstract_state``.
+
+        Every restore is verified: the ``meta`` and ``data`` items against their SHA-256 and every state array
+        against the checksum recorded at save time. Without ``step``, damaged checkpoints are passed over
+        (newest first) and listed in ``self.skipped``.
 
         Args:
-          step: which checkpoint; None for the latest.
+          step: which checkpoint; None for the newest that verifies.
           abstract_state: the train state's structure as ``jax.ShapeDtypeStruct`` leaves with ``.sharding``
             set (``jax.Array`` leaves also work); the restored arrays get these shapes, dtypes and
             shardings, so a checkpoint written on any mesh restores onto the current one.
+          check_meta: called with a candidate's (verified) meta before its arrays are read; whatever it
+            raises (e.g. a config that differs from the saved one) propagates.
 
         Returns:
           ``(state, data_state, rng, meta)``: the state; this process's data-iterator state; the RNG in the
           form it was saved (typed key or raw uint32 key data; replicated on the state's mesh); and the
-          meta dict (``step``, ``config``, ``shapes``, ``rng``).
+          meta dict (``step``, ``config``, ``shapes``, ``rng``, ``checksums``).
 
         Raises:
           FileNotFoundError: no checkpoint (or not this step) in the directory.
           ValueError: the checkpoint's state tree differs from ``abstract_state`` (names the first
             differing path and both shapes).
+          CheckpointDamaged: ``step`` is damaged, or (``step=None``) every checkpoint is.
         """
-        step = self._resolve_step(step)
         abstract = jax.tree_util.tree_map_with_path(_as_abstract, abstract_state)
-        meta = self.read_meta(step)
-        self._check_shapes(step, meta.get("shapes", {}), _shapes(abstract))
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()),
+        self.skipped = []
+        if step is not None:
+            return self._restore_verified(self._resolve_step(step), abstract, check_meta)
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        if not steps:
+            raise FileNotFoundError(f"no finished checkpoint in {self.directory}")
+        for candidate in steps:
+            try:
+                return self._restore_verified(candidate, abstract, check_meta)
+            except CheckpointDamaged as error:
+                self.skipped.append((candidate, error.reason))
+        listing = "; ".join(f"{s}: {reason}" for s, reason in self.skipped)
+        raise CheckpointDamaged(
+            f"every checkpoint in {self.directory} is damaged ({listing}); move the folder away to start over"
         )
+
+    def _restore_verified(
+        self, step: int, abstract: Any, check_meta: Callable[[dict[str, Any]], None] | None
+    ) -> tuple[Any, dict[str, Any] | None, jax.Array | None, dict[str, Any]]:
+        path = self.step_path(step)
+
+        def damaged(reason: str) -> CheckpointDamaged:
+            return CheckpointDamaged(f"checkpoint {path} is damaged: {reason}", step=step, path=path, reason=reason)
+
+        try:
+            meta = self.read_meta(step)
+        except Exception as error:  # noqa: BLE001 - a missing or garbled meta item
+            raise damaged(f"its meta item cannot be read ({_first_line(error)})") from None
+        problem = self._meta_problem(meta)
+        if problem is not None:
+            raise damaged(problem)
+        if check_meta is not None:
+            check_meta(meta)
+        self._check_shapes(step, meta.get("shapes", {}), _shapes(abstract))
+        problem = None
+        try:
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()),
+            )
+        except Exception as error:  # noqa: BLE001 - truncated, deleted or garbled files
+            problem = f"its arrays cannot be read ({_first_line(error)})"
+        if jax.process_count() > 1:  # every process must pass over the same checkpoints
+            failed = multihost_utils.process_allgather(np.array([problem is not None], np.bool_))
+            if np.any(failed) and problem is None:
+                problem = "its arrays cannot be read on another process"
+        if problem is not None:
+            raise damaged(problem)
+        if "data_sha256" in meta and _sha256_json(restored["data"]) != meta["data_sha256"]:
+            raise damaged("its data-iterator state does not match the SHA-256 recorded when it was saved")
+        if "checksums" in meta:
+            checksums, _ = state_checksums(restored["state"])
+            wrong = sorted(name for name, value in checksums.items() if meta["checksums"].get(name) != value)
+            if wrong:
+                which = f"{wrong[0]} and {len(wrong) - 1} more arrays do" if len(wrong) > 1 else f"{wrong[0]} does"
+                raise damaged(f"{which} not match the checksum recorded when it was saved")
         return restored["state"], self._pick_data_state(restored["data"]), self._rng(meta, abstract), meta
+
+    @staticmethod
+    def _meta_problem(meta: Mapping[str, Any]) -> str | None:
+        """Why ``meta`` cannot be trusted, or None (format-1 checkpoints carry no hashes to check)."""
+        if "meta_sha256" not in meta:
+            return None if meta.get("format", 1) < 2 else "its meta item has no SHA-256"
+        rest = {key: value for key, value in meta.items() if key != "meta_sha256"}
+        if _sha256_json(rest) != meta["meta_sha256"]:
+            return "its meta item does not match the SHA-256 recorded when it was saved"
+        return None
+
+    def set_aside(self, step: int) -> str:
+        """Moves damaged checkpoint ``step`` to ``<directory>-damaged/<step>`` (kept for inspection, out of the
+        way of ``latest_step`` and of saving that step again); returns where it went. Call on every process."""
+        source = self.step_path(step)
+        target_dir = self.directory + DAMAGED_SUFFIX
+        target, n = os.path.join(target_dir, str(step)), 1
+        while os.path.exists(target):
+            target, n = os.path.join(target_dir, f"{step}.{n}"), n + 1
+        if jax.process_index() == 0:
+            os.makedirs(target_dir, exist_ok=True)
+            os.rename(source, target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"attn_checkpoint_set_aside_{step}")
+        self._manager.reload()
+        return target
 
     def _resolve_step(self, step: int | None) -> int:
         steps = self._manager.all_steps()
@@ -329,11 +645,18 @@ class Checkpointer:
     # -- lifecycle ---------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Waits for pending saves, then releases orbax's threads."""
+        """Waits for pending saves (``CheckpointSaveError`` if one failed), then releases orbax's threads.
+
+        After a save failure was reported, closing neither waits for nor raises that failure again."""
         try:
-            self.wait()
+            if not self._failed:
+                self.wait()
         finally:
-            self._manager.close()
+            try:
+                self._manager.close()
+            except Exception:
+                if not self._failed:
+                    raise
 
     def __enter__(self) -> Checkpointer:
         return self

@@ -43,6 +43,7 @@ RUN_FIELDS: dict[str, frozenset[str]] = {
             "mesh",
             "eval",
             "distributed",
+            "allow_changes",
         }
     ),
     "optimizer": frozenset(
@@ -66,6 +67,8 @@ RUN_FIELDS: dict[str, frozenset[str]] = {
 }
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
+# Run-level fields a config may leave out (configs written before they existed still load).
+OPTIONAL_RUN_FIELDS = frozenset({"allow_changes"})
 
 
 def check_config(config: Mapping[str, Any]) -> None:
@@ -104,7 +107,7 @@ def check_known_fields(config: Mapping[str, Any]) -> None:
         for key in keys:
             if key not in valid:
                 raise ConfigError(unknown_field_message(_join(section, key), valid))
-    missing = RUN_FIELDS[""] - set(config)
+    missing = RUN_FIELDS[""] - set(config) - OPTIONAL_RUN_FIELDS
     if missing:
         raise ConfigError(f"config is missing field(s) {sorted(missing)}; start from configs/common.py")
 
@@ -247,6 +250,37 @@ def _check_data(data: Mapping[str, Any]) -> None:
         raise ConfigError(f"data.path={str(path)!r} does not exist (set --config.data.path to a file or folder)")
 
 
+# --- the model built at config-check time ------------------------------------------------------------------
+
+
+def check_model_builds(config: Mapping[str, Any], task: tasks.Task, element_spec: Mapping[str, Any]) -> None:
+    """ConfigError (one line) if the configured model cannot be built: heads that do not split into kv heads, or
+    a value inside `model.attention_options` (or any model field) that a mechanism rejects when it runs.
+
+    Every mechanism's option checks run on its first call, so this traces `task.init` on a one-example batch with
+    the data source's shapes (`element_spec`: key -> (shape [rows, ...], dtype)) under `jax.eval_shape`: no FLOPs,
+    no compilation, no parameters allocated.
+    """
+    model = as_dict(config)["model"]
+    heads, kv_heads = model.get("num_heads"), model.get("num_kv_heads")
+    if isinstance(heads, int) and isinstance(kv_heads, int) and kv_heads > 0 and heads % kv_heads:
+        raise ConfigError(
+            f"model.num_kv_heads={kv_heads} must divide model.num_heads={heads} "
+            "(MHA: equal, GQA: a divisor, MQA: 1; None = num_heads)"
+        )
+    batch = {key: jax.ShapeDtypeStruct((1, *shape[1:]), dtype) for key, (shape, dtype) in element_spec.items()}
+    try:
+        jax.eval_shape(lambda rng: task.init(rng, batch), jax.random.key(0))
+    except (ValueError, TypeError, KeyError) as error:
+        detail = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+        detail = next((line.strip() for line in str(detail).splitlines() if line.strip()), type(error).__name__)
+        options = model.get("attention_options") or {}
+        raise ConfigError(
+            f"model.attention={model.get('attention')!r} with attention_options={dict(options)!r} "
+            f"cannot be built: {detail}"
+        ) from None
+
+
 def check_batch_against_mesh(batch_size: int, mesh: jax.sharding.Mesh) -> None:
     """ConfigError if the global batch does not split evenly over the mesh's batch axes and processes."""
     from train import mesh as mesh_lib
@@ -259,3 +293,114 @@ def check_batch_against_mesh(batch_size: int, mesh: jax.sharding.Mesh) -> None:
         raise ConfigError(
             f"batch_size={batch_size} is not divisible by the number of processes ({jax.process_count()})"
         )
+
+
+# --- resuming: the config saved with the checkpoint against the current one ---------------------------------
+
+# Fields that may change between the runs sharing a workdir: they change neither the model, nor the data
+# stream, nor the optimization (a field named here covers everything under it). Any other difference is
+# refused unless --config.allow_changes names it.
+RESUME_FREE_FIELDS = frozenset(
+    {"log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "eval", "mesh", "distributed", "allow_changes"}
+)
+
+
+def allowed_changes(config: Mapping[str, Any]) -> tuple[str, ...]:
+    """The dotted field names of `config.allow_changes` ("total_steps,model.attention" or a sequence)."""
+    value = as_dict(config).get("allow_changes") or ()
+    names = value.split(",") if isinstance(value, str) else list(value)
+    return tuple(name.strip() for name in names if str(name).strip())
+
+
+def resume_drift(saved: Mapping[str, Any], current: Mapping[str, Any], *, step: int, where: str) -> list[str]:
+    """Compares the config saved with a checkpoint to the current one before resuming from it.
+
+    Args:
+      saved: the checkpoint's config, as plain JSON (nested dicts, lists for tuples).
+      current: this run's config, as plain JSON; its `allow_changes` names differences to accept.
+      step: the checkpoint's step (where the learning rate is compared).
+      where: the checkpoint's path, for the message.
+
+    Returns:
+      One line per accepted difference worth saying: the accepted fields, and how the learning-rate
+      schedule changes at the checkpoint's step when `total_steps` or an optimizer field changed.
+
+    Raises:
+      ConfigError: a difference outside `RESUME_FREE_FIELDS` that `allow_changes` does not name (all of
+        them listed, one line), or an `allow_changes` name that is no config field.
+    """
+    flat_saved, flat_current = _flatten(saved), _flatten(current)
+    allow = allowed_changes(current)
+    for name in allow:
+        fields = (*_flatten(saved, keep_empty=True), *_flatten(current, keep_empty=True))
+        if not any(_covers(name, key) for key in fields):
+            raise ConfigError(
+                f"allow_changes names {name!r}, which is no config field (give dotted names, e.g. "
+                f"--config.allow_changes=total_steps,optimizer.learning_rate)"
+            )
+    changed = [
+        key
+        for key in sorted(set(flat_saved) | set(flat_current))
+        if flat_saved.get(key, _ABSENT) != flat_current.get(key, _ABSENT)
+        and not any(_covers(free, key) for free in RESUME_FREE_FIELDS)
+    ]
+    refused = [key for key in changed if not any(_covers(name, key) for name in allow)]
+    if refused:
+        listing = ", ".join(_describe_change(key, flat_saved, flat_current) for key in refused)
+        raise ConfigError(
+            f"the checkpoint {where} was written with a different config: {listing}; resume with the saved "
+            f"values, use another --workdir, or accept the changes with "
+            f"--config.allow_changes={','.join(refused)}"
+        )
+    notes = []
+    if changed:
+        listing = ", ".join(_describe_change(key, flat_saved, flat_current) for key in changed)
+        notes.append(f"resuming with config changes accepted by allow_changes: {listing}")
+    schedule = _schedule_note(saved, current, changed, step)
+    if schedule:
+        notes.append(schedule)
+    return notes
+
+
+_ABSENT = "(absent)"
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "", *, keep_empty: bool = False) -> dict[str, Any]:
+    """{"model.attention": ..., "model.attention_options.window": ...}; empty sections only if `keep_empty`."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = _join(prefix, str(key))
+        if isinstance(value, Mapping) and (value or not keep_empty):
+            out.update(_flatten(value, dotted, keep_empty=keep_empty))
+        else:
+            out[dotted] = value
+    return out
+
+
+def _covers(name: str, key: str) -> bool:
+    return key == name or key.startswith(name + ".")
+
+
+def _describe_change(key: str, saved: Mapping[str, Any], current: Mapping[str, Any]) -> str:
+    before, after = saved.get(key, _ABSENT), current.get(key, _ABSENT)
+    show = lambda value: value if value is _ABSENT else repr(value)  # noqa: E731
+    return f"{key} {show(before)} -> {show(after)}"
+
+
+def _schedule_note(saved: Mapping[str, Any], current: Mapping[str, Any], changed: list[str], step: int) -> str | None:
+    """One line on the learning rate when an accepted change (total_steps, optimizer.*) moves its schedule."""
+    if not any(_covers("total_steps", key) or _covers("optimizer", key) for key in changed):
+        return None
+    from train import optim
+
+    try:
+        _, before = optim.make_optimizer(saved["optimizer"], saved["total_steps"])
+        _, after = optim.make_optimizer(current["optimizer"], current["total_steps"])
+    except (KeyError, TypeError, ValueError):  # the current one is checked by setup; the saved one may be old
+        return None
+    was, now = float(before(step)), float(after(step))
+    return (
+        f"learning-rate schedule changed: {saved['optimizer'].get('schedule')} decay to step "
+        f"{saved['total_steps']} -> {current['optimizer'].get('schedule')} decay to step {current['total_steps']}; "
+        f"at step {step} the learning rate is {now:.4g} (was {was:.4g})"
+    )

@@ -39,8 +39,9 @@ class MetricWriter:
     Args:
       workdir: run directory; ``tensorboard/`` and ``metrics.jsonl`` are created inside it.
       is_primary: whether this process writes (default: ``jax.process_index() == 0``).
-      purge_step: when resuming, drop previously logged events with step >= purge_step from both
-        TensorBoard and ``metrics.jsonl`` (the steps after the restored checkpoint are logged again).
+      purge_step: drop previously logged events with step >= purge_step from both TensorBoard and
+        ``metrics.jsonl``: on resume the step after the restored checkpoint (those steps are logged again),
+        0 when a run starts from scratch in a workdir that already has metrics.
       flush_secs: how often the TensorBoard writer flushes on its own.
     """
 
@@ -76,9 +77,16 @@ class MetricWriter:
 
     @staticmethod
     def _truncate_jsonl(path: str, purge_step: int) -> None:
+        """Keeps the rows of steps < purge_step; a row cut short by a crash (not JSON) is dropped too."""
+        kept = []
         with open(path, encoding="utf-8") as f:
-            lines = [line for line in f if line.strip()]
-        kept = [line for line in lines if json.loads(line).get("step", -1) < purge_step]
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(row, dict) and row.get("step", -1) < purge_step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
         tmp = path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(kept)

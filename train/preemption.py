@@ -9,19 +9,19 @@ With several processes, a signal usually reaches only some of them (or reaches t
 steps); ``should_stop`` then is a collective that ORs the flag over all processes, so they all stop
 after the same step and write the same checkpoint. Every process must read it at the same point of
 the loop.
+
+This module does not import JAX, so `python -m train` installs the guard before anything slow starts: a
+SIGTERM during start-up, setup or compilation also just sets the flag.
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 from types import FrameType
 from typing import Any
-
-import jax
-import numpy as np
-from jax.experimental import multihost_utils
 
 _log = logging.getLogger(__name__)
 
@@ -56,8 +56,12 @@ class PreemptionGuard:
         process at the same step.
         """
         local = self._requested.is_set()
-        if jax.process_count() == 1:
+        jax = sys.modules.get("jax")  # not imported here: the guard is installed before JAX loads
+        if jax is None or jax.process_count() == 1:
             return local
+        import numpy as np
+        from jax.experimental import multihost_utils
+
         flags = multihost_utils.process_allgather(np.array([local], dtype=np.bool_))
         return bool(np.any(flags))
 

@@ -35,16 +35,21 @@ from jax.sharding import NamedSharding, PartitionSpec
 from attn import attention_stats
 from train import config_checks, distributed, optim, tasks
 from train import mesh as mesh_lib
-from train.checkpointing import Checkpointer
+from train.checkpointing import CheckpointDamaged, Checkpointer, CheckpointSaveError, jsonable
 from train.config_checks import ConfigError
 from train.data import make_source
 from train.metrics import MetricWriter, ProgressReporter
 from train.preemption import PreemptionGuard
 from train.state import TrainState
+from train.workdir_lock import WorkdirLocked, lock_workdir
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became nan or inf; the message names the step and the last good checkpoint."""
+
+
+# What `run` raises for a problem the user fixes outside the code; each message is one line.
+RUN_ERRORS = (ConfigError, TrainingDiverged, CheckpointSaveError, CheckpointDamaged, WorkdirLocked)
 
 
 @dataclasses.dataclass
@@ -66,6 +71,11 @@ class RunResult:
     checkpoint: str | None
     train_metrics: dict[str, float]
     eval_metrics: dict[str, float]
+
+    @property
+    def stopped_before_first_step(self) -> bool:
+        """SIGTERM arrived during setup or compilation: no step ran and nothing was saved."""
+        return self.preempted and self.step == self.start_step
 
 
 # ======================================================================================================
@@ -111,6 +121,7 @@ def setup(config: Mapping[str, Any], workdir: str) -> Setup:
         raise ConfigError(f"model: {error}") from None
     train_source, valid_source, probe_batch = _make_data(config)
     _check_data_matches_model(config, task, train_source)
+    config_checks.check_model_builds(config, task, train_source.element_spec)
     try:
         tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
     except ValueError as error:
@@ -445,59 +456,137 @@ def train_flops_per_token(num_params: int, num_layers: int, num_heads: int, head
 # ======================================================================================================
 
 
-def run(config: Mapping[str, Any], workdir: str, *, stop_at_step: int | None = None) -> RunResult:
-    """Trains `config` in `workdir`, resuming from the latest checkpoint there if one exists.
+def run(
+    config: Mapping[str, Any],
+    workdir: str,
+    *,
+    stop_at_step: int | None = None,
+    guard: PreemptionGuard | None = None,
+) -> RunResult:
+    """Trains `config` in `workdir`, resuming from the newest checkpoint there that verifies.
 
     `stop_at_step` ends the run early after that step, with a checkpoint, as a preemption would (the
-    schedule still follows `total_steps`); rerunning continues from there.
+    schedule still follows `total_steps`); rerunning continues from there. `guard` is an entered
+    `PreemptionGuard` (`python -m train` installs one before JAX loads); without one, `run` installs its own
+    before setup, so a SIGTERM during setup or compilation returns `RunResult(preempted=True)` at step
+    `start_step`, having saved nothing.
+
+    The workdir is locked for the run (`WorkdirLocked` if another run holds it). On resume the config saved
+    with the checkpoint is compared to `config`: differences in the model, the data or the optimization are
+    refused unless `config.allow_changes` names them.
 
     Raises:
-      ConfigError: a config problem, or a checkpoint in `workdir` from a different model config — before
-        any compilation, with a one-line message.
+      ConfigError: a config problem, a checkpoint in `workdir` from a different model config, or a config
+        that differs from the checkpoint's — before any compilation, with a one-line message.
+      WorkdirLocked: another run uses `workdir`.
+      CheckpointDamaged: every checkpoint in `workdir` is damaged.
+      CheckpointSaveError: a checkpoint could not be written (reported at the step after the failure).
       TrainingDiverged: the loss, gradient norm or parameter norm became nan/inf (nothing is saved after
         the last good checkpoint).
     """
-    s = setup(config, workdir)
-    layout = layout_state(s)
-    checkpointer = Checkpointer(
-        os.path.join(s.workdir, "checkpoints"),
-        keep=s.config.keep_checkpoints,
-        save_every=s.config.checkpoint_every,
-    )
-    try:
+    with contextlib.ExitStack() as stack:
+        if guard is None:
+            guard = stack.enter_context(PreemptionGuard())
+        s = setup(config, workdir)
+        if guard.should_stop:
+            return _stopped_before_first_step(0, None)
+        lock = lock_workdir(s.workdir, process_index=jax.process_index(), process_count=jax.process_count())
+        if lock is not None:
+            stack.callback(lock.release)
+        layout = layout_state(s)
+        checkpointer = Checkpointer(
+            os.path.join(s.workdir, "checkpoints"),
+            keep=s.config.keep_checkpoints,
+            save_every=s.config.checkpoint_every,
+        )
+        stack.callback(checkpointer.close)
         state, rng, start_step = restore_or_init(s, layout, checkpointer)
         end_step = s.config.total_steps if stop_at_step is None else min(stop_at_step, s.config.total_steps)
         if start_step >= end_step:
             _printer(s.is_primary)(f"nothing to do: the checkpoint is at step {start_step} (end: {end_step})")
             return RunResult(start_step, start_step, False, _checkpoint_path(checkpointer, start_step), {}, {})
+        if guard.should_stop:
+            return _stopped_before_first_step(start_step, checkpointer)
         steps = make_steps(s, layout)
-        # On resume, events logged after the restored step (by the interrupted run) are dropped and redone.
-        writer = MetricWriter(s.workdir, is_primary=s.is_primary, purge_step=start_step + 1 if start_step else None)
+        if guard.should_stop:
+            return _stopped_before_first_step(start_step, checkpointer)
+        # Events logged after the restored step (or, starting from scratch, any at all) by an earlier run in
+        # this workdir are dropped, so each step is logged once.
+        writer = MetricWriter(s.workdir, is_primary=s.is_primary, purge_step=start_step + 1 if start_step else 0)
+        stack.push(_quiet_on_error(writer.close))
+        return _train_loop(s, layout, steps, checkpointer, writer, guard, state, rng, start_step, end_step)
+
+
+def _quiet_on_error(close: Any) -> Any:
+    """An ExitStack exit callback that runs `close`, but lets its error mask no error already on its way out
+    (a full disk fails the checkpoint first and then the metric writer's last flush: the first is reported)."""
+
+    def exit_(exc_type: Any, exc: Any, tb: Any) -> bool:
         try:
-            return _train_loop(s, layout, steps, checkpointer, writer, state, rng, start_step, end_step)
-        finally:
-            writer.close()
-    finally:
-        checkpointer.close()
+            close()
+        except OSError:
+            if exc is None:
+                raise
+        return False
+
+    return exit_
+
+
+def _stopped_before_first_step(start_step: int, checkpointer: Checkpointer | None) -> RunResult:
+    latest = checkpointer.latest_step() if checkpointer is not None else None
+    checkpoint = None if latest is None else _checkpoint_path(checkpointer, latest)
+    return RunResult(start_step, start_step, True, checkpoint, {}, {})
 
 
 def restore_or_init(s: Setup, layout: StateLayout, checkpointer: Checkpointer) -> tuple[TrainState, jax.Array, int]:
-    """(state, rng, step): the latest checkpoint restored onto the current mesh, or a fresh init at step 0.
+    """(state, rng, step): the newest checkpoint that verifies, restored onto the current mesh, or a fresh
+    init at step 0.
 
-    Restoring also moves the train data iterator to where the checkpoint left it.
+    Damaged checkpoints newer than it are named and moved to `checkpoints-damaged/`. The checkpoint's saved
+    config must match this one except where `config.allow_changes` says (ConfigError listing the
+    differences). Restoring also moves the train data iterator to where the checkpoint left it.
     """
     # Made by a jitted function so the keys are global arrays, valid with several processes too.
     split = jax.jit(lambda: tuple(jax.random.split(jax.random.key(s.config.seed))), out_shardings=layout.replicated)
     init_rng, rng = split()
-    step = checkpointer.latest_step()
-    if step is None:
+    if checkpointer.latest_step() is None:
         return init_state(s, layout, init_rng), rng, 0
+    log = _printer(s.is_primary)
+    current = jsonable(s.config.to_dict())
+    notes: list[str] = []
+
+    def check_drift(meta: dict[str, Any]) -> None:
+        step = int(meta["step"])
+        where = _checkpoint_path(checkpointer, step)
+        notes[:] = config_checks.resume_drift(meta.get("config") or {}, current, step=step, where=where)
+
     try:
-        state, data_state, rng, _ = checkpointer.restore(step, abstract_state=layout.abstract_state)
+        state, data_state, rng, meta = checkpointer.restore(
+            abstract_state=layout.abstract_state, check_meta=check_drift
+        )
+    except ConfigError:
+        raise
     except ValueError as error:  # a checkpoint of another model config: the Checkpointer names the leaf
         raise ConfigError(f"{error}; use another --workdir for a different model") from None
-    s.train_source.set_state(data_state)
-    _printer(s.is_primary)(f"restored checkpoint {_checkpoint_path(checkpointer, step)}")
+    step = int(meta["step"])
+    for damaged, reason in checkpointer.skipped:
+        where = _checkpoint_path(checkpointer, damaged)
+        moved = checkpointer.set_aside(damaged)
+        log(f"checkpoint {where} is damaged ({reason}); moved it to {moved}")
+    if checkpointer.skipped:
+        log(f"resuming from {_checkpoint_path(checkpointer, step)}, the newest checkpoint that verifies")
+    for note in notes:
+        log(note)
+    if isinstance(data_state, dict) and data_state.get("seed", s.config.seed) != s.config.seed:
+        data_state = {**data_state, "seed": s.config.seed}  # reached only when allow_changes names seed
+    try:
+        s.train_source.set_state(data_state)
+    except ValueError as error:
+        raise ConfigError(
+            f"data: the data-iterator state saved at step {step} does not fit this data source: "
+            f"{str(error).splitlines()[0]}"
+        ) from None
+    log(f"restored checkpoint {_checkpoint_path(checkpointer, step)}")
     return state, rng, step
 
 
@@ -507,12 +596,18 @@ def _train_loop(
     steps: Steps,
     checkpointer: Checkpointer,
     writer: MetricWriter,
+    guard: PreemptionGuard,
     state: TrainState,
     rng: jax.Array,
     start_step: int,
     end_step: int,
 ) -> RunResult:
-    """Steps from `start_step` to `end_step`; logs, evaluates, checkpoints, stops on SIGTERM or nan."""
+    """Steps from `start_step` to `end_step`; logs, evaluates, checkpoints, stops on SIGTERM or nan.
+
+    Every step polls the asynchronous checkpoint save, so a failed write stops the run at the next step.
+    Every step's train metrics land in exactly one logged row: when the run stops between two log steps
+    (SIGTERM, `stop_at_step`), the partial window is logged at the stop step.
+    """
     config, log = s.config, _printer(s.is_primary)
     num_params = tasks.count_params(state.params)
     length = s.task.tokens_per_example({k: (v.shape, v.dtype) for k, v in layout.batch_shapes.items()})
@@ -534,49 +629,47 @@ def _train_loop(
     window: list[dict[str, float]] = []  # fetched metrics since the last log
     window_seconds = 0.0  # time spent in train steps since the last log (not eval / checkpoint time)
     step, preempted = start_step, False
-    with PreemptionGuard() as guard:
-        segment_start = time.perf_counter()
-        while step < end_step:
-            batch = mesh_lib.shard_batch(s.train_source.next_batch(), s.mesh)
-            state, metrics = steps.train_step(state, batch, rng)
-            step += 1
-            pending.append((step, metrics))
-            last = step == config.total_steps
-            log_now = step % config.log_every == 0 or last
-            eval_now = last or (config.eval_every > 0 and step % config.eval_every == 0)
-            save_now = last or step % config.checkpoint_every == 0
-            preempted = guard.should_stop  # a collective with several processes: every process asks
-            stop_now = preempted or step == end_step
-            if not (log_now or eval_now or save_now or stop_now):
-                continue
+    segment_start = time.perf_counter()
+    while step < end_step:
+        batch = mesh_lib.shard_batch(s.train_source.next_batch(), s.mesh)
+        state, metrics = steps.train_step(state, batch, rng)
+        step += 1
+        pending.append((step, metrics))
+        checkpointer.poll()  # a failed background save stops the run now, not at the next save
+        last = step == config.total_steps
+        log_now = step % config.log_every == 0 or last
+        eval_now = last or (config.eval_every > 0 and step % config.eval_every == 0)
+        save_now = last or step % config.checkpoint_every == 0
+        preempted = guard.should_stop  # a collective with several processes: every process asks
+        stop_now = preempted or step == end_step
+        if not (log_now or eval_now or save_now or stop_now):
+            continue
 
-            # Fetching waits for the device; every pending loss is checked before anything is saved.
-            fetched = _fetch(pending)
-            pending.clear()
-            window_seconds += time.perf_counter() - segment_start
-            _check_finite(fetched, checkpointer)
-            window.extend(values for _, values in fetched)
-            if log_now:
-                train_metrics = _window_metrics(window, window_seconds, tokens_per_step, flops_per_step, peak)
-                writer.scalars(step, train_metrics)
-                log(progress.update(step, train_metrics["train/loss"]))
-                window, window_seconds = [], 0.0
-            if eval_now:
-                eval_metrics = evaluate(s, steps, state.params)
-                writer.scalars(step, eval_metrics)
-                log(f"eval at step {step}: " + _format(eval_metrics, "eval/"))
-            if save_now or stop_now:
-                data_state = s.train_source.get_state()
-                checkpointer.save(
-                    step, state=state, data_state=data_state, rng=rng, config=config.to_dict(), force=True
-                )
-            writer.flush()
-            if stop_now and not last:
-                checkpointer.wait()
-                why = "preempted (SIGTERM)" if preempted else f"stopped at stop_at_step={end_step}"
-                log(f"{why} at step {step}: saved checkpoint {_checkpoint_path(checkpointer, step)}")
-                break
-            segment_start = time.perf_counter()
+        # Fetching waits for the device; every pending loss is checked before anything is saved.
+        fetched = _fetch(pending)
+        pending.clear()
+        window_seconds += time.perf_counter() - segment_start
+        _check_finite(fetched, checkpointer)
+        window.extend(values for _, values in fetched)
+        if log_now or (stop_now and window):  # a stop between log steps still logs its steps
+            train_metrics = _window_metrics(window, window_seconds, tokens_per_step, flops_per_step, peak)
+            writer.scalars(step, train_metrics)
+            log(progress.update(step, train_metrics["train/loss"]))
+            window, window_seconds = [], 0.0
+        if eval_now:
+            eval_metrics = evaluate(s, steps, state.params)
+            writer.scalars(step, eval_metrics)
+            log(f"eval at step {step}: " + _format(eval_metrics, "eval/"))
+        if save_now or stop_now:
+            data_state = s.train_source.get_state()
+            checkpointer.save(step, state=state, data_state=data_state, rng=rng, config=config.to_dict(), force=True)
+        writer.flush()
+        if stop_now and not last:
+            checkpointer.wait()
+            why = "preempted (SIGTERM)" if preempted else f"stopped at stop_at_step={end_step}"
+            log(f"{why} at step {step}: saved checkpoint {_checkpoint_path(checkpointer, step)}")
+            break
+        segment_start = time.perf_counter()
     checkpointer.wait()
     latest = checkpointer.latest_step()
     return RunResult(
@@ -607,7 +700,7 @@ def _check_finite(fetched: list[tuple[int, dict[str, float]]], checkpointer: Che
         if all(math.isfinite(value) for value in watched.values()):
             continue
         checkpointer.wait()  # an in-flight save of an earlier (checked) step still counts as good
-        good = checkpointer.latest_step()
+        good = checkpointer.last_good_step(before=step)  # finite loss, parameters and optimizer state
         where = (
             f"last good checkpoint: {_checkpoint_path(checkpointer, good)} (step {good})"
             if good is not None
@@ -637,7 +730,7 @@ def _format(metrics: Mapping[str, float], prefix: str) -> str:
 
 
 def _checkpoint_path(checkpointer: Checkpointer, step: int) -> str:
-    return os.path.join(checkpointer.directory, str(step))
+    return checkpointer.step_path(step)
 
 
 def _printer(is_primary: bool):

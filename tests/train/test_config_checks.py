@@ -132,3 +132,99 @@ def test_cli_unknown_attention_exits_with_one_line(tmp_path):
     assert "Traceback" not in result.stderr
     assert "did you mean 'softmax'" in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "checkpoints").exists()
+
+
+# --- the model built at config-check time, and the npz data source from the command line -----------------------
+
+
+def test_kv_heads_not_dividing_heads_is_one_line(tmp_path, no_compilation):
+    config = _smoke()
+    config.model.num_kv_heads = 3  # smoke has 2 heads
+    message = _run_error(config, tmp_path)
+    assert message.startswith("model.num_kv_heads=3 must divide model.num_heads=2"), message
+
+
+def test_bad_value_inside_attention_options_is_one_line(tmp_path, no_compilation):
+    config = _smoke()
+    config.model.attention_options = {"window": "abc"}  # a valid option name with a value the layer refuses
+    message = _run_error(config, tmp_path)
+    assert "attention_options={'window': 'abc'}" in message and "window='abc' must be" in message
+
+
+def _npz_config(path) -> object:
+    from configs import vit_tiny
+
+    config = vit_tiny.get_config("smoke")
+    config.data.name = "npz"
+    config.data.path = str(path)
+    return config
+
+
+def _write_npz(path, count: int, side: int = 16, classes: int = 4):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (count, side, side, 3)).astype(np.uint8)
+    np.savez(path, images=images, labels=np.arange(count) % classes)  # every class present
+
+
+def test_npz_source_from_the_config_fields(tmp_path, no_compilation):
+    path = tmp_path / "mine.npz"
+    _write_npz(path, 20)
+    s = trainer.setup(_npz_config(path), str(tmp_path / "run"))
+    assert s.train_source.num_classes == 4 and s.train_source.element_spec["images"][0][1:] == (16, 16, 3)
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ("empty", "is an empty .npz (no arrays)"),
+        ("zero", "holds 0 examples"),
+        ("text", "is not an .npz archive (it starts with b'hello"),
+        ("pickle", "is not an .npz archive"),
+        ("classes", "has labels up to 9, but data.num_classes=4; set --config.data.num_classes=10"),
+        ("size", "holds 28x28 images, but data.image_size=16; set --config.data.image_size=28"),
+    ],
+)
+def test_bad_npz_files_are_one_line(tmp_path, no_compilation, content, expected):
+    import pickle
+
+    import numpy as np
+
+    path = tmp_path / "data.npz"
+    if content == "empty":
+        np.savez(path)
+    elif content == "zero":
+        np.savez(path, images=np.zeros((0, 16, 16, 3), np.uint8), labels=np.zeros((0,), np.int64))
+    elif content == "text":
+        path.write_text("hello, not an archive\n")
+    elif content == "pickle":
+        path.write_bytes(pickle.dumps({"images": [1, 2]}))
+    elif content == "classes":
+        _write_npz(path, 20, classes=10)
+    else:
+        _write_npz(path, 20, side=28)
+    message = _run_error(_npz_config(path), tmp_path / "run")
+    assert expected in message, message
+
+
+def test_cli_accepts_data_path_for_the_npz_source(tmp_path):
+    path = tmp_path / "notes.npz"
+    path.write_text("not an archive\n")
+    result = _cli(
+        "--config", "configs/vit_tiny.py:smoke", "--workdir", str(tmp_path / "run"),
+        "--config.data.name=npz", f"--config.data.path={path}",
+    )  # fmt: skip
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is not an .npz archive" in lines[0], lines
+
+
+def test_cli_bad_attention_option_value_is_one_line(tmp_path):
+    result = _cli(
+        "--config", "configs/lm_tiny.py:smoke", "--workdir", str(tmp_path),
+        "--config.model.attention_options={'window': 'abc'}",
+    )  # fmt: skip
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "window='abc' must be None, an int, or a pair" in lines[0], lines

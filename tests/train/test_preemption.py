@@ -64,3 +64,74 @@ def test_sigint_untouched_by_default():
         assert signal.getsignal(signal.SIGINT) is previous
         guard.request_stop()
         assert guard.should_stop
+
+
+# --- SIGTERM before the first step (setup, compilation, start-up of `python -m train`) -------------------------
+
+
+def _sigterm_then(function):
+    def wrapped(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return function(*args, **kwargs)
+
+    return wrapped
+
+
+def _assert_nothing_saved(workdir):
+    checkpoints = os.path.join(workdir, "checkpoints")
+    assert not os.path.isdir(checkpoints) or os.listdir(checkpoints) == []
+    assert not os.path.exists(os.path.join(workdir, "metrics.jsonl"))
+
+
+def test_sigterm_during_setup_stops_before_the_first_step(tmp_path, monkeypatch):
+    from tests.train.tiny_run import tiny_config
+    from train import trainer
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(trainer, "layout_state", _sigterm_then(trainer.layout_state))
+    result = trainer.run(tiny_config(), str(tmp_path))
+    assert result.stopped_before_first_step and (result.start_step, result.step, result.checkpoint) == (0, 0, None)
+    assert signal.getsignal(signal.SIGTERM) is before
+    _assert_nothing_saved(str(tmp_path))
+
+
+def test_sigterm_during_compilation_stops_before_the_first_step(tmp_path, monkeypatch):
+    from tests.train.tiny_run import tiny_config
+    from train import trainer
+
+    monkeypatch.setattr(trainer, "make_train_step", _sigterm_then(trainer.make_train_step))
+    result = trainer.run(tiny_config(), str(tmp_path))
+    assert result.stopped_before_first_step and result.step == 0
+    _assert_nothing_saved(str(tmp_path))
+
+
+def _catches_sigterm(pid):
+    """Whether process `pid` has a SIGTERM handler installed (Linux: the SigCgt mask in /proc)."""
+    with open(f"/proc/{pid}/status") as f:
+        caught = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+    return bool(caught >> (signal.SIGTERM - 1) & 1)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc to see the handler installed")
+def test_command_line_sigterm_during_start_up_exits_0(tmp_path):
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "train", "--config", "configs/lm_tiny.py:smoke", "--workdir", str(tmp_path)],
+        cwd=repo,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert _wait_for(lambda: proc.poll() is not None or _catches_sigterm(proc.pid), limit_s=60.0)
+        proc.send_signal(signal.SIGTERM)  # JAX, the config and the data are still loading
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert out.strip().splitlines()[-1] == "stopped before the first step; nothing to save", out
+    _assert_nothing_saved(str(tmp_path))

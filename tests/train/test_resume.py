@@ -89,13 +89,28 @@ def test_restore_onto_a_different_mesh_gives_the_same_parameters(runs):
 
 
 def test_training_continues_with_fsdp_and_tensor_parallelism(runs, tmp_path):
-    """The 8-way data-parallel checkpoint resumes and trains on a 2x2x2 data x fsdp x tensor mesh."""
+    """The 8-way data-parallel checkpoint resumes on a 2x2x2 data x fsdp x tensor mesh and trains as the unsharded
+    (data-parallel) continuation of the same checkpoint does: the same losses at each step and the same parameters
+    at the end, to float32 reduction-order tolerance (the two meshes sum in different orders)."""
     straight, _ = runs
-    workdir = str(tmp_path / "continued")
-    shutil.copytree(os.path.join(straight, "checkpoints"), os.path.join(workdir, "checkpoints"))
-    config = _config((2, 2, 2), ("data", "fsdp", "tensor"))
-    config.total_steps = STEPS + 2
-    result = trainer.run(config, workdir)
-    assert (result.start_step, result.step) == (STEPS, STEPS + 2)
-    assert np.isfinite(result.train_metrics["train/loss"])
-    assert np.isfinite(result.eval_metrics["eval/loss"])
+    results, workdirs = {}, {}
+    for name, mesh in (("sharded", ((2, 2, 2), ("data", "fsdp", "tensor"))), ("unsharded", ((-1,), ("data",)))):
+        workdirs[name] = str(tmp_path / name)
+        shutil.copytree(os.path.join(straight, "checkpoints"), os.path.join(workdirs[name], "checkpoints"))
+        config = _config(*mesh)
+        config.total_steps = STEPS + 2
+        config.allow_changes = "total_steps"  # the resume check refuses a changed total_steps otherwise
+        results[name] = trainer.run(config, workdirs[name])
+    assert (results["sharded"].start_step, results["sharded"].step) == (STEPS, STEPS + 2)
+    losses = {name: _losses(workdir) for name, workdir in workdirs.items()}
+    assert sorted(losses["sharded"]) == sorted(losses["unsharded"]) == [STEPS + 1, STEPS + 2]
+    for step, loss in losses["unsharded"].items():
+        assert losses["sharded"][step] == pytest.approx(loss, rel=1e-5), step
+    assert results["sharded"].eval_metrics["eval/loss"] == pytest.approx(
+        results["unsharded"].eval_metrics["eval/loss"], rel=1e-5
+    )
+    sharded, _ = _restore(workdirs["sharded"], _config(), STEPS + 2)  # both read onto the data-parallel mesh
+    unsharded, _ = _restore(workdirs["unsharded"], _config(), STEPS + 2)
+    leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(unsharded.params))
+    for (path, want), got in zip(leaves, jax.tree_util.tree_leaves(jax.device_get(sharded.params)), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
