@@ -21,7 +21,7 @@ from typing import Any
 
 import jax
 
-from train.run import Run, load_run
+from train.run import CheckpointDamaged, Run, load_run
 
 
 def open_run(workdir: str, step: int | None = None) -> Run:
@@ -44,7 +44,7 @@ def open_run(workdir: str, step: int | None = None) -> Run:
         raise SystemExit(f"error: --step={step} is not a checkpoint of {workdir!r}; its checkpoints: {steps}")
     try:
         return load_run(workdir, step)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, CheckpointDamaged) as error:
         detail = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
         raise SystemExit(f"error: --workdir={workdir!r}: {detail}") from None
 

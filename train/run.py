@@ -24,10 +24,11 @@ from typing import Any
 
 import jax
 import ml_collections
+from absl import logging
 
 from train import mesh as mesh_lib
 from train import tasks, trainer
-from train.checkpointing import Checkpointer
+from train.checkpointing import CheckpointDamaged, Checkpointer
 from train.config_checks import unknown_override_message
 from train.config_file import load_config_file
 from train.data import make_source
@@ -35,6 +36,7 @@ from train.optim import make_optimizer
 from train.state import TrainState
 
 __all__ = [
+    "CheckpointDamaged",
     "Run",
     "TrainResult",
     "build_run",
@@ -180,16 +182,36 @@ def load_run(workdir: str, step: int | None = None) -> Run:
     """
     checkpointer = Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"), keep=1, save_every=1)
     try:
-        meta = checkpointer.read_meta(step)
-        config = ml_collections.ConfigDict(meta["config"])
-        try:
-            mesh_lib.make_mesh(config.mesh.shape, config.mesh.axes)
-        except ValueError:
-            config.mesh.shape, config.mesh.axes = (-1,), ("data",)
-        config.distributed.initialize = False
-        s = trainer.setup(config, workdir)
-        layout = trainer.layout_state(s)
-        state, _, _, _ = checkpointer.restore(meta["step"], abstract_state=layout.abstract_state)
+        candidates = [step] if step is not None else sorted(checkpointer.all_steps(), reverse=True)
+        if not candidates:
+            raise FileNotFoundError(f"no finished checkpoint in {checkpointer.directory}")
+        damaged = []
+        for candidate in candidates:
+            try:
+                return _restore_run(checkpointer, candidate, workdir)
+            except CheckpointDamaged as error:
+                if step is not None:
+                    raise
+                damaged.append(f"{candidate}: {error.reason or error}")
+                logging.warning("checkpoint %d of %s is damaged (%s); trying an older one", candidate, workdir, error)
+        raise CheckpointDamaged(f"every checkpoint in {checkpointer.directory} is damaged ({'; '.join(damaged)})")
     finally:
         checkpointer.close()
+
+
+def _restore_run(checkpointer: Checkpointer, step: int, workdir: str) -> Run:
+    """The run at checkpoint `step` (its saved config; the mesh falls back to data parallelism if needed)."""
+    try:
+        meta = checkpointer.read_meta(step)
+    except (OSError, ValueError, KeyError) as error:  # an unreadable meta item is damage, as in restore
+        raise CheckpointDamaged(f"checkpoint {step}: {error}", step=step, reason=str(error)) from None
+    config = ml_collections.ConfigDict(meta["config"])
+    try:
+        mesh_lib.make_mesh(config.mesh.shape, config.mesh.axes)
+    except ValueError:
+        config.mesh.shape, config.mesh.axes = (-1,), ("data",)
+    config.distributed.initialize = False
+    s = trainer.setup(config, workdir)
+    layout = trainer.layout_state(s)
+    state, _, _, _ = checkpointer.restore(step, abstract_state=layout.abstract_state)
     return Run(s.config, s.workdir, state.params, int(meta["step"]), s, layout)
