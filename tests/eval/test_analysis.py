@@ -1,6 +1,8 @@
-"""eval.analysis: per-layer sink mass, entropy and activation outliers of a trained run, as JSON and PNG."""
+"""eval.analysis report: per-layer sink mass, entropy and activation outliers of a trained run, as JSON and PNG; the
+`python -m eval.analysis <tool>` command on the same tiny run."""
 
 import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -9,8 +11,9 @@ import pytest
 
 from attn import attention_stats
 from configs import lm_tiny
-from eval import analysis
-from eval import analysis_stats as stats
+from eval.analysis import __main__ as command
+from eval.analysis import report as analysis
+from eval.analysis import stats
 from train import tasks, trainer
 from train.run import build_run, load_run
 
@@ -102,3 +105,29 @@ def test_command_writes_json_and_png(workdir, tmp_path, capsys):
     assert report["png_path"].endswith("analysis.png") and "| softmax | 1 |" in capsys.readouterr().out
     with pytest.raises(ValueError, match="batch_size=0 must be a positive int"):
         analysis.validation_batch(build_run(lm_tiny.get_config("smoke"), str(tmp_path)), 0)
+
+
+def test_command_without_tool_name_runs_the_report(workdir, tmp_path):
+    output = tmp_path / "report.json"
+    report = command.main(["--workdir", workdir, "--output", str(output), "--no-plot"])
+    assert json.loads(output.read_text())["runs"][0]["layers"] == report["runs"][0]["layers"]
+
+
+@pytest.mark.parametrize("tool", ["sink_rate", "attention_distance", "arank", "head_ablation", "logit_attribution"])
+def test_tool_command_on_a_workdir(workdir, tool):
+    result = command.main([tool, "--workdir", workdir, "--batch-size", "8"])
+    output = pathlib.Path(workdir) / "analysis" / f"{tool}.json"
+    saved = json.loads(output.read_text())
+    assert saved["tool"] == tool and saved["step"] == 2 and saved["fidelity"] == result["fidelity"]
+    assert output.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert saved["layers"] == [0, 1]
+
+
+def test_tool_command_bad_input_is_one_line(workdir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        command.main(["head_ablation", "--workdir", workdir, "--batch-size", "8", "--layers", "0,5"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "layers=(0, 5) holds [5], out of range" in err
+    with pytest.raises(SystemExit, match="'nope' is not an analysis tool"):
+        command.main(["nope", "--workdir", workdir])

@@ -11,8 +11,13 @@ kurtosis means a few channels dominate.
 Outputs are captured without touching the models: `capture_outputs()` is a flax method interceptor that, during
 an apply with the "intermediates" collection mutable, sows
 
+    layers_<i>/block_input                 [B, T, E]  the residual stream entering block i
     layers_<i>/block_output                [B, T, E]  the residual stream after block i (a TransformerBlock)
     layers_<i>/attention/attention_output  [B, T, E]  the attention sublayer's output, before the residual add
+    final_norm/norm_input                  [B, T, E]  what the model's final norm normalises
+    final_norm/norm_inverse_scale          [B, T, 1]  1 / sqrt(var + eps) (LayerNorm) or 1 / sqrt(mean x^2 + eps)
+                                                      (RMSNorm): the factor that linearises the norm
+    final_norm/norm_centred                []         1.0 when the norm subtracts the mean (LayerNorm), else 0.0
 
 next to the `attention_weights` softmax layers already sow (read with `attn.attention_stats`).
 """
@@ -30,8 +35,12 @@ import numpy as np
 
 from attn.models.block import TransformerBlock
 
+BLOCK_INPUT = "block_input"
 BLOCK_OUTPUT = "block_output"
 ATTENTION_OUTPUT = "attention_output"
+NORM_INPUT = "norm_input"
+NORM_INVERSE_SCALE = "norm_inverse_scale"
+NORM_CENTRED = "norm_centred"
 
 
 # ---------------------------------------------------------------------------------------------- outliers
@@ -83,7 +92,10 @@ def _sow_outputs(next_fun: Any, args: tuple, kwargs: dict, context: nn.module.In
     if context.method_name != "__call__" or not module.is_mutable_collection("intermediates"):
         return out
     if isinstance(module, TransformerBlock):
+        module.sow("intermediates", BLOCK_INPUT, args[0] if args else kwargs["x"])
         module.sow("intermediates", BLOCK_OUTPUT, out)
+    elif module.name == "final_norm" and isinstance(module, nn.LayerNorm | nn.RMSNorm):
+        _sow_norm_statistics(module, args[0] if args else kwargs["x"])
     elif module.name == "attention" and isinstance(module.parent, TransformerBlock):
         # Mechanisms that wrap a parent's __call__ (output gates) pass here twice; the outer call, sown last,
         # is the sublayer's output.
@@ -91,8 +103,21 @@ def _sow_outputs(next_fun: Any, args: tuple, kwargs: dict, context: nn.module.In
     return out
 
 
+def _sow_norm_statistics(module: nn.LayerNorm | nn.RMSNorm, x: jax.Array) -> None:
+    """The statistics flax's LayerNorm / RMSNorm divide by (computed in float32, as they reduce)."""
+    x32 = jnp.asarray(x, jnp.float32)
+    centred = isinstance(module, nn.LayerNorm)
+    second = jnp.mean(x32**2, axis=-1, keepdims=True)
+    if centred:
+        second = second - jnp.mean(x32, axis=-1, keepdims=True) ** 2
+    module.sow("intermediates", NORM_INPUT, x)
+    module.sow("intermediates", NORM_INVERSE_SCALE, jax.lax.rsqrt(jnp.maximum(second, 0.0) + module.epsilon))
+    module.sow("intermediates", NORM_CENTRED, jnp.asarray(float(centred)))
+
+
 @contextlib.contextmanager
 def capture_outputs() -> Iterator[None]:
-    """Within this context, applies with mutable "intermediates" also sow block and attention outputs."""
+    """Within this context, applies with mutable "intermediates" also sow block inputs and outputs, attention
+    outputs and the final norm's statistics (see the module docstring)."""
     with nn.intercept_methods(_sow_outputs):
         yield

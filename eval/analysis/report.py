@@ -1,7 +1,9 @@
-"""Per-layer attention-sink and activation-outlier analysis of trained runs.
+"""`python -m eval.analysis report`: per-layer attention-sink and activation-outlier analysis of trained runs.
 
-    python -m eval.analysis --workdir runs/lm_softmax --workdir runs/lm_gated \
+    python -m eval.analysis report --workdir runs/lm_softmax --workdir runs/lm_gated \
         --output benchmarks/results/analysis_lm_tiny_cpu.json [--batch-size 8] [--step N] [--no-plot]
+
+(`python -m eval.analysis --workdir ...`, without a tool name, runs this report too.)
 
 For each workdir: loads the latest (or `--step`) checkpoint with the config saved inside it (`train.run.load_run`),
 runs ONE fixed validation batch (the first `--batch-size` rows of the config's "valid" split at the training
@@ -13,7 +15,7 @@ length, the same for every run of the same data) and reports per layer:
   attention_output.*        max_abs, rms, kurtosis, kurtosis_max of the attention sublayer's output [B, T, E]
   residual.*                the same for the residual stream after the block
 
-(kurtosis: per-token Pearson kurtosis over the features, averaged over tokens; see eval.analysis_stats).
+(kurtosis: per-token Pearson kurtosis over the features, averaged over tokens; see eval.analysis.stats).
 Mechanisms without a probability matrix have no first_key_mass / entropy. The JSON also holds, per run, the
 uniform-causal first-key mass mean_i 1/(i+1): what a model with no sink would show.
 
@@ -33,7 +35,7 @@ import jax
 import numpy as np
 
 from attn import attention_stats
-from eval import analysis_stats as stats
+from eval.analysis import stats
 from train.run import Run, load_run
 
 # (key in a layer entry, y label) of the plot's panels, in order
@@ -188,8 +190,8 @@ def plot(report: dict[str, Any], path: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Entry point of `python -m eval.analysis`; returns the report written."""
-    parser = argparse.ArgumentParser(prog="python -m eval.analysis", description=__doc__.split("\n\n")[0])
+    """Entry point of `python -m eval.analysis report`; returns the report written."""
+    parser = argparse.ArgumentParser(prog="python -m eval.analysis report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", action="append", required=True, help="a trained run (repeat for several)")
     parser.add_argument("--output", required=True, help="JSON path; the PNG gets the same stem")
     parser.add_argument("--batch-size", type=int, default=8, help="validation rows in the fixed batch")
@@ -217,7 +219,3 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(table(report))
     print(f"\nwrote {args.output}" + (f" and {report['png_path']}" if "png_path" in report else ""))
     return report
-
-
-if __name__ == "__main__":
-    main()

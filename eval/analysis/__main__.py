@@ -1,0 +1,98 @@
+"""`python -m eval.analysis <tool> --workdir W [--output O] [--step S] [--batch-size N] [--num-batches K] [--no-plot]
+[tool options]`: run one analysis tool on a trained run (see eval/analysis/__init__.py for the tools).
+
+The run's checkpoint (latest, or `--step`) is loaded with the config saved in it (`train.run.load_run`); the tool
+sees the first `--num-batches` batches of `--batch-size` rows of the config's validation split (the same rows for
+every run of the same data). Output: `--output` (default W/analysis/<tool>.json) and its PNG. Tool options are the
+evaluator's fields (`--epsilon 0.3`, `--grid 14x14`, `--layers 0,2`, ...). `report` keeps its own flags, and
+`python -m eval.analysis --workdir ...` without a tool name runs `report`. Bad input ends with one line on stderr
+and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from eval.analysis import TOOLS, report
+from eval.analysis.evaluator import Evaluator
+
+_TYPES = {"int": int, "float": float, "str": str}
+
+
+def _option_type(field: dataclasses.Field) -> Any:
+    """The argparse type of an evaluator field: its metadata "parse", else the annotation's int/float/str."""
+    if "parse" in field.metadata:
+        return field.metadata["parse"]
+    base = str(field.type).split("|")[0].strip()
+    if base not in _TYPES:
+        raise TypeError(f"evaluator option {field.name} of type {field.type} needs metadata['parse']")
+    return _TYPES[base]
+
+
+def parser_for(tool: type[Evaluator]) -> argparse.ArgumentParser:
+    """The command line of `tool`: the common flags plus one flag per option field."""
+    summary = (sys.modules[tool.__module__].__doc__ or "").split("\n\n")[0].strip()
+    parser = argparse.ArgumentParser(
+        prog=f"python -m eval.analysis {tool.name}", description=f"{summary} {tool.__doc__}"
+    )
+    parser.add_argument("--workdir", required=True, help="a trained run")
+    parser.add_argument("--output", default=None, help="JSON path (default: <workdir>/analysis/<tool>.json)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument("--batch-size", type=int, default=8, help="validation rows per batch")
+    parser.add_argument("--num-batches", type=int, default=1, help="validation batches")
+    parser.add_argument("--no-plot", action="store_true", help="write only the JSON")
+    for field in dataclasses.fields(tool):
+        flag = "--" + field.name.replace("_", "-")
+        parser.add_argument(flag, dest=field.name, type=_option_type(field), default=field.default)
+    return parser
+
+
+def run_tool(name: str, argv: Sequence[str]) -> dict[str, Any]:
+    """Runs tool `name` with flags `argv` on a workdir; returns the result written."""
+    from train.run import load_run
+
+    tool_class = TOOLS[name]
+    args = parser_for(tool_class).parse_args(argv)
+    if args.batch_size < 1 or args.num_batches < 1:
+        raise ValueError(f"--batch-size={args.batch_size} and --num-batches={args.num_batches} must be >= 1")
+    tool = tool_class(**{field.name: getattr(args, field.name) for field in dataclasses.fields(tool_class)})
+    if not os.path.isdir(args.workdir):
+        raise ValueError(f"--workdir={args.workdir!r} is not a directory")
+    run = load_run(args.workdir, args.step)
+    if args.batch_size % run.batch_divisor:
+        raise ValueError(f"--batch-size={args.batch_size} must be a multiple of {run.batch_divisor} (the run's mesh)")
+    source = run.data("valid", batch_size=args.batch_size, per_process=False)
+    batches = [source.next_batch() for _ in range(args.num_batches)]
+    with run.tracing():
+        result = tool.evaluate(run.task, run.params, batches)
+    result.update(workdir=os.path.abspath(args.workdir), step=run.step, attention=run.config.model.attention)
+    output = args.output or os.path.join(args.workdir, "analysis", f"{name}.json")
+    paths = tool.write(result, output, plot=not args.no_plot)
+    print(f"{name}: wrote " + " and ".join(paths))
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> Any:
+    """Dispatch `python -m eval.analysis [tool] ...`; bad input -> one line on stderr, SystemExit(2)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    names = ("report", *TOOLS)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: python -m eval.analysis <tool> --workdir W [options]; tools: {', '.join(names)}")
+        return None
+    tool, rest = (argv[0], argv[1:]) if not argv[0].startswith("-") else ("report", argv)
+    if tool not in names:
+        raise SystemExit(f"error: {tool!r} is not an analysis tool; expected one of {', '.join(names)}")
+    try:
+        return report.main(rest) if tool == "report" else run_tool(tool, rest)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
