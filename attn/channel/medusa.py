@@ -14,16 +14,18 @@ corpora hold only the abstract), so the layout below is a reconstruction (fideli
     heads   m_l = d_l W_head_l  [B, G 2^l, G 2^l, C]                           (one attention head per scale)
     out     x ⊙ sigmoid(sum_l up(m_l))                                        (up: nearest to H x W)
 
-so one body feeds L scale heads, each adding its own local context (the skip from x at its resolution). In
-`attn.models.cnn.CNN` the module sits on a block's residual branch like the other channel mechanisms; every block has
-its own body (the CNN builds one module per block), so the body is shared by the scales of a block's feature map,
-not across the blocks of the network as in the paper.
+so one body feeds L scale heads, each adding its own local context (the skip from x at its resolution). The body
+is its own module (`MedusaBody`, submodule "body"); `__call__(x, body=tokens)` reads a body computed elsewhere. In
+`attn.models.cnn.CNN` (share_attention_body=True, the default) the network computes ONE body on its stem's output
+(parameters "medusa_body") and every block's heads read it, each block adding the skips of its own feature map:
+the paper's single body feeding heads at the different levels of the network. share_attention_body=False gives
+every block its own body (the module used alone behaves that way).
 
 With the heads' kernels and biases at zero the gate is sigmoid(0) = 1/2 everywhere (out = x / 2).
 Shapes: x [B, H, W, C] -> [B, H, W, C]; H and W must be multiples of G 2^(L-1).
-Time O(B (H W C + G^4 E + G^2 E^2 + 4^L G^2 E C)), memory O(B (H W C + G^4 heads)). The attention weights
-[B, heads, G^2, G^2] and the gate [B, H, W, C] are sown as intermediates "attention_weights" and "attention_map"
-when that collection is mutable.
+Time O(B (H W C + G^4 E + G^2 E^2 + 4^L G^2 E C)), memory O(B (H W C + G^4 heads)). The body's attention
+weights [B, heads, G^2, G^2] (intermediates "body/attention_weights", or "medusa_body/attention_weights" of the CNN)
+and the gate [B, H, W, C] ("attention_map") are sown when that collection is mutable.
 """
 
 from __future__ import annotations
@@ -54,6 +56,71 @@ def upsample_nearest(x: Array, height: int, width: int) -> Array:
     return jnp.repeat(jnp.repeat(x, height // x.shape[1], axis=1), width // x.shape[2], axis=2)
 
 
+class _Dense:
+    """The dense and norm layers of MEDUSA's body and heads (kernels named by their logical axes)."""
+
+    def dense(self, x: Array, features: int, axes: tuple[str, str], name: str) -> Array:
+        """x [..., in] -> [..., features] with kernel named `axes` and bias named (axes[1],)."""
+        return nn.Dense(
+            features,
+            kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name=name,
+        )(x)
+
+    def norm(self, x: Array, name: str) -> Array:
+        return nn.LayerNorm(
+            scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name=name,
+        )(x)
+
+
+class MedusaBody(_Dense, nn.Module):
+    """MEDUSA's single body: x [B, H, W, C] -> body tokens [B, G, G, E] (pool to G x G, embed, self-attention, MLP).
+
+    H and W must be multiples of `grid`."""
+
+    body_heads: int = 4
+    body_head_dim: int = 8
+    grid: int = 4
+    mlp_ratio: int = 2
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def self_attention(self, t: Array) -> Array:
+        """t [B, N, E] -> [B, N, E]: multi-head softmax self-attention over the body's tokens."""
+        heads, dim = self.body_heads, self.body_head_dim
+        q, k, v = (self.dense(t, heads * dim, ("embed", "mlp"), name) for name in ("query", "key", "value"))
+        q, k, v = (a.reshape(*a.shape[:2], heads, dim) for a in (q, k, v))
+        compute = jnp.promote_types(self.dtype, jnp.float32)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(compute), k.astype(compute)) * dim**-0.5
+        weights = jax.nn.softmax(logits, axis=-1)
+        self.sow("intermediates", "attention_weights", weights)
+        y = jnp.einsum("bhqk,bkhd->bqhd", weights, v.astype(compute)).astype(self.dtype)
+        return self.dense(y.reshape(*y.shape[:2], heads * dim), t.shape[-1], ("mlp", "embed"), "out")
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        batch, height, width, channels = check_nhwc(x)
+        g, width_e = self.grid, self.body_heads * self.body_head_dim
+        if height % g or width % g:
+            raise ValueError(f"x has spatial shape {(height, width)}; expected multiples of grid={g}")
+        x = x.astype(self.dtype)
+        t = self.dense(average_pool_to(x, g).reshape(batch, g * g, channels), width_e, ("channels", "embed"), "embed")
+        t = t + self.self_attention(self.norm(t, "attention_norm"))
+        hidden = nn.gelu(self.dense(self.norm(t, "mlp_norm"), self.mlp_ratio * width_e, ("embed", "mlp"), "mlp_in"))
+        t = t + self.dense(hidden, width_e, ("mlp", "embed"), "mlp_out")
+        return t.reshape(batch, g, g, width_e)
+
+
+BODY_FIELDS = ("body_heads", "body_head_dim", "grid", "mlp_ratio")
+
+
 @register(
     "medusa",
     family="channel",
@@ -82,8 +149,12 @@ def upsample_nearest(x: Array, height: int, width: int) -> Array:
         "mlp_ratio": positive_int,
     },
 )
-class MEDUSA(nn.Module):
-    """Multi-scale encoder-decoder self-attention gate. x [B, H, W, C] -> x ⊙ gate, same shape and dtype."""
+class MEDUSA(_Dense, nn.Module):
+    """Multi-scale encoder-decoder self-attention gate. x [B, H, W, C] -> x ⊙ gate, same shape and dtype.
+
+    `__call__(x, body=None)`: `body` [B, G, G, E] are the tokens of a body shared by the network (`shared_body`;
+    attn.models.cnn.CNN computes one on its stem output and gives it to every block); None runs this module's own
+    body on x."""
 
     body_heads: int = 4
     body_head_dim: int = 8
@@ -93,40 +164,19 @@ class MEDUSA(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
-    def dense(self, x: Array, features: int, axes: tuple[str, str], name: str) -> Array:
-        """x [..., in] -> [..., features] with kernel named `axes` and bias named (axes[1],)."""
-        return nn.Dense(
-            features,
-            kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)),
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name=name,
-        )(x)
+    @classmethod
+    def body_options(cls, **options: Any) -> dict[str, Any]:
+        """The fields of the body that a block built with `options` (attn.build options) reads."""
+        fields = {key: getattr(cls, key) for key in (*BODY_FIELDS, "dtype", "param_dtype")}
+        return {**fields, **{key: value for key, value in options.items() if key in fields}}
 
-    def norm(self, x: Array, name: str) -> Array:
-        return nn.LayerNorm(
-            scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name=name,
-        )(x)
-
-    def self_attention(self, t: Array) -> Array:
-        """t [B, N, E] -> [B, N, E]: multi-head softmax self-attention over the body's tokens."""
-        heads, dim = self.body_heads, self.body_head_dim
-        q, k, v = (self.dense(t, heads * dim, ("embed", "mlp"), name) for name in ("query", "key", "value"))
-        q, k, v = (a.reshape(*a.shape[:2], heads, dim) for a in (q, k, v))
-        compute = jnp.promote_types(self.dtype, jnp.float32)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(compute), k.astype(compute)) * dim**-0.5
-        weights = jax.nn.softmax(logits, axis=-1)
-        self.sow("intermediates", "attention_weights", weights)
-        y = jnp.einsum("bhqk,bkhd->bqhd", weights, v.astype(compute)).astype(self.dtype)
-        return self.dense(y.reshape(*y.shape[:2], heads * dim), t.shape[-1], ("mlp", "embed"), "out")
+    @classmethod
+    def shared_body(cls, name: str, **options: Any) -> MedusaBody:
+        """The body a network shares between its MEDUSA blocks, from one block's options."""
+        return MedusaBody(**cls.body_options(**options), name=name)
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, body: Array | None = None) -> Array:
         batch, height, width, channels = check_nhwc(x)
         check_options(self)
         finest = self.grid * 2 ** (self.levels - 1)
@@ -136,13 +186,17 @@ class MEDUSA(nn.Module):
                 f"(grid={self.grid}, levels={self.levels})"
             )
         x = x.astype(self.dtype)
-        width_e = self.body_heads * self.body_head_dim
-        g = self.grid
-        t = self.dense(average_pool_to(x, g).reshape(batch, g * g, channels), width_e, ("channels", "embed"), "embed")
-        t = t + self.self_attention(self.norm(t, "attention_norm"))
-        hidden = nn.gelu(self.dense(self.norm(t, "mlp_norm"), self.mlp_ratio * width_e, ("embed", "mlp"), "mlp_in"))
-        t = t + self.dense(hidden, width_e, ("mlp", "embed"), "mlp_out")
-        d = t.reshape(batch, g, g, width_e)
+        width_e, g = self.body_heads * self.body_head_dim, self.grid
+        if body is None:
+            body = MedusaBody(
+                **{key: getattr(self, key) for key in (*BODY_FIELDS, "dtype", "param_dtype")}, name="body"
+            )(x)
+        elif body.shape != (batch, g, g, width_e):
+            raise ValueError(
+                f"body has shape {tuple(body.shape)}; expected [batch, grid, grid, body_heads * body_head_dim] = "
+                f"{(batch, g, g, width_e)}"
+            )
+        d = body.astype(self.dtype)
         logits = jnp.zeros_like(x)
         for level in range(self.levels):
             if level:

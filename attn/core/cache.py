@@ -24,17 +24,21 @@ incoming chunk into `Candidates` (C + L entries per (batch, kv head)); the polic
   visible(candidates, q_positions) -> bool [B, KVH, Tq, C + L]   which entries each query attends to
   keep(candidates) -> (indices [B, KVH, C], counts [B, KVH])     which entries the cache stores next, in order
 
-and may override `merge` (fold evicted entries into kept ones before the gather: the candidates' keys/values and
-stored forms are what it rewrites). `stats` names the statistics the layer must accumulate for it ("key_mass"). A
+and may override `observe` (how a call's attention weights update the statistics) and `merge` (fold evicted
+entries into kept ones before the gather: the candidates' keys/values and stored forms are what it rewrites).
+`stats` names the statistics the layer must accumulate for it ("key_mass"). A
 policy that compacts only every N steps allocates its budget plus N slots and keeps everything in between (its
 `keep` sees `candidates.index`); per-head budgets are ragged `counts`. The cache is allocated at `capacity` slots,
-never at the generated length. Quantization is the storage of the cache (the layer's `cache_bits`); a policy that
-keeps a full-precision recent window next to quantized older entries (KIVI) holds two KVCaches, one per storage.
+never at the generated length. Quantization is the storage of the cache (the layer's `cache_bits`); KIVI
+(attn/kv/kivi.py) keeps its quantized older entries in the KVCache (keys per channel, values per token) and its
+full-precision recent window as side state sharing the cache's index.
 
-Quantized storage: `quantize(x, bits, axis)` -> `QuantizedArray` of unsigned codes with a float32 scale and zero
-point (asymmetric min/max: x ~ code * scale + zero, |error| <= scale / 2), per token (over the last axis) or per
-channel (over the token axis 1); 8-bit codes are uint8, 4-bit codes are packed two per uint8 along the last axis
-(even channel in the low nibble). A cache stores per-token codes, so entries gather with their scales.
+Quantized storage: `quantize(x, bits, axis, group)` -> `QuantizedArray` of unsigned codes with a float32 scale and
+zero point (asymmetric min/max: x ~ code * scale + zero, |error| <= scale / 2), per token (over the last axis) or per
+channel (over the token axis 1), optionally in groups of `group` channels (per token) or `group` tokens (per channel);
+8-bit codes are uint8, 4-bit and 2-bit codes are packed two or four per uint8 along the last axis (channel
+c in bits [b * (c % n), b * (c % n + 1)) of byte c // n, n = 8 / b codes per byte: the even channel in the low
+nibble). A cache stores per-token codes, so entries gather with their scales.
 """
 
 from __future__ import annotations
@@ -47,9 +51,11 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from attn.core import pipeline
+
 Array = jax.Array
 
-QUANT_BITS = (4, 8)
+QUANT_BITS = (2, 4, 8)
 QUANT_AXES = ("token", "channel")
 
 # Logical axis names of the cache leaves.
@@ -61,10 +67,13 @@ POSITIONS_AXES = ("batch", "kv_heads", "cache_length")
 # ---------------------------------------------------------------------------------------------- quantized storage
 @struct.dataclass
 class QuantizedArray:
-    """Unsigned integer codes of a float array x [..., D]: x ~ dequantize() = code * scale + zero.
+    """Unsigned integer codes of a float array x [B, T, ..., D]: x ~ dequantize() = code * scale + zero.
 
-    codes: uint8 [..., D] (bits=8) or [..., D / 2] (bits=4, two codes per byte, even channel in the low nibble);
-    scale, zero: float32, [..., 1] (axis="token") or [B, 1, ..., D] (axis="channel": over the token axis 1).
+    codes: uint8 [B, T, ..., D * bits / 8] (bits=8: one code per byte; 4 and 2: two or four codes per byte along the
+    last axis, the lowest bits holding the first channel); scale, zero: float32, [B, T, ..., D / group]
+    (axis="token": one pair per token and group of `group` channels, [..., 1] without groups) or
+    [B, T / group, ..., D] (axis="channel": one pair per channel and group of `group` tokens, [B, 1, ..., D]
+    without groups). The group size is the ratio of the codes' and the scales' extents.
     """
 
     codes: Array
@@ -76,16 +85,17 @@ class QuantizedArray:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        width = self.codes.shape[-1] * (2 if self.bits == 4 else 1)
-        return (*self.codes.shape[:-1], width)
+        return (*self.codes.shape[:-1], self.codes.shape[-1] * (8 // self.bits))
 
     def dequantize(self) -> Array:
-        """The float array [..., D] in `dtype`."""
-        codes = self.codes
-        if self.bits == 4:
-            low, high = codes & 0xF, codes >> 4
-            codes = jnp.stack([low, high], axis=-1).reshape(*codes.shape[:-1], codes.shape[-1] * 2)
-        return (codes.astype(jnp.float32) * self.scale + self.zero).astype(self.dtype)
+        """The float array [B, T, ..., D] in `dtype`."""
+        codes = unpack_codes(self.codes, self.bits).astype(jnp.float32)
+        scale, zero = self.scale, self.zero
+        axis = -1 if self.axis == "token" else 1
+        group = codes.shape[axis] // scale.shape[axis]
+        if group > 1 and scale.shape[axis] > 1:
+            scale, zero = jnp.repeat(scale, group, axis=axis), jnp.repeat(zero, group, axis=axis)
+        return (codes * scale + zero).astype(self.dtype)
 
     def tokens(self, fn: Any) -> QuantizedArray:
         """Applies `fn` (an op along the token axis 1: gather, slice, concatenate partner) to codes, scale and
@@ -95,26 +105,63 @@ class QuantizedArray:
         return self.replace(codes=fn(self.codes), scale=fn(self.scale), zero=fn(self.zero))
 
 
-def quantize(x: Array, bits: int, axis: str = "token") -> QuantizedArray:
-    """x [B, T, ...,  D] -> QuantizedArray with `bits` in (4, 8), min/max over D per token (axis="token") or over T
-    per channel (axis="channel"). 4-bit codes need an even D."""
+def pack_codes(codes: Array, bits: int) -> Array:
+    """uint8 codes [..., D] below 2**bits -> bytes [..., D * bits / 8]: 8 / bits codes per byte along the last axis,
+    channel c in bits [bits * (c % n), bits * (c % n + 1)) of byte c // n (n = 8 / bits)."""
+    per_byte = 8 // bits
+    if per_byte == 1:
+        return codes
+    grouped = codes.reshape(*codes.shape[:-1], codes.shape[-1] // per_byte, per_byte)
+    packed = grouped[..., 0]
+    for j in range(1, per_byte):
+        packed = packed | (grouped[..., j] << (bits * j))
+    return packed
+
+
+def unpack_codes(packed: Array, bits: int) -> Array:
+    """The inverse of `pack_codes`: bytes [..., W] -> uint8 codes [..., W * 8 / bits]."""
+    per_byte = 8 // bits
+    if per_byte == 1:
+        return packed
+    mask = 2**bits - 1
+    parts = [(packed >> (bits * j)) & mask for j in range(per_byte)]
+    return jnp.stack(parts, axis=-1).reshape(*packed.shape[:-1], packed.shape[-1] * per_byte)
+
+
+def quantize(x: Array, bits: int, axis: str = "token", group: int | None = None) -> QuantizedArray:
+    """x [B, T, ..., D] -> QuantizedArray with `bits` in (2, 4, 8), min/max over D per token (axis="token") or over T
+    per channel (axis="channel"); `group` splits that axis into groups of `group` channels (token) or tokens
+    (channel), each with its own scale and zero point (None: one group). 4-bit codes need an even D, 2-bit codes a
+    D divisible by 4 (the codes of a byte belong to one token)."""
     if bits not in QUANT_BITS:
         raise ValueError(f"bits={bits!r} must be one of {QUANT_BITS}")
     if axis not in QUANT_AXES:
         raise ValueError(f"axis={axis!r} must be one of {QUANT_AXES}")
-    if bits == 4 and x.shape[-1] % 2:
-        raise ValueError(f"4-bit codes pack two channels per byte; the last axis of x {x.shape} must be even")
+    per_byte = 8 // bits
+    if x.shape[-1] % per_byte:
+        raise ValueError(
+            f"{bits}-bit codes pack {per_byte} channels per byte; the last axis of x {x.shape} must be a multiple of "
+            f"{per_byte}"
+        )
     reduce = -1 if axis == "token" else 1
+    extent = x.shape[reduce]
+    group = extent if group is None else group
+    if not isinstance(group, int) or group <= 0 or extent % group:
+        raise ValueError(
+            f"group={group!r} must be a positive int dividing the {'channel' if axis == 'token' else 'token'} axis "
+            f"of x {x.shape} (length {extent})"
+        )
     xf = x.astype(jnp.float32)
-    low = jnp.min(xf, axis=reduce, keepdims=True)
-    high = jnp.max(xf, axis=reduce, keepdims=True)
+    reduce = reduce % x.ndim
+    split = (*xf.shape[:reduce], extent // group, group, *xf.shape[reduce + 1 :])
+    grouped = xf.reshape(split)  # the reduced axis becomes (groups, group)
+    low = jnp.min(grouped, axis=reduce + 1, keepdims=True)
+    high = jnp.max(grouped, axis=reduce + 1, keepdims=True)
     levels = 2**bits - 1
     scale = jnp.where(high > low, (high - low) / levels, 1.0)
-    codes = jnp.clip(jnp.round((xf - low) / scale), 0, levels).astype(jnp.uint8)
-    if bits == 4:
-        pairs = codes.reshape(*codes.shape[:-1], codes.shape[-1] // 2, 2)
-        codes = pairs[..., 0] | (pairs[..., 1] << 4)
-    return QuantizedArray(codes=codes, scale=scale, zero=low, bits=bits, axis=axis, dtype=x.dtype)
+    codes = jnp.clip(jnp.round((grouped - low) / scale), 0, levels).astype(jnp.uint8).reshape(xf.shape)
+    scale, low = jnp.squeeze(scale, reduce + 1), jnp.squeeze(low, reduce + 1)
+    return QuantizedArray(codes=pack_codes(codes, bits), scale=scale, zero=low, bits=bits, axis=axis, dtype=x.dtype)
 
 
 def read(x: Array | QuantizedArray) -> Array:
@@ -374,6 +421,13 @@ class CachePolicy:
     def keep(self, cands: Candidates) -> tuple[Array, Array]:
         """(indices int32 [B, KVH, capacity], counts int32 [B, KVH]): the entries the cache stores next."""
         raise NotImplementedError(f"{type(self).__name__} must implement keep(candidates)")
+
+    def observe(self, cands: Candidates, weights: Array) -> Candidates:
+        """Folds this call's attention weights [B, H, Tq, E] (query heads) into the candidates' statistics before
+        `keep` (default: key_mass += the weight each entry received, summed over the queries and the query heads of
+        its kv head)."""
+        mass = kv_head_mass(pipeline.key_mass(weights), cands.positions.shape[1])
+        return cands.replace(key_mass=cands.key_mass + mass)
 
     def merge(self, cands: Candidates, indices: Array, counts: Array) -> Candidates:
         """Folds evicted entries into kept ones before the gather (default: none)."""

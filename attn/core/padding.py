@@ -60,13 +60,15 @@ def valid_tokens(lengths: Any, batch: int, length: int) -> Array:
 
 
 def masked_softmax(logits: Array, valid: Array, axis: int = -1) -> Array:
-    """float32 softmax of `logits` along `axis`, over the positions where `valid` (broadcastable) is True.
+    """float32 softmax (float64 for float64 logits) of `logits` along `axis`, over the positions where `valid`
+    (broadcastable) is True.
 
     Padded positions get weight exactly 0, and a row with no valid token is all zeros (not NaN, in value or
     gradient): the masked logits are a finite minimum, not -inf.
     """
-    logits = logits.astype(jnp.float32)
+    dtype = jnp.promote_types(logits.dtype, jnp.float32)
+    logits = logits.astype(dtype)
     valid = jnp.broadcast_to(valid, logits.shape)
-    masked = jnp.where(valid, logits, jnp.finfo(jnp.float32).min)
+    masked = jnp.where(valid, logits, jnp.finfo(dtype).min)
     weights = jax.nn.softmax(masked, axis=axis)
     return jnp.where(valid, weights, 0.0)

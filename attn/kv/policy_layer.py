@@ -11,17 +11,17 @@
 The cache holds keys before RoPE (so a policy may assign positions inside the cache) with per (batch, kv head)
 lengths and original positions; queries see the entries the policy makes visible through a dense per-head mask
 [B, H, Tq, C + L] (Tq is small while decoding). Statistics: when the policy lists "key_mass", the decode call runs
-the explicit stages and adds the attention each entry receives (summed over the queries and the query heads of
-its kv head) to the entry's accumulated mass before `keep`. Quantized storage: `cache_bits` (8 or 4) stores
-per-token codes and attention reads their dequantized values.
+the explicit stages and the policy's `observe` folds the weights into the statistics before `keep` (default: the
+attention each entry receives, summed over the queries and the query heads of its kv head, added to its mass).
+Quantized storage: `cache_bits` (8 or 4) stores per-token codes and attention reads their dequantized values.
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from attn.core import cache as cache_lib
-from attn.core import pipeline
 from attn.core.layer import AttentionCall
 from attn.core.masks import Mask
 from attn.core.softmax_layer import SoftmaxAttentionLayer
@@ -49,12 +49,31 @@ class PolicyAttention(SoftmaxAttentionLayer):
 
     def cache_positions(self, q: Array, cands: cache_lib.Candidates, q_pos: Array) -> tuple[Array, Array, Array | None]:
         """Positions while decoding: (q, keys [B, E, KVH, D'], bias or None) for attention over the candidates.
-        Default: original positions (RoPE on q at q_pos and on each entry at its original position; a bias position
-        reads the first kv head's positions, exact for policies that keep the same entries in every head)."""
+        Default: original positions (RoPE on q at q_pos and on each entry at its original position; a bias reads
+        each kv head's own positions, `per_head_bias`)."""
         if self.position == "rope":
             q, keys = self.rotate(q, cands.keys, q_pos, cands.positions)
             return q, keys, None
-        return q, cands.keys, self.position_bias(q, q_pos, cands.positions[:, 0], Mask(causal=True))
+        return q, cands.keys, self.per_head_bias(q, q_pos, cands.positions)
+
+    def per_head_bias(self, q: Array, q_pos: Array, kv_pos: Array) -> Array | None:
+        """The position bias [B, H, Tq, E] when every kv head keeps its own entries: kv_pos int [B, KVH, E]. Query
+        head h reads the bias at the positions of its kv head h // (H / KVH) (the bias is computed once per kv head,
+        batched along the batch axis, so a learned bias module is called once)."""
+        batch, kv_heads, entries = kv_pos.shape
+        heads, length = self.num_heads, q.shape[1]
+        bias = self.position_bias(
+            jnp.repeat(q, kv_heads, axis=0),
+            jnp.repeat(q_pos, kv_heads, axis=0),
+            kv_pos.reshape(batch * kv_heads, entries),
+            Mask(causal=True),
+        )
+        if bias is None:
+            return None
+        bias = jnp.broadcast_to(bias, (batch * kv_heads, heads, length, entries))
+        bias = bias.reshape(batch, kv_heads, heads, length, entries)
+        head = jnp.arange(heads)
+        return bias[:, head // (heads // kv_heads), head]
 
     # ------------------------------------------------------------------ the template's stages
     def validate(self, call: AttentionCall) -> None:
@@ -118,8 +137,7 @@ class PolicyAttention(SoftmaxAttentionLayer):
         if "key_mass" in policy.stats:
             logits = self.attention_logits(q, keys, call)
             weights = self.attention_weights(logits, call)
-            mass = cache_lib.kv_head_mass(pipeline.key_mass(weights), self.kv_heads)
-            cands = cands.replace(key_mass=cands.key_mass + mass)
+            cands = policy.observe(cands, weights)
             y = self.mix(self.attention_dropout(weights, call.deterministic), cands.values).astype(q.dtype)
         else:
             y = super().attend(q, keys, cands.values, call)

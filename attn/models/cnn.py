@@ -40,6 +40,17 @@ def takes_condition(name: str) -> bool:
     return "condition" in inspect.signature(attn.get(name).module.__call__).parameters
 
 
+def takes_body(name: str) -> bool:
+    """Whether mechanism `name` can read a body shared by the network (its call has a `body` argument and its
+    module `body_options(**options)` and `shared_body(name, **options)`: MEDUSA's single body)."""
+    module = attn.get(name).module
+    return (
+        "body" in inspect.signature(module.__call__).parameters
+        and hasattr(module, "shared_body")
+        and hasattr(module, "body_options")
+    )
+
+
 class ResidualBlock(nn.Module):
     """x [B, H, W, in_features] -> [B, H / stride, W / stride, features]; see the module docstring."""
 
@@ -73,11 +84,14 @@ class ResidualBlock(nn.Module):
             self.shortcut = conv(self.features, 1, strides=self.stride, use_bias=False, name="shortcut", **args)
             self.shortcut_norm = group_norm(self.norm_groups, name="shortcut_norm", **args)
 
-    def __call__(self, x: jax.Array, *, condition: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, *, condition: jax.Array | None = None, body: jax.Array | None = None) -> jax.Array:
         h = nn.relu(self.norm_1(self.conv_1(x)))
         h = self.norm_2(self.conv_2(h))
         if self.mechanism is not None:
-            h = self.attention(h, condition=condition) if takes_condition(self.mechanism) else self.attention(h)
+            kwargs = {"condition": condition} if takes_condition(self.mechanism) else {}
+            if body is not None:
+                kwargs["body"] = body
+            h = self.attention(h, **kwargs)
         shortcut = x
         if self.stride != 1 or self.in_features != self.features:
             shortcut = self.shortcut_norm(self.shortcut(x))
@@ -96,6 +110,8 @@ class CNN(nn.Module):
       attention: registry name of a "channels" mechanism for every block, None for none, or one entry per stage.
       attention_options: `attn.build` options, one dict for every stage or one dict per stage.
       norm_groups: GroupNorm groups.
+      share_attention_body: mechanisms with a network-level body (`medusa`: "single body, multi-scale heads") get
+        one body, computed once on the stem's output and read by every block (True), or one body per block (False).
       dtype, param_dtype: computation and parameter dtypes.
 
     `condition` [B, P] is passed to the mechanisms that take one (`cape`); it is an error to give it when none does.
@@ -108,11 +124,32 @@ class CNN(nn.Module):
     attention: str | None | Sequence[str | None] = "eca"
     attention_options: AttentionOptions = dataclasses.field(default_factory=dict)
     norm_groups: int = 8
+    share_attention_body: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     def __hash__(self) -> int:
         return hash_fields(self)
+
+    def shared_body(self, stages: list[tuple[int, int, str | None, dict[str, Any]]]) -> nn.Module | None:
+        """The one body every block of a body-sharing mechanism reads (see `share_attention_body`), or None."""
+        names = sorted({name for _, _, name, _ in stages if name is not None and takes_body(name)})
+        if not self.share_attention_body or not names:
+            return None
+        if len(names) > 1:
+            raise ValueError(
+                f"stages use {names}, mechanisms that each want a network-level body; use one of them, or "
+                "share_attention_body=False"
+            )
+        module = attn.get(names[0]).module
+        args = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        chosen = [module.body_options(**{**args, **options}) for _, _, name, options in stages if name == names[0]]
+        if any(options != chosen[0] for options in chosen[1:]):
+            raise ValueError(
+                f"the stages give {names[0]} different body options ({chosen}); one shared body needs the same ones, "
+                "or set share_attention_body=False"
+            )
+        return module.shared_body(f"{names[0]}_body", **chosen[0])
 
     def stages(self) -> list[tuple[int, int, str | None, dict[str, Any]]]:
         """Validated (width, blocks, mechanism, options) per stage."""
@@ -159,6 +196,8 @@ class CNN(nn.Module):
         args = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = conv(stages[0][0], 3, use_bias=False, name="stem", **args)(images.astype(self.dtype))
         x = nn.relu(group_norm(self.norm_groups, name="stem_norm", **args)(x))
+        body_module = self.shared_body(stages)
+        body = None if body_module is None else body_module(x)
         # A mechanism's per-layer fields count the residual blocks of all stages (attn.models.fields).
         depth, index = sum(blocks for _, blocks, _, _ in stages), 0
         for s, (width, blocks, name, options) in enumerate(stages):
@@ -176,7 +215,7 @@ class CNN(nn.Module):
                     mechanism_options=block_options,
                     name=f"stage_{s}_block_{b}",
                     **args,
-                )(x, condition=condition)
+                )(x, condition=condition, body=body if name is not None and takes_body(name) else None)
         pooled = jnp.mean(x, axis=(1, 2), dtype=jnp.float32).astype(self.dtype)
         logits = classifier(self.num_classes, name="classifier", **args)(pooled)
         return logits.astype(jnp.float32)

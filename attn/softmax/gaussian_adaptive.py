@@ -68,7 +68,8 @@ def gaussian_adaptive_weights(
     lengths: Array | None = None,
     eps: float = 1e-8,
 ) -> Array:
-    """Normalised Gaussian weights a (see the module docstring) — float32 [B, T, H, D], summing to 1 along `axis`.
+    """Normalised Gaussian weights a (see the module docstring) — float32 (float64 for float64 inputs) [B, T, H, D],
+    summing to 1 along `axis`.
 
     Args:
       v: [B, T, H, D] per-head values (any float dtype).
@@ -94,28 +95,29 @@ def gaussian_adaptive_weights(
     if mixture_logits is not None and mixture_logits.shape != mean_offsets.shape:
         raise ValueError(f"mixture_logits has shape {mixture_logits.shape}; expected {mean_offsets.shape}")
 
-    x = v.astype(jnp.float32)
+    acc = jnp.promote_types(jnp.result_type(v, mean_offsets, scales), jnp.float32)  # float64 stays float64
+    x = v.astype(acc)
     valid = valid_tokens(lengths, batch, length)[:, :, None, None]  # [B, T, 1, 1]
     if axis == "sequence":
         reduce = 1
-        count = jnp.maximum(jnp.sum(valid, axis=1, keepdims=True), 1).astype(jnp.float32)
+        count = jnp.maximum(jnp.sum(valid, axis=1, keepdims=True), 1).astype(acc)
         mean = jnp.sum(jnp.where(valid, x, 0.0), axis=1, keepdims=True) / count
         var = jnp.sum(jnp.where(valid, (x - mean) ** 2, 0.0), axis=1, keepdims=True) / count
     else:
         reduce = 3
         mean = jnp.mean(x, axis=3, keepdims=True)
         var = jnp.var(x, axis=3, keepdims=True)
-    offsets = mean_offsets.astype(jnp.float32)[:, None, :]  # [H, 1, G] against [B, T, H, D, G]
-    precision = 0.5 / (scales.astype(jnp.float32)[:, None, :] ** 2 + eps)
+    offsets = mean_offsets.astype(acc)[:, None, :]  # [H, 1, G] against [B, T, H, D, G]
+    precision = 0.5 / (scales.astype(acc)[:, None, :] ** 2 + eps)
     y = (x - mean)[..., None] - offsets
     log_g = -(y**2) / (var + eps)[..., None] * precision  # [B, T, H, D, G]
     if combine == "product":
         log_a = jnp.sum(log_g, axis=-1)
     else:
         if mixture_logits is None:
-            log_mix = jnp.full(mean_offsets.shape, -jnp.log(mean_offsets.shape[1]), jnp.float32)
+            log_mix = jnp.full(mean_offsets.shape, -jnp.log(mean_offsets.shape[1]), acc)
         else:
-            log_mix = jax.nn.log_softmax(mixture_logits.astype(jnp.float32), axis=-1)
+            log_mix = jax.nn.log_softmax(mixture_logits.astype(acc), axis=-1)
         log_a = jax.nn.logsumexp(log_g + log_mix[:, None, :], axis=-1)
     return masked_softmax(log_a, valid, axis=reduce)
 
@@ -139,7 +141,7 @@ def gaussian_adaptive_attention(
         v, mean_offsets, scales, mixture_logits=mixture_logits, combine=combine, axis=axis, lengths=lengths, eps=eps
     )
     valid = valid_tokens(lengths, v.shape[0], v.shape[1])[:, :, None, None]
-    return jnp.where(valid, v.astype(jnp.float32) * weights, 0.0).astype(v.dtype)
+    return jnp.where(valid, v.astype(weights.dtype) * weights, 0.0).astype(v.dtype)
 
 
 OPTION_DOCS = {
@@ -258,7 +260,7 @@ class GaussianAdaptiveAttention(AttentionLayer):
             self.sow("intermediates", "gaussian_weights", weights)
         weights = self.attention_dropout(weights, call.deterministic)
         valid = valid_tokens(lengths, batch, length)[:, :, None, None]
-        return jnp.where(valid, v.astype(jnp.float32) * weights, 0.0).astype(self.dtype)
+        return jnp.where(valid, v.astype(weights.dtype) * weights, 0.0).astype(self.dtype)
 
     def project_out(self, y: Array, features: int) -> Array:
         """[B, T, H, D] -> [B, T, features]: the output projection, or (projections=False) the gated x itself."""

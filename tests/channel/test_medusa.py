@@ -29,7 +29,8 @@ def reference(p, x, grid, levels, heads, head_dim):
     batch, height, width, channels = x.shape
 
     def dense(z, name):
-        return z @ p[name]["kernel"] + p[name]["bias"]
+        layer = p[name] if name in p else p["body"][name]  # the body's layers live in the "body" submodule
+        return z @ layer["kernel"] + layer["bias"]
 
     def pool(size):
         out = np.zeros((batch, size, size, channels))
@@ -47,7 +48,7 @@ def reference(p, x, grid, levels, heads, head_dim):
         return out
 
     t = dense(pool(grid).reshape(batch, grid * grid, channels), "embed")
-    n = layer_norm(t, p["attention_norm"]["scale"], p["attention_norm"]["bias"])
+    n = layer_norm(t, p["body"]["attention_norm"]["scale"], p["body"]["attention_norm"]["bias"])
     q, k, v = (dense(n, name).reshape(batch, grid * grid, heads, head_dim) for name in ("query", "key", "value"))
     attended = np.zeros_like(q)
     for b in range(batch):
@@ -57,7 +58,7 @@ def reference(p, x, grid, levels, heads, head_dim):
                 w = np.exp(logits - logits.max())
                 attended[b, i, h] = (w / w.sum()) @ v[b, :, h]
     t = t + dense(attended.reshape(batch, grid * grid, heads * head_dim), "out")
-    n = layer_norm(t, p["mlp_norm"]["scale"], p["mlp_norm"]["bias"])
+    n = layer_norm(t, p["body"]["mlp_norm"]["scale"], p["body"]["mlp_norm"]["bias"])
     t = t + dense(gelu(dense(n, "mlp_in")), "mlp_out")
     d = t.reshape(batch, grid, grid, -1)
     logits = np.zeros_like(x)
@@ -106,7 +107,7 @@ def test_the_body_gives_every_position_global_context():
     _, after = module.apply(variables, changed, mutable=["intermediates"])
     gate, gate_after = base["intermediates"]["attention_map"][0], after["intermediates"]["attention_map"][0]
     assert float(jnp.max(jnp.abs(gate[:, 6:, 6:] - gate_after[:, 6:, 6:]))) > 1e-4
-    weights = base["intermediates"]["attention_weights"][0]
+    weights = base["intermediates"]["body"]["attention_weights"][0]  # sown by the body submodule
     assert weights.shape == (2, 4, 16, 16)
     np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-6)
 
@@ -151,3 +152,70 @@ def test_trains_inside_the_cnn():
     assert float(loss_fn(current)) < 0.5 * float(first)
     moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), params, current)
     assert moved["stage_0_block_0"]["attention"]["head_0"]["kernel"] > 1e-3
+
+
+def test_the_cnn_shares_one_body_across_its_blocks():
+    """The paper's "single body, multi-scale heads": the CNN computes one body on its stem output and every block's
+    heads read it; a block equals the layer given that body's tokens; share_attention_body=False gives every block
+    its own body."""
+    from attn.channel.medusa import MedusaBody
+
+    model = CNN(num_classes=2, widths=(8, 16), attention="medusa", norm_groups=4, attention_options={"grid": 2})
+    images = jnp.asarray(np.random.default_rng(1).standard_normal((2, 16, 16, 3)), jnp.float32)
+    variables = model.init(jax.random.key(0), images)
+    params = nn.unbox(variables["params"])
+    assert "medusa_body" in params and "query" in params["medusa_body"]
+    for block in ("stage_0_block_0", "stage_1_block_0"):
+        assert "body" not in params[block]["attention"] and "head_0" in params[block]["attention"]
+    # Every block reads the same tokens: changing the body's attention output projection moves both blocks' gates.
+    _, sown = model.apply(variables, images, mutable=["intermediates"])
+    bumped = jax.tree.map(lambda a: a, params)
+    bumped["medusa_body"]["out"]["kernel"] = bumped["medusa_body"]["out"]["kernel"] + 0.5
+    _, sown_bumped = model.apply({"params": bumped}, images, mutable=["intermediates"])
+    for block in ("stage_0_block_0", "stage_1_block_0"):
+        gate = sown["intermediates"][block]["attention"]["attention_map"][0]
+        assert np.abs(gate - sown_bumped["intermediates"][block]["attention"]["attention_map"][0]).max() > 1e-4
+    # The stem's output through the body, then block 0's layer with those tokens, is block 0's gate.
+    stem = nn.relu(
+        nn.GroupNorm(num_groups=4).apply(
+            {"params": params["stem_norm"]},
+            nn.Conv(8, (3, 3), use_bias=False, padding="SAME").apply({"params": params["stem"]}, images),
+        )
+    )
+    tokens = MedusaBody(grid=2).apply({"params": params["medusa_body"]}, stem)
+    layer = attn.build("medusa", grid=2)
+    block_in = sown["intermediates"]["stage_0_block_0"]["attention"]["attention_map"][0]
+    assert block_in.shape == (2, 16, 16, 8)
+    _, own = layer.apply(
+        {"params": params["stage_0_block_0"]["attention"]},
+        jnp.ones((2, 16, 16, 8)),
+        body=tokens,
+        mutable=["intermediates"],
+    )
+    # with x = 1 the gate depends on the body tokens and the skips of a constant map: recompute it in numpy
+    p = jax.tree.map(np.asarray, params["stage_0_block_0"]["attention"])
+    d = np.asarray(tokens, np.float64)
+    logits = np.repeat(np.repeat(d @ p["head_0"]["kernel"] + p["head_0"]["bias"], 8, 1), 8, 2)
+    d = np.repeat(np.repeat(d, 2, 1), 2, 2) + (np.ones((2, 4, 4, 8)) @ p["skip_1"]["kernel"] + p["skip_1"]["bias"])
+    logits = logits + np.repeat(np.repeat(d @ p["head_1"]["kernel"] + p["head_1"]["bias"], 4, 1), 4, 2)
+    np.testing.assert_allclose(own["intermediates"]["attention_map"][0], 1 / (1 + np.exp(-logits)), atol=1e-5)
+    separate = CNN(
+        num_classes=2,
+        widths=(8, 16),
+        attention="medusa",
+        norm_groups=4,
+        attention_options={"grid": 2},
+        share_attention_body=False,
+    )
+    separate_params = nn.unbox(separate.init(jax.random.key(0), images)["params"])
+    assert "medusa_body" not in separate_params and "body" in separate_params["stage_1_block_0"]["attention"]
+    with pytest.raises(ValueError, match="different body options"):
+        CNN(
+            num_classes=2,
+            widths=(8, 16),
+            attention="medusa",
+            norm_groups=4,
+            attention_options=[{"grid": 2}, {"grid": 4}],
+        ).init(jax.random.key(0), images)
+    with pytest.raises(ValueError, match="body has shape"):
+        layer.apply({"params": params["stage_0_block_0"]["attention"]}, jnp.ones((2, 16, 16, 8)), body=tokens[:, :1])

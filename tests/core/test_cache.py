@@ -12,7 +12,7 @@ from attn.core import cache as cache_lib
 from attn.core import kv_cache
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 2])
 @pytest.mark.parametrize("axis", ["token", "channel"])
 def test_quantize_round_trip_within_half_a_step(bits, axis):
     x = np.array(jax.random.normal(jax.random.key(0), (2, 7, 3, 8)) * 3.0)
@@ -24,23 +24,78 @@ def test_quantize_round_trip_within_half_a_step(bits, axis):
     error = np.abs(np.asarray(q.dequantize()) - x)
     assert np.all(error <= step / 2 * (1 + 1e-5) + 1e-6)
     assert q.codes.dtype == np.uint8 and q.shape == x.shape
-    assert q.codes.shape[-1] == (8 if bits == 8 else 4)
+    assert q.codes.shape[-1] == 8 * bits // 8
     assert error.max() > 0
-    # codes as integers: round((x - min) / step), two 4-bit codes per byte with the even channel low
+    # codes as integers: round((x - min) / step), 8 / bits codes per byte, the first channel in the lowest bits
     codes = np.clip(np.round((x - low) / step), 0, 2**bits - 1).astype(np.uint8)
     if bits == 4:
         codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    if bits == 2:
+        codes = codes[..., 0::4] | (codes[..., 1::4] << 2) | (codes[..., 2::4] << 4) | (codes[..., 3::4] << 6)
     assert np.mean(np.asarray(q.codes) == codes) > 0.99  # float rounding may move an exact half
+
+
+def np_group_quantize(x, bits, axis, group):
+    """Dequantized x [B, T, KVH, D] and its step: min/max per group of `group` channels of a token (axis="token")
+    or `group` tokens of a channel (axis="channel"), by explicit loops."""
+    out, steps = np.zeros_like(x), np.zeros_like(x)
+    batch, length, heads, width = x.shape
+    for b in range(batch):
+        for h in range(heads):
+            if axis == "token":
+                blocks = [(t, slice(c, c + group)) for t in range(length) for c in range(0, width, group)]
+            else:
+                blocks = [(slice(t, t + group), c) for t in range(0, length, group) for c in range(width)]
+            for rows, cols in blocks:
+                block = x[b, rows, h, cols]
+                low, high = block.min(), block.max()
+                step = (high - low) / (2**bits - 1) if high > low else 1.0
+                out[b, rows, h, cols] = np.clip(np.round((block - low) / step), 0, 2**bits - 1) * step + low
+                steps[b, rows, h, cols] = step
+    return out, steps
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("axis", ["token", "channel"])
+def test_grouped_quantize_equals_a_loop_per_group(bits, axis):
+    x = np.asarray(jax.random.normal(jax.random.key(3), (2, 8, 2, 8)) * 2.0, np.float32)
+    q = cache_lib.quantize(jnp.asarray(x), bits, axis, group=4)
+    expected, steps = np_group_quantize(x.astype(np.float64), bits, axis, 4)
+    scale_shape = (2, 8, 2, 2) if axis == "token" else (2, 2, 2, 8)
+    assert q.scale.shape == q.zero.shape == scale_shape and q.shape == x.shape
+    error = np.abs(np.asarray(q.dequantize()) - x)
+    assert np.all(error <= steps / 2 * (1 + 1e-5) + 1e-6)
+    close = np.isclose(np.asarray(q.dequantize()), expected, atol=1e-5)
+    assert np.mean(close) > 0.99  # float rounding may move an exact half
+    if axis == "token":  # per-token groups gather token by token with their scales
+        picked = cache_lib.gather_entries(q, jnp.asarray([[[5, 1]] * 2] * 2, jnp.int32))
+        np.testing.assert_allclose(picked.dequantize(), np.asarray(q.dequantize())[:, [5, 1]])
+
+
+def test_two_bit_packing_matches_numpy_bit_layout():
+    codes = np.random.default_rng(4).integers(0, 4, size=(3, 5, 12)).astype(np.uint8)
+    packed = np.asarray(cache_lib.pack_codes(jnp.asarray(codes), 2))
+    expected = np.zeros((3, 5, 3), np.uint8)
+    for c in range(12):
+        expected[..., c // 4] |= codes[..., c] << (2 * (c % 4))
+    np.testing.assert_array_equal(packed, expected)
+    np.testing.assert_array_equal(cache_lib.unpack_codes(jnp.asarray(packed), 2), codes)
+    q = cache_lib.quantize(jnp.asarray(codes, jnp.float32), 2, "channel")  # bytes are a quarter of the channels
+    assert q.codes.shape == (3, 5, 3) and cache_lib.nbytes(q.codes) == codes.size // 4
 
 
 def test_quantize_rejects_bad_arguments():
     x = jnp.ones((1, 2, 1, 3))
-    with pytest.raises(ValueError, match=r"bits=2 must be one of \(4, 8\)"):
-        cache_lib.quantize(x, 2)
+    with pytest.raises(ValueError, match=r"bits=3 must be one of \(2, 4, 8\)"):
+        cache_lib.quantize(x, 3)
     with pytest.raises(ValueError, match="axis='head' must be one of"):
         cache_lib.quantize(x, 8, "head")
-    with pytest.raises(ValueError, match="must be even"):
+    with pytest.raises(ValueError, match="must be a multiple of 2"):
         cache_lib.quantize(x, 4)
+    with pytest.raises(ValueError, match="must be a multiple of 4"):
+        cache_lib.quantize(jnp.ones((1, 2, 1, 6)), 2)
+    with pytest.raises(ValueError, match="group=3 must be a positive int dividing the token axis"):
+        cache_lib.quantize(jnp.ones((1, 4, 1, 4)), 2, "channel", group=3)
     with pytest.raises(ValueError, match="only per-token codes"):
         cache_lib.quantize(jnp.ones((1, 2, 1, 4)), 8, "channel").tokens(lambda a: a)
 

@@ -57,6 +57,7 @@ from matrix_cases import (
     FEATURES,
     FLOAT32_STAGES,
     GQA_NOT_REPEATED_MHA,
+    GRAD_EPS,
     GRAD_NOTES,
     GRAD_WRT,
     KNOWN_FAILURES,
@@ -390,7 +391,8 @@ def test_gradients_match_finite_differences(case):
             function = lambda chosen: forward(x, {"params": {**rest, **chosen}})  # noqa: E731
             args = ({k: params["params"][k] for k in names},)
         try:
-            check_grads(function, args, order=1, modes=("rev",), eps=1e-3, atol=1e-3, rtol=1e-3)
+            eps = GRAD_EPS.get(case.name, 1e-3)
+            check_grads(function, args, order=1, modes=("rev",), eps=eps, atol=1e-3, rtol=1e-3)
         except AssertionError as error:
             note = GRAD_NOTES.get(case.name)
             raise AssertionError(f"{error}\n({case.name}: {note})" if note else str(error)) from None
