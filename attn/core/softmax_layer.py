@@ -30,11 +30,24 @@ from attn.core import positions as pos
 from attn.core.layer import AttentionCall, AttentionLayer
 from attn.core.masks import Mask
 from attn.core.softmax import softmax_attention
-from attn.core.validation import check_choice, normalize_window
+from attn.core.validation import check_choice, choice, normalize_window, optional, positive, positive_int
 
 Array = jax.Array
 
 POSITIONS = ("none", "rope", "alibi", "t5", "shaw")
+# Validators of the options every softmax-family layer shares (mechanisms add their own: `{**SOFTMAX_VALIDATORS, ...}`).
+SOFTMAX_VALIDATORS = {
+    "position": choice(*POSITIONS),
+    "rope_scaling": optional(choice("linear", "ntk", "yarn")),
+    "rope_scaling_factor": positive,
+    "rope_original_max_len": positive_int,
+    "rope_yarn_ramp": choice("code", "paper"),
+    "relative_num_buckets": positive_int,
+    "relative_max_distance": positive_int,
+    "shaw_max_distance": positive_int,
+    "softcap": optional(positive),
+    "scale": optional(positive),
+}
 
 # The stages a variant may override; overriding any of them makes every call take the explicit stages.
 CUSTOM_STAGES = ("scores", "score_mod", "normalize", "prob_mod", "mix")

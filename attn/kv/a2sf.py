@@ -41,7 +41,6 @@ Array = jax.Array
     summary="H2O's heavy hitters + recent window, the accumulated attention decayed by a forgetting factor per step",
     option_docs={
         **SCORE_OPTION_DOCS,
-        "position": "rope or none (heads keep different entries)",
         "recent": "latest tokens always kept; the other budget - recent slots hold the highest-scored tokens",
         "forgetting": "forgetting factor f in [0, 1] applied to the accumulated score per query (1 = H2O)",
     },

@@ -43,7 +43,6 @@ Array = jax.Array
     summary="KV cache of heavy hitters (accumulated attention, per kv head) + a recent window at a fixed budget",
     option_docs={
         **SCORE_OPTION_DOCS,
-        "position": "rope or none (heads keep different entries)",
         "recent": "latest tokens always kept (recent_size); the other budget - recent slots hold heavy hitters",
     },
     validators=PER_HEAD_VALIDATORS,

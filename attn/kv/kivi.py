@@ -55,8 +55,8 @@ import jax.numpy as jnp
 from attn.core import cache as cache_lib
 from attn.core.layer import AttentionCall
 from attn.core.masks import Mask
-from attn.core.softmax_layer import POSITIONS, SOFTMAX_OPTION_DOCS, SoftmaxAttentionLayer
-from attn.core.validation import choice, optional, positive, positive_int
+from attn.core.softmax_layer import SOFTMAX_OPTION_DOCS, SOFTMAX_VALIDATORS, SoftmaxAttentionLayer
+from attn.core.validation import choice, positive_int
 from attn.kv.policy_layer import PolicyAttention
 from attn.registry import register
 
@@ -195,15 +195,7 @@ class KiviStorage:
         "residual": "R: recent tokens kept in full precision (a multiple of group_size)",
     },
     validators={
-        "position": choice(*POSITIONS),
-        "rope_scaling": optional(choice("linear", "ntk", "yarn")),
-        "rope_scaling_factor": positive,
-        "rope_original_max_len": positive_int,
-        "relative_num_buckets": positive_int,
-        "relative_max_distance": positive_int,
-        "shaw_max_distance": positive_int,
-        "softcap": optional(positive),
-        "scale": optional(positive),
+        **SOFTMAX_VALIDATORS,
         "bits": choice(*KIVI_BITS),
         "group_size": positive_int,
         "residual": positive_int,

@@ -23,8 +23,8 @@ from attn.core import cache as cache_lib
 from attn.core import pipeline
 from attn.core.intervention_state import log_once
 from attn.core.layer import AttentionCall
-from attn.core.softmax_layer import SOFTMAX_OPTION_DOCS
-from attn.core.validation import choice, non_negative_int, optional, positive, positive_int
+from attn.core.softmax_layer import SOFTMAX_OPTION_DOCS, SOFTMAX_VALIDATORS
+from attn.core.validation import choice, non_negative_int, optional, positive_int
 from attn.kv.policy_layer import POLICY_OPTION_DOCS, PolicyAttention
 
 Array = jax.Array
@@ -102,15 +102,10 @@ SCORE_OPTION_DOCS = {
     "budget": "cache entries per (batch, kv head)",
 }
 SCORE_VALIDATORS = {
-    "rope_scaling": optional(choice("linear", "ntk", "yarn")),
-    "rope_scaling_factor": positive,
-    "rope_original_max_len": positive_int,
-    "relative_num_buckets": positive_int,
-    "relative_max_distance": positive_int,
-    "shaw_max_distance": positive_int,
-    "softcap": optional(positive),
-    "scale": optional(positive),
+    **SOFTMAX_VALIDATORS,
     "budget": positive_int,
     "cache_bits": optional(choice(4, 8)),
 }
-PER_HEAD_VALIDATORS = {**SCORE_VALIDATORS, "position": choice("rope", "none"), "recent": non_negative_int}
+# Heads keep different entries: bias positions (ALiBi, T5, Shaw) read each kv head's own
+# (PolicyAttention.per_head_bias).
+PER_HEAD_VALIDATORS = {**SCORE_VALIDATORS, "recent": non_negative_int}

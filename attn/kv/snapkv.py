@@ -40,8 +40,8 @@ import jax.numpy as jnp
 
 from attn.core import cache as cache_lib
 from attn.core.layer import AttentionCall
-from attn.core.softmax_layer import SOFTMAX_OPTION_DOCS
-from attn.core.validation import choice, non_negative_int, optional, positive, positive_int
+from attn.core.softmax_layer import SOFTMAX_OPTION_DOCS, SOFTMAX_VALIDATORS
+from attn.core.validation import choice, non_negative_int, optional, positive_int
 from attn.kv.policy_layer import POLICY_OPTION_DOCS, PolicyAttention
 from attn.registry import register
 
@@ -166,12 +166,8 @@ SNAPKV_OPTION_DOCS = {
 }
 
 SNAPKV_VALIDATORS = {
+    **SOFTMAX_VALIDATORS,
     "position": choice(*PER_HEAD_POSITIONS),
-    "rope_scaling": optional(choice("linear", "ntk", "yarn")),
-    "rope_scaling_factor": positive,
-    "rope_original_max_len": positive_int,
-    "softcap": optional(positive),
-    "scale": optional(positive),
     "budget": positive_int,
     "observation_window": positive_int,
     "kernel_size": positive_int,

@@ -34,8 +34,8 @@ import jax.numpy as jnp
 from attn.core import cache as cache_lib
 from attn.core.layer import AttentionCall
 from attn.core.masks import Mask
-from attn.core.softmax_layer import POSITIONS, SOFTMAX_OPTION_DOCS
-from attn.core.validation import choice, non_negative_int, optional, positive, positive_int
+from attn.core.softmax_layer import SOFTMAX_OPTION_DOCS, SOFTMAX_VALIDATORS
+from attn.core.validation import choice, non_negative_int, optional, positive_int
 from attn.kv.policy_layer import POLICY_OPTION_DOCS, PolicyAttention
 from attn.registry import register
 
@@ -96,15 +96,7 @@ class StreamingPolicy(cache_lib.CachePolicy):
         "shift_positions": "positions inside the cache (StreamingLLM) instead of the original positions",
     },
     validators={
-        "position": choice(*POSITIONS),
-        "rope_scaling": optional(choice("linear", "ntk", "yarn")),
-        "rope_scaling_factor": positive,
-        "rope_original_max_len": positive_int,
-        "relative_num_buckets": positive_int,
-        "relative_max_distance": positive_int,
-        "shaw_max_distance": positive_int,
-        "softcap": optional(positive),
-        "scale": optional(positive),
+        **SOFTMAX_VALIDATORS,
         "sinks": non_negative_int,
         "budget": positive_int,
         "shift_positions": choice(True, False),

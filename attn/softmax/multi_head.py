@@ -16,8 +16,7 @@ the functional op. Positions are applied to self-attention only (cross-attention
 from __future__ import annotations
 
 from attn import functional as F
-from attn.core.softmax_layer import POSITIONS, SOFTMAX_OPTION_DOCS, SoftmaxAttentionLayer
-from attn.core.validation import choice, optional, positive, positive_int
+from attn.core.softmax_layer import POSITIONS, SOFTMAX_OPTION_DOCS, SOFTMAX_VALIDATORS, SoftmaxAttentionLayer
 from attn.registry import register
 
 __all__ = ["POSITIONS", "MultiHeadAttention"]
@@ -34,18 +33,7 @@ __all__ = ["POSITIONS", "MultiHeadAttention"]
     supports_decode=True,
     summary="multi-head softmax attention; MHA/GQA/MQA, RoPE/ALiBi/T5/Shaw, window, softcap, KV cache",
     option_docs=SOFTMAX_OPTION_DOCS,
-    validators={
-        "position": choice(*POSITIONS),
-        "rope_scaling": optional(choice("linear", "ntk", "yarn")),
-        "rope_scaling_factor": positive,
-        "rope_original_max_len": positive_int,
-        "rope_yarn_ramp": choice("code", "paper"),
-        "relative_num_buckets": positive_int,
-        "relative_max_distance": positive_int,
-        "shaw_max_distance": positive_int,
-        "softcap": optional(positive),
-        "scale": optional(positive),
-    },
+    validators=SOFTMAX_VALIDATORS,
     fidelity="paper",
     reference="Vaswani et al. 2017, Sec. 3.2 (scaled dot-product and multi-head attention)",
     has_attention_weights=True,

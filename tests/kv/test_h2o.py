@@ -115,13 +115,26 @@ def test_cache_is_allocated_at_the_budget():
     assert cache_bytes(large, 24) - cache_bytes(small, 24) == BUDGET * per_slot
 
 
+def test_alibi_reads_each_kv_heads_own_positions():
+    """Heads keep different entries; the ALiBi bias of each query head uses its kv head's kept positions."""
+    layer = build(position="alibi", num_kv_heads=2)
+    x = inputs(seed=3)
+    params = layer.init(jax.random.key(2), x, mask=CAUSAL)
+    y, cache = decode_pieces(layer, params, x, (1,) * T)
+    expected, kept, _ = decode(
+        params, x, (1,) * T, kv_heads=2, score=accumulated(), keep=heavy_recent(BUDGET, RECENT), position="alibi"
+    )
+    assert any(kept[b][0] != kept[b][1] for b in range(B))  # the two kv heads keep different tokens
+    np.testing.assert_allclose(y, expected, atol=2e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
         ({"recent": 6}, r"recent=6 must be in \[0, budget=5\]"),
         ({"recent": -1}, "recent=-1 must be a non-negative int"),
         ({"budget": 0}, "budget=0 must be a positive int"),
-        ({"position": "alibi"}, "position='alibi' must be one of"),
+        ({"position": "learned"}, "position='learned' must be one of"),
         ({"window": 3}, "window=3 must be None"),
         ({"cache_bits": 3}, "cache_bits=3 must be None or one of"),
     ],
