@@ -161,10 +161,10 @@ GRAD_EPS: dict[str, float] = {"class_semantic": 1e-5, "dual_attention": 1e-5, "d
 # Mechanisms with some stage computed in float32 even when the layer is asked for float64 (measured by
 # test_float64_is_computed_in_float64, which fails if a mechanism not listed here does it, or a listed one stops).
 FLOAT32_STAGES = frozenset(
-    "agent attentive_pooling cape cca combiner criss_cross deberta density_adaptive dilated_neighborhood "
-    "dual_attention ela gaussian_adaptive generalized_neighborhood gin_attention halo hedgehog hilo "
-    "lightning low_rank_pooling moh neighborhood polarized rala rcmha relative_music ripo sea seqboat softplus "
-    "spatial_sparse tensor_attention transnormer ulsam".split()
+    "agent attentive_pooling cape cca combiner criss_cross deberta dilated_neighborhood ela "
+    "generalized_neighborhood gin_attention halo hedgehog hilo lightning low_rank_pooling moh "
+    "neighborhood polarized rala rcmha relative_music ripo seqboat softplus spatial_sparse "
+    "tensor_attention transnormer ulsam".split()
 )
 
 ALL_CHECKS = ("causal", "decode", "gqa", "jit", "dropout", "bf16", "grads", "axis_names", "interventions")
