@@ -241,6 +241,7 @@ def test_agent_2d_weights_are_row_stochastic_and_the_grid_form_differs_from_1d()
     assert float(jnp.max(jnp.abs(y - y_1d))) > 1e-3
 
 
+@pytest.mark.slow  # ~10-20 s on 2 cores; the registry matrix checks the same in its slow phase too
 def test_agent_2d_gradients_match_finite_differences():
     """Gradients w.r.t. x [1, 3, 4, 8] and every parameter (4 agents, MQA, biases and DWC on) equal central
     differences; the 2-D form computes every stage in float64 when asked, so the tolerance is float64's."""

@@ -179,6 +179,7 @@ def test_padding_equals_the_truncated_sequence():
     np.testing.assert_allclose(padded[1:], layer.apply(variables, x[1:]), atol=2e-6)
 
 
+@pytest.mark.slow  # ~10-20 s on 2 cores; the registry matrix checks the same in its slow phase too
 def test_gradients_match_finite_differences():
     with jax.enable_x64(True):
         layer = build(chunk_size=2, dtype=jnp.float64, param_dtype=jnp.float64)

@@ -244,6 +244,7 @@ def test_distillation_loss_formula():
     assert float(got) == pytest.approx(want, rel=1e-5)
 
 
+@pytest.mark.slow  # trains the estimator: ~20-35 s on 2 cores
 def test_distillation_trains_only_the_estimator_and_lowers_the_loss():
     layer = attn.build("sea", **{**OPTIONS, "distill": True})
     x = inputs(batch=1, length=8)
@@ -286,6 +287,7 @@ def test_gradients_match_finite_differences():
     check_grads(loss, (wrt,), order=1, modes=("rev",), atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.slow  # ~15-30 s on 2 cores; the matrix checks sea's other gradients
 def test_query_and_key_gradients_match_finite_differences():
     """float64, w.r.t. the query and key projections, with a 1e-4 step: q and k pass the causal Performer's ReLU
     features, whose kinks a 1e-3 step crosses (the registry matrix checks the other parameters)."""
