@@ -3,15 +3,13 @@ the query heads of a group summed) with H2O's heavy-hitter-plus-recent selection
 float64; forgetting = 1 is `h2o` exactly and forgetting < 1 keeps other tokens; the cache is allocated at the
 budget."""
 
-import functools
-
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import attn
 from attn.core import cache as cache_lib
+from tests.kv.decoding import decode_pieces
 from tests.kv.score_reference import accumulated, decode, heavy_recent
 
 B, T, E, H, D = 2, 12, 16, 4, 8
@@ -25,17 +23,6 @@ def build(name="a2sf", **options):
 
 def inputs(seed=0, length=T):
     return 3.0 * jax.random.normal(jax.random.key(seed), (B, length, E))
-
-
-def decode_pieces(layer, params, x, pieces):
-    apply = jax.jit(functools.partial(layer.apply, decode=True, mutable=["cache"]))
-    _, state = apply(params, x)
-    cache, outs, start = state["cache"], [], 0
-    for size in pieces:
-        y, state = apply({**params, "cache": cache}, x[:, start : start + size])
-        outs.append(y)
-        cache, start = state["cache"], start + size
-    return np.asarray(jnp.concatenate(outs, axis=1)), cache
 
 
 @pytest.mark.parametrize("forgetting", [0.5, 0.0])

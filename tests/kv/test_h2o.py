@@ -3,7 +3,6 @@ top heavy hitters outside the recent window) on attention computed from q/k in f
 prompt chunk; the heads keep different tokens; budget >= length is causal softmax attention; the cache is allocated
 at the budget."""
 
-import functools
 import logging
 
 import jax
@@ -13,6 +12,7 @@ import pytest
 
 import attn
 from attn.core import cache as cache_lib
+from tests.kv.decoding import decode_pieces
 from tests.kv.score_reference import accumulated, decode, heavy_recent
 
 B, T, E, H, D = 2, 12, 16, 4, 8
@@ -27,17 +27,6 @@ def build(**options):
 def inputs(seed=0, length=T):
     # sharp attention, so the heavy hitters differ between heads and from the recent window
     return 3.0 * jax.random.normal(jax.random.key(seed), (B, length, E))
-
-
-def decode_pieces(layer, params, x, pieces):
-    apply = jax.jit(functools.partial(layer.apply, decode=True, mutable=["cache"]))
-    _, state = apply(params, x)
-    cache, outs, start = state["cache"], [], 0
-    for size in pieces:
-        y, state = apply({**params, "cache": cache}, x[:, start : start + size])
-        outs.append(y)
-        cache, start = state["cache"], start + size
-    return np.asarray(jnp.concatenate(outs, axis=1)), cache
 
 
 def check_cache(cache, kept, scores, kv_heads):

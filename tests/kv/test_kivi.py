@@ -13,6 +13,7 @@ import pytest
 
 import attn
 from attn.models import DecoderLM, generate, init_cache
+from tests.kv.decoding import decode_pieces
 
 B, T, E, H, KVH, D = 2, 13, 16, 4, 2, 8
 G, R = 4, 4
@@ -101,17 +102,6 @@ def reference(params, x, pieces, bits=2):
                     vq, vr = np.concatenate([vq, np_value_quant(vr[:-R], bits)]), vr[-R:]
                 start += size
     return np.einsum("bthd,hde->bte", out, w_out)
-
-
-def decode_pieces(layer, params, x, pieces):
-    apply = jax.jit(functools.partial(layer.apply, decode=True, mutable=["cache"]))  # one compile per chunk size
-    _, state = apply(params, x)
-    cache, outs, start = state["cache"], [], 0
-    for size in pieces:
-        y, state = apply({**params, "cache": cache}, x[:, start : start + size])
-        cache, start = state["cache"], start + size
-        outs.append(y)
-    return jnp.concatenate(outs, axis=1), cache
 
 
 @pytest.mark.parametrize("pieces", [(1,) * T, (6,) + (1,) * (T - 6), (3, 6, 1, 3)])

@@ -3,8 +3,6 @@
 query at the cache length), whatever the split into decode calls; with the position shift off it equals the
 forward under the sink-plus-window mask; the cache stays at its budget."""
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -14,6 +12,7 @@ import pytest
 import attn
 from attn.core import cache as cache_lib
 from attn.models import DecoderLM, generate, init_cache
+from tests.kv.decoding import decode_pieces
 
 B, T, E, H, D = 2, 13, 16, 4, 8
 SINKS, BUDGET = 2, 5
@@ -71,18 +70,6 @@ def reference(params, x, *, shift, kv_heads, position="rope"):
                 w = np.exp(logits - logits.max())
                 out[b, t, h] = (w / w.sum()) @ v[b, cache, h // group]
     return np.einsum("bthd,hde->bte", out, p["out"]["kernel"])
-
-
-def decode_pieces(layer, params, x, pieces):
-    apply = jax.jit(functools.partial(layer.apply, decode=True, mutable=["cache"]))  # one compile per chunk size
-    _, state = apply(params, x)
-    cache, outs, start = state["cache"], [], 0
-    for size in pieces:
-        y, state = apply({**params, "cache": cache}, x[:, start : start + size])
-        outs.append(y)
-        cache, start = state["cache"], start + size
-    assert start == x.shape[1]
-    return np.asarray(jnp.concatenate(outs, axis=1)), cache
 
 
 PIECES = ((1,) * T, (5,) + (1,) * (T - 5), (3, 7, 1, 2))

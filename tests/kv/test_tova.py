@@ -3,15 +3,13 @@ query's attention averaged over all heads, the same entries in every kv head) on
 float64, token by token and after a prompt chunk; budget >= length is causal softmax attention; the cache is
 allocated at the budget."""
 
-import functools
-
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import attn
 from attn.core import cache as cache_lib
+from tests.kv.decoding import decode_pieces
 from tests.kv.score_reference import decode, last_query_mean, top_scores
 
 B, T, E, H, D = 2, 12, 16, 4, 8
@@ -25,17 +23,6 @@ def build(**options):
 
 def inputs(seed=0, length=T):
     return 3.0 * jax.random.normal(jax.random.key(seed), (B, length, E))
-
-
-def decode_pieces(layer, params, x, pieces):
-    apply = jax.jit(functools.partial(layer.apply, decode=True, mutable=["cache"]))
-    _, state = apply(params, x)
-    cache, outs, start = state["cache"], [], 0
-    for size in pieces:
-        y, state = apply({**params, "cache": cache}, x[:, start : start + size])
-        outs.append(y)
-        cache, start = state["cache"], start + size
-    return np.asarray(jnp.concatenate(outs, axis=1)), cache
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
