@@ -1,3 +1,6 @@
 """KV-cache policies: softmax attention layers whose decode cache keeps a budget of entries chosen by a policy
-(`attn.core.cache.CachePolicy`) instead of every token. `policy_layer.PolicyAttention` is their base; `streaming`
-(StreamingLLM: attention sinks plus a recent window) is the first policy."""
+(`attn.core.cache.CachePolicy`) instead of every token. `policy_layer.PolicyAttention` is their base.
+
+Eviction: `streaming` (attention sinks plus a recent window), `h2o`, `a2sf` and `tova` (by attention scores, shared
+pieces in `score_eviction`). Prompt compression: `snapkv`, `pyramidkv` (per-layer budgets), `adakv` (per-head
+budgets). Quantized storage: `kivi` (2-bit keys per channel, values per token, a full-precision residual)."""
