@@ -2,7 +2,6 @@
 overwritten, a file truncated or deleted, a garbled JSON item) are named and the newest one that verifies is
 restored instead; "last good" skips checkpoints whose state held nan/inf."""
 
-import glob
 import os
 import shutil
 import subprocess
@@ -16,6 +15,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from tests.train.damage import array_data_files, overwrite_throughout
 from tests.train.tiny_run import tiny_config
 from train import trainer
 from train.checkpointing import CheckpointDamaged, Checkpointer, state_checksums
@@ -127,17 +127,6 @@ def two_checkpoints(written_once, tmp_path):
     return directory
 
 
-def _largest_data_file(directory, step):
-    files = glob.glob(os.path.join(directory, str(step), "state", "ocdbt.process_*", "d", "*"))
-    return max(files, key=os.path.getsize)
-
-
-def _overwrite_middle(path):
-    with open(path, "r+b") as f:
-        f.seek(os.path.getsize(path) // 2)
-        f.write(b"\x7f" * 8)
-
-
 def _truncate(path):
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 2)
@@ -148,17 +137,28 @@ def _assert_equal_trees(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.mark.parametrize("damage", ["overwrite", "truncate", "delete"])
+def _other_steps_arrays(step_dir):
+    """Replaces the state item of ``step_dir`` by checkpoint 1's: every file is intact and orbax reads step 1's
+    values without complaint; only the checksums recorded for step 2 can tell."""
+    shutil.rmtree(os.path.join(step_dir, "state"))
+    shutil.copytree(os.path.join(os.path.dirname(step_dir), "1", "state"), os.path.join(step_dir, "state"))
+
+
+@pytest.mark.parametrize("damage", ["overwrite", "truncate", "delete", "other_steps_arrays"])
 def test_damaged_newest_checkpoint_falls_back_to_the_older_one(two_checkpoints, damage):
-    path = _largest_data_file(two_checkpoints, 2)
-    {"overwrite": _overwrite_middle, "truncate": _truncate, "delete": os.remove}[damage](path)
+    step_dir = os.path.join(two_checkpoints, "2")
+    if damage == "other_steps_arrays":
+        _other_steps_arrays(step_dir)
+    else:  # bytes overwritten throughout the zstd stream: garbage values or a decoding error, damage either way
+        path = array_data_files(step_dir)[0]
+        {"overwrite": overwrite_throughout, "truncate": _truncate, "delete": os.remove}[damage](path)
     with Checkpointer(two_checkpoints, keep=3, save_every=1) as ckpt:
         state, data, _, meta = ckpt.restore(abstract_state=_state(0))
         assert meta["step"] == 1 and data == {"step": 1}
         _assert_equal_trees(state, _state(1))
         assert [step for step, _ in ckpt.skipped] == [2]
-        if damage == "overwrite":  # orbax reads garbage without complaint; only the checksum catches it
-            assert "does not match the checksum recorded when it was saved" in ckpt.skipped[0][1]
+        if damage == "other_steps_arrays":
+            assert "arrays do not match the checksum recorded when it was saved" in ckpt.skipped[0][1]
         with pytest.raises(CheckpointDamaged, match=f"checkpoint {os.path.join(two_checkpoints, '2')} is damaged"):
             ckpt.restore(2, abstract_state=_state(0))
 
@@ -181,7 +181,7 @@ def test_garbled_json_items_are_damage(two_checkpoints):
 
 
 def test_set_aside_moves_the_damaged_step_and_it_can_be_saved_again(two_checkpoints):
-    _overwrite_middle(_largest_data_file(two_checkpoints, 2))
+    _other_steps_arrays(os.path.join(two_checkpoints, "2"))
     with Checkpointer(two_checkpoints, keep=3, save_every=1, async_save=False) as ckpt:
         ckpt.restore(abstract_state=_state(0))
         moved = ckpt.set_aside(2)
@@ -211,9 +211,8 @@ def test_trainer_resumes_from_the_newest_checkpoint_that_verifies(tmp_path):
     workdir = str(tmp_path)
     assert trainer.run(tiny_config(), workdir).step == 2
     checkpoints = os.path.join(workdir, "checkpoints")
-    # OCDBT files also hold superseded b-tree nodes that a restore never reads: damage every one of them.
-    for path in glob.glob(os.path.join(checkpoints, "2", "state", "ocdbt.process_*", "d", "*")):
-        _overwrite_middle(path)
+    for path in array_data_files(os.path.join(checkpoints, "2")):
+        overwrite_throughout(path)
     # The resumed run is another process, as after a real restart (orbax caches what this process wrote).
     args = ["--config", "configs/lm_tiny.py:smoke", "--workdir", workdir, "--config.model.num_layers=1"]
     args += ["--config.checkpoint_every=1", "--config.log_every=1", "--config.eval_every=0"]
