@@ -6,7 +6,9 @@ A layer that decodes keeps its state in the flax "cache" collection as one of tw
                   of tokens seen (`index`, the absolute position of the next token) and, for a cache that a
                   policy manages, the filled slots per (batch, kv head) `lengths` int32 [B, KVH] (ragged per head),
                   the original positions of the kept entries `positions` int32 [B, KVH, L] and the statistics the
-                  policy asks for (`key_mass` float32 [B, KVH, L]: attention each kept key has received).
+                  policy asks for (`key_mass` float32 [B, KVH, L]: attention each kept key has received;
+                  `key_history` uint32 [B, KVH, L]: a per-step flag of each kept key over the latest 32 steps,
+                  bit 0 the latest).
                   The dense cache leaves lengths/positions unset: every head holds tokens 0..index-1 in order.
   RecurrentState  any state pytree (linear attention's [B, H, Dk, Dv] sums, titans' memory weights) and `index`;
                   with index None, side state kept next to a KVCache and sharing its index (RC-MHA's convolution
@@ -26,7 +28,7 @@ incoming chunk into `Candidates` (C + L entries per (batch, kv head)); the polic
 
 and may override `observe` (how a call's attention weights update the statistics) and `merge` (fold evicted
 entries into kept ones before the gather: the candidates' keys/values and stored forms are what it rewrites).
-`stats` names the statistics the layer must accumulate for it ("key_mass"). A
+`stats` names the statistics the layer must accumulate for it ("key_mass", "key_history"). A
 policy that compacts only every N steps allocates its budget plus N slots and keeps everything in between (its
 `keep` sees `candidates.index`); per-head budgets are ragged `counts`. The cache is allocated at `capacity` slots,
 never at the generated length. Quantization is the storage of the cache (the layer's `cache_bits`); KIVI
@@ -179,7 +181,7 @@ def nbytes(tree: Any) -> int:
 class KVCache:
     """A KV cache (see the module docstring). keys [B, L, KVH, D], values [B, L, KVH, Dv]: arrays or
     QuantizedArray; index int32 []; lengths int32 [B, KVH] | None; positions int32 [B, KVH, L] | None;
-    key_mass float32 [B, KVH, L] | None."""
+    key_mass float32 [B, KVH, L] | None; key_history uint32 [B, KVH, L] | None."""
 
     keys: Any
     values: Any
@@ -187,6 +189,7 @@ class KVCache:
     lengths: Array | None = None
     positions: Array | None = None
     key_mass: Array | None = None
+    key_history: Array | None = None
 
     @property
     def capacity(self) -> int:
@@ -214,7 +217,9 @@ KV_VARIABLES = {
     "lengths": "cache_lengths",
     "positions": "cache_positions",
     "key_mass": "cache_key_mass",
+    "key_history": "cache_key_history",
 }
+STATS = ("key_mass", "key_history")
 
 
 def empty_kv(
@@ -236,9 +241,9 @@ def empty_kv(
         z = jnp.zeros((batch, capacity, *x.shape[2:]), x.dtype)
         return z if bits is None else quantize(z, bits, "token")
 
-    unknown = sorted(set(stats) - {"key_mass"})
+    unknown = sorted(set(stats) - set(STATS))
     if unknown:
-        raise ValueError(f"stats={stats!r} names unknown statistics {unknown}; expected some of ('key_mass',)")
+        raise ValueError(f"stats={stats!r} names unknown statistics {unknown}; expected some of {STATS}")
     ragged = ragged or bool(stats)
     return KVCache(
         keys=zeros(keys),
@@ -247,6 +252,7 @@ def empty_kv(
         lengths=jnp.zeros((batch, kv_heads), jnp.int32) if ragged else None,
         positions=jnp.zeros((batch, kv_heads, capacity), jnp.int32) if ragged else None,
         key_mass=jnp.zeros((batch, kv_heads, capacity), jnp.float32) if "key_mass" in stats else None,
+        key_history=jnp.zeros((batch, kv_heads, capacity), jnp.uint32) if "key_history" in stats else None,
     )
 
 
@@ -268,6 +274,7 @@ def axes(cache: KVCache) -> KVCache:
         lengths=of(cache.lengths, LENGTHS_AXES),
         positions=of(cache.positions, POSITIONS_AXES),
         key_mass=of(cache.key_mass, POSITIONS_AXES),
+        key_history=of(cache.key_history, POSITIONS_AXES),
     )
 
 
@@ -301,7 +308,8 @@ class Candidates:
 
     keys [B, E, KVH, D] and values [B, E, KVH, Dv] (float, what attention reads); stored_keys / stored_values: the
     same entries in the cache's storage form (arrays or QuantizedArray), what `keep` gathers; positions int32
-    [B, KVH, E] original positions; valid bool [B, KVH, E]; key_mass float32 [B, KVH, E] or None; index int32 []:
+    [B, KVH, E] original positions; valid bool [B, KVH, E]; key_mass float32 [B, KVH, E] or None; key_history
+    uint32 [B, KVH, E] or None (0 for the chunk); index int32 []:
     tokens seen including the chunk (the position of the next token); capacity: C."""
 
     keys: Array
@@ -312,6 +320,7 @@ class Candidates:
     valid: Array
     index: Array
     key_mass: Array | None = None
+    key_history: Array | None = None
     capacity: int = struct.field(pytree_node=False, default=0)
 
 
@@ -335,6 +344,10 @@ def candidates(cache: KVCache, k: Array, v: Array, bits: int | None = None) -> C
     key_mass = None
     if cache.key_mass is not None:
         key_mass = jnp.concatenate([cache.key_mass, jnp.zeros((batch, kv_heads, length), jnp.float32)], axis=-1)
+    key_history = None
+    if cache.key_history is not None:
+        chunk_history = jnp.zeros((batch, kv_heads, length), jnp.uint32)
+        key_history = jnp.concatenate([cache.key_history, chunk_history], axis=-1)
     return Candidates(
         keys=jnp.concatenate([read(cache.keys).astype(k.dtype), k], axis=1),
         values=jnp.concatenate([read(cache.values).astype(v.dtype), v], axis=1),
@@ -344,6 +357,7 @@ def candidates(cache: KVCache, k: Array, v: Array, bits: int | None = None) -> C
         valid=valid,
         index=cache.index + length,
         key_mass=key_mass,
+        key_history=key_history,
         capacity=cache.capacity,
     )
 
@@ -379,6 +393,7 @@ def select(indices: Array, counts: Array, cands: Candidates) -> KVCache:
         lengths=counts.astype(jnp.int32),
         positions=take_heads(cands.positions),
         key_mass=None if cands.key_mass is None else take_heads(cands.key_mass),
+        key_history=None if cands.key_history is None else take_heads(cands.key_history),
     )
 
 
@@ -406,7 +421,7 @@ def kv_head_mass(mass: Array, kv_heads: int) -> Array:
 @dataclasses.dataclass(frozen=True)
 class CachePolicy:
     """What a KV cache keeps (see the module docstring). Subclasses set `capacity` and implement `visible` and
-    `keep`; `stats` lists the statistics they read ("key_mass"), `storage_bits` quantizes what they store."""
+    `keep`; `stats` lists the statistics they read (`STATS`), `storage_bits` quantizes what they store."""
 
     stats: ClassVar[tuple[str, ...]] = ()
 

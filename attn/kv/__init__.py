@@ -2,5 +2,6 @@
 (`attn.core.cache.CachePolicy`) instead of every token. `policy_layer.PolicyAttention` is their base.
 
 Eviction: `streaming` (attention sinks plus a recent window), `h2o`, `a2sf` and `tova` (by attention scores, shared
-pieces in `score_eviction`). Prompt compression: `snapkv`, `pyramidkv` (per-layer budgets), `adakv` (per-head
-budgets). Quantized storage: `kivi` (2-bit keys per channel, values per token, a full-precision residual)."""
+pieces in `score_eviction`), `scissorhands` (by how often a key was below average attention over a history window).
+Prompt compression: `snapkv`, `pyramidkv` (per-layer budgets), `adakv` (per-head budgets). Quantized storage: `kivi`
+(2-bit keys per channel, values per token, a full-precision residual)."""

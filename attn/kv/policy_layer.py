@@ -10,9 +10,10 @@
 
 The cache holds keys before RoPE (so a policy may assign positions inside the cache) with per (batch, kv head)
 lengths and original positions; queries see the entries the policy makes visible through a dense per-head mask
-[B, H, Tq, C + L] (Tq is small while decoding). Statistics: when the policy lists "key_mass", the decode call runs
-the explicit stages and the policy's `observe` folds the weights into the statistics before `keep` (default: the
-attention each entry receives, summed over the queries and the query heads of its kv head, added to its mass).
+[B, H, Tq, C + L] (Tq is small while decoding). Statistics: when the policy lists any (`cache.STATS`), the decode
+call runs the explicit stages and the policy's `observe` folds the weights into the statistics before `keep`
+(default: the attention each entry receives, summed over the queries and the query heads of its kv head, added to
+its mass).
 Quantized storage: `cache_bits` (8 or 4) stores per-token codes and attention reads their dequantized values.
 """
 
@@ -134,7 +135,7 @@ class PolicyAttention(SoftmaxAttentionLayer):
         q, keys, bias = self.cache_positions(q, cands, call.q_positions)
         mask = Mask(dense=cache_lib.head_mask(visible, self.num_heads))
         call = call.replace(mask=mask, bias=bias, kv_positions=cands.positions)
-        if "key_mass" in policy.stats:
+        if policy.stats:  # statistics come from the explicit weights
             logits = self.attention_logits(q, keys, call)
             weights = self.attention_weights(logits, call)
             cands = policy.observe(cands, weights)
