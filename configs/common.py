@@ -29,6 +29,11 @@ def base_config() -> ConfigDict:
     # Resuming refuses a config that differs from the checkpoint's in model, data or optimization; list the
     # dotted fields to accept deliberately, e.g. --config.allow_changes=total_steps,optimizer.learning_rate
     config.allow_changes = ""
+    # Training techniques (train/techniques): a tuple or list of {"name": ..., <option>: ...}, applied in this
+    # order; e.g. [{"name": "sigma_reparam"}]. Empty: the plain train step.
+    config.techniques = ()
+    config.loss_weights = ConfigDict()  # weights of the auxiliary losses in the objective
+    config.loss_weights.losses = 1.0  # the "losses" collection the mechanisms sow (their own coefficients x this)
 
     config.model = ConfigDict()  # the network: kind, size, attention mechanism
     config.model.kind = "decoder"  # "decoder" (causal LM), "encoder" (mlm / classification) or "vit"

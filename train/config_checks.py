@@ -44,8 +44,11 @@ RUN_FIELDS: dict[str, frozenset[str]] = {
             "eval",
             "distributed",
             "allow_changes",
+            "techniques",
+            "loss_weights",
         }
     ),
+    "loss_weights": frozenset({"losses"}),
     "optimizer": frozenset(
         {
             "learning_rate",
@@ -68,7 +71,9 @@ RUN_FIELDS: dict[str, frozenset[str]] = {
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 # Run-level fields a config may leave out (configs written before they existed still load).
-OPTIONAL_RUN_FIELDS = frozenset({"allow_changes"})
+OPTIONAL_RUN_FIELDS = frozenset({"allow_changes", "techniques", "loss_weights"})
+# Their values when absent: a checkpoint saved before a field existed resumes under a config holding its default.
+OPTIONAL_DEFAULTS: dict[str, Any] = {"techniques": [], "loss_weights.losses": 1.0}
 
 
 def check_config(config: Mapping[str, Any]) -> None:
@@ -78,6 +83,7 @@ def check_config(config: Mapping[str, Any]) -> None:
     _check_run_values(config)
     _check_model(config["model"])
     _check_data(config["data"])
+    _check_techniques(config)
 
 
 def as_dict(config: Any) -> dict[str, Any]:
@@ -241,6 +247,24 @@ def _check_model(model: Mapping[str, Any]) -> None:
                 )
 
 
+# --- training techniques (train/techniques) ---------------------------------------------------------------------
+
+
+def _check_techniques(config: Mapping[str, Any]) -> None:
+    """ConfigError for an unknown technique (with the closest names), an option it does not have or a value out of
+    its range, a technique on a model kind it does not train, or one needing attention weights on a mechanism
+    without them; and for a bad config.loss_weights.losses."""
+    from train import techniques
+
+    weight = (config.get("loss_weights") or {}).get("losses", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or weight < 0:
+        raise ConfigError(f"loss_weights.losses={weight!r} must be a number >= 0 (1.0 = the mechanisms' own)")
+    try:
+        techniques.check_techniques(config)
+    except ValueError as error:
+        raise ConfigError(str(error).splitlines()[0]) from None
+
+
 # --- data ------------------------------------------------------------------------------------------------
 
 
@@ -330,6 +354,9 @@ def resume_drift(saved: Mapping[str, Any], current: Mapping[str, Any], *, step: 
         them listed, one line), or an `allow_changes` name that is no config field.
     """
     flat_saved, flat_current = _flatten(saved), _flatten(current)
+    for key, default in OPTIONAL_DEFAULTS.items():
+        if key not in flat_saved and flat_current.get(key, _ABSENT) == default:
+            flat_saved[key] = default
     allow = allowed_changes(current)
     for name in allow:
         fields = (*_flatten(saved, keep_empty=True), *_flatten(current, keep_empty=True))

@@ -33,7 +33,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from attn import attention_stats
-from train import config_checks, distributed, optim, tasks
+from train import config_checks, distributed, optim, tasks, techniques
 from train import mesh as mesh_lib
 from train.checkpointing import CheckpointDamaged, Checkpointer, CheckpointSaveError, jsonable
 from train.config_checks import ConfigError
@@ -97,6 +97,7 @@ class Setup:
     probe_batch: dict[str, np.ndarray] | None
     tx: optax.GradientTransformation
     schedule: Any
+    plan: techniques.TechniquePlan | None = None  # the active config.techniques; None = the baseline train step
 
     @property
     def is_primary(self) -> bool:
@@ -119,6 +120,8 @@ def setup(config: Mapping[str, Any], workdir: str) -> Setup:
         task = tasks.build_task(config.model, config.precision.compute_dtype)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"model: {error}") from None
+    plan = techniques.make_plan(config.get("techniques"), config.model)  # checked by check_config
+    task = techniques.with_techniques(task, plan)
     train_source, valid_source, probe_batch = _make_data(config)
     _check_data_matches_model(config, task, train_source)
     config_checks.check_model_builds(config, task, train_source.element_spec)
@@ -137,6 +140,7 @@ def setup(config: Mapping[str, Any], workdir: str) -> Setup:
         probe_batch=probe_batch,
         tx=tx,
         schedule=schedule,
+        plan=plan,
     )
 
 
@@ -294,26 +298,44 @@ def make_train_step(s: Setup, layout: StateLayout) -> tuple[Any, float]:
 
     train_step(state, batch, rng) -> (state, metrics): dropout keys are fold_in(rng, state.step), so a
     resumed run draws the same keys; metrics are float32 scalars (loss, accuracy, [perplexity],
-    grad_norm, param_norm, learning_rate).
+    grad_norm, param_norm, learning_rate, and "technique/<name>/<scalar>" of config.techniques).
+    With techniques (train/techniques), the step calls their hooks: batch transform before the forward,
+    parameter transforms inside it, auxiliary losses after it, state variables written after the update.
     """
-    task, tx, schedule = s.task, s.tx, s.schedule
+    task, tx, schedule, plan = s.task, s.tx, s.schedule, s.plan
+    # Weight of the sown "losses" collection; 1.0 (the default) leaves the step as it was, bit for bit.
+    sown_weight = float(s.config.get("loss_weights", {}).get("losses", 1.0))
+    mutable = ["losses", *(plan.collections if plan is not None else ())]
 
     def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
         dropout_rng = jax.random.fold_in(rng, state.step)
+        if plan is not None:  # technique hook: before the forward (its own key, not the dropout key)
+            batch = plan.transform_batch(batch, jax.random.fold_in(dropout_rng, 1), state.step)
 
-        def loss_fn(params: Any) -> tuple[jax.Array, tuple[dict[str, jax.Array], jax.Array]]:
+        def loss_fn(params: Any) -> tuple[jax.Array, tuple[Any, ...]]:
             logits, collections = task.apply(
-                {"params": params}, batch, deterministic=False, rng=dropout_rng, mutable=["losses"]
+                {"params": params}, batch, deterministic=False, rng=dropout_rng, mutable=mutable
             )
             sums = task.loss_sums(logits, batch)
             # Auxiliary losses the mechanisms sow (load balance, attention distillation) join the objective;
-            # each mechanism owns its coefficient.
+            # each mechanism owns its coefficient, config.loss_weights.losses scales them all.
             aux = sum((jnp.sum(x) for x in jax.tree.leaves(collections.get("losses", {}))), jnp.float32(0.0))
-            return sums["loss_sum"] / jnp.maximum(sums["weight"], 1e-9) + aux, (sums, aux)
+            if sown_weight != 1.0:
+                aux = sown_weight * aux
+            loss = sums["loss_sum"] / jnp.maximum(sums["weight"], 1e-9) + aux
+            if plan is None:
+                return loss, (sums, aux, {}, {})
+            # Technique hook: after the forward (weighted auxiliary losses, their scalars, state updates).
+            extra, technique_metrics = plan.loss(params, logits, collections, batch)
+            return loss + extra, (sums, aux, technique_metrics, collections.get(techniques.TECHNIQUE_PARAMS, {}))
 
-        (_, (sums, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (_, (sums, aux, technique_metrics, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         new_state = state.apply_gradients(grads, tx)
         metrics = task.metrics(sums)
+        if plan is not None:  # technique hook: state variables (e.g. power-iteration vectors) after the update
+            new_state = new_state.replace(params=plan.write_state(new_state.params, updates))
+            metrics.update(technique_metrics)
+            metrics.update(plan.variable_metrics(new_state.params))
         metrics["aux_loss"] = aux
         metrics["grad_norm"] = optim.global_norm(grads)
         metrics["param_norm"] = optim.param_norm(new_state.params)

@@ -1,0 +1,222 @@
+"""`python -m eval.techniques`: a training technique side by side with the baseline, same seed, data and steps.
+
+    python -m eval.techniques --config configs/lm_techniques.py             # σReparam vs baseline
+    python -m eval.techniques --config configs/lm_techniques.py:entropy_reg --name techniques_entropy_reg
+    python -m eval.techniques --config configs/lm_techniques.py --set optimizer.learning_rate=0.03
+
+The config names the technique(s) in `config.techniques`; the baseline is the same config with `techniques = []`.
+Both runs go through the trainer (`train.trainer.run`) in temporary workdirs; the evaluator reads their logged
+metrics: the train loss every `log_every` steps, and the validation loss and the per-layer attention entropy on the
+probe batch every `eval_every` steps ("attention/entropy/layer_<i>", mean over rows, heads and queries, nats).
+
+Writes benchmarks/results/<name>.json (config, device, per-step series of both runs, a summary: the lowest
+per-layer entropy each run reached and the final losses, and whether a run diverged) and <name>.png (entropy per
+layer over steps, both runs, and the train loss). A run that diverges (nan/inf loss) is recorded up to its last
+logged step, with `diverged_at`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import time
+from typing import Any
+
+import jax
+import ml_collections
+
+RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "results")
+
+
+@dataclasses.dataclass
+class TechniqueComparison:
+    """Trains `config` with and without its techniques and records both runs.
+
+    Attributes:
+      config: a training config whose `techniques` list is not empty.
+      name: output file stem under `out_dir`.
+      out_dir: where the JSON and PNG go.
+    """
+
+    config: ml_collections.ConfigDict
+    name: str = "techniques"
+    out_dir: str = RESULTS
+
+    def __post_init__(self) -> None:
+        if not list(self.config.get("techniques") or []):
+            raise ValueError("config.techniques=[] names no technique to compare with the baseline")
+
+    def run(self) -> dict[str, Any]:
+        """Both runs; returns the record (also written as JSON + PNG)."""
+        runs = {}
+        for label, entries in (("baseline", []), ("technique", list(self.config.techniques))):
+            config = ml_collections.ConfigDict(self.config.to_dict())
+            config.techniques = entries
+            runs[label] = _train_and_read(config)
+        record = {
+            "evaluator": "eval.techniques",
+            "device": f"{jax.devices()[0].platform} ({jax.devices()[0].device_kind}), {os.cpu_count()} cores",
+            "jax": jax.__version__,
+            "techniques": [dict(e) for e in _plain(self.config.techniques)],
+            "config": _plain(self.config.to_dict()),
+            "runs": runs,
+            "summary": {label: _summary(run) for label, run in runs.items()},
+        }
+        os.makedirs(self.out_dir, exist_ok=True)
+        with open(os.path.join(self.out_dir, f"{self.name}.json"), "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=1)
+        plot(record, os.path.join(self.out_dir, f"{self.name}.png"))
+        return record
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "to_dict"):
+        value = value.to_dict()
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    return value
+
+
+def _train_and_read(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Trains `config` in a temporary workdir; {"train_loss": {step: v}, "eval_loss": {...}, "entropy": {layer:
+    {step: v}}, "seconds", "diverged_at"}."""
+    from train import trainer
+
+    started = time.perf_counter()
+    diverged_at = None
+    with tempfile.TemporaryDirectory() as workdir:
+        try:
+            trainer.run(config, workdir)
+        except trainer.TrainingDiverged as error:
+            diverged_at = str(error)
+        rows = _read_rows(os.path.join(workdir, "metrics.jsonl"))
+    out: dict[str, Any] = {"train_loss": {}, "eval_loss": {}, "entropy": {}, "technique_scalars": {}}
+    for row in rows:
+        step = int(row["step"])
+        if "train/loss" in row:
+            out["train_loss"][step] = row["train/loss"]
+        if "eval/loss" in row:
+            out["eval_loss"][step] = row["eval/loss"]
+        for key, value in row.items():
+            if key.startswith("attention/entropy/layer_"):
+                layer = key.rsplit("_", 1)[1]
+                out["entropy"].setdefault(layer, {})[step] = value
+            elif key.startswith("train/technique/"):
+                out["technique_scalars"].setdefault(key.removeprefix("train/"), {})[step] = value
+    out["seconds"] = time.perf_counter() - started
+    out["diverged_at"] = diverged_at
+    return out
+
+
+def _read_rows(path: str) -> list[dict[str, Any]]:
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _summary(run: dict[str, Any]) -> dict[str, Any]:
+    def last(series: dict[int, float]) -> float | None:
+        return series[max(series)] if series else None
+
+    entropy = run["entropy"]
+    return {
+        "final_train_loss": last(run["train_loss"]),
+        "final_eval_loss": last(run["eval_loss"]),
+        "min_entropy_per_layer": {layer: min(series.values()) for layer, series in entropy.items()},
+        "final_entropy_per_layer": {layer: last(series) for layer, series in entropy.items()},
+        "diverged": run["diverged_at"] is not None,
+        "seconds": run["seconds"],
+    }
+
+
+def plot(record: dict[str, Any], path: str) -> None:
+    """Entropy per layer over steps (solid: technique, dashed: baseline) and the train loss of both runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    names = "+".join(t["name"] for t in record["techniques"])
+    for label, style in (("baseline", "--"), ("technique", "-")):
+        run = record["runs"][label]
+        shown = "baseline" if label == "baseline" else names
+        for index, (layer, series) in enumerate(sorted(run["entropy"].items())):
+            steps = sorted(series, key=int)
+            left.plot(
+                [int(s) for s in steps],
+                [series[s] for s in steps],
+                style,
+                color=colors[index % len(colors)],
+                label=f"{shown} layer {layer}",
+            )
+        steps = sorted(run["train_loss"], key=int)
+        values = [run["train_loss"][s] if math.isfinite(run["train_loss"][s]) else float("nan") for s in steps]
+        right.plot([int(s) for s in steps], values, style, label=shown)
+    left.set(xlabel="step", ylabel="attention entropy (nats, probe batch)", title="attention entropy per layer")
+    right.set(xlabel="step", ylabel="train loss (nats)", title="train loss")
+    left.legend(fontsize=7)
+    right.legend(fontsize=8)
+    fig.suptitle(f"{names} vs baseline, same seed and steps ({record['device']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _override(config: ml_collections.ConfigDict, override: str) -> None:
+    """Sets `dotted.field=value` (value a Python literal, else a string); ValueError naming an unknown field."""
+    from train.config_checks import unknown_override_message
+
+    dotted, sep, text = override.partition("=")
+    if not sep:
+        raise ValueError(f"--set {override!r} must be FIELD=VALUE, e.g. --set optimizer.learning_rate=0.03")
+    message = unknown_override_message(config, dotted, flag="--set ")
+    if message:
+        raise ValueError(message)
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    *parents, leaf = dotted.split(".")
+    node = config
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m eval.techniques", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/lm_techniques.py", help="config file[:preset] with techniques")
+    parser.add_argument("--name", default=None, help="output stem (default techniques_<technique names>)")
+    parser.add_argument("--steps", type=int, default=None, help="override total_steps")
+    parser.add_argument("--out_dir", default=RESULTS, help="where the JSON and PNG go")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field (Python literal)"
+    )
+    args = parser.parse_args(argv)
+    from train.config_file import load_config_file
+
+    config = load_config_file(args.config)
+    for override in args.set:
+        _override(config, override)
+    if args.steps is not None:
+        config.total_steps = args.steps
+        config.checkpoint_every = args.steps
+    names = "_".join(_plain(entry)["name"] for entry in config.techniques)
+    comparison = TechniqueComparison(config, name=args.name or f"techniques_{names}", out_dir=args.out_dir)
+    record = comparison.run()
+    print(json.dumps(record["summary"], indent=1))
+    return record
+
+
+if __name__ == "__main__":
+    main()
