@@ -241,7 +241,7 @@ def run_grid(
             "(every policy layer is a softmax layer with a managed cache)"
         )
     head_dim = model.head_dim or model.d_model // model.num_heads
-    params = unboxed(run.params)
+    params = unboxed(run.model_params)
     parsed = [(spec, *parse_policy(spec)) for spec in policies]
     entries = []
     for task in tasks:

@@ -34,6 +34,7 @@ from train.config_file import load_config_file
 from train.data import make_source
 from train.optim import make_optimizer
 from train.state import TrainState
+from train.techniques import effective_params
 
 __all__ = [
     "CheckpointDamaged",
@@ -63,7 +64,9 @@ class Run:
     Attributes:
       config: the run's ml_collections config (for a restored run, the one saved with the checkpoint).
       workdir: absolute path of the run directory.
-      params: the model parameters (sharded on the mesh); None for a run built from a config (`build_run`).
+      params: the model parameters (sharded on the mesh); None for a run built from a config (`build_run`). With
+        training techniques they include params["techniques"] and go through `task.apply`; `model_params` is what
+        `task.model` itself computes with.
       step: the checkpoint's step (0 for `build_run`).
     """
 
@@ -78,6 +81,13 @@ class Run:
     def task(self) -> tasks.Task:
         """The model and its loss (`task.model`, `task.apply`, `task.kind`, `task.is_language_model`)."""
         return self._setup.task
+
+    @property
+    def model_params(self) -> Any:
+        """The parameters `task.model` computes with when applied directly (decoding with a cache, swapping the
+        attention): `params` after the training techniques' transforms (σReparam's γ/σ(W)·W), without their
+        variables; `params` itself for a run trained without techniques."""
+        return None if self.params is None else effective_params(self.task, self.params)
 
     @property
     def mesh(self) -> jax.sharding.Mesh:

@@ -12,6 +12,7 @@ from tests.train.tiny_run import tiny_config
 from train import config_checks, techniques, trainer
 from train.checkpointing import Checkpointer, jsonable
 from train.config_checks import ConfigError
+from train.run import load_run
 from train.techniques import sigma_reparam
 
 
@@ -251,6 +252,14 @@ def test_resume_with_sigma_reparam_is_bit_exact(tmp_path):
     a, b = _restore_params(straight, config(), 4), _restore_params(split, config(), 4)
     assert "sigma_reparam" in a["techniques"]
     _assert_trees_equal(a, b)
+    # The run API hands tools that apply the bare model the transformed parameters: same logits as the task's forward.
+    run = load_run(straight)
+    batch = run.data("valid", per_process=False).next_batch()
+    with run.tracing():
+        through_task = run.task.apply({"params": run.params}, batch)
+        direct = run.task.model.apply({"params": run.model_params}, jnp.asarray(batch["inputs"]))
+    assert "techniques" not in run.model_params
+    np.testing.assert_allclose(np.asarray(direct), np.asarray(through_task), rtol=1e-6, atol=1e-6)
 
 
 def test_sigma_reparam_variables_are_unit_vectors_and_scalars(reparam_run):
