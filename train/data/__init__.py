@@ -14,6 +14,7 @@ Sources (vocabulary / output):
   images          procedural red/blue square relation images, labels in [0, num_classes)
   image_questions "what colour is the shape at the <direction>?" about those images (vision-language), vocab 17
   npz             user .npz images/labels
+  emphasis_qa     recall where one emphasised sentence decides the answer (steering), vocab 4 + n + 2s + s^2
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import difflib
 from typing import Any
 
 from train.data.base import SPLITS, DataSource, ElementSpec, check_options
+from train.data.emphasis import EmphasisSource
 from train.data.image_questions import ImageQuestionSource
 from train.data.images import NpzImageSource, RelationImageSource
 from train.data.masked_lm import MaskedLMSource
@@ -41,6 +43,7 @@ _SOURCES: dict[str, type[DataSource]] = {
         RelationImageSource,
         ImageQuestionSource,
         NpzImageSource,
+        EmphasisSource,
     )
 }
 # Sources whose batches have no sequence axis; seq_len is ignored for them.

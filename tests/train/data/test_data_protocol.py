@@ -20,6 +20,8 @@ def _build(name, npz_path, **kwargs):
     options = {"path": npz_path} if name == "npz" else {}
     if name == "mqar":
         options["vocab_size"] = 64
+    if name == "emphasis_qa":
+        options["num_sentences"] = 7  # seq_len 32 = 3 * 7 sentences + 3 * 4 questions - 1
     defaults = {"batch_size": 4, "seq_len": 32, "seed": 3}
     return make_source(name, **{**defaults, **kwargs}, **options)
 
@@ -34,6 +36,7 @@ ALL = list_sources()
 def test_registry_lists_every_source():
     assert ALL == sorted(
         ["text", "mqar", "selective_copy", "passkey", "seq2seq", "images", "image_questions", "npz", "masked_lm"]
+        + ["emphasis_qa"]
     )
 
 
