@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attn.core import dispatch, kernels
+from attn.core import blockwise_softmax, dispatch, kernels
 from attn.core.masks import Mask
 from attn.core.reference import reference_softmax_attention
 from attn.core.validation import check_qkv, normalize_window, shape_of
@@ -59,7 +59,11 @@ def softmax_attention(
       return_probs, return_lse: also return a dict with "probs" float32 [B, H, Tq, Tk] and/or
         "lse" float32 [B, H, Tq] (log-sum-exp of the masked logits, -inf for rows with no visible key).
       implementation: None (fastest available: the Pallas flash kernel on GPU/TPU when the options allow it —
-        see attn/core/kernels.py — then cuDNN, then XLA), "xla" (the jnp reference), "cudnn" (GPU), "pallas"
+        see attn/core/kernels.py — then cuDNN, then "xla_blockwise" when the dense float32 score matrix
+        [B, H, Tq, Tk] would exceed `blockwise_softmax.AUTO_THRESHOLD_BYTES` (256 MiB) and the options allow it,
+        then XLA), "xla" (the jnp reference), "xla_blockwise" (`attn.core.blockwise_softmax`: online softmax over
+        key blocks, O(T) memory, gradients by recomputation; structured masks, scale, q_offset and lse only — no
+        bias, softcap, sinks, dropout, returned probabilities or dense boolean mask), "cudnn" (GPU), "pallas"
         (`pallas_kernels.flash_attention`; raises where it cannot serve the call, e.g. on CPU).
     Returns:
       [B, Tq, H, Dv] in q.dtype, or (out, aux) if return_probs or return_lse.
@@ -83,17 +87,36 @@ def softmax_attention(
     full_mask = Mask.from_args(causal=causal, mask=mask, window=window, segment_ids=segment_ids)
 
     wants_aux = return_probs or return_lse
-    choice = dispatch.select(
-        "softmax_attention",
-        implementation,
-        {
-            "pallas": kernels.flash_unavailable(
-                q, v, full_mask, dropout_rate=dropout_rate, return_probs=return_probs, q_offset=q_offset
-            ),
-            "cudnn": _cudnn_unavailable(full_mask, softcap, sinks, dropout_rate, wants_aux, q_offset, q.dtype),
-            "xla": None,
-        },
+    blockwise_reason = blockwise_softmax.blockwise_unavailable(
+        full_mask, bias=bias, softcap=softcap, sinks=sinks, dropout_rate=dropout_rate, return_probs=return_probs
     )
+    if implementation == blockwise_softmax.IMPLEMENTATION:
+        if blockwise_reason is not None:
+            raise ValueError(
+                f"implementation={implementation!r} is not available for softmax_attention: {blockwise_reason}"
+            )
+        dispatch.log_choice_once("softmax_attention", implementation, "requested")
+        choice = implementation
+    else:
+        if implementation not in dispatch.IMPLEMENTATIONS:
+            expected = (*dispatch.IMPLEMENTATIONS, blockwise_softmax.IMPLEMENTATION)
+            raise ValueError(f"implementation={implementation!r} is not supported; expected one of {expected}")
+        choice = dispatch.select(
+            "softmax_attention",
+            implementation,
+            {
+                "pallas": kernels.flash_unavailable(
+                    q, v, full_mask, dropout_rate=dropout_rate, return_probs=return_probs, q_offset=q_offset
+                ),
+                "cudnn": _cudnn_unavailable(full_mask, softcap, sinks, dropout_rate, wants_aux, q_offset, q.dtype),
+                blockwise_softmax.IMPLEMENTATION: blockwise_reason or blockwise_softmax.small_scores_reason(q, k),
+                "xla": None,
+            },
+        )
+    if choice == blockwise_softmax.IMPLEMENTATION:
+        return blockwise_softmax.blockwise_attention(
+            q, k, v, mask=full_mask, scale=scale, q_offset=q_offset, return_lse=return_lse
+        )
     if choice == "cudnn":
         return _cudnn_attention(q, k, v, full_mask, bias, scale)
     if choice == "pallas":
