@@ -182,7 +182,7 @@ def case_params(ids: list[str] | None = None, *, check: str | None = None) -> li
 
 
 # ---------------------------------------------------------------------------------------------------- 1. causality
-@pytest.mark.parametrize("case", case_params())
+@pytest.mark.parametrize("case", case_params(check="causal"))
 def test_causal_claim(case):
     require(case, "causal")
     spec = case.spec

@@ -1,0 +1,13 @@
+"""Dynamic sparse attention: a selector (q, k -> key blocks per query block) plus the block-sparse core.
+
+A selector maps q [B, Tq, H, D] and k [B, Tk, KVH, D] to block indices int32 [B, H, ceil(Tq / block_size),
+max_selected] (the index format of `attn.core.block_sparse`, -1 = padding); the layer then runs
+`attn.core.block_sparse.block_sparse_attention` over the selected blocks. One file per system:
+
+    hip          HiP attention: hierarchical top-k pruning of key blocks (`hip_block_indices`)
+    flexprefill  FlexPrefill: per-head query-aware or vertical-slash pattern, cumulative-attention budget
+                 (`flexprefill_block_mask`, `flexprefill_block_indices`)
+
+`selector_layer.BlockSelectorLayer` is the shared layer: softmax-family options, the selection in `prepare`, the
+block-sparse core in `attend` (or the dense masked path when interventions, captures or dropout need the weights).
+"""
