@@ -20,7 +20,7 @@ Time O(B H Tq D x selected keys per query block), memory O(B H T D) plus the [B,
 A tile is one whole [bp, bp] block pair (no sub-tiling): block sizes up to 128 match the flash kernel's tiles,
 larger ones make register-heavy tiles.
 
-Verified in the Pallas interpreter on CPU and lowered to Triton IR (tests/pallas_kernels/test_block_sparse.py);
+Verified in the Pallas interpreter on CPU and lowered to Triton IR (tests/pallas_kernels/test_block_sparse_kernel.py);
 never run on a real GPU yet (the test marked `gpu` at T = 4096 does that when a GPU is available).
 """
 

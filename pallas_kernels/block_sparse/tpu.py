@@ -22,7 +22,7 @@ steps cost only the step overhead).
 Limit: the prefetched lists take B H nq min(S, nk) + B H nk nq int32 words of SMEM, which is small next to HBM:
 long sequences with many batch rows and heads would have to be split into several calls (not done here).
 Verified in the TPU interpreter (pltpu.InterpretParams) and lowered to Mosaic by jax.export on CPU
-(tests/pallas_kernels/test_block_sparse.py); never run on a real TPU.
+(tests/pallas_kernels/test_block_sparse_kernel.py); never run on a real TPU.
 """
 
 from __future__ import annotations

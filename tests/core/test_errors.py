@@ -87,7 +87,8 @@ def test_bad_option_values_in_layer():
     x = jnp.zeros((1, 4, 16))
     with pytest.raises(ValueError, match=r"position='sinusoid' must be one of \('none', 'rope'"):
         attn.build("softmax", num_heads=2, head_dim=8, position="sinusoid").init(jax.random.key(0), x)
-    with pytest.raises(ValueError, match=r"rope_scaling='dynamic' must be None or one of \('linear', 'ntk', 'yarn'\)"):
+    expected = r"rope_scaling='dynamic' must be None or one of \('linear', 'ntk', 'yarn', 'llama3'\)"
+    with pytest.raises(ValueError, match=expected):
         attn.build("softmax", num_heads=2, head_dim=8, rope_scaling="dynamic").init(jax.random.key(0), x)
     with pytest.raises(ValueError, match=r"x must have rank 3 \[batch, length, embed\]"):
         attn.build("softmax", num_heads=2, head_dim=8).init(jax.random.key(0), x[0])
