@@ -47,6 +47,7 @@ def test_steered_weights_match_the_renormalised_rule(lm):
     assert (np.where(span, steered, 0).sum(-1)[:, [1, 3], 1:] > np.where(span, base, 0).sum(-1)[:, [1, 3], 1:]).all()
 
 
+@pytest.mark.slow  # 12-24 s: eager forwards under interventions recompile per op
 def test_mask_spans_equal_listed_spans_and_unemphasised_rows_stay(lm):
     model, variables = lm
     mask = np.zeros((B, T), np.float32)

@@ -26,6 +26,7 @@ def head_outputs(model, variables, tokens, layer):
     return np.asarray(cache[f"layers_{layer}/attention"]["head_outputs"], np.float64)
 
 
+@pytest.mark.slow  # 12-24 s: eager forwards under interventions recompile per op
 def test_task_embeddings_are_mean_last_token_head_outputs(lm):
     model, variables = lm
     e = np.asarray(si.task_embeddings(model, variables["params"], PROMPTS))
@@ -35,6 +36,7 @@ def test_task_embeddings_are_mean_last_token_head_outputs(lm):
         np.testing.assert_allclose(e[layer], want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # 12-24 s: eager forwards under interventions recompile per op
 def test_injection_mixes_only_the_last_token(lm):
     model, variables = lm
     e = si.task_embeddings(model, variables["params"], PROMPTS)
@@ -61,6 +63,7 @@ def test_zero_mixing_and_no_layers_are_bit_identical(lm):
     assert STEERERS["soft_injection"].no_op.startswith("mixing all 0")
 
 
+@pytest.mark.slow  # 12-24 s: eager forwards under interventions recompile per op
 def test_fit_lowers_the_answer_loss(lm):
     model, variables = lm
     e = si.task_embeddings(model, variables["params"], PROMPTS)
