@@ -13,6 +13,8 @@ _REQUIRES = [
     "tensorboard>=2.15",  # event-file reading for tests/tools; no TensorFlow needed
     "tensorboardX>=2.6",  # event-file writing without TensorFlow
     "matplotlib>=3.8",  # PNG plots written by eval/
+    "safetensors>=0.4",  # Hugging Face checkpoints (attn.pretrained)
+    "tokenizers>=0.21",  # tokenizer.json of Hugging Face checkpoints (DecodeStream since 0.21)
 ]
 
 _EXTRAS = {

@@ -18,7 +18,7 @@ from attn.core.validation import check_choice, check_positive
 
 Array = jax.Array
 
-ROPE_SCALINGS = (None, "linear", "ntk", "yarn")
+ROPE_SCALINGS = (None, "linear", "ntk", "yarn", "llama3")
 YARN_RAMPS = ("code", "paper")
 
 
@@ -33,6 +33,8 @@ def rope_frequencies(
     yarn_beta_fast: float = 32.0,
     yarn_beta_slow: float = 1.0,
     yarn_ramp: str = "code",
+    low_freq_factor: float = 1.0,
+    high_freq_factor: float = 4.0,
 ) -> tuple[np.ndarray, float]:
     """Inverse frequencies theta_i = base^(-2i/d), i < d/2, after context-extension scaling.
 
@@ -53,6 +55,11 @@ def rope_frequencies(
                 r_i = original_max_len theta_i / (2 pi) over the original context, w_i = 1 - clip((r_i - beta_slow) /
                 (beta_fast - beta_slow), 0, 1). It differs from "code" in the transition pairs (at head_dim 64,
                 factor 4, base 1e4, original_max_len 2048: pairs 9-20 of 32, by up to a factor 1.8).
+      "llama3"  Llama 3.1's frequency bands (Meta's `apply_scaling`, transformers' `_compute_llama3_parameters`): with
+                wavelength l_i = 2 pi / theta_i and L = original_max_len, pairs with l_i > L / low_freq_factor are
+                interpolated (theta_i / factor), pairs with l_i < L / high_freq_factor kept, and those between get
+                (1 - s_i) theta_i / factor + s_i theta_i, s_i = (L / l_i - low_freq_factor) / (high_freq_factor -
+                low_freq_factor). No magnitude multiplier.
     Returns (inv_freq float64 [head_dim // 2], magnitude multiplier for q and k).
     """
     if head_dim % 2:
@@ -76,6 +83,17 @@ def rope_frequencies(
             interpolate = 1.0 - np.clip((rotations - yarn_beta_slow) / (yarn_beta_fast - yarn_beta_slow), 0.0, 1.0)
         inv_freq = interpolate * inv_freq / factor + (1.0 - interpolate) * inv_freq
         multiplier = 0.1 * math.log(factor) + 1.0
+    elif scaling == "llama3":
+        if not 0 < low_freq_factor < high_freq_factor:
+            raise ValueError(
+                f"rope_low_freq_factor={low_freq_factor} and rope_high_freq_factor={high_freq_factor} must satisfy "
+                "0 < low < high"
+            )
+        wavelength = 2 * math.pi / inv_freq
+        smooth = (original_max_len / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        keep = np.where(wavelength > original_max_len / low_freq_factor, 0.0, np.clip(smooth, 0.0, 1.0))
+        keep = np.where(wavelength < original_max_len / high_freq_factor, 1.0, keep)
+        inv_freq = (1.0 - keep) * inv_freq / factor + keep * inv_freq
     return inv_freq, multiplier
 
 

@@ -86,6 +86,7 @@ class TransformerBlock(nn.Module):
       takes its keys and values from `context`) and options of an optional cross-attention sublayer; None means
       a block without one.
     grid: (h, w) patch grid with h * w == T, required by "spatial" mechanisms, which see x as [B, h, w, E].
+    norm_eps: epsilon of the norms; mlp_bias: biases in the feed-forward projections.
     """
 
     mechanism: str
@@ -97,7 +98,9 @@ class TransformerBlock(nn.Module):
     cross_attention_options: Mapping[str, Any] = None  # type: ignore[assignment]
     num_kv_heads: int | None = None
     norm: str = "rmsnorm"
+    norm_eps: float = 1e-6
     mlp: str = "swiglu"
+    mlp_bias: bool = False
     dropout_rate: float = 0.0
     grid: tuple[int, ...] | None = None
     dtype: Dtype = jnp.float32
@@ -117,7 +120,7 @@ class TransformerBlock(nn.Module):
         return layer.clone(parent=self, name=module_name)
 
     def _norm(self, name: str) -> nn.Module:
-        return make_norm(self.norm, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        return make_norm(self.norm, dtype=self.dtype, param_dtype=self.param_dtype, name=name, epsilon=self.norm_eps)
 
     @nn.compact
     def __call__(
@@ -158,9 +161,14 @@ class TransformerBlock(nn.Module):
             x = x + dropout(h, deterministic=deterministic)
             x = nn.with_logical_constraint(x, ACTIVATION_AXES)
 
-        h = Mlp(self.mlp_dim, self.mlp, dtype=self.dtype, param_dtype=self.param_dtype, name="feed_forward")(
-            self._norm("mlp_norm")(x)
-        )
+        h = Mlp(
+            self.mlp_dim,
+            self.mlp,
+            use_bias=self.mlp_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="feed_forward",
+        )(self._norm("mlp_norm")(x))
         x = x + dropout(h, deterministic=deterministic)
         return nn.with_logical_constraint(x, ACTIVATION_AXES)
 

@@ -35,7 +35,7 @@ class DecoderLM(TokenTrunk):
       attention_options: extra `attn.build` options, one dict for all layers or one per layer. The per-layer fields
         a mechanism declares (its spec's `layer_fields`: `layer_index`, the block's 0-based index in this stack
         whatever the other blocks' mechanisms, and `num_layers`) are filled for each layer unless set here.
-      norm: "rmsnorm" or "layernorm". mlp: "swiglu" or "gelu".
+      norm: "rmsnorm" or "layernorm"; norm_eps: its epsilon. mlp: "swiglu" or "gelu"; mlp_bias: biases in the MLP.
       tie_embeddings: output head is the transposed token embedding.
       position_embedding: "none" (the mechanism handles positions, e.g. RoPE) or "learned" (max_len rows).
       dropout_rate: on embeddings and after each sublayer; also passed to the attention layers.

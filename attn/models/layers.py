@@ -24,18 +24,21 @@ MLPS = ("swiglu", "gelu")
 ACTIVATION_AXES = ("batch", "length", "embed")
 
 
-def make_norm(kind: str, *, dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.Module:
+def make_norm(
+    kind: str, *, dtype: Dtype, param_dtype: Dtype, name: str | None = None, epsilon: float = 1e-6
+) -> nn.Module:
     """Normalisation over the last (embed) axis: x [..., E] -> [..., E] in `dtype`.
 
-    kind: "rmsnorm" (scale only) or "layernorm" (scale and bias). Statistics are reduced in float32.
+    kind: "rmsnorm" (scale only) or "layernorm" (scale and bias). Statistics are reduced in float32; `epsilon` is
+    added to the variance (mean square for rmsnorm) before the reciprocal square root.
     """
     check_choice("norm", kind, NORMS)
     scale_init = nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",))
     if kind == "rmsnorm":
-        return nn.RMSNorm(epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, scale_init=scale_init, name=name)
+        return nn.RMSNorm(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, scale_init=scale_init, name=name)
     bias_init = nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",))
     return nn.LayerNorm(
-        epsilon=1e-6,
+        epsilon=epsilon,
         dtype=dtype,
         param_dtype=param_dtype,
         scale_init=scale_init,
@@ -44,20 +47,33 @@ def make_norm(kind: str, *, dtype: Dtype, param_dtype: Dtype, name: str | None =
     )
 
 
-def _dense(features: int, axes: tuple[str, str], dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Dense:
+def _dense(
+    features: int, axes: tuple[str, str], dtype: Dtype, param_dtype: Dtype, name: str, use_bias: bool = False
+) -> nn.Dense:
     kernel_init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes)
-    return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, name=name)
+    bias_init = nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[1:])
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=kernel_init,
+        bias_init=bias_init,
+        name=name,
+    )
 
 
 class Mlp(nn.Module):
     """Position-wise feed-forward network: x [..., E] -> [..., E] in `dtype`.
 
-    kind "swiglu": (silu(x W_gate) * (x W_up)) W_down; kind "gelu": gelu(x W_in) W_out. No biases.
-    Kernels: in ("embed", "mlp"), out ("mlp", "embed").
+    kind "swiglu": (silu(x W_gate) * (x W_up)) W_down; kind "gelu": gelu(x W_in) W_out, with the tanh
+    approximation of gelu (GPT-2's "gelu_new"). Kernels: in ("embed", "mlp"), out ("mlp", "embed"); with `use_bias`
+    every projection adds a bias (named like its output axis), as GPT-2's MLP does.
     """
 
     hidden_dim: int
     kind: str = "swiglu"
+    use_bias: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -66,15 +82,16 @@ class Mlp(nn.Module):
         check_choice("mlp", self.kind, MLPS)
         features = x.shape[-1]
         args = (self.dtype, self.param_dtype)
+        bias = self.use_bias
         if self.kind == "swiglu":
-            gate = _dense(self.hidden_dim, ("embed", "mlp"), *args, name="wi_gate")(x)
-            up = _dense(self.hidden_dim, ("embed", "mlp"), *args, name="wi_up")(x)
+            gate = _dense(self.hidden_dim, ("embed", "mlp"), *args, name="wi_gate", use_bias=bias)(x)
+            up = _dense(self.hidden_dim, ("embed", "mlp"), *args, name="wi_up", use_bias=bias)(x)
             hidden = nn.silu(gate) * up
         else:
-            hidden = nn.gelu(_dense(self.hidden_dim, ("embed", "mlp"), *args, name="wi")(x))
+            hidden = nn.gelu(_dense(self.hidden_dim, ("embed", "mlp"), *args, name="wi", use_bias=bias)(x))
         if hidden.ndim == 3:
             hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
-        return _dense(features, ("mlp", "embed"), *args, name="wo")(hidden)
+        return _dense(features, ("mlp", "embed"), *args, name="wo", use_bias=bias)(hidden)
 
 
 class TokenEmbedding(nn.Module):

@@ -2,9 +2,9 @@
 
 These helpers run inside a model's `nn.compact` method and read the model's trunk fields (`num_layers`,
 `d_model`, `num_heads`, `head_dim`, `num_kv_heads`, `mlp_dim`, `attention`, `attention_options`, `norm`,
-`mlp`, `dropout_rate`, `dtype`, `param_dtype`, and, where the model has them, `cross_attention` and
-`cross_attention_options`), so the submodules they create are the model's own children: `layers_<i>`,
-`final_norm`, `lm_head`.
+`mlp`, `dropout_rate`, `dtype`, `param_dtype`, and, where the model has them, `norm_eps` (default 1e-6), `mlp_bias`
+(default False), `cross_attention` and `cross_attention_options`), so the submodules they create are the model's own
+children: `layers_<i>`, `final_norm`, `lm_head`.
 """
 
 from __future__ import annotations
@@ -60,6 +60,8 @@ class TokenTrunk(nn.Module):
     dropout_rate: float = 0.0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    norm_eps: float = 1e-6
+    mlp_bias: bool = False
 
     def __hash__(self) -> int:  # dict-valued fields: hash a frozen copy (see fields.hash_fields)
         return hash_fields(self)
@@ -133,6 +135,7 @@ def block_stack(
     of a model with a `cross_attention` field; they must be None for a model without one.
     """
     head_dim = resolve_head_dim(model)
+    norm_eps = getattr(model, "norm_eps", 1e-6)
     layers = resolve_layers(model, grid=grid)
     cross_layers = resolve_cross_layers(model)
     for i, ((name, options), (cross_name, cross_options)) in enumerate(zip(layers, cross_layers, strict=True)):
@@ -146,7 +149,9 @@ def block_stack(
             num_kv_heads=model.num_kv_heads,
             mlp_dim=model.mlp_dim,
             norm=model.norm,
+            norm_eps=norm_eps,
             mlp=model.mlp,
+            mlp_bias=getattr(model, "mlp_bias", False),
             dropout_rate=model.dropout_rate,
             grid=grid,
             dtype=model.dtype,
@@ -161,7 +166,9 @@ def block_stack(
             decode=decode,
             deterministic=deterministic,
         )
-    return make_norm(model.norm, dtype=model.dtype, param_dtype=model.param_dtype, name="final_norm")(x)
+    return make_norm(model.norm, dtype=model.dtype, param_dtype=model.param_dtype, name="final_norm", epsilon=norm_eps)(
+        x
+    )
 
 
 def embed_tokens(

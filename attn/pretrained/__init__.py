@@ -1,0 +1,15 @@
+"""Hugging Face checkpoints in and out: safetensors weights, config.json and tokenizer.json of GPT-2 and Llama-family
+models as `attn.models.DecoderLM` models.
+
+    from attn import pretrained
+    model, params, tokenizer, hf_config = pretrained.load("path/to/model")        # optional dtype=, mesh=
+    pretrained.save("path/to/copy", model, params, hf_config, tokenizer=tokenizer)
+
+Supported architectures: `pretrained.ARCHITECTURES` (GPT2LMHeadModel, LlamaForCausalLM). See
+attn.pretrained.checkpoint for loading and saving, attn.pretrained.gpt2 / attn.pretrained.llama for the config
+translation and the tensor layouts.
+"""
+
+from attn.pretrained.checkpoint import ARCHITECTURES, architecture_of, load, load_tokenizer, read_config, save
+
+__all__ = ["ARCHITECTURES", "architecture_of", "load", "load_tokenizer", "read_config", "save"]

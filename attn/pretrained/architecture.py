@@ -1,0 +1,100 @@
+"""What `attn.pretrained` knows about one Hugging Face architecture, and the explicit reading of its config.json.
+
+An `Architecture` turns a config.json (a dict) into an `attn.models` model and lists the `TensorRule`s that place
+each of the model's parameters in the checkpoint. Config translation is explicit: every key of config.json is either
+honoured (it sets a model field), checked (it must have a value the model reproduces), or known to have no effect
+on the forward pass (dropout rates, initialisation, generation defaults, metadata); any other key is an error that
+names it, so no setting is silently dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Collection, Mapping
+from typing import Any
+
+import flax.linen as nn
+
+from attn.pretrained.layouts import TensorRule
+
+# Keys any transformers config.json may hold that do not change the forward pass of a causal LM: metadata, token
+# ids, generation and training settings.
+COMMON_NO_EFFECT = frozenset(
+    {
+        "_name_or_path",
+        "architectures",
+        "model_type",
+        "dtype",
+        "torch_dtype",
+        "transformers_version",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "sep_token_id",
+        "decoder_start_token_id",
+        "use_cache",
+        "initializer_range",
+        "id2label",
+        "label2id",
+        "task_specific_params",
+        "tokenizer_class",
+        "gradient_checkpointing",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+        "problem_type",
+        "chunk_size_feed_forward",
+        "prefix",
+        "finetuning_task",
+    }
+)
+
+# What the model's `dtype`/`param_dtype` are set from when the caller gives no dtype: the checkpoint's tensors.
+DTYPE_KEYS = ("dtype", "torch_dtype")
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """One supported checkpoint class.
+
+    name: the `architectures` entry of config.json (e.g. "LlamaForCausalLM"); model_type: its `model_type`.
+    build_model(config, dtype) -> model: the config translation (raises ValueError naming a key it cannot honour).
+    tensor_rules(model, config) -> rules: one TensorRule per parameter of the model's "params" tree.
+    no_parameter(name) -> bool: checkpoint tensors that hold no parameter (e.g. GPT-2's causal-mask buffers).
+    optional_prefix: a prefix of the tensor names that older checkpoints omit ("transformer." for GPT-2).
+    """
+
+    name: str
+    model_type: str
+    build_model: Callable[[Mapping[str, Any], Any], nn.Module]
+    tensor_rules: Callable[[nn.Module, Mapping[str, Any]], list[TensorRule]]
+    no_parameter: Callable[[str], bool] = lambda name: False
+    optional_prefix: str = ""
+
+
+def check_keys(config: Mapping[str, Any], architecture: str, known: Collection[str]) -> None:
+    """ValueError naming the first config.json key that is neither in `known` nor in COMMON_NO_EFFECT."""
+    for key in sorted(config):
+        if key not in known and key not in COMMON_NO_EFFECT:
+            raise ValueError(
+                f"config.json key {key!r} (= {config[key]!r}) of {architecture} is not supported by attn.pretrained; "
+                f"the keys it translates are {sorted(known)}"
+            )
+
+
+def require(config: Mapping[str, Any], key: str, allowed: Collection[Any], architecture: str, why: str) -> Any:
+    """config[key] (None when absent) if it is one of `allowed`, else ValueError naming the key and the value."""
+    value = config.get(key)
+    if value not in allowed:
+        raise ValueError(
+            f"config.json {key}={value!r} of {architecture} cannot be honoured: expected one of {list(allowed)} ({why})"
+        )
+    return value
+
+
+def positive_int(config: Mapping[str, Any], key: str, architecture: str) -> int:
+    """config[key] as a positive int, else ValueError naming the key."""
+    value = config.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"config.json {key}={value!r} of {architecture}: expected a positive integer")
+    return value

@@ -1,0 +1,31 @@
+"""The committed Hugging Face fixtures (tests/fixtures/hf, made by make_fixtures.py with transformers) and one cached
+load of each, shared by the tests of attn.pretrained."""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+from typing import Any
+
+import numpy as np
+
+from attn import pretrained
+
+ROOT = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "hf"
+NAMES = ("gpt2", "llama", "llama_linear", "llama_dynamic", "llama_yarn", "llama_llama3")
+
+
+def fixture_dir(name: str) -> pathlib.Path:
+    return ROOT / name
+
+
+def reference(name: str) -> dict[str, np.ndarray]:
+    """input_ids int64 [1, T], logits float32 [1, T, V] and greedy int64 [1, T + N] that transformers computed."""
+    with np.load(fixture_dir(name) / "reference.npz") as data:
+        return {key: data[key] for key in data.files}
+
+
+@functools.cache
+def loaded(name: str) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """pretrained.load of fixture `name` (model, params, tokenizer, hf_config), loaded once per test session."""
+    return pretrained.load(fixture_dir(name))
