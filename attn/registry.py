@@ -66,7 +66,7 @@ COMMON_OPTION_DOCS: dict[str, str] = {
     "dropout_rate": "dropout on attention probabilities (active when deterministic=False)",
     "use_bias": "add biases to the q/k/v/o projections",
     "capture": "always sow attention weights into 'intermediates' (they are also sown when it is mutable)",
-    "implementation": "backend: None (fastest available), 'xla', 'cudnn' or 'pallas'",
+    "implementation": "backend: None (fastest available), 'xla', 'cudnn', 'pallas' or 'split_kv' (decode calls)",
     "dtype": "computation dtype",
     "param_dtype": "parameter dtype",
 }
@@ -78,7 +78,7 @@ COMMON_OPTION_VALIDATORS: dict[str, Callable[[str, Any], None]] = {
     "head_dim": positive_int,
     "num_kv_heads": optional(positive_int),
     "dropout_rate": in_range(0, 1, high_inclusive=False),
-    "implementation": optional(choice("xla", "cudnn", "pallas")),
+    "implementation": optional(choice("xla", "cudnn", "pallas", "split_kv")),
 }
 
 

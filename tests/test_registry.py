@@ -139,8 +139,8 @@ def test_common_options_are_validated_centrally():
     spec = attn.get("window")  # a spatial layer that declares no validator for the shared options itself
     for name, validator in COMMON_OPTION_VALIDATORS.items():
         assert spec.options[name].validator is validator, name
-    assert repr(spec.options["implementation"].validator) == "None or one of ('xla', 'cudnn', 'pallas')"
-    assert set(dispatch.IMPLEMENTATIONS) - {None} == {"xla", "cudnn", "pallas"}
+    assert repr(spec.options["implementation"].validator) == "None or one of ('xla', 'cudnn', 'pallas', 'split_kv')"
+    assert set(dispatch.IMPLEMENTATIONS) - {None} == {"xla", "cudnn", "pallas", "split_kv"}
 
 
 def test_every_default_passes_its_validator():

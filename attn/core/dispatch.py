@@ -13,7 +13,8 @@ import jax
 
 logger = logging.getLogger("attn")
 
-IMPLEMENTATIONS = (None, "xla", "pallas", "cudnn")
+# "split_kv": split-KV decoding of a decode call against a KV cache (attn.core.kv_cache.decode_attention)
+IMPLEMENTATIONS = (None, "xla", "pallas", "cudnn", "split_kv")
 
 
 def platform() -> str:

@@ -25,7 +25,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from attn.core import intervention_state, pipeline
+from attn.core import intervention_state, kv_cache, pipeline
 from attn.core import positions as pos
 from attn.core.layer import AttentionCall, AttentionLayer
 from attn.core.masks import Mask
@@ -38,10 +38,12 @@ POSITIONS = ("none", "rope", "alibi", "t5", "shaw")
 # Validators of the options every softmax-family layer shares (mechanisms add their own: `{**SOFTMAX_VALIDATORS, ...}`).
 SOFTMAX_VALIDATORS = {
     "position": choice(*POSITIONS),
-    "rope_scaling": optional(choice("linear", "ntk", "yarn")),
+    "rope_scaling": optional(choice("linear", "ntk", "yarn", "llama3")),
     "rope_scaling_factor": positive,
     "rope_original_max_len": positive_int,
     "rope_yarn_ramp": choice("code", "paper"),
+    "rope_low_freq_factor": positive,
+    "rope_high_freq_factor": positive,
     "relative_num_buckets": positive_int,
     "relative_max_distance": positive_int,
     "shaw_max_distance": positive_int,
@@ -55,10 +57,12 @@ CUSTOM_STAGES = ("scores", "score_mod", "normalize", "prob_mod", "mix")
 SOFTMAX_OPTION_DOCS = {
     "position": "positional encoding: 'none', 'rope', 'alibi', 't5' (bucketed bias) or 'shaw' (relative keys)",
     "rope_base": "RoPE base (theta)",
-    "rope_scaling": "RoPE context extension: None, 'linear', 'ntk' or 'yarn'",
+    "rope_scaling": "RoPE context extension: None, 'linear', 'ntk', 'yarn' or 'llama3'",
     "rope_scaling_factor": "context extension factor for rope_scaling",
-    "rope_original_max_len": "training context length that YaRN's ramp refers to",
+    "rope_original_max_len": "training context length that YaRN's ramp and llama3's bands refer to",
     "rope_yarn_ramp": "YaRN frequency ramp: 'code' (YaRN's code, transformers, vLLM; default) or 'paper' (gamma(r))",
+    "rope_low_freq_factor": "llama3 scaling: wavelengths above original_max_len / this are interpolated",
+    "rope_high_freq_factor": "llama3 scaling: wavelengths below original_max_len / this are kept",
     "relative_num_buckets": "T5 bias: number of buckets",
     "relative_max_distance": "T5 bias: distance beyond which buckets saturate",
     "shaw_max_distance": "Shaw: relative distances are clipped to [-k, k]",
@@ -79,6 +83,8 @@ class SoftmaxAttentionLayer(AttentionLayer):
     rope_scaling_factor: float = 1.0
     rope_original_max_len: int = 2048
     rope_yarn_ramp: str = "code"
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
     relative_num_buckets: int = 32
     relative_max_distance: int = 128
     shaw_max_distance: int = 16
@@ -117,6 +123,8 @@ class SoftmaxAttentionLayer(AttentionLayer):
             factor=self.rope_scaling_factor,
             original_max_len=self.rope_original_max_len,
             yarn_ramp=self.rope_yarn_ramp,
+            low_freq_factor=self.rope_low_freq_factor,
+            high_freq_factor=self.rope_high_freq_factor,
         )
         kv_pos = q_pos if kv_pos is None else jnp.asarray(kv_pos)
         if kv_pos.ndim == 3:  # per kv head: rotate each head's keys at its own positions
@@ -149,6 +157,20 @@ class SoftmaxAttentionLayer(AttentionLayer):
     def attend(self, q: Array, k: Array, v: Array, call: AttentionCall) -> Array:
         """q [B, Tq, H, D], k/v [B, Tk, KVH, D] -> [B, Tq, H, Dv] in q.dtype."""
         reason = self.explicit_reason(call)
+        if reason is None and ((call.decode and not call.cross) or self.implementation == "split_kv"):
+            # decode steps against the KV cache: split-KV or dense (attn.core.kv_cache); other calls there go dense
+            return kv_cache.decode_attention(
+                q,
+                k,
+                v,
+                mask=call.mask,
+                bias=call.bias,
+                window=self.window,
+                scale=self.scale,
+                softcap=self.softcap,
+                q_offset=call.q_offset,
+                implementation=self.implementation,
+            )
         if reason is None:
             return softmax_attention(
                 q,
