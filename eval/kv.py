@@ -33,8 +33,9 @@ report, every entry naming its run. Writes JSON to <workdir>/eval_kv.json (and -
 to each (score against cache bytes, one line per policy, one panel per run and task). Contexts of 2K-4K decode too
 slowly on a 2-core CPU (every token of every policy x budget is a separate step): use a GPU there.
 
-`--checkpoint HF_DIR` (an imported pretrained checkpoint) is not available yet: the pretrained-checkpoint import does
-not exist in this codebase; the flag exits with that message.
+`--checkpoint HF_DIR` (a Hugging Face directory) is not wired yet: `attn.pretrained.load` imports GPT-2 and Llama
+checkpoints, but this evaluator does not yet tokenise held-out text with the checkpoint's tokenizer; the flag exits
+with that message.
 """
 
 from __future__ import annotations
@@ -342,9 +343,9 @@ def main(argv: Sequence[str]) -> None:
     args = flags.FLAGS
     if args.checkpoint is not None:
         raise SystemExit(
-            f"error: --checkpoint={args.checkpoint!r}: evaluating an imported pretrained checkpoint is not available "
-            "yet (the checkpoint import it needs does not exist in this codebase); use --workdir with a run trained "
-            "here, e.g. python -m train --config configs/kv_retrieval.py --workdir runs/kv_retrieval"
+            f"error: --checkpoint={args.checkpoint!r}: eval.kv does not read Hugging Face directories yet (it does not "
+            "tokenise held-out text with the checkpoint's tokenizer); use --workdir with a run trained here, "
+            "e.g. python -m train --config configs/kv_retrieval.py --workdir runs/kv_retrieval"
         )
     if args.workdir is None:
         raise SystemExit("error: --workdir is required (a run trained here)")
@@ -413,7 +414,7 @@ if __name__ == "__main__":
 
     flags.DEFINE_string("workdir", None, "Run directories with checkpoints/ (softmax decoders trained here), commas.")
     flags.DEFINE_string(
-        "checkpoint", None, "An imported pretrained checkpoint directory: not available yet (exits with a message)."
+        "checkpoint", None, "A Hugging Face checkpoint directory: not wired into eval.kv yet (exits with a message)."
     )
     flags.DEFINE_string("policies", "h2o,streaming,tova,snapkv,kivi", "Comma-separated policy specs, name[:opt=val].")
     flags.DEFINE_string("budgets", "1.0,0.5,0.25,0.1", "Cache budgets as fractions of the context.")
