@@ -57,7 +57,7 @@ from attn.core import cache as cache_lib
 from attn.models.generate import init_cache
 from eval.analysis.evaluator import pyplot, unboxed
 from eval.lm import open_run, quiet_logs
-from train.data import make_source
+from train.run import make_source
 
 FULL = "full"
 RETRIEVAL_TASKS = ("mqar", "passkey")

@@ -46,8 +46,9 @@ from attn.steer import pasta as pasta_lib
 from attn.steer import soft_injection as soft_lib
 from attn.steer.common import HeadConfig
 from eval.analysis.evaluator import layer_head_heatmap, layer_of, pyplot, unboxed
-from train.data import make_source
-from train.data.emphasis import EmphasisSource
+from train.run import make_source, source_class
+
+EmphasisSource = source_class("emphasis_qa")
 
 CONFIG = "configs/steer_emphasis.py"
 DEVICE = "CPU, 2 cores shared with other jobs"

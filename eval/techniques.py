@@ -5,7 +5,7 @@
     python -m eval.techniques --config configs/lm_techniques.py --set optimizer.learning_rate=0.03
 
 The config names the technique(s) in `config.techniques`; the baseline is the same config with `techniques = []`.
-Both runs go through the trainer (`train.trainer.run`) in temporary workdirs; the evaluator reads their logged
+Both runs go through the trainer (`train.run.train`) in temporary workdirs; the evaluator reads their logged
 metrics: the train loss every `log_every` steps, and the validation loss and the per-layer attention entropy on the
 probe batch every `eval_every` steps ("attention/entropy/layer_<i>", mean over rows, heads and queries, nats).
 
@@ -87,14 +87,14 @@ def _plain(value: Any) -> Any:
 def _train_and_read(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Trains `config` in a temporary workdir; {"train_loss": {step: v}, "eval_loss": {...}, "entropy": {layer:
     {step: v}}, "seconds", "diverged_at"}."""
-    from train import trainer
+    from train.run import TrainingDiverged, train
 
     started = time.perf_counter()
     diverged_at = None
     with tempfile.TemporaryDirectory() as workdir:
         try:
-            trainer.run(config, workdir)
-        except trainer.TrainingDiverged as error:
+            train(config, workdir)
+        except TrainingDiverged as error:
             diverged_at = str(error)
         rows = _read_rows(os.path.join(workdir, "metrics.jsonl"))
     out: dict[str, Any] = {"train_loss": {}, "eval_loss": {}, "entropy": {}, "technique_scalars": {}}
@@ -174,7 +174,7 @@ def plot(record: dict[str, Any], path: str) -> None:
 
 def _override(config: ml_collections.ConfigDict, override: str) -> None:
     """Sets `dotted.field=value` (value a Python literal, else a string); ValueError naming an unknown field."""
-    from train.config_checks import unknown_override_message
+    from train.run import unknown_override_message
 
     dotted, sep, text = override.partition("=")
     if not sep:
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field (Python literal)"
     )
     args = parser.parse_args(argv)
-    from train.config_file import load_config_file
+    from train.run import load_config_file
 
     config = load_config_file(args.config)
     for override in args.set:

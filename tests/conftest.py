@@ -18,7 +18,21 @@ def _platform() -> str:
     return jax.devices()[0].platform
 
 
+_SLOW_LIST = os.path.join(os.path.dirname(__file__), "slow_in_default_run.txt")
+
+
+def _measured_slow() -> frozenset[str]:
+    """Node ids listed in tests/slow_in_default_run.txt (measured long tests that run with the slow ones)."""
+    with open(_SLOW_LIST, encoding="utf-8") as f:
+        return frozenset(line.strip() for line in f if line.strip() and not line.startswith("#"))
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m "not slow"` deselects by marker
 def pytest_collection_modifyitems(config, items):
+    measured_slow = _measured_slow()
+    for item in items:
+        if item.nodeid in measured_slow:
+            item.add_marker(pytest.mark.slow)
     platform = _platform()
     skip_gpu = pytest.mark.skip(reason="needs a GPU (run with ATTN_TEST_ACCELERATOR=1 on a GPU machine)")
     skip_tpu = pytest.mark.skip(reason="needs a TPU (run with ATTN_TEST_ACCELERATOR=1 on a TPU machine)")

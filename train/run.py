@@ -31,19 +31,23 @@ from train import tasks, trainer
 from train.checkpointing import CheckpointDamaged, Checkpointer
 from train.config_checks import unknown_override_message
 from train.config_file import load_config_file
-from train.data import make_source
+from train.data import make_source, source_class
 from train.optim import make_optimizer
 from train.state import TrainState
 from train.techniques import effective_params
+from train.trainer import TrainingDiverged
 
 __all__ = [
     "CheckpointDamaged",
     "Run",
     "TrainResult",
+    "TrainingDiverged",
     "build_run",
     "load_config_file",
     "load_run",
     "make_optimizer",
+    "make_source",
+    "source_class",
     "train",
     "unknown_override_message",
 ]

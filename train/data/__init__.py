@@ -55,7 +55,8 @@ def list_sources() -> list[str]:
     return sorted(_SOURCES)
 
 
-def _source_class(name: str) -> type[DataSource]:
+def source_class(name: str) -> type[DataSource]:
+    """The class of data source `name` (its OPTIONS and constants); unknown names list the closest."""
     if name not in _SOURCES:
         close = difflib.get_close_matches(str(name), list(_SOURCES), n=1, cutoff=0.0)
         hint = f" (closest: {close[0]!r})" if close else ""
@@ -65,7 +66,7 @@ def _source_class(name: str) -> type[DataSource]:
 
 def source_options(name: str) -> dict[str, Any]:
     """The options source `name` accepts, with their defaults."""
-    return dict(_source_class(name).OPTIONS)
+    return dict(source_class(name).OPTIONS)
 
 
 def make_source(
@@ -92,7 +93,7 @@ def make_source(
       process_index, process_count: this process's place in a multi-host job.
       **options: source options (see `source_options(name)`); an unknown one raises ValueError.
     """
-    cls = _source_class(name)
+    cls = source_class(name)
     merged = check_options(name, options, cls.OPTIONS)
     if name not in _NO_SEQ_LEN and seq_len is None:
         raise ValueError(f"data source {name!r} needs seq_len (an int >= 1), got None")
@@ -124,5 +125,6 @@ __all__ = [
     "list_sources",
     "load_corpus",
     "make_source",
+    "source_class",
     "source_options",
 ]
