@@ -44,7 +44,9 @@ Captures record what the model used, i.e. a stage's value after the rules on it 
 `run_with_cache` returns them by module path. While a capture rule is active, layers record exactly what the
 capture rules ask for (and only on the layers they select). A function compiled ahead of time (`.lower().compile()`)
 before the block cannot re-trace and ignores the rules; patch sources become constants of the trace (for sweeps,
-pass them as arguments of a jitted function that enters the block itself).
+pass them as arguments of a jitted function that enters the block itself). Because the rule set keys the cache, an
+*eager* forward (no jit) under many different rule sets compiles every primitive again for each set: wrap the model
+call in one `jax.jit` (as above) when sweeping over heads, layers or strengths.
 """
 
 from __future__ import annotations
