@@ -23,8 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.flash.api import check_qkv
+
 Array = jax.Array
-MAX_HEAD_DIM = 256
 
 
 def _shape(x: Any) -> tuple[int, ...]:
@@ -33,25 +34,6 @@ def _shape(x: Any) -> tuple[int, ...]:
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def _check_qkv(q: Any, k: Any, v: Any) -> None:
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if np.ndim(x) != 4:
-            raise ValueError(f"{name} must have rank 4 [batch, length, heads, head_dim], got shape {_shape(x)}")
-        if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
-            raise ValueError(f"{name} must be a floating array, got dtype {jnp.result_type(x)}")
-    qs, ks, vs = _shape(q), _shape(k), _shape(v)
-    if ks != vs:
-        raise ValueError(f"k and v must have the same shape [batch, kv_len, kv_heads, head_dim], got k {ks}, v {vs}")
-    if ks[0] != qs[0] or ks[3] != qs[3]:
-        raise ValueError(f"k {ks} must match q {qs} in batch (axis 0) and head_dim (axis 3)")
-    if not 1 <= qs[3] <= MAX_HEAD_DIM:
-        raise ValueError(f"q head_dim={qs[3]} is not supported; expected 1 <= head_dim <= {MAX_HEAD_DIM}")
-    if qs[1] < 1 or ks[1] < 1:
-        raise ValueError(f"sequence lengths must be >= 1, got q length {qs[1]}, k length {ks[1]}")
-    if ks[2] < 1 or qs[2] % ks[2] != 0:
-        raise ValueError(f"q heads={qs[2]} must be a multiple of k/v heads={ks[2]} (MHA, GQA or MQA)")
 
 
 def _check_block_indices(block_indices: Any, batch: int, heads: int, num_q_blocks: int, num_k_blocks: int) -> Array:
@@ -120,7 +102,7 @@ def block_sparse_attention(
     Returns:
       out [B, Tq, H, D] in q.dtype, or (out, lse) when return_lse. Differentiable in q, k and v.
     """
-    _check_qkv(q, k, v)
+    check_qkv(q, k, v)
     batch, q_len, heads, head_dim = _shape(q)
     kv_len = _shape(k)[1]
     if not _is_int(block_size) or block_size < 1:

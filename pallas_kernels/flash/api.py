@@ -33,7 +33,9 @@ def _shape(x: Any) -> tuple[int, ...]:
     return tuple(np.shape(x))
 
 
-def _check_qkv(q: Array, k: Array, v: Array) -> None:
+def check_qkv(q: Array, k: Array, v: Array) -> None:
+    """Ranks, float dtypes and matching dims of q [B, Tq, H, D], k and v [B, Tk, KVH, D] (H % KVH == 0, D <= 256)
+    for the attention kernels; a ValueError naming the argument otherwise."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if np.ndim(x) != 4:
             raise ValueError(f"{name} must have rank 4 [batch, length, heads, head_dim], got shape {_shape(x)}")
@@ -195,7 +197,7 @@ def flash_attention(
     Returns:
       out [B, Tq, H, D] in q.dtype, or (out, stats) when return_stats.
     """
-    _check_qkv(q, k, v)
+    check_qkv(q, k, v)
     batch, q_len, heads, head_dim = _shape(q)
     kv_len = _shape(k)[1]
     window = _normalize_window(window)

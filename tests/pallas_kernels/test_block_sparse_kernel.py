@@ -235,7 +235,7 @@ def test_tpu_kernels_lower_to_mosaic():
         (dict(q_offset=1.5), r"q_offset=1.5 must be an int or an int scalar array"),
         (dict(scale=float("nan")), r"scale=nan must be None or a finite number"),
         (dict(backend="cuda"), r"backend='cuda' is not supported"),
-        (dict(k=jnp.zeros((1, 30, 3, 8))), r"q heads=2 must be a multiple of k/v heads=3"),
+        (dict(k=jnp.zeros((1, 30, 3, 8))), r"num_heads=2 \(q\) must be a multiple of num_kv_heads=3 \(k, v\)"),
         (dict(q=jnp.zeros((1, 20, 8))), r"q must have rank 4"),
     ],
 )
