@@ -65,6 +65,7 @@ COMMON_OPTION_DOCS: dict[str, str] = {
     "num_kv_heads": "number of key/value heads (None = num_heads; 1 = MQA; a divisor of num_heads = GQA)",
     "dropout_rate": "dropout on attention probabilities (active when deterministic=False)",
     "use_bias": "add biases to the q/k/v/o projections",
+    "out_bias": "bias on the output projection (None = use_bias)",
     "capture": "always sow attention weights into 'intermediates' (they are also sown when it is mutable)",
     "implementation": "backend: None (fastest available), 'xla', 'cudnn', 'pallas' or 'split_kv' (decode calls)",
     "dtype": "computation dtype",

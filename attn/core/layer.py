@@ -145,6 +145,7 @@ class AttentionLayer(nn.Module):
     num_kv_heads: int | None = None
     dropout_rate: float = 0.0
     use_bias: bool = False
+    out_bias: bool | None = None
     capture: bool = False
     implementation: str | None = None
     dtype: Any = jnp.float32
@@ -232,6 +233,12 @@ class AttentionLayer(nn.Module):
         return stages
 
     @property
+    def output_bias(self) -> bool:
+        """Whether the output projection has a bias: `out_bias`, or `use_bias` when it is None (Qwen2 has q/k/v
+        biases and none on the output)."""
+        return self.use_bias if self.out_bias is None else bool(self.out_bias)
+
+    @property
     def kv_heads(self) -> int:
         kv = self.num_heads if self.num_kv_heads is None else self.num_kv_heads
         check_gqa(self.num_heads, kv)
@@ -271,7 +278,7 @@ class AttentionLayer(nn.Module):
     def project_out(self, y: Array, features: int) -> Array:
         """[B, T, H, Dv] -> [B, T, features] with kernel [H, Dv, features] named ("heads", "head_dim", "embed")."""
         out = OutputProjection(
-            features=features, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name="out"
+            features=features, use_bias=self.output_bias, dtype=self.dtype, param_dtype=self.param_dtype, name="out"
         )(y)
         return nn.with_logical_constraint(out, ("batch", "length", "embed"))
 

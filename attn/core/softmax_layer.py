@@ -30,7 +30,7 @@ from attn.core import positions as pos
 from attn.core.layer import AttentionCall, AttentionLayer
 from attn.core.masks import Mask
 from attn.core.softmax import softmax_attention
-from attn.core.validation import check_choice, choice, normalize_window, optional, positive, positive_int
+from attn.core.validation import check_choice, choice, clip_window, normalize_window, optional, positive, positive_int
 
 Array = jax.Array
 
@@ -157,6 +157,7 @@ class SoftmaxAttentionLayer(AttentionLayer):
     def attend(self, q: Array, k: Array, v: Array, call: AttentionCall) -> Array:
         """q [B, Tq, H, D], k/v [B, Tk, KVH, D] -> [B, Tq, H, Dv] in q.dtype."""
         reason = self.explicit_reason(call)
+        window = clip_window(self.window, q_len=q.shape[1], kv_len=k.shape[1])
         if reason is None and ((call.decode and not call.cross) or self.implementation == "split_kv"):
             # decode steps against the KV cache: split-KV or dense (attn.core.kv_cache); other calls there go dense
             return kv_cache.decode_attention(
@@ -165,7 +166,7 @@ class SoftmaxAttentionLayer(AttentionLayer):
                 v,
                 mask=call.mask,
                 bias=call.bias,
-                window=self.window,
+                window=window,
                 scale=self.scale,
                 softcap=self.softcap,
                 q_offset=call.q_offset,
@@ -178,7 +179,7 @@ class SoftmaxAttentionLayer(AttentionLayer):
                 v,
                 mask=call.mask,
                 bias=call.bias,
-                window=self.window,
+                window=window,
                 scale=self.scale,
                 softcap=self.softcap,
                 q_offset=call.q_offset,

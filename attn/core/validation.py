@@ -96,6 +96,20 @@ def normalize_window(window: Any, *, q_len: int | None = None, kv_len: int | Non
     return int(left), int(right)
 
 
+def clip_window(window: Any, *, q_len: int, kv_len: int) -> tuple[int, int] | None:
+    """A layer's configured sliding window for one call: `normalize_window`, each side clipped to max(q_len, kv_len).
+
+    A layer is configured once (e.g. Mistral's `sliding_window=4096`) and called at any length; a side longer than
+    the sequence reaches every key on that side, so clipping it changes nothing. Functional calls
+    (`F.softmax_attention(window=...)`) keep refusing a side larger than the sequence: there the caller spelled it.
+    """
+    window = normalize_window(window)
+    if window is None:
+        return None
+    limit = max(q_len, kv_len)
+    return min(window[0], limit), min(window[1], limit)
+
+
 # Option validators: each is a callable (option_name, value) -> None raising ValueError("<name>=<value!r> must be
 # <expected>"); its repr is the short form `python -m attn <name>` prints. The registry attaches them to options
 # (register(..., validators={...})) and attn.registry.validate_options runs them on a module instance.

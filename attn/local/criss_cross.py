@@ -119,7 +119,7 @@ class CrissCrossAttention(SpatialAttentionLayer):
         query = HeadProjection(self.num_heads, self.qk_dim, "heads", name="query", **common)
         key = HeadProjection(self.kv_heads, self.qk_dim, "kv_heads", name="key", **common)
         value = HeadProjection(self.kv_heads, self.head_dim, "kv_heads", name="value", **common)
-        out = OutputProjection(x.shape[-1], name="out", **common)
+        out = OutputProjection(x.shape[-1], name="out", **{**common, "use_bias": self.output_bias})
         gamma_init = nn.initializers.constant(self.gamma_init)
         gamma = self.param("gamma", nn.with_logical_partitioning(gamma_init, ()), (), self.param_dtype)
 

@@ -172,5 +172,5 @@ class SwapAttention(SpatialAttentionLayer):
 
     def output(self, y: Array, features: int, name: str) -> Array:
         return OutputProjection(
-            features=features, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+            features=features, use_bias=self.output_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name
         )(y)

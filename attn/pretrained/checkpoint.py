@@ -6,7 +6,7 @@
 
 A directory holds config.json, model.safetensors or model.safetensors.index.json with its shards, and optionally
 tokenizer.json. `load` reads config.json through the architecture's explicit translation (attn.pretrained.gpt2,
-attn.pretrained.llama), checks that the checkpoint holds exactly the tensors the model needs, with the shapes it
+.llama, .mistral, .qwen2), checks that the checkpoint holds exactly the tensors the model needs, with the shapes it
 needs, and reads each parameter from its tensor. Given a mesh, each parameter is created as a sharded array whose
 devices read only their own block of the tensor (safetensors slices), never a full host copy per device.
 """
@@ -29,12 +29,14 @@ from attn.pretrained.architecture import DTYPE_KEYS, Architecture
 from attn.pretrained.gpt2 import GPT2
 from attn.pretrained.layouts import TensorRule, join_parameters, read_block, tensor_shape
 from attn.pretrained.llama import LLAMA
+from attn.pretrained.mistral import MISTRAL
+from attn.pretrained.qwen2 import QWEN2
 from attn.pretrained.safetensors_files import SafetensorsFiles, write_safetensors
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 
-ARCHITECTURES: dict[str, Architecture] = {arch.name: arch for arch in (GPT2, LLAMA)}
+ARCHITECTURES: dict[str, Architecture] = {arch.name: arch for arch in (GPT2, LLAMA, MISTRAL, QWEN2)}
 
 
 def read_config(path: str | pathlib.Path) -> dict[str, Any]:

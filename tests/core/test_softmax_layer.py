@@ -137,3 +137,20 @@ def test_gradients_match_finite_differences(deterministic):
         forward = jax.jit(lambda x, p: layer.apply(p, x, mask=mask, deterministic=deterministic, rngs=rngs))
         # all float64: step 1e-4 keeps the truncation error (~1e-7) under the 1e-5 tolerance
         check_grads(forward, (x, params), order=1, modes=("rev",), eps=1e-4, atol=1e-5, rtol=1e-5)
+
+
+def test_configured_window_longer_than_the_sequence_is_full_attention_and_a_short_one_is_a_band():
+    """A layer configured with Mistral's kind of window (sliding_window=4096) runs on a short sequence: a side
+    longer than the sequence reaches every key; a short window equals the explicit band mask (|i - j| rules)."""
+    layer, x, params = setup()
+    causal = attn.Mask(causal=True)
+    full = layer.apply(params, x, mask=causal)
+    long_window = attn.build("softmax", num_heads=4, head_dim=8, window=(4096, 0))
+    np.testing.assert_array_equal(np.asarray(long_window.apply(params, x, mask=causal)), np.asarray(full))
+    band = np.tril(np.ones((T, T), bool)) & ~np.tril(np.ones((T, T), bool), -3)  # keys i-2..i
+    dense = jnp.asarray(band)[None, None]
+    expected = layer.apply(params, x, mask=dense)
+    short = attn.build("softmax", num_heads=4, head_dim=8, window=(2, 0)).apply(params, x, mask=causal)
+    np.testing.assert_allclose(np.asarray(short), np.asarray(expected), atol=1e-6, rtol=1e-6)
+    decoded = decode_all(long_window, params, x, causal, [4, 1, 5])
+    np.testing.assert_allclose(np.asarray(decoded), np.asarray(full), atol=1e-5, rtol=1e-5)

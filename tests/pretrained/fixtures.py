@@ -12,7 +12,7 @@ import numpy as np
 from attn import pretrained
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "hf"
-NAMES = ("gpt2", "llama", "llama_linear", "llama_dynamic", "llama_yarn", "llama_llama3")
+NAMES = ("gpt2", "llama", "llama_linear", "llama_dynamic", "llama_yarn", "llama_llama3", "mistral", "qwen2")
 
 
 def fixture_dir(name: str) -> pathlib.Path:

@@ -45,7 +45,9 @@ def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
     with pytest.raises(ValueError, match=r"architectures=\['MambaForCausalLM'\] is not supported.*GPT2LMHeadModel"):
         pretrained.load(directory)
     _edit_config(directory, architectures=None, model_type="mamba")
-    with pytest.raises(ValueError, match=r"model_type='mamba'.*supported: \['GPT2LMHeadModel', 'LlamaForCausalLM'\]"):
+    with pytest.raises(
+        ValueError, match=r"model_type='mamba'.*supported: \['GPT2LMHeadModel', 'LlamaForCausalLM', 'Mistral"
+    ):
         pretrained.load(directory)
 
 
@@ -83,6 +85,23 @@ def test_gpt2_settings_that_cannot_be_honoured_are_named(tmp_path, changes, mess
 def test_llama_rope_settings_that_cannot_be_honoured_are_named(tmp_path, rope, message):
     directory = _copy(tmp_path, "llama_yarn")
     _edit_config(directory, rope_parameters=rope)
+    with pytest.raises(ValueError, match=message):
+        pretrained.load(directory)
+
+
+@pytest.mark.parametrize(
+    "name, changes, message",
+    [
+        ("mistral", {"sliding_window": 0}, r"sliding_window=0 of MistralForCausalLM: expected a positive integer"),
+        ("mistral", {"attention_bias": True}, r"key 'attention_bias' \(= True\) of MistralForCausalLM"),
+        ("qwen2", {"layer_types": ["full_attention", "chunked_attention"]}, r"layer_types=\['full_attention', 'chunk"),
+        ("qwen2", {"layer_types": ["full_attention"]}, r"expected a list of num_hidden_layers=2 entries"),
+        ("qwen2", {"use_sliding_window": "yes"}, r"use_sliding_window='yes' of Qwen2ForCausalLM: expected true"),
+    ],
+)
+def test_sliding_window_settings_that_cannot_be_honoured_are_named(tmp_path, name, changes, message):
+    directory = _copy(tmp_path, name)
+    _edit_config(directory, **changes)
     with pytest.raises(ValueError, match=message):
         pretrained.load(directory)
 
