@@ -1,8 +1,10 @@
-"""Pre-norm transformer block whose attention layers are registered mechanisms, chosen by name.
+"""Transformer block whose attention layers are registered mechanisms, chosen by name.
 
+norm_position="pre" (default):
     x = x + dropout(attention(norm(x), mask, positions, decode))
     x = x + dropout(cross_attention(norm(x), context, context_mask, decode))     (only with cross_attention set)
     x = x + dropout(mlp(norm(x)))
+norm_position="post" (BERT, the original Transformer): x = norm(x + dropout(sublayer(x))) for each sublayer.
 
 The self-attention submodule is named `attention` and the cross-attention one `cross_attention`, so their sown
 probabilities land at `intermediates/.../layers_<i>/attention/attention_weights` and
@@ -21,12 +23,16 @@ import jax
 import jax.numpy as jnp
 
 import attn
+from attn.core.validation import check_choice
 from attn.models.layers import ACTIVATION_AXES, Mlp, make_norm
 
 Dtype = Any
 
 # Options the block sets itself; passing them again through attention_options would be ambiguous.
 RESERVED_OPTIONS = ("num_heads", "head_dim", "num_kv_heads", "dropout_rate", "dtype", "param_dtype")
+
+# Where the block normalises: before each sublayer (pre-norm) or after each residual sum (post-norm).
+NORM_POSITIONS = ("pre", "post")
 
 # Input kinds a transformer block can feed: a token sequence, or (for ViT) the patch grid.
 BLOCK_INPUT_KINDS = ("sequence", "spatial")
@@ -79,7 +85,7 @@ def _check_options(field: str, name: str, options: Mapping[str, Any] | None) -> 
 
 
 class TransformerBlock(nn.Module):
-    """One pre-norm block: x [B, T, E] -> [B, T, E] in `dtype`.
+    """One block: x [B, T, E] -> [B, T, E] in `dtype`.
 
     mechanism / attention_options: registry name of the self-attention and its extra options for `attn.build`.
     cross_attention / cross_attention_options: registry name (input kind "cross", or a "sequence" mechanism that
@@ -87,6 +93,7 @@ class TransformerBlock(nn.Module):
       a block without one.
     grid: (h, w) patch grid with h * w == T, required by "spatial" mechanisms, which see x as [B, h, w, E].
     norm_eps: epsilon of the norms; mlp_bias: biases in the feed-forward projections.
+    norm_position: "pre" or "post" (see the module docstring); the norms keep their names either way.
     """
 
     mechanism: str
@@ -101,6 +108,7 @@ class TransformerBlock(nn.Module):
     norm_eps: float = 1e-6
     mlp: str = "swiglu"
     mlp_bias: bool = False
+    norm_position: str = "pre"
     dropout_rate: float = 0.0
     grid: tuple[int, ...] | None = None
     dtype: Dtype = jnp.float32
@@ -142,9 +150,21 @@ class TransformerBlock(nn.Module):
             raise ValueError("context / context_mask were given but this block has no cross_attention sublayer")
         dropout = nn.Dropout(self.dropout_rate)
 
+        check_choice("norm_position", self.norm_position, NORM_POSITIONS)
+        post = self.norm_position == "post"
+
+        def sublayer_input(x: jax.Array, norm_name: str) -> jax.Array:
+            return x if post else self._norm(norm_name)(x)
+
+        def residual(x: jax.Array, h: jax.Array, norm_name: str) -> jax.Array:
+            x = x + dropout(h, deterministic=deterministic)
+            if post:
+                x = self._norm(norm_name)(x)
+            return nn.with_logical_constraint(x, ACTIVATION_AXES)
+
         # The submodule names are the paths models promise for sown weights, caches and interventions.
         attention = self._attention_layer(self.mechanism, options, "attention")
-        h = self._norm("attention_norm")(x)
+        h = sublayer_input(x, "attention_norm")
         if input_kind == "spatial":
             batch, length, features = h.shape
             if length != math.prod(self.grid):
@@ -153,13 +173,12 @@ class TransformerBlock(nn.Module):
             h = h.reshape(batch, length, features)
         else:
             h = attention(h, mask=mask, positions=positions, decode=decode, deterministic=deterministic)
-        x = x + dropout(h, deterministic=deterministic)
-        x = nn.with_logical_constraint(x, ACTIVATION_AXES)
+        x = residual(x, h, "attention_norm")
 
         if self.cross_attention is not None:
-            h = self._cross_attend(self._norm("cross_attention_norm")(x), context, context_mask, decode, deterministic)
-            x = x + dropout(h, deterministic=deterministic)
-            x = nn.with_logical_constraint(x, ACTIVATION_AXES)
+            h = sublayer_input(x, "cross_attention_norm")
+            h = self._cross_attend(h, context, context_mask, decode, deterministic)
+            x = residual(x, h, "cross_attention_norm")
 
         h = Mlp(
             self.mlp_dim,
@@ -168,9 +187,8 @@ class TransformerBlock(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="feed_forward",
-        )(self._norm("mlp_norm")(x))
-        x = x + dropout(h, deterministic=deterministic)
-        return nn.with_logical_constraint(x, ACTIVATION_AXES)
+        )(sublayer_input(x, "mlp_norm"))
+        return residual(x, h, "mlp_norm")
 
     def _cross_attend(
         self,

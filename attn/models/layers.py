@@ -18,7 +18,7 @@ from attn.core.validation import check_choice
 Dtype = Any
 
 NORMS = ("rmsnorm", "layernorm")
-MLPS = ("swiglu", "gelu")
+MLPS = ("swiglu", "gelu", "gelu_exact")
 
 # The activation layout every model keeps between blocks.
 ACTIVATION_AXES = ("batch", "length", "embed")
@@ -67,8 +67,9 @@ class Mlp(nn.Module):
     """Position-wise feed-forward network: x [..., E] -> [..., E] in `dtype`.
 
     kind "swiglu": (silu(x W_gate) * (x W_up)) W_down; kind "gelu": gelu(x W_in) W_out, with the tanh
-    approximation of gelu (GPT-2's "gelu_new"). Kernels: in ("embed", "mlp"), out ("mlp", "embed"); with `use_bias`
-    every projection adds a bias (named like its output axis), as GPT-2's MLP does.
+    approximation of gelu (GPT-2's "gelu_new"); kind "gelu_exact": the same with the erf gelu (BERT's "gelu").
+    Kernels: in ("embed", "mlp"), out ("mlp", "embed"); with `use_bias` every projection adds a bias (named like its
+    output axis), as GPT-2's MLP does.
     """
 
     hidden_dim: int
@@ -88,7 +89,9 @@ class Mlp(nn.Module):
             up = _dense(self.hidden_dim, ("embed", "mlp"), *args, name="wi_up", use_bias=bias)(x)
             hidden = nn.silu(gate) * up
         else:
-            hidden = nn.gelu(_dense(self.hidden_dim, ("embed", "mlp"), *args, name="wi", use_bias=bias)(x))
+            exact = self.kind == "gelu_exact"
+            hidden = _dense(self.hidden_dim, ("embed", "mlp"), *args, name="wi", use_bias=bias)(x)
+            hidden = nn.gelu(hidden, approximate=not exact)
         if hidden.ndim == 3:
             hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
         return _dense(features, ("mlp", "embed"), *args, name="wo", use_bias=bias)(hidden)

@@ -41,7 +41,14 @@ POSITION_EMBEDDINGS = ("none", "learned")
 
 class TokenTrunk(nn.Module):
     """The fields of a token model's trunk (embedding, blocks, final norm, vocab head), shared by `DecoderLM` and
-    `Encoder`, which add their own fields and `__call__`. See `DecoderLM` for what each field means."""
+    `Encoder`, which add their own fields and `__call__`. See `DecoderLM` for what each field means, and:
+
+      norm_position: "pre" (norm before each sublayer, a final norm after the stack) or "post" (norm after each
+        residual sum, no final norm: BERT).
+      embedding_norm: a norm (`embedding_norm`) on the summed embeddings, before dropout (BERT's embeddings.LayerNorm).
+      token_types: rows of a token-type (segment) embedding `token_type_embedding` added to the tokens' (BERT's 2);
+        0 for none.
+    """
 
     vocab_size: int
     num_layers: int
@@ -62,6 +69,9 @@ class TokenTrunk(nn.Module):
     param_dtype: Any = jnp.float32
     norm_eps: float = 1e-6
     mlp_bias: bool = False
+    norm_position: str = "pre"
+    embedding_norm: bool = False
+    token_types: int = 0
 
     def __hash__(self) -> int:  # dict-valued fields: hash a frozen copy (see fields.hash_fields)
         return hash_fields(self)
@@ -129,13 +139,14 @@ def block_stack(
     deterministic: bool = True,
     grid: tuple[int, ...] | None = None,
 ) -> jax.Array:
-    """Run the model's `num_layers` blocks and its final norm: x [B, T, d_model] -> [B, T, d_model].
+    """Run the model's `num_layers` blocks and (pre-norm models) its final norm: x [B, T, d_model] -> [B, T, d_model].
 
     context [B, Tc, E] and context_mask (an attn.Mask over (x, context) pairs) feed the cross-attention sublayers
     of a model with a `cross_attention` field; they must be None for a model without one.
     """
     head_dim = resolve_head_dim(model)
     norm_eps = getattr(model, "norm_eps", 1e-6)
+    norm_position = getattr(model, "norm_position", "pre")
     layers = resolve_layers(model, grid=grid)
     cross_layers = resolve_cross_layers(model)
     for i, ((name, options), (cross_name, cross_options)) in enumerate(zip(layers, cross_layers, strict=True)):
@@ -152,6 +163,7 @@ def block_stack(
             norm_eps=norm_eps,
             mlp=model.mlp,
             mlp_bias=getattr(model, "mlp_bias", False),
+            norm_position=norm_position,
             dropout_rate=model.dropout_rate,
             grid=grid,
             dtype=model.dtype,
@@ -166,19 +178,34 @@ def block_stack(
             decode=decode,
             deterministic=deterministic,
         )
+    if norm_position == "post":
+        return x
     return make_norm(model.norm, dtype=model.dtype, param_dtype=model.param_dtype, name="final_norm", epsilon=norm_eps)(
         x
     )
 
 
 def embed_tokens(
-    model: Any, tokens: jax.Array, positions: jax.Array | None, *, deterministic: bool
+    model: Any,
+    tokens: jax.Array,
+    positions: jax.Array | None,
+    *,
+    deterministic: bool,
+    token_type_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, TokenEmbedding]:
-    """Token (+ learned position) embeddings [B, T, d_model] in `model.dtype`, and the embedding module.
+    """Token (+ learned position, + token type) embeddings [B, T, d_model] in `model.dtype`, and the embedding module.
 
-    tokens int [B, T]; positions int [B, T] or None (then 0..T-1). Creates `embedding` and, with
-    position_embedding="learned", `position_embedding` with `model.max_len` rows.
+    tokens int [B, T]; positions int [B, T] or None (then 0..T-1); token_type_ids int [B, T] in [0, token_types) or
+    None (then 0), only for a model with `token_types` > 0. Creates `embedding`, with position_embedding="learned"
+    `position_embedding` with `model.max_len` rows, with token_types `token_type_embedding`, and with
+    embedding_norm the norm `embedding_norm` over the sum.
     """
+    types = getattr(model, "token_types", 0)
+    if token_type_ids is not None and (types <= 0 or jnp.shape(token_type_ids) != tokens.shape):
+        raise ValueError(
+            f"token_type_ids of shape {jnp.shape(token_type_ids)} need a model with token_types > 0 (it has "
+            f"{types}) and the tokens' shape {tokens.shape}"
+        )
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(f"tokens must be int [batch, length]; got {tokens.dtype} {tokens.shape}")
     check_choice("position_embedding", model.position_embedding, POSITION_EMBEDDINGS)
@@ -200,6 +227,17 @@ def embed_tokens(
             name="position_embedding",
         )
         x = x + table(positions)
+    if types > 0:
+        type_table = TokenEmbedding(
+            types, model.d_model, dtype=model.dtype, param_dtype=model.param_dtype, name="token_type_embedding"
+        )
+        ids = jnp.zeros_like(tokens) if token_type_ids is None else token_type_ids
+        x = x + type_table(ids)
+    if getattr(model, "embedding_norm", False):
+        eps = getattr(model, "norm_eps", 1e-6)
+        x = make_norm(model.norm, dtype=model.dtype, param_dtype=model.param_dtype, name="embedding_norm", epsilon=eps)(
+            x
+        )
     x = nn.with_logical_constraint(x, ACTIVATION_AXES)
     return nn.Dropout(model.dropout_rate)(x, deterministic=deterministic), embedding
 

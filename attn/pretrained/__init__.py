@@ -1,13 +1,13 @@
 """Hugging Face checkpoints in and out: safetensors weights, config.json and tokenizer.json of GPT-2, Llama-family,
-Mistral and Qwen2 models as `attn.models.DecoderLM` models.
+Mistral and Qwen2 models as `attn.models.DecoderLM` models, and of BERT encoders (MiniLM) as `attn.models.Encoder`.
 
     from attn import pretrained
     model, params, tokenizer, hf_config = pretrained.load("path/to/model")        # optional dtype=, mesh=
     pretrained.save("path/to/copy", model, params, hf_config, tokenizer=tokenizer)
 
-Supported architectures: `pretrained.ARCHITECTURES` (GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM,
-Qwen2ForCausalLM). See
-attn.pretrained.checkpoint for loading and saving, attn.pretrained.gpt2 / llama / mistral / qwen2 for the config
+Supported architectures: `pretrained.ARCHITECTURES` (BertModel, GPT2LMHeadModel, LlamaForCausalLM,
+MistralForCausalLM, Qwen2ForCausalLM). See
+attn.pretrained.checkpoint for loading and saving, attn.pretrained.gpt2 / llama / mistral / qwen2 / bert for the config
 translation and the tensor layouts.
 """
 

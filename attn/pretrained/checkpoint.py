@@ -26,6 +26,7 @@ import numpy as np
 
 from attn.core.sharding import DEFAULT_RULES, shardings_for
 from attn.pretrained.architecture import DTYPE_KEYS, Architecture
+from attn.pretrained.bert import BERT
 from attn.pretrained.gpt2 import GPT2
 from attn.pretrained.layouts import TensorRule, join_parameters, read_block, tensor_shape
 from attn.pretrained.llama import LLAMA
@@ -36,7 +37,7 @@ from attn.pretrained.safetensors_files import SafetensorsFiles, write_safetensor
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 
-ARCHITECTURES: dict[str, Architecture] = {arch.name: arch for arch in (GPT2, LLAMA, MISTRAL, QWEN2)}
+ARCHITECTURES: dict[str, Architecture] = {arch.name: arch for arch in (GPT2, LLAMA, MISTRAL, QWEN2, BERT)}
 
 
 def read_config(path: str | pathlib.Path) -> dict[str, Any]:
@@ -169,7 +170,8 @@ def load(
         and each device's block is read straight from the file. None gives arrays on the default device.
       axis_rules: logical-axis rules for `mesh` (anything `attn.core.sharding.logical_rules` accepts).
     Returns:
-      (model, params, tokenizer, hf_config): an `attn.models.DecoderLM`, its "params" collection (unboxed),
+      (model, params, tokenizer, hf_config): an `attn.models.DecoderLM` (an `attn.models.Encoder` for BertModel),
+      its "params" collection (unboxed),
       a `tokenizers.Tokenizer` (None when the directory has no tokenizer.json) and config.json as a dict.
     Raises:
       ValueError for an unsupported architecture (listing the supported ones) or config setting (naming it), a

@@ -18,7 +18,7 @@ from typing import Any
 
 from attn.models.decoder import DecoderLM
 from attn.pretrained.architecture import Architecture, check_keys, positive_int, require
-from attn.pretrained.layouts import TensorRule
+from attn.pretrained.layouts import TensorRule, norm_rules
 
 NAME = "GPT2LMHeadModel"
 
@@ -87,16 +87,12 @@ def build_model(config: Mapping[str, Any], dtype: Any) -> DecoderLM:
     )
 
 
-def _norm(name: str, path: tuple[str, ...]) -> list[TensorRule]:
-    return [TensorRule(f"{name}.weight", (*path, "scale")), TensorRule(f"{name}.bias", (*path, "bias"))]
-
-
 def tensor_rules(model: DecoderLM, config: Mapping[str, Any]) -> list[TensorRule]:
     """Where each DecoderLM parameter sits in a GPT2LMHeadModel checkpoint (names with the "transformer." prefix)."""
     rules = [
         TensorRule("transformer.wte.weight", ("embedding", "embedding"), groups=(1, 1)),
         TensorRule("transformer.wpe.weight", ("position_embedding", "embedding"), groups=(1, 1)),
-        *_norm("transformer.ln_f", ("final_norm",)),
+        *norm_rules("transformer.ln_f", ("final_norm",)),
     ]
     for i in range(model.num_layers):
         hf, ours = f"transformer.h.{i}", f"layers_{i}"
@@ -108,8 +104,8 @@ def tensor_rules(model: DecoderLM, config: Mapping[str, Any]) -> list[TensorRule
         rules += [
             TensorRule(f"{hf}.attn.c_proj.weight", (*attention, "out", "kernel"), groups=(2, 1)),
             TensorRule(f"{hf}.attn.c_proj.bias", (*attention, "out", "bias")),
-            *_norm(f"{hf}.ln_1", (ours, "attention_norm")),
-            *_norm(f"{hf}.ln_2", (ours, "mlp_norm")),
+            *norm_rules(f"{hf}.ln_1", (ours, "attention_norm")),
+            *norm_rules(f"{hf}.ln_2", (ours, "mlp_norm")),
             TensorRule(f"{hf}.mlp.c_fc.weight", (ours, "feed_forward", "wi", "kernel"), groups=(1, 1)),
             TensorRule(f"{hf}.mlp.c_fc.bias", (ours, "feed_forward", "wi", "bias")),
             TensorRule(f"{hf}.mlp.c_proj.weight", (ours, "feed_forward", "wo", "kernel"), groups=(1, 1)),

@@ -40,6 +40,20 @@ class TensorRule:
     parts: int = 1
 
 
+def linear_rules(name: str, path: tuple[str, ...], groups: tuple[int, ...], bias: bool) -> list[TensorRule]:
+    """A torch Linear `name`: weight [out, in] -> `path`/kernel (transposed, view [in, out], split by `groups`), and
+    with `bias` its bias [out] -> `path`/bias (split like the kernel's output axis)."""
+    rules = [TensorRule(f"{name}.weight", (*path, "kernel"), groups=groups, transpose=True)]
+    if bias:
+        rules.append(TensorRule(f"{name}.bias", (*path, "bias"), groups=(groups[1],)))
+    return rules
+
+
+def norm_rules(name: str, path: tuple[str, ...]) -> list[TensorRule]:
+    """A torch LayerNorm `name`: weight -> `path`/scale, bias -> `path`/bias."""
+    return [TensorRule(f"{name}.weight", (*path, "scale")), TensorRule(f"{name}.bias", (*path, "bias"))]
+
+
 def _grouped(param_shape: Sequence[int], groups: Sequence[int]) -> list[tuple[int, ...]]:
     out, axis = [], 0
     for count in groups:

@@ -24,7 +24,7 @@ from typing import Any
 
 from attn.models.decoder import DecoderLM
 from attn.pretrained.architecture import Architecture, check_keys, positive_int, require
-from attn.pretrained.layouts import TensorRule
+from attn.pretrained.layouts import TensorRule, linear_rules
 
 NAME = "LlamaForCausalLM"
 
@@ -214,14 +214,6 @@ def build_model(config: Mapping[str, Any], dtype: Any) -> DecoderLM:
     return build_decoder(config, dtype, architecture=NAME, translated=_TRANSLATED, qkv_bias=bias, out_bias=bias)
 
 
-def _linear(name: str, path: tuple[str, ...], groups: tuple[int, ...], bias: bool) -> list[TensorRule]:
-    """A torch Linear: weight [out, in] -> kernel (transposed, view [in, out]), optional bias [out]."""
-    rules = [TensorRule(f"{name}.weight", (*path, "kernel"), groups=groups, transpose=True)]
-    if bias:
-        rules.append(TensorRule(f"{name}.bias", (*path, "bias"), groups=(groups[1],)))
-    return rules
-
-
 def decoder_rules(model: DecoderLM, *, qkv_bias: bool, out_bias: bool, mlp_bias: bool) -> list[TensorRule]:
     """Where each DecoderLM parameter sits in a Llama-family (`model.layers.<i>.self_attn...`) checkpoint."""
     rules = [
@@ -234,14 +226,14 @@ def decoder_rules(model: DecoderLM, *, qkv_bias: bool, out_bias: bool, mlp_bias:
         hf, ours = f"model.layers.{i}", f"layers_{i}"
         attention = (ours, "attention")
         for projection, name in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
-            rules += _linear(f"{hf}.self_attn.{name}", (*attention, projection), (1, 2), qkv_bias)
-        rules += _linear(f"{hf}.self_attn.o_proj", (*attention, "out"), (2, 1), out_bias)
+            rules += linear_rules(f"{hf}.self_attn.{name}", (*attention, projection), (1, 2), qkv_bias)
+        rules += linear_rules(f"{hf}.self_attn.o_proj", (*attention, "out"), (2, 1), out_bias)
         rules += [
             TensorRule(f"{hf}.input_layernorm.weight", (ours, "attention_norm", "scale")),
             TensorRule(f"{hf}.post_attention_layernorm.weight", (ours, "mlp_norm", "scale")),
         ]
         for projection, name in (("wi_gate", "gate_proj"), ("wi_up", "up_proj"), ("wo", "down_proj")):
-            rules += _linear(f"{hf}.mlp.{name}", (ours, "feed_forward", projection), (1, 1), mlp_bias)
+            rules += linear_rules(f"{hf}.mlp.{name}", (ours, "feed_forward", projection), (1, 1), mlp_bias)
     return rules
 
 

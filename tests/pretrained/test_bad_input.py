@@ -46,7 +46,7 @@ def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
         pretrained.load(directory)
     _edit_config(directory, architectures=None, model_type="mamba")
     with pytest.raises(
-        ValueError, match=r"model_type='mamba'.*supported: \['GPT2LMHeadModel', 'LlamaForCausalLM', 'Mistral"
+        ValueError, match=r"model_type='mamba'.*supported: \['BertModel', 'GPT2LMHeadModel', 'LlamaForCausalLM'"
     ):
         pretrained.load(directory)
 

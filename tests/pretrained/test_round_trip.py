@@ -32,7 +32,7 @@ def _tensors(directory) -> dict[str, tuple[str, list[int], bytes]]:
     return out
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama", "llama_llama3", "mistral", "qwen2"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "llama_llama3", "mistral", "qwen2", "bert"])
 def test_round_trip_is_bit_equal(tmp_path, name):
     model, params, tokenizer, hf_config = loaded(name)
     pretrained.save(tmp_path, model, params, hf_config, tokenizer=tokenizer)
