@@ -91,6 +91,14 @@ def shape_summary(args: Sequence[Any]) -> list[list[int]]:
     return [list(np.shape(a)) for a in args]
 
 
+def record_dtype(args: Sequence[Any]) -> str | None:
+    """The compute dtype of a case: the common type of its floating-point arguments. Integer arguments (lengths,
+    indices) are left out: numpy promotes float32 with int32 to float64, which no case computes in."""
+    dtypes = [np.dtype(a.dtype) for a in args if hasattr(a, "dtype")]
+    floating = [d for d in dtypes if jnp.issubdtype(d, jnp.floating)]
+    return str(np.result_type(*(floating or dtypes))) if dtypes else None
+
+
 def sum_grads(fn: Callable[..., Any]) -> Callable[..., Any]:
     """fn(q, k, v, *extra) -> (dq, dk, dv) of sum(fn(...)): one forward and one backward pass, for fwd+bwd cases."""
 
@@ -124,7 +132,7 @@ class Bench:
     def measure(self, name: str, fn: Callable[..., Any], *args: Any, flops: float, **fields: Any) -> dict[str, Any]:
         """Times jit(fn)(*args). Returns a record with name, status, shapes, dtype, flops, median_ms, min_ms,
         tflops, peak_memory_bytes, compiled_memory_bytes and the suite's `fields`."""
-        dtype = str(np.result_type(*[a.dtype for a in args])) if args else None
+        dtype = record_dtype(args)
         record: dict[str, Any] = {"name": name, "shapes": shape_summary(args), "dtype": dtype, "flops": flops, **fields}
         compiled = jax.jit(fn).lower(*args).compile()
         footprint = compiled_bytes(compiled)

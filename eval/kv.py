@@ -23,8 +23,9 @@ any of "mqar" and "passkey" (train.data's synthetic retrieval tasks, built at th
 `--tasks`. A model only retrieves what it was trained to: a task it never saw scores near chance at every budget.
 
 Budgets are fractions of the context: a token policy keeps round(budget * context) entries per (batch, kv head) (the
-prompt-compressing ones split them between the prompt and the generated tokens, see `policy_options`). KIVI's memory
-is set by its bits, not by a token budget: it runs once per spec (`kivi`, `kivi:bits=4`), at every budget the same.
+prompt-compressing ones split them between the prompt and the generated tokens, see `policy_options`). The memory of
+KIVI and ZipCache is set by their bits, not by a token budget: each runs once per spec (`kivi`, `kivi:bits=4`), at
+every budget the same.
 Options of a policy: `name:option=value:option=value` (e.g. `streaming:sinks=0`, the window without sinks). The full
 cache (the run's softmax attention) is always measured first; the plot's x axis is the measured cache-byte ratio.
 
@@ -63,7 +64,7 @@ FULL = "full"
 RETRIEVAL_TASKS = ("mqar", "passkey")
 PROMPT_COMPRESSING = ("snapkv", "pyramidkv", "adakv")
 # Policies whose memory is not a token budget: one run per spec.
-BUDGET_FREE = ("kivi",)
+BUDGET_FREE = ("kivi", "zipcache")
 
 
 # ---------------------------------------------------------------------------------------------------- policies
@@ -91,15 +92,20 @@ def policy_options(name: str, budget: int, prompt: int, head_dim: int) -> dict[s
     `prompt` tokens (the user's spec options override them).
 
     streaming: 4 sinks + window; h2o, a2sf: half heavy hitters, half recent (H2O's default split); tova: budget;
+    d2o: as h2o, 4 of the heavy-hitter slots for sinks (one uniform budget for every layer);
     scissorhands: a quarter recent, drops of an eighth, a 32-step history; snapkv / pyramidkv / adakv: half the budget
     for the prompt (an observation window of up to 16 tokens), half for generated tokens; kivi: groups of
-    min(32, head_dim) channels and a residual of one group (its memory is set by `bits`)."""
+    min(32, head_dim) channels and a residual of one group (its memory is set by `bits`); zipcache: the paper's 4-bit
+    salient / 2-bit other tokens, 40% at 2 bits, a full-precision window of min(64, budget / 8) tokens (its memory is
+    set by its bits; it runs at the first budget only)."""
     if name == "streaming":
         return {"budget": budget, "sinks": min(4, budget - 1)}
     if name in ("h2o", "a2sf"):
         return {"budget": budget, "recent": budget // 2}
     if name == "tova":
         return {"budget": budget}
+    if name == "d2o":
+        return {"budget": budget, "recent": budget // 2, "sinks": min(4, budget - budget // 2)}
     if name == "scissorhands":
         drop = max(1, budget // 8)
         return {"budget": budget, "recent": min(budget // 4, budget - drop), "drop": drop, "history": 32}
@@ -110,6 +116,8 @@ def policy_options(name: str, budget: int, prompt: int, head_dim: int) -> dict[s
     if name == "kivi":
         group = min(32, head_dim)
         return {"bits": 2, "group_size": group, "residual": group}
+    if name == "zipcache":
+        return {"bits_high": 4, "bits_low": 2, "low_ratio": 0.4, "gap": max(1, min(64, budget // 8))}
     raise ValueError(f"policies names {name!r}, which eval.kv has no budget rule for; add one to policy_options")
 
 

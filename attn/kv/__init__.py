@@ -4,4 +4,7 @@
 Eviction: `streaming` (attention sinks plus a recent window), `h2o`, `a2sf` and `tova` (by attention scores, shared
 pieces in `score_eviction`), `scissorhands` (by how often a key was below average attention over a history window).
 Prompt compression: `snapkv`, `pyramidkv` (per-layer budgets), `adakv` (per-head budgets). Quantized storage: `kivi`
-(2-bit keys per channel, values per token, a full-precision residual)."""
+(2-bit keys per channel, values per token, a full-precision residual), `zipcache` (salient tokens by normalized
+attention at high bits, the rest at low bits). Eviction with merging: `d2o` (evicted entries folded into the most
+similar kept key above an EMA threshold; per-layer budgets from attention density). Weight quantization weighted by
+attention: `rsq` (functions, not a layer: AttnCon token importance and GPTQ on the reweighted Hessian)."""
