@@ -122,17 +122,37 @@ def block_sparse_attention(
     )  # fmt: skip
 
 
-def block_mask_to_indices(block_mask: Array) -> Array:
+def block_mask_to_indices(block_mask: Array, max_selected: int | None = None) -> Array:
     """bool [B|1, H|1, nq, nk] -> int32 [B|1, H|1, nq, max_selected]: the True columns of each row in
-    ascending order, padded with -1. max_selected is the largest row count (at least 1) when the mask is concrete,
-    and nk when it is traced (the count is then unknown while tracing)."""
+    ascending order, padded with -1.
+
+    max_selected: a static positive int (the index width; under jit the only way to pay less than dense cost for a
+    traced mask), or None: the largest row count (at least 1) when the mask is concrete, nk when it is traced (the
+    count is then unknown while tracing). A concrete mask with a row of more than max_selected True entries raises;
+    a traced one keeps the first max_selected of such a row (lowest block ids)."""
     mask = jnp.asarray(block_mask, jnp.bool_)
     n_k = mask.shape[-1]
-    if isinstance(block_mask, jax.core.Tracer):
-        selected = n_k
+    concrete = not isinstance(block_mask, jax.core.Tracer)
+    largest = max(int(np.max(np.sum(np.asarray(block_mask), axis=-1), initial=0)), 1) if concrete else None
+    if max_selected is None:
+        selected = largest if concrete else n_k
     else:
-        selected = max(int(np.max(np.sum(np.asarray(block_mask), axis=-1), initial=0)), 1)
+        if isinstance(max_selected, jax.core.Tracer):
+            raise ValueError(
+                "max_selected is a traced value; it sets the index array's shape, so it must be a static Python int "
+                "(pass it as a static argument of jit, or compute it outside the traced function)"
+            )
+        if not isinstance(max_selected, (int, np.integer)) or isinstance(max_selected, bool) or max_selected < 1:
+            raise ValueError(f"max_selected={max_selected!r} must be None or a positive int")
+        if concrete and largest > max_selected:
+            raise ValueError(
+                f"max_selected={max_selected} is below the block mask's largest row count {largest}; pass at least "
+                f"{largest} (or None)"
+            )
+        selected = int(max_selected)
     order = jnp.argsort(~mask, axis=-1, stable=True)[..., :selected].astype(jnp.int32)
+    if selected > n_k:
+        order = jnp.pad(order, [(0, 0)] * (order.ndim - 1) + [(0, selected - n_k)])
     count = jnp.sum(mask, axis=-1, keepdims=True)
     return jnp.where(jnp.arange(selected) < count, order, -1)
 

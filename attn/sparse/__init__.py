@@ -7,6 +7,12 @@ max_selected] (the index format of `attn.core.block_sparse`, -1 = padding); the 
     hip          HiP attention: hierarchical top-k pruning of key blocks (`hip_block_indices`)
     flexprefill  FlexPrefill: per-head query-aware or vertical-slash pattern, cumulative-attention budget
                  (`flexprefill_block_mask`, `flexprefill_block_indices`)
+    seer         SeerAttention: a learned gate over block-pooled q/k, self-distilled (`seer_block_indices`)
+    longheads    LongHeads: per-head chunk selection by chunk representations (`longheads_block_indices`)
+    top_m        top-m attention: the m highest logits per query (or blocks) (`top_m_block_indices`)
+    recycled     Recycled Attention: decoding alternates full steps and the last full step's top-K keys (a cache policy)
+    dma          Dynamic Mask Attention: a trainable value-derived key bias picks each query's keys (`dma_indices`)
+    hcam         HCAM: chunk-summary attention picks chunks, attention inside each, mixed (`hcam_selection`)
 
 `selector_layer.BlockSelectorLayer` is the shared layer: softmax-family options, the selection in `prepare`, the
 block-sparse core in `attend` (or the dense masked path when interventions, captures or dropout need the weights).

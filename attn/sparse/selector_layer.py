@@ -62,6 +62,10 @@ class BlockSelectorLayer(MultiHeadAttention):
     def select(self, q: Array, k: Array, *, causal: bool, q_offset: Any) -> Array:
         raise NotImplementedError(f"{type(self).__name__} must implement select(q, k, causal=, q_offset=)")
 
+    def select_with_values(self, q: Array, k: Array, v: Array, *, causal: bool, q_offset: Any) -> Array:
+        """The selection `prepare` runs: `select(q, k)`; selectors that also read the values override this."""
+        return self.select(q, k, causal=causal, q_offset=q_offset)
+
     def validate(self, call: AttentionCall) -> None:
         super().validate(call)
         if call.decode:
@@ -80,7 +84,7 @@ class BlockSelectorLayer(MultiHeadAttention):
                 f"{mask.block_size}); pass padding, segments or a mask_fn instead"
             )
         causal = mask.causal
-        indices = jax.lax.stop_gradient(self.select(q, k, causal=causal, q_offset=call.q_offset))
+        indices = jax.lax.stop_gradient(self.select_with_values(q, k, v, causal=causal, q_offset=call.q_offset))
         n_k = -(-k.shape[1] // self.block_size)
         merged = mask.replace(
             block_mask=indices_to_block_mask(indices, n_k), block_size=(self.block_size, self.block_size)
