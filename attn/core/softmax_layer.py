@@ -20,13 +20,14 @@ once). Both paths compute the same functions of `attn.core.pipeline`, so on the 
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 
 from attn.core import intervention_state, kv_cache, pipeline
 from attn.core import positions as pos
+from attn.core.context_parallel import ring_attention, ulysses_attention
 from attn.core.layer import AttentionCall, AttentionLayer
 from attn.core.masks import Mask
 from attn.core.softmax import softmax_attention
@@ -49,6 +50,7 @@ SOFTMAX_VALIDATORS = {
     "shaw_max_distance": positive_int,
     "softcap": optional(positive),
     "scale": optional(positive),
+    "context_parallel": optional(choice("ring", "ulysses")),
 }
 
 # The stages a variant may override; overriding any of them makes every call take the explicit stages.
@@ -70,6 +72,7 @@ SOFTMAX_OPTION_DOCS = {
     "softcap": "logit soft-capping value (None = off)",
     "qk_norm": "RMS-normalise q and k per head before the dot product",
     "scale": "logit scale (None = 1/sqrt(head_dim))",
+    "context_parallel": "split the sequence over the mesh's 'context' axis: None, 'ring' or 'ulysses'",
 }
 
 
@@ -92,6 +95,7 @@ class SoftmaxAttentionLayer(AttentionLayer):
     softcap: float | None = None
     qk_norm: bool = False
     scale: float | None = None
+    context_parallel: str | None = None
 
     intervention_stages: ClassVar[tuple[str, ...]] = ("attention_logits", "attention_weights", "head_outputs")
 
@@ -172,6 +176,8 @@ class SoftmaxAttentionLayer(AttentionLayer):
                 q_offset=call.q_offset,
                 implementation=self.implementation,
             )
+        if self.context_parallel is not None and not call.decode:
+            return self.context_parallel_attention(q, k, v, call, window, reason)
         if reason is None:
             return softmax_attention(
                 q,
@@ -195,6 +201,53 @@ class SoftmaxAttentionLayer(AttentionLayer):
         self.sow_capture("key_mass", pipeline.key_mass(weights))
         weights = self.attention_dropout(weights, call.deterministic)
         return self.mix(weights, v).astype(q.dtype)
+
+    def context_parallel_attention(
+        self, q: Array, k: Array, v: Array, call: AttentionCall, window: Any, reason: str | None
+    ) -> Array:
+        """Self-attention with the sequence split over the current mesh's "context" axis (`jax.set_mesh`), by ring or
+        Ulysses attention (attn.core.context_parallel); the batch stays split over the mesh's "data"/"fsdp" axes.
+        Serves causal and segment-id masks; anything else is an error that names it."""
+        name = f"context_parallel={self.context_parallel!r}"
+        mesh = jax.sharding.get_abstract_mesh()
+        if "context" not in mesh.shape:
+            raise ValueError(
+                f"{name} needs a mesh with a 'context' axis set by jax.set_mesh; got axes {mesh.axis_names}"
+            )
+        mask, unsupported = call.mask, []
+        if reason is not None:
+            unsupported.append(f"the explicit pipeline stages ({reason or 'this mechanism overrides them'})")
+        if call.cross:
+            unsupported.append("cross-attention")
+        if window is not None or call.bias is not None or self.softcap is not None:
+            unsupported.append("a window, a position bias or softcap")
+        if mask is not None and (
+            mask.q_lengths is not None
+            or mask.kv_lengths is not None
+            or mask.prefix_lengths is not None
+            or mask.block_mask is not None
+            or mask.dense is not None
+            or mask.mask_fn is not None
+            or mask.window is not None
+            or mask.q_segment_ids is not mask.kv_segment_ids
+        ):
+            unsupported.append(f"mask parts other than causal and shared segment ids ({mask})")
+        if unsupported:
+            raise ValueError(f"{name} serves causal / segment-id self-attention only; this call has {unsupported}")
+        batch_axes = tuple(a for a in ("data", "fsdp") if mesh.shape.get(a, 1) > 1) or None
+        parallel = ring_attention if self.context_parallel == "ring" else ulysses_attention
+        return parallel(
+            q,
+            k,
+            v,
+            mesh=mesh,
+            axis="context",
+            causal=bool(mask is not None and mask.causal),
+            segment_ids=None if mask is None else mask.q_segment_ids,
+            scale=self.scale,
+            batch_axes=batch_axes,
+            implementation=self.implementation,
+        )
 
     def explicit_reason(self, call: AttentionCall) -> str | None:
         """None when the fused path serves this call; else why the explicit stages run ('' = by design)."""

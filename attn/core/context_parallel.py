@@ -1,0 +1,258 @@
+"""Context parallelism: exact softmax attention with the sequence split over a mesh axis (`jax.shard_map`).
+
+Two schemes, both exactly softmax attention over the whole sequence (forward and gradients; JAX transposes the
+collectives for the backward pass):
+
+ring_attention (Ring Attention, Liu et al. 2023; zig-zag load balancing as in Llama 3's context parallelism and
+  ring-flash-attention): every device keeps its query block and passes its key/value block around the ring of
+  the `axis` devices with `ppermute`; after P steps every query block has seen every key block, and the P partial
+  results are combined by their log-sum-exp with the shared associative merge (attn.core.lse_merge.merge).
+  Masks come from the tokens' global positions and segment ids, which travel with the keys, so any layout works.
+  With `load_balance=True` (causal) the sequence is cut into 2P chunks and device i holds chunks i and 2P-1-i
+  (zig-zag), so each device has the same number of visible (query chunk, key chunk) pairs; a pair with no visible
+  key is skipped (`lax.cond`), which is where the balance pays off.
+ulysses_attention (DeepSpeed-Ulysses, Jacobs et al. 2023): an all-to-all turns the sequence-sharded q/k/v
+  [B, T/P, H, D] into head-sharded [B, T, H/P, D], each device runs ordinary attention over the full sequence for
+  its heads, and a second all-to-all turns the output back. Needs H % P == 0; key/value heads are repeated to the
+  query heads when KVH % P != 0 (GQA/MQA).
+
+Both take global arrays q [B, T, H, D], k/v [B, T, KVH, D] (sharded along T over `axis` or not; the result is
+sharded along T), `causal`, `segment_ids` int [B, T], and pad T up to a multiple of P (2P for the zig-zag) with
+keys no query sees. Per device, the ring holds O(T/P) keys at a time and the Ulysses step O(T) keys for H/P heads:
+activation memory per device falls as 1/P for both. Each per-device block runs `softmax_attention` with the given
+`implementation` (the XLA path with a dense block mask built from positions; kernels that take such masks
+are not wired here yet).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec
+
+from attn.core.lse_merge import merge
+from attn.core.masks import Mask
+from attn.core.softmax import softmax_attention
+from attn.core.validation import check_qkv
+
+Array = jax.Array
+
+__all__ = ["ring_attention", "ulysses_attention", "zigzag_permutation"]
+
+
+def _axis_size(mesh: Mesh, axis: str) -> int:
+    if axis not in mesh.shape:
+        raise ValueError(f"axis={axis!r} is not an axis of the mesh; expected one of {list(mesh.shape)}")
+    return int(mesh.shape[axis])
+
+
+def _check_segments(segment_ids: Array | None, q: Array) -> None:
+    if segment_ids is not None and tuple(segment_ids.shape) != tuple(q.shape[:2]):
+        raise ValueError(
+            f"segment_ids of shape {tuple(segment_ids.shape)} must be int [batch, length] = {tuple(q.shape[:2])}"
+        )
+
+
+def _check_self_attention(q: Array, k: Array) -> None:
+    if q.shape[1] != k.shape[1]:
+        raise ValueError(
+            f"context-parallel attention is self-attention over one sequence: q length {q.shape[1]} != k length "
+            f"{k.shape[1]}"
+        )
+
+
+def _pad_length(x: Array, length: int, value: Any = 0) -> Array:
+    pad = length - x.shape[1]
+    if pad == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[1] = (0, pad)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def zigzag_permutation(length: int, parts: int) -> jax.Array:
+    """int [length]: the global token order of the zig-zag layout, `length` a multiple of 2 * parts.
+
+    The sequence is cut into 2P equal chunks and device i holds chunks i and 2P-1-i, so under a causal mask every
+    device has the same amount of visible work. `x[:, zigzag_permutation(T, P)]` sharded in P equal blocks gives
+    device i its two chunks; `jnp.argsort` of it undoes the order.
+    """
+    if length % (2 * parts):
+        raise ValueError(f"length={length} must be a multiple of 2 * parts = {2 * parts} for the zig-zag layout")
+    chunk = length // (2 * parts)
+    order = []
+    for i in range(parts):
+        order += [i, 2 * parts - 1 - i]
+    return jnp.concatenate([jnp.arange(c * chunk, (c + 1) * chunk) for c in order])
+
+
+def _allowed(q_pos: Array, kv_pos: Array, q_seg: Array, kv_seg: Array, causal: bool) -> Array:
+    """bool [B, Tq, Tk]: key j is a real token (position >= 0), in the query's segment, and (causal) not later."""
+    allowed = (kv_pos[:, None, :] >= 0) & (q_seg[:, :, None] == kv_seg[:, None, :])
+    if causal:
+        allowed &= kv_pos[:, None, :] <= q_pos[:, :, None]
+    return allowed
+
+
+def _block(q, k, v, allowed, scale, implementation):
+    """(o float32 [B, Tq, H, Dv], lse float32 [B, Tq, H]) of q over one key block; (0, -inf) where nothing is
+    visible, and the whole block skipped when no pair is."""
+    batch, q_len, heads, _ = q.shape
+    value_dim = v.shape[-1]
+
+    def compute(q, k, v, allowed):
+        out, aux = softmax_attention(
+            q, k, v, mask=allowed[:, None], scale=scale, return_lse=True, implementation=implementation
+        )
+        return out.astype(jnp.float32), jnp.swapaxes(aux["lse"], 1, 2).astype(jnp.float32)
+
+    def empty(q, k, v, allowed):
+        return (
+            jnp.zeros((batch, q_len, heads, value_dim), jnp.float32),
+            jnp.full((batch, q_len, heads), -jnp.inf, jnp.float32),
+        )
+
+    return jax.lax.cond(jnp.any(allowed), compute, empty, q, k, v, allowed)
+
+
+def ring_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    mesh: Mesh,
+    axis: str = "context",
+    causal: bool = False,
+    segment_ids: Array | None = None,
+    scale: float | None = None,
+    load_balance: bool | None = None,
+    implementation: str | None = "xla",
+    batch_axes: str | tuple[str, ...] | None = None,
+) -> Array:
+    """Ring attention over mesh axis `axis`: q [B, T, H, D], k/v [B, T, KVH, D] -> [B, T, H, Dv] in q.dtype.
+
+    Args:
+      mesh: the device mesh; `axis` names the axis the sequence is split over (P devices). Other mesh axes are
+        not used (the arrays are replicated over them).
+      causal: key j visible to query i only if j <= i. segment_ids: int [B, T], attend only within a segment.
+      scale: logit scale (default 1/sqrt(D)).
+      load_balance: zig-zag layout (default: on when causal and P > 1); off keeps P contiguous blocks.
+      implementation: the per-block `softmax_attention` backend (its dense block mask needs the XLA path).
+      batch_axes: mesh axes the batch is split over (e.g. ("data", "fsdp") in the trainer), None: replicated.
+    """
+    heads, _ = check_qkv(q, k, v)
+    del heads
+    _check_self_attention(q, k)
+    _check_segments(segment_ids, q)
+    parts = _axis_size(mesh, axis)
+    balance = causal and parts > 1 if load_balance is None else bool(load_balance)
+    batch, length = q.shape[:2]
+    chunks = 2 * parts if balance else parts
+    padded = -(-length // chunks) * chunks
+    positions = jnp.broadcast_to(jnp.arange(padded, dtype=jnp.int32), (batch, padded))
+    positions = jnp.where(positions < length, positions, -1)  # padding: keys no query sees
+    segments = jnp.zeros((batch, length), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+    q, k, v, segments = (_pad_length(x, padded) for x in (q, k, v, segments))
+    order = zigzag_permutation(padded, parts) if balance else None
+    if order is not None:
+        q, k, v, positions, segments = (jnp.take(x, order, axis=1) for x in (q, k, v, positions, segments))
+
+    body = functools.partial(
+        _ring_body, axis=axis, parts=parts, causal=causal, scale=scale, pieces=2 if balance else 1,
+        implementation=implementation,
+    )  # fmt: skip
+    seq = PartitionSpec(batch_axes, axis)
+    out = jax.shard_map(body, mesh=mesh, in_specs=(seq,) * 5, out_specs=seq, check_vma=False)(
+        q, k, v, positions, segments
+    )
+    if order is not None:
+        out = jnp.take(out, jnp.argsort(order), axis=1)
+    return out[:, :length]
+
+
+def _ring_body(q, k, v, positions, segments, *, axis, parts, causal, scale, pieces, implementation):
+    """Per device: q/k/v [B, T/P, ...], positions/segments [B, T/P]; `pieces` query/key chunks per block (2 for the
+    zig-zag layout, whose two chunks are far apart in the sequence, so pairs are skipped independently).
+
+    The P ring steps are one `lax.scan` (one traced step, whatever P); each step ends by passing the key/value block
+    on, so the last step's pass is one block of traffic more than strictly needed."""
+    batch, local, heads, _ = q.shape
+    piece = local // pieces
+    ring = [(i, (i + 1) % parts) for i in range(parts)]
+    block = jax.checkpoint(functools.partial(_block, scale=scale, implementation=implementation))
+
+    def step(carry, _):
+        o, lse, k, v, kv_pos, kv_seg = carry
+        outs, lses = [], []
+        for a in range(pieces):
+            qa = slice(a * piece, (a + 1) * piece)
+            o_a = jnp.zeros((batch, piece, heads, v.shape[-1]), jnp.float32)
+            lse_a = jnp.full((batch, piece, heads), -jnp.inf, jnp.float32)
+            for b in range(pieces):
+                kb = slice(b * piece, (b + 1) * piece)
+                allowed = _allowed(positions[:, qa], kv_pos[:, kb], segments[:, qa], kv_seg[:, kb], causal)
+                o_ab, lse_ab = block(q[:, qa], k[:, kb], v[:, kb], allowed)
+                o_a, lse_a = merge(o_a, lse_a, o_ab, lse_ab)
+            outs.append(o_a)
+            lses.append(lse_a)
+        o, lse = merge(o, lse, jnp.concatenate(outs, axis=1), jnp.concatenate(lses, axis=1))
+        k, v, kv_pos, kv_seg = (jax.lax.ppermute(x, axis, ring) for x in (k, v, kv_pos, kv_seg))
+        return (o, lse, k, v, kv_pos, kv_seg), None
+
+    o = jnp.zeros((batch, local, heads, v.shape[-1]), jnp.float32)
+    lse = jnp.full((batch, local, heads), -jnp.inf, jnp.float32)
+    (o, _, *_), _ = jax.lax.scan(step, (o, lse, k, v, positions, segments), None, length=parts)
+    return o.astype(q.dtype)
+
+
+def ulysses_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    mesh: Mesh,
+    axis: str = "context",
+    causal: bool = False,
+    segment_ids: Array | None = None,
+    scale: float | None = None,
+    implementation: str | None = None,
+    batch_axes: str | tuple[str, ...] | None = None,
+) -> Array:
+    """Ulysses (all-to-all) attention over mesh axis `axis`: q [B, T, H, D], k/v [B, T, KVH, D] -> [B, T, H, Dv].
+
+    Arguments as in `ring_attention`; H must be a multiple of the axis size P. Each device attends over the whole
+    sequence for H/P heads with `softmax_attention(implementation=...)` (structured masks, so kernels apply).
+    """
+    heads, kv_heads = check_qkv(q, k, v)
+    _check_self_attention(q, k)
+    _check_segments(segment_ids, q)
+    parts = _axis_size(mesh, axis)
+    if heads % parts:
+        raise ValueError(
+            f"ulysses_attention splits the {heads} query heads over the {parts} devices of axis {axis!r}: "
+            f"num_heads must be a multiple of {parts} (use ring_attention otherwise)"
+        )
+    if kv_heads % parts:  # GQA/MQA with fewer kv heads than devices: give every query head its own copy
+        k, v = (jnp.repeat(x, heads // kv_heads, axis=2) for x in (k, v))
+    batch, length = q.shape[:2]
+    padded = -(-length // parts) * parts
+    segments = jnp.zeros((batch, length), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+    q, k, v, segments = (_pad_length(x, padded) for x in (q, k, v, segments))
+    lengths = jnp.full((batch,), length, jnp.int32)
+
+    def body(q, k, v, segments, lengths):
+        to_heads = functools.partial(jax.lax.all_to_all, axis_name=axis, split_axis=2, concat_axis=1, tiled=True)
+        q, k, v = to_heads(q), to_heads(k), to_heads(v)
+        segments = jax.lax.all_gather(segments, axis, axis=1, tiled=True)
+        mask = Mask(causal=causal, kv_lengths=lengths, q_segment_ids=segments, kv_segment_ids=segments)
+        out = softmax_attention(q, k, v, mask=mask, scale=scale, implementation=implementation)
+        return jax.lax.all_to_all(out, axis, split_axis=1, concat_axis=2, tiled=True)
+
+    seq = PartitionSpec(batch_axes, axis)
+    out = jax.shard_map(
+        body, mesh=mesh, in_specs=(seq, seq, seq, seq, PartitionSpec(batch_axes)), out_specs=seq, check_vma=False
+    )(q, k, v, segments, lengths)
+    return out[:, :length]
