@@ -4,6 +4,7 @@
     -> + learned position embedding -> num_layers blocks -> final norm
     -> pool ("cls": the class token; "mean": mean over patches; or a registered "pooling" mechanism such as
        attentive_pooling over the patches) -> Dense -> logits float32 [B, num_classes]
+       (head="hidden": the final-normed tokens [B, (1 +) h*w, d_model] instead, Hugging Face's last_hidden_state)
 
 "sequence" mechanisms see the patches as a sequence [B, N, E]; "spatial" mechanisms (e.g. neighborhood
 attention) see the patch grid [B, h, w, E] and therefore need a pool other than "cls" (a class token has no
@@ -21,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 import attn
+from attn.core.validation import check_choice
 from attn.models.encoder import classifier
 from attn.models.fields import AttentionOptions, hash_fields, per_layer_mechanisms
 from attn.models.layers import ACTIVATION_AXES
@@ -30,6 +32,7 @@ from attn.models.trunk import block_stack
 Dtype = Any
 
 POOLS = ("cls", "mean")
+HEADS = ("classification", "hidden")
 
 
 def patch_grid(images: jax.Array, patch_size: int) -> tuple[int, int]:
@@ -96,6 +99,15 @@ class ViT(nn.Module):
     ("patch_height", "patch_width", "channels", "embed")), `position_embedding` ("length", "embed"),
     `cls_token` with pool="cls", `pool` with a pooling mechanism (options `pool_options`), `layers_<i>`,
     `final_norm`, `classifier`.
+
+    Fields for imported checkpoints (attn.pretrained.vit), whose defaults leave the model as above:
+      norm_eps: epsilon of every norm (Hugging Face ViT: 1e-12); mlp_bias: biases on the MLP's dense layers.
+      head: "classification" (logits) or "hidden" (the final-normed tokens [B, (1 +) h*w, d_model], no classifier;
+        num_classes is then unused).
+      cls_pooler: with pool="cls", the pooler tanh(Dense(x[:, 0])) [B, d_model] (module `pooler`) sown as
+        intermediates/pooler_output (Hugging Face ViTModel's pooler_output).
+      image_size: when set, images must be image_size x image_size (the position table has one row per patch of
+        that size, plus the class token; positions are not interpolated for other sizes).
     """
 
     num_classes: int
@@ -115,6 +127,11 @@ class ViT(nn.Module):
     dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    norm_eps: float = 1e-6
+    mlp_bias: bool = False
+    head: str = "classification"
+    cls_pooler: bool = False
+    image_size: int | None = None
 
     def __hash__(self) -> int:
         return hash_fields(self)
@@ -125,6 +142,11 @@ class ViT(nn.Module):
         x = embed_patches(self, images, grid, cls_token=self.pool == "cls", deterministic=deterministic)
         # Only a class-token-free sequence maps onto the patch grid that spatial mechanisms need.
         x = block_stack(self, x, deterministic=deterministic, grid=None if self.pool == "cls" else grid)
+        if self.cls_pooler:
+            pooled = classifier(self.d_model, dtype=self.dtype, param_dtype=self.param_dtype, name="pooler")(x[:, 0])
+            self.sow("intermediates", "pooler_output", jnp.tanh(pooled))
+        if self.head == "hidden":
+            return x
         if self.pool == "cls":
             pooled = x[:, 0]
         else:
@@ -145,9 +167,19 @@ class ViT(nn.Module):
     def _grid(self, images: jax.Array) -> tuple[int, int]:
         """Validate fields and image shape; return the patch grid (H // patch_size, W // patch_size)."""
         check_pool(self.pool, POOLS)
-        if self.num_classes <= 0 or self.patch_size <= 0:
-            raise ValueError(f"num_classes={self.num_classes} and patch_size={self.patch_size} must both be positive")
+        check_choice("head", self.head, HEADS)
+        if self.patch_size <= 0:
+            raise ValueError(f"patch_size={self.patch_size} must be positive")
+        if self.head == "classification" and self.num_classes <= 0:
+            raise ValueError(f"head='classification' needs num_classes > 0; got num_classes={self.num_classes}")
+        if self.cls_pooler and self.pool != "cls":
+            raise ValueError(f"cls_pooler=True pools the class token and needs pool='cls'; got pool={self.pool!r}")
         grid = patch_grid(images, self.patch_size)
+        if self.image_size is not None and images.shape[1:3] != (self.image_size, self.image_size):
+            raise ValueError(
+                f"images of size {images.shape[1]}x{images.shape[2]} differ from image_size={self.image_size}: the "
+                "learned positions cover that size only (interpolating them to other sizes is not supported)"
+            )
         if self.pool == "cls":
             for name in set(per_layer_mechanisms(self.attention, self.num_layers)):
                 if attn.get(name).input_kind == "spatial":

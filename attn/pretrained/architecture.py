@@ -14,6 +14,7 @@ from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import flax.linen as nn
+import numpy as np
 
 from attn.pretrained.layouts import TensorRule
 
@@ -62,6 +63,9 @@ class Architecture:
     tensor_rules(model, config) -> rules: one TensorRule per parameter of the model's "params" tree.
     no_parameter(name) -> bool: checkpoint tensors that hold no parameter (e.g. GPT-2's causal-mask buffers).
     optional_prefix: a prefix of the tensor names that older checkpoints omit ("transformer." for GPT-2).
+    example_input(config) -> array: an input the model is initialised with to find its parameter shapes (default
+      tokens int32 [1, 1]; images for a vision model).
+    unsupported_tensors: checkpoint tensors of a variant the model cannot express -> why (added to the error).
     """
 
     name: str
@@ -70,6 +74,8 @@ class Architecture:
     tensor_rules: Callable[[nn.Module, Mapping[str, Any]], list[TensorRule]]
     no_parameter: Callable[[str], bool] = lambda name: False
     optional_prefix: str = ""
+    example_input: Callable[[Mapping[str, Any]], Any] = lambda config: np.zeros((1, 1), np.int32)
+    unsupported_tensors: Mapping[str, str] = dataclasses.field(default_factory=dict, hash=False)
 
 
 def check_keys(config: Mapping[str, Any], architecture: str, known: Collection[str]) -> None:

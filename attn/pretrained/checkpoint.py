@@ -33,11 +33,15 @@ from attn.pretrained.llama import LLAMA
 from attn.pretrained.mistral import MISTRAL
 from attn.pretrained.qwen2 import QWEN2
 from attn.pretrained.safetensors_files import SafetensorsFiles, write_safetensors
+from attn.pretrained.vit import VIT, VIT_CLASSIFIER
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 
-ARCHITECTURES: dict[str, Architecture] = {arch.name: arch for arch in (GPT2, LLAMA, MISTRAL, QWEN2, BERT)}
+# A config.json without `architectures` is looked up by model_type; the last of a model_type wins (vit: ViTModel).
+ARCHITECTURES: dict[str, Architecture] = {
+    arch.name: arch for arch in (GPT2, LLAMA, MISTRAL, QWEN2, BERT, VIT_CLASSIFIER, VIT)
+}
 
 
 def read_config(path: str | pathlib.Path) -> dict[str, Any]:
@@ -84,10 +88,11 @@ def load_tokenizer(path: str | pathlib.Path) -> Any:
     return Tokenizer.from_file(str(file))
 
 
-def abstract_params(model: nn.Module) -> Any:
-    """The boxed (logically partitioned) "params" tree of `model` as jax.ShapeDtypeStruct leaves, without computing."""
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), tokens))["params"]
+def abstract_params(model: nn.Module, example: Any = None) -> Any:
+    """The boxed (logically partitioned) "params" tree of `model` as jax.ShapeDtypeStruct leaves, without computing,
+    from initialising it on `example` (None: tokens int32 [1, 1])."""
+    example = jnp.zeros((1, 1), jnp.int32) if example is None else example
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), example))["params"]
 
 
 def _flat(tree: Any) -> dict[tuple[str, ...], Any]:
@@ -136,6 +141,7 @@ def _check_tensors(
             raise ValueError(
                 f"checkpoint tensor {name!r} {files.shape(name)} has no parameter in the {arch.name} model that "
                 "config.json describes"
+                + (f" ({arch.unsupported_tensors[name]})" if name in arch.unsupported_tensors else "")
             )
 
 
@@ -170,7 +176,8 @@ def load(
         and each device's block is read straight from the file. None gives arrays on the default device.
       axis_rules: logical-axis rules for `mesh` (anything `attn.core.sharding.logical_rules` accepts).
     Returns:
-      (model, params, tokenizer, hf_config): an `attn.models.DecoderLM` (an `attn.models.Encoder` for BertModel),
+      (model, params, tokenizer, hf_config): an `attn.models.DecoderLM` (an `attn.models.Encoder` for BertModel, an
+        `attn.models.ViT` for ViTModel),
       its "params" collection (unboxed),
       a `tokenizers.Tokenizer` (None when the directory has no tokenizer.json) and config.json as a dict.
     Raises:
@@ -186,7 +193,7 @@ def load(
         if dtype is None:
             dtype = files.dtype(tensor_rules[0].name)
         model = arch.build_model(hf_config, jnp.dtype(dtype))
-        abstract = _flat(abstract_params(model))
+        abstract = _flat(abstract_params(model, arch.example_input(hf_config)))
         shapes = {key: tuple(_unboxed(leaf).shape) for key, leaf in abstract.items()}
         covered = {rule.path for rule in tensor_rules}
         if covered != set(shapes):  # a defect of the architecture's rules, not of the checkpoint
@@ -195,7 +202,7 @@ def load(
                 f"{sorted(covered - set(shapes))}"
             )
         _check_tensors(arch, tensor_rules, shapes, files)
-        _check_tied_head(tensor_rules, files, model.tie_embeddings)
+        _check_tied_head(tensor_rules, files, getattr(model, "tie_embeddings", False))
         shardings = None
         if mesh is not None:
             placed = shardings_for(list(abstract.values()), mesh, axis_rules or DEFAULT_RULES)
