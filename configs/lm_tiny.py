@@ -17,6 +17,9 @@ Rerunning the command resumes from the latest checkpoint in the workdir.
 
 Presets (`--config configs/lm_tiny.py:<preset>`):
   smoke  a few steps of a 2-layer d_model 32 model with frequent logs/evals/checkpoints (tests, CI).
+  context4  the same model with context parallelism 4: mesh (data = devices / 4, context = 4), each softmax layer's
+         sequence split by ring attention (attn.core.context_parallel); on the 8 fake CPU devices of the tests the
+         losses equal the data-parallel run's (tests/train/test_context_parallel_training.py).
 Any registered causal mechanism: `--config.model.attention=<name>`.
 """
 
@@ -26,7 +29,7 @@ from ml_collections import ConfigDict, config_dict
 
 from configs import common
 
-PRESETS = ("", "smoke")
+PRESETS = ("", "smoke", "context4")
 
 
 def get_config(arg: str | None = None) -> ConfigDict:
@@ -72,4 +75,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
         config.optimizer.warmup_steps = 2
         config.eval.num_batches = 2
         config.eval.stats_batch_size = 2
+    if preset == "context4":
+        config.mesh.shape = (-1, 4)  # data parallel over the rest, 4-way context parallel
+        config.mesh.axes = ("data", "context")
+        model.attention_options = {"context_parallel": "ring"}  # "ulysses" needs num_heads % 4 == 0
     return config

@@ -40,7 +40,12 @@ from attn.core.validation import check_qkv
 
 Array = jax.Array
 
-__all__ = ["ring_attention", "ulysses_attention", "zigzag_permutation"]
+__all__ = ["context_axis_size", "ring_attention", "ulysses_attention", "zigzag_permutation"]
+
+
+def context_axis_size(axis: str = "context") -> int:
+    """Size of `axis` in the mesh set by `jax.set_mesh` (1 when no mesh is set or it has no such axis)."""
+    return int(jax.sharding.get_abstract_mesh().shape.get(axis, 1))
 
 
 def _axis_size(mesh: Mesh, axis: str) -> int:

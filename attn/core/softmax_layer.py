@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from attn.core import intervention_state, kv_cache, pipeline
 from attn.core import positions as pos
-from attn.core.context_parallel import ring_attention, ulysses_attention
+from attn.core.context_parallel import context_axis_size, ring_attention, ulysses_attention
 from attn.core.layer import AttentionCall, AttentionLayer
 from attn.core.masks import Mask
 from attn.core.softmax import softmax_attention
@@ -176,8 +176,15 @@ class SoftmaxAttentionLayer(AttentionLayer):
                 q_offset=call.q_offset,
                 implementation=self.implementation,
             )
-        if self.context_parallel is not None and not call.decode:
-            return self.context_parallel_attention(q, k, v, call, window, reason)
+        if self.context_parallel is not None and not call.decode and context_axis_size() > 1:
+            if reason is None:
+                return self.context_parallel_attention(q, k, v, call, window)
+            # captured weights, dropout or interventions need the [Tq, Tk] matrix: computed unsplit, said once
+            intervention_state.log_once(
+                self.registry_name or type(self).__name__,
+                f"context_parallel={self.context_parallel!r} does not serve calls that take the explicit stages "
+                f"({reason or 'by design of this mechanism'}); they run unsplit",
+            )
         if reason is None:
             return softmax_attention(
                 q,
@@ -202,21 +209,15 @@ class SoftmaxAttentionLayer(AttentionLayer):
         weights = self.attention_dropout(weights, call.deterministic)
         return self.mix(weights, v).astype(q.dtype)
 
-    def context_parallel_attention(
-        self, q: Array, k: Array, v: Array, call: AttentionCall, window: Any, reason: str | None
-    ) -> Array:
+    def context_parallel_attention(self, q: Array, k: Array, v: Array, call: AttentionCall, window: Any) -> Array:
         """Self-attention with the sequence split over the current mesh's "context" axis (`jax.set_mesh`), by ring or
         Ulysses attention (attn.core.context_parallel); the batch stays split over the mesh's "data"/"fsdp" axes.
-        Serves causal and segment-id masks; anything else is an error that names it."""
+        Serves causal and segment-id masks; anything else is an error that names it. Without such a mesh (no mesh, no
+        "context" axis, or one of size 1: e.g. shape checks, single-device evaluation) the layer runs plain
+        attention, which is the same function."""
         name = f"context_parallel={self.context_parallel!r}"
         mesh = jax.sharding.get_abstract_mesh()
-        if "context" not in mesh.shape:
-            raise ValueError(
-                f"{name} needs a mesh with a 'context' axis set by jax.set_mesh; got axes {mesh.axis_names}"
-            )
         mask, unsupported = call.mask, []
-        if reason is not None:
-            unsupported.append(f"the explicit pipeline stages ({reason or 'this mechanism overrides them'})")
         if call.cross:
             unsupported.append("cross-attention")
         if window is not None or call.bias is not None or self.softcap is not None:
