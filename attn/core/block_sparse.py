@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attn.core import dispatch, kernels
+from attn.core.block_pooling import split_blocks
 from attn.core.blockwise_softmax import (
     Contractions,
     backward_inputs,
@@ -213,16 +214,13 @@ def _xla_block_sparse(q, k, v, block_indices, *, block_size, causal, q_offset, s
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads, value_dim = k.shape[1], k.shape[2], v.shape[-1]
     group = heads // kv_heads
-    n_q, n_k = -(-q_len // block_size), -(-kv_len // block_size)
-    q_pad, kv_pad = n_q * block_size - q_len, n_k * block_size - kv_len
+    n_q = -(-q_len // block_size)
     q_offset = jnp.asarray(q_offset, jnp.int32)
 
-    qb = jnp.pad(q, ((0, 0), (0, q_pad), (0, 0), (0, 0)))
+    qb = split_blocks(q, block_size, axis=1)[0]
     qb = qb.reshape(batch, n_q, block_size, kv_heads, group, head_dim).transpose(0, 3, 4, 1, 2, 5)
-    kb = jnp.pad(k, ((0, 0), (0, kv_pad), (0, 0), (0, 0)))
-    kb = kb.reshape(batch, n_k, block_size, kv_heads, head_dim).transpose(0, 3, 1, 2, 4)
-    vb = jnp.pad(v, ((0, 0), (0, kv_pad), (0, 0), (0, 0)))
-    vb = vb.reshape(batch, n_k, block_size, kv_heads, value_dim).transpose(0, 3, 1, 2, 4)
+    kb = split_blocks(k, block_size, axis=1)[0].transpose(0, 3, 1, 2, 4)  # [B, KVH, nk, bs, D]
+    vb = split_blocks(v, block_size, axis=1)[0].transpose(0, 3, 1, 2, 4)  # [B, KVH, nk, bs, Dv]
     indices, valid = _slots(block_indices, batch, heads, kv_heads, block_size, causal, q_offset)
 
     layout = _SparseLayout(kv_len, block_size, float(head_dim**-0.5 if scale is None else scale), causal)

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attn.core.block_pooling import split_blocks
 from attn.core.masks import Mask
 from attn.core.pipeline import _dot_operands, accumulation_dtype
 
@@ -234,12 +235,10 @@ def blockwise_attention(
     n_chunks, n_blocks = -(-q_len // chunk), -(-kv_len // block)
     q_pad, kv_pad = n_chunks * chunk - q_len, n_blocks * block - kv_len
 
-    qc = jnp.pad(q, ((0, 0), (0, q_pad), (0, 0), (0, 0)))
+    qc = split_blocks(q, chunk, axis=1)[0]
     qc = qc.reshape(batch, n_chunks, chunk, kv_heads, group, head_dim).transpose(1, 0, 3, 4, 2, 5)
-    kb = jnp.pad(k, ((0, 0), (0, kv_pad), (0, 0), (0, 0)))
-    kb = kb.reshape(batch, n_blocks, block, kv_heads, head_dim).transpose(1, 0, 3, 2, 4)
-    vb = jnp.pad(v, ((0, 0), (0, kv_pad), (0, 0), (0, 0)))
-    vb = vb.reshape(batch, n_blocks, block, kv_heads, value_dim).transpose(1, 0, 3, 2, 4)
+    kb = split_blocks(k, block, axis=1)[0].transpose(1, 0, 3, 2, 4)  # [nk, B, KVH, block, D]
+    vb = split_blocks(v, block, axis=1)[0].transpose(1, 0, 3, 2, 4)  # [nk, B, KVH, block, Dv]
     if mask is not None:
         mask = _padded_mask(mask, q_pad, kv_pad)
     groups = _query_groups(mask, q_offset, n_chunks, chunk, block, n_blocks)

@@ -52,6 +52,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import xlogy
 
+from attn.core.block_pooling import pool_blocks
 from attn.core.block_sparse import block_mask_to_indices
 from attn.core.validation import check_qkv, in_range, non_negative, optional, positive_int
 from attn.registry import register
@@ -75,22 +76,6 @@ def _top_ranked(scores: Array, count: Array) -> Array:
     order = jnp.argsort(-scores, axis=-1, stable=True)
     rank = jnp.argsort(order, axis=-1)
     return rank < count[..., None]
-
-
-def _block_sums(x: Array, block_size: int, n_blocks: int) -> Array:
-    """x [..., T] -> [..., n_blocks]: sums over consecutive blocks (zero padded)."""
-    pad = n_blocks * block_size - x.shape[-1]
-    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
-    return x.reshape(*x.shape[:-1], n_blocks, block_size).sum(-1)
-
-
-def _block_means(x: Array, block_size: int, n_blocks: int) -> Array:
-    """x [B, T, H, D] -> [B, H, n_blocks, D]: means over the real tokens of each block."""
-    batch, length, heads, dim = x.shape
-    padded = jnp.pad(x, ((0, 0), (0, n_blocks * block_size - length), (0, 0), (0, 0)))
-    sums = padded.reshape(batch, n_blocks, block_size, heads, dim).sum(2)
-    counts = jnp.minimum(block_size, length - jnp.arange(n_blocks) * block_size)
-    return (sums / counts[None, :, None, None]).transpose(0, 2, 1, 3)
 
 
 def flexprefill_selection(
@@ -146,10 +131,10 @@ def flexprefill_selection(
     on_diagonal = (source >= 0) & (source < kv_len)
     slash = jnp.take_along_axis(attention, jnp.clip(source, 0, kv_len - 1)[None, None], axis=-1)
     slash = jnp.mean(jnp.where(on_diagonal, slash, 0.0), axis=-2)  # [B, H, Tk] by distance
-    true_blocks = _block_sums(vertical, bs, n_k)
+    true_blocks = pool_blocks(vertical, bs, "sum", axis=-1)  # [B, H, nk]
 
     # pattern: sqrt(JSD) between the pooled estimate and the true block distribution
-    mean_k = _block_means(k, bs, n_k)  # [B, H, nk, D]
+    mean_k = pool_blocks(k, bs, "mean", axis=1).transpose(0, 2, 1, 3)  # [B, H, nk, D]
     estimate = jax.nn.softmax(scale * jnp.einsum("bhd,bhcd->bhc", jnp.mean(last_q, axis=1), mean_k), axis=-1)
     middle = (estimate + true_blocks) / 2
     kl = lambda p: jnp.sum(xlogy(p, p) - xlogy(p, middle), axis=-1)  # noqa: E731
@@ -161,7 +146,8 @@ def flexprefill_selection(
     n_vertical = jnp.where(query_aware, low, jnp.clip(_fewest_reaching(vertical, gamma) // bs + 1, low, high))
     n_slash = jnp.where(query_aware, low, jnp.clip(_fewest_reaching(slash, gamma) // bs + 1, low, high))
     keep_vertical = _top_ranked(true_blocks.at[..., 0].set(jnp.inf), n_vertical)  # [B, H, nk]
-    keep_slash = _top_ranked(_block_sums(slash, bs, n_k).at[..., 0].set(jnp.inf), n_slash)  # [B, H, nk] by diagonal
+    slash_blocks = pool_blocks(slash, bs, "sum", axis=-1)  # [B, H, nk] by block diagonal
+    keep_slash = _top_ranked(slash_blocks.at[..., 0].set(jnp.inf), n_slash)  # [B, H, nk]
 
     rows, cols = jnp.arange(n_q)[:, None], jnp.arange(n_k)[None, :]
     visible = cols * bs <= offset + (rows + 1) * bs - 1  # [nq, nk]
@@ -172,7 +158,8 @@ def flexprefill_selection(
     pattern = keep_vertical[:, :, None, :] | on_slash
 
     # query-aware blocks: the fewest entries of the pooled block attention reaching gamma * num_q_blocks
-    pooled = scale * jnp.einsum("bhrd,bhcd->bhrc", _block_means(q, bs, n_q), mean_k)
+    mean_q = pool_blocks(q, bs, "mean", axis=1).transpose(0, 2, 1, 3)  # [B, H, nq, D]
+    pooled = scale * jnp.einsum("bhrd,bhcd->bhrc", mean_q, mean_k)
     pooled = jax.nn.softmax(jnp.where(visible, pooled, -jnp.inf), axis=-1).reshape(batch, heads, n_q * n_k)
     if gamma >= 1:
         aware = jnp.broadcast_to(visible, (batch, heads, n_q, n_k))

@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
+from attn.core.block_pooling import pool_blocks
 from attn.core.block_sparse import block_sparse_attention
 from attn.core.layer import AttentionCall
 from attn.core.masks import Mask
@@ -69,22 +70,18 @@ def hcam_selection(
     heads, kv_heads = check_qkv(q, k, k)
     positive_int("block_size", block_size)
     positive_int("top_k", top_k)
-    batch, q_len, _, dim = q.shape
-    kv_len, bs = k.shape[1], int(block_size)
-    n_q, n_k = -(-q_len // bs), -(-kv_len // bs)
+    q_len, dim, kv_len, bs = q.shape[1], q.shape[3], k.shape[1], int(block_size)
+    n_k = -(-kv_len // bs)
     kept = min(int(top_k), n_k)
     scale = dim**-0.5 if scale is None else scale
-    keys = jnp.pad(k.astype(jnp.float32), ((0, 0), (0, n_k * bs - kv_len), (0, 0), (0, 0)))
-    counts = jnp.minimum(bs, kv_len - jnp.arange(n_k) * bs)[None, :, None, None]
-    summaries = keys.reshape(batch, n_k, bs, kv_heads, dim).sum(2) / counts  # [B, nk, KVH, D]
+    summaries = pool_blocks(k.astype(jnp.float32), bs, "mean", axis=1)  # [B, nk, KVH, D]
     summaries = jnp.repeat(summaries, heads // kv_heads, axis=2)
     relevance = scale * jnp.einsum("bthd,bchd->bhtc", q.astype(jnp.float32), summaries)  # [B, H, Tq, nk]
     visible = jnp.ones((q_len, n_k), bool)
     if causal:
         visible = jnp.arange(n_k)[None, :] * bs <= jnp.asarray(q_offset, jnp.int32) + jnp.arange(q_len)[:, None]
     relevance = jnp.where(visible, relevance, -jnp.inf)
-    padded = jnp.pad(relevance, ((0, 0), (0, 0), (0, n_q * bs - q_len), (0, 0)), constant_values=-jnp.inf)
-    scores = jnp.max(padded.reshape(batch, heads, n_q, bs, n_k), axis=3)  # [B, H, nq, nk]
+    scores = pool_blocks(relevance, bs, "max", axis=2)  # [B, H, nq, nk]
     values, ids = jax.lax.top_k(scores, kept)
     ids = jnp.where(values > -jnp.inf, ids, -1).astype(jnp.int32)
     per_token = jnp.repeat(ids, bs, axis=2)[:, :, :q_len]  # [B, H, Tq, kept]

@@ -45,6 +45,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from attn.core.block_pooling import split_blocks
 from attn.core.validation import check_choice, check_qkv, choice, positive_int
 from attn.registry import register
 from attn.sparse.selector_layer import BlockSelectorLayer
@@ -95,10 +96,8 @@ def hip_block_indices(
     scale = head_dim**-0.5 if scale is None else scale
 
     # q [B, H, nq, bs, D]; k repeated over each kv head's query heads [B, H, nk, bs, D]
-    qb = jnp.pad(q.astype(dtype), ((0, 0), (0, n_q * bs - q_len), (0, 0), (0, 0)))
-    qb = qb.reshape(batch, n_q, bs, heads, head_dim).transpose(0, 3, 1, 2, 4)
-    kb = jnp.pad(k.astype(dtype), ((0, 0), (0, n_k * bs - kv_len), (0, 0), (0, 0)))
-    kb = kb.reshape(batch, n_k, bs, kv_heads, head_dim).transpose(0, 3, 1, 2, 4)
+    qb = split_blocks(q.astype(dtype), bs, axis=1)[0].transpose(0, 3, 1, 2, 4)
+    kb = split_blocks(k.astype(dtype), bs, axis=1)[0].transpose(0, 3, 1, 2, 4)
     kb = jnp.repeat(kb, heads // kv_heads, axis=1)
 
     token = jnp.arange(n_q * bs, dtype=jnp.int32).reshape(n_q, bs)

@@ -41,6 +41,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from attn.core.block_pooling import pool_blocks, real_token_mask, split_blocks
 from attn.core.block_sparse import block_sparse_attention
 from attn.core.validation import check_qkv, int_at_least, positive_int
 from attn.registry import register
@@ -49,15 +50,6 @@ from attn.sparse.selector_layer import BlockSelectorLayer
 Array = jax.Array
 
 _NUM_CHUNKS = int_at_least(3)  # the first, the previous and the own chunk are always kept
-
-
-def _block_reduce(x: Array, block_size: int, reduce: Any, fill: float) -> Array:
-    """x [B, H, T, ...] -> [B, H, ceil(T / block_size), ...]: `reduce` over each block's real entries."""
-    length = x.shape[2]
-    n = -(-length // block_size)
-    pad = [(0, 0), (0, 0), (0, n * block_size - length)] + [(0, 0)] * (x.ndim - 3)
-    blocks = jnp.pad(x, pad, constant_values=fill).reshape(x.shape[0], x.shape[1], n, block_size, *x.shape[3:])
-    return reduce(blocks, axis=3)
 
 
 def longheads_chunk_keys(q: Array, k: Array, v: Array, *, chunk_size: int) -> Array:
@@ -70,17 +62,16 @@ def longheads_chunk_keys(q: Array, k: Array, v: Array, *, chunk_size: int) -> Ar
             f"longheads chunk representations need self-attention shapes: q {q.shape}, k {k.shape} and v {v.shape} "
             "must have the same length and head_dim"
         )
-    batch, length, _, dim = q.shape
+    length, dim = q.shape[1], q.shape[3]
     w = int(chunk_size)
     n = -(-length // w)
     own = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None], (1, 1, n, 1))
     local = block_sparse_attention(q, k, v, block_indices=own, block_size=w, causal=True)
     local = local.astype(jnp.float32).transpose(0, 2, 1, 3)  # [B, H, T, D]
-    counts = jnp.minimum(w, length - jnp.arange(n) * w)[:, None]
-    values = _block_reduce(local, w, jnp.sum, 0.0) / counts  # cv [B, H, n, D]
+    values = pool_blocks(local, w, "mean", axis=2)  # cv [B, H, n, D]
     keys = jnp.repeat(k.astype(jnp.float32), heads // kv_heads, axis=2).transpose(0, 2, 1, 3)
-    key_blocks = jnp.pad(keys, ((0, 0), (0, 0), (0, n * w - length), (0, 0))).reshape(batch, heads, n, w, dim)
-    real = (jnp.arange(n * w) < length).reshape(n, w)
+    key_blocks, _ = split_blocks(keys, w, axis=2)  # [B, H, n, w, D]
+    real = real_token_mask(length, w)  # [n, w]
     logits = jnp.where(real, jnp.einsum("bhcd,bhcjd->bhcj", values, key_blocks) * dim**-0.5, -jnp.inf)
     return jnp.einsum("bhcj,bhcjd->bhcd", jax.nn.softmax(logits, axis=-1), key_blocks)
 
@@ -96,7 +87,7 @@ def longheads_block_indices(
     n = chunk_keys.shape[2]
     queries = q.astype(jnp.float32).transpose(0, 2, 1, 3)  # [B, H, T, D]
     token_scores = jnp.einsum("bhtd,bhcd->bhtc", queries, chunk_keys)
-    scores = _block_reduce(token_scores, w, jnp.max, -jnp.inf)  # [B, H, nq, n]
+    scores = pool_blocks(token_scores, w, "max", axis=2)  # [B, H, nq, n]
     rows, cols = jnp.arange(n)[:, None], jnp.arange(n)[None, :]
     visible = cols <= rows if causal else jnp.ones((n, n), bool)
     forced = (cols == 0) | (cols == rows) | (cols == rows - 1)

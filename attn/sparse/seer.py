@@ -52,6 +52,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from attn.core.block_pooling import pool_blocks
 from attn.core.block_sparse import block_mask_to_indices
 from attn.core.distillation import attention_distillation_loss
 from attn.core.headwise_linear import HeadwiseLinear
@@ -76,18 +77,8 @@ _POOLING = OptionValidator(
 def seer_pool(x: Array, block_size: int, poolings: tuple[str, ...]) -> Array:
     """x [B, T, H, D] -> [B, ceil(T / block_size), H, len(poolings) D]: each pooling over the real tokens of a block,
     concatenated in the order given ("avg" mean, "max", "min")."""
-    batch, length, heads, dim = x.shape
-    n = -(-length // block_size)
-    pad = n * block_size - length
-    real = (jnp.arange(n * block_size) < length).reshape(n, block_size)[None, :, :, None, None]
-    blocks = jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(batch, n, block_size, heads, dim)
-    counts = jnp.sum(real, axis=2)
-    pooled = {
-        "avg": lambda: jnp.sum(jnp.where(real, blocks, 0), axis=2) / counts,
-        "max": lambda: jnp.max(jnp.where(real, blocks, -jnp.inf), axis=2),
-        "min": lambda: jnp.min(jnp.where(real, blocks, jnp.inf), axis=2),
-    }
-    return jnp.concatenate([pooled[p]() for p in poolings], axis=-1)
+    kinds = {"avg": "mean", "max": "max", "min": "min"}
+    return jnp.concatenate([pool_blocks(x, block_size, kinds[p], axis=1) for p in poolings], axis=-1)
 
 
 def visible_blocks(q_len: int, kv_len: int, block_size: int, causal: bool, q_offset: Any = 0) -> Array:
@@ -135,9 +126,7 @@ def seer_distillation_target(
     softmax attention of q [B, Tq, H, D] over k [B, Tk, KVH, D], each row normalised to sum 1 (O(Tq Tk) memory)."""
     heads, kv_heads = check_qkv(q, k, k)
     positive_int("block_size", block_size)
-    batch, q_len, _, dim = q.shape
-    kv_len, bs = k.shape[1], int(block_size)
-    n_q, n_k = -(-q_len // bs), -(-kv_len // bs)
+    q_len, dim, kv_len, bs = q.shape[1], q.shape[3], k.shape[1], int(block_size)
     scale = dim**-0.5 if scale is None else scale
     k = jnp.repeat(k.astype(jnp.float32), heads // kv_heads, axis=2)
     logits = scale * jnp.einsum("bihd,bjhd->bhij", q.astype(jnp.float32), k)
@@ -146,8 +135,7 @@ def seer_distillation_target(
         allowed = jnp.arange(kv_len)[None, :] <= jnp.asarray(q_offset, jnp.int32) + jnp.arange(q_len)[:, None]
     safe = jnp.where(jnp.any(allowed, axis=-1, keepdims=True), jnp.where(allowed, logits, -jnp.inf), 0.0)
     probs = jnp.where(allowed, jax.nn.softmax(safe, axis=-1), 0.0)
-    probs = jnp.pad(probs, ((0, 0), (0, 0), (0, n_q * bs - q_len), (0, n_k * bs - kv_len)))
-    pooled = jnp.max(probs.reshape(batch, heads, n_q, bs, n_k, bs), axis=(3, 5))
+    pooled = pool_blocks(probs, bs, "max", axis=(2, 3))  # [B, H, nq, nk]
     total = jnp.sum(pooled, axis=-1, keepdims=True)
     return pooled / jnp.where(total > 0, total, 1.0)
 

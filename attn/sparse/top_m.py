@@ -33,6 +33,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from attn.core.block_pooling import pool_blocks
 from attn.core.validation import check_qkv, positive_int
 from attn.registry import register
 from attn.sparse.selector_layer import BlockSelectorLayer
@@ -64,9 +65,7 @@ def top_m_block_indices(
     heads, kv_heads = check_qkv(q, k, k)
     positive_int("m", m)
     positive_int("block_size", block_size)
-    batch, q_len, _, dim = q.shape
-    kv_len, bs = k.shape[1], int(block_size)
-    n_q, n_k = -(-q_len // bs), -(-kv_len // bs)
+    q_len, dim, kv_len, bs = q.shape[1], q.shape[3], k.shape[1], int(block_size)
     scale = dim**-0.5 if scale is None else scale
     dtype = jnp.promote_types(jnp.promote_types(q.dtype, k.dtype), jnp.float32)
     keys = jnp.repeat(k.astype(dtype), heads // kv_heads, axis=2)
@@ -75,9 +74,8 @@ def top_m_block_indices(
     if causal:
         visible = jnp.arange(kv_len)[None, :] <= jnp.asarray(q_offset, jnp.int32) + jnp.arange(q_len)[:, None]
     logits = jnp.where(visible, logits, -jnp.inf)
-    logits = jnp.pad(logits, ((0, 0), (0, 0), (0, n_q * bs - q_len), (0, n_k * bs - kv_len)), constant_values=-jnp.inf)
-    scores = jnp.max(logits.reshape(batch, heads, n_q, bs, n_k, bs), axis=(3, 5))  # [B, H, nq, nk]
-    values, ids = jax.lax.top_k(scores, min(int(m), n_k))
+    scores = pool_blocks(logits, bs, "max", axis=(2, 3))  # [B, H, nq, nk]
+    values, ids = jax.lax.top_k(scores, min(int(m), scores.shape[-1]))
     return jnp.where(values > -jnp.inf, ids, -1).astype(jnp.int32)
 
 
