@@ -13,9 +13,16 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(REPO, "README.md")
 
-# Sections whose snippets take minutes of CPU (a trained-size loop, 1024 decode steps, the interpreted kernels):
-# they run with the slow tests.
-SLOW_SECTIONS = ("Intervening on attention", "Decoding with a cache policy", "Kernels")
+# Sections whose snippets take minutes of CPU (a trained-size loop, 1024 decode steps, the interpreted kernels) or
+# over 10 s in the CI rehearsal: they run with the slow tests.
+SLOW_SECTIONS = (
+    "Intervening on attention",
+    "Decoding with a cache policy",
+    "Kernels",
+    "Steering",
+    "Block-sparse and dynamic sparse attention",
+    "Use a module in your own JAX project",
+)
 
 
 def python_blocks(text: str) -> list[tuple[str, str]]:

@@ -31,7 +31,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import AxisType, Mesh, PartitionSpec
 
 from attn.core.lse_merge import merge
 from attn.core.masks import Mask
@@ -49,9 +49,20 @@ def context_axis_size(axis: str = "context") -> int:
 
 
 def _axis_size(mesh: Mesh, axis: str) -> int:
+    _check_auto(mesh, axis)
     if axis not in mesh.shape:
         raise ValueError(f"axis={axis!r} is not an axis of the mesh; expected one of {list(mesh.shape)}")
     return int(mesh.shape[axis])
+
+
+def _check_auto(mesh: Any, axis: str) -> None:
+    """The mesh's axes must be Auto (as the trainer builds them): on Explicit axes (jax.make_mesh's default) the
+    permutations and padding around the shard_map would need explicit out-shardings."""
+    if any(t == AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
+        raise ValueError(
+            f"mesh has Explicit axes {mesh.axis_names}; context-parallel attention needs Auto axes: "
+            f"jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names)) (axis={axis!r})"
+        )
 
 
 def _check_segments(segment_ids: Array | None, q: Array) -> None:

@@ -127,6 +127,13 @@ def test_bad_input_is_named():
         ring_attention(q, k, v, mesh=_mesh(2), axis="sequence")
     with pytest.raises(ValueError, match=r"segment_ids of shape \(2, 5\)"):
         ring_attention(q, k, v, mesh=_mesh(2), segment_ids=jnp.zeros((2, 5), jnp.int32))
+    explicit = jax.make_mesh(
+        (2,), ("context",), axis_types=(jax.sharding.AxisType.Explicit,), devices=jax.devices()[:2]
+    )
+    with pytest.raises(
+        ValueError, match=r"mesh has Explicit axes \('context',\); context-parallel attention needs Auto"
+    ):
+        ring_attention(q, k, v, mesh=explicit)
     with pytest.raises(ValueError, match=r"length=10 must be a multiple of 2 \* parts = 8"):
         zigzag_permutation(10, 4)
 
