@@ -472,7 +472,8 @@ def test_attention_weights_are_captured(case):
     (w,) = weights
     tokens = math.prod(p.x.shape[1:-1])
     heads = case.build_options()["num_heads"]
-    assert w.shape == (p.x.shape[0], heads, tokens, tokens), f"attention_weights shape {w.shape}"
+    keys = CONTEXT_LENGTH if case.kind == "cross" else tokens  # cross-attention's keys are the context's tokens
+    assert w.shape == (p.x.shape[0], heads, tokens, keys), f"attention_weights shape {w.shape}"
     assert bool(jnp.all(w >= 0)), "attention weights must be non-negative"
     if case.name in WEIGHTS_NOT_NORMALIZED:
         assert bool(jnp.all(w <= 1)), f"{case.name}'s attention weights must lie in [0, 1]"
