@@ -1,6 +1,10 @@
 """`python -m eval.steer`: the effects of the steering systems (attn.steer) on a decoder trained here.
 
     python -m eval.steer [--workdir runs/steer_emphasis] [--output benchmarks/results/steer_cpu.json]
+    python -m eval.steer --vlm [--workdir runs/steer_vlm] [--output benchmarks/results/steer_vlm_cpu.json]
+
+With --vlm it measures the vision-language systems (var, vhr, damro, imbalance_fix, carve) on the prefix VLM of
+configs/steer_vlm.py instead (eval/steer_vlm.py says what).
 
 The model is the 2-layer decoder of configs/steer_emphasis.py, trained on the emphasis_qa task (train/data/
 emphasis.py) into --workdir when it holds no checkpoint (2.6 CPU-minutes measured on 2 shared cores). Measured on
@@ -45,6 +49,7 @@ from attn.steer import autopasta as autopasta_lib
 from attn.steer import pasta as pasta_lib
 from attn.steer import soft_injection as soft_lib
 from attn.steer.common import HeadConfig
+from eval import steer_vlm
 from eval.analysis.evaluator import layer_head_heatmap, layer_of, pyplot, unboxed
 from train.run import make_source, source_class
 
@@ -312,9 +317,9 @@ def plot(result: dict[str, Any], path: str) -> None:
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m eval.steer", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", default="runs/steer_emphasis", help="trained run (trained here when empty)")
-    parser.add_argument("--config", default=CONFIG, help="config file[:preset] used to train an empty workdir")
-    parser.add_argument("--output", default="benchmarks/results/steer_cpu.json", help="JSON path (+ PNG)")
+    parser.add_argument("--workdir", help="trained run (trained here when empty; default runs/steer_emphasis)")
+    parser.add_argument("--config", help=f"config file[:preset] used to train an empty workdir (default {CONFIG})")
+    parser.add_argument("--output", help="JSON path (+ PNG; default benchmarks/results/steer_cpu.json)")
     parser.add_argument("--rows", type=int, default=512, help="conflict rows measured")
     parser.add_argument("--profile-rows", type=int, default=256, help="rows for head profiling / calibration")
     parser.add_argument("--seed", type=int, default=1, help="seed of the profiling rows (measured rows: seed + 1)")
@@ -325,7 +330,12 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threshold", type=float, default=0.1, help="ACT's hidden-sink threshold")
     parser.add_argument("--fit-steps", type=int, default=100, help="soft injection: head-selection Adam steps")
     parser.add_argument("--no-plot", action="store_true", help="write only the JSON")
+    steer_vlm.add_arguments(parser)
     args = parser.parse_args(argv)
+    defaults = steer_vlm.DEFAULTS if args.vlm else ("runs/steer_emphasis", CONFIG, "benchmarks/results/steer_cpu.json")
+    for name, default in zip(("workdir", "config", "output"), defaults, strict=True):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     for name in ("rows", "profile_rows"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
@@ -336,7 +346,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     try:
         args = parse(argv)
         start = time.perf_counter()
-        result = measure(args)
+        result = steer_vlm.measure_vlm(args, trained_model) if args.vlm else measure(args)
+        result["device"] = DEVICE
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -346,8 +357,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         json.dump(result, f, indent=2)
         f.write("\n")
     if not args.no_plot:
-        plot(result, os.path.splitext(args.output)[0] + ".png")
-    summary = {k: result[k]["accuracy"] for k in ("baseline", "pasta", "autopasta", "act")}
+        (steer_vlm.plot_vlm if args.vlm else plot)(result, os.path.splitext(args.output)[0] + ".png")
+    systems = ("baseline", *steer_vlm.VLM_SYSTEMS) if args.vlm else ("baseline", "pasta", "autopasta", "act")
+    summary = {k: result[k]["accuracy"] for k in systems}
     print(f"eval.steer: accuracy {summary}; wrote {args.output}")
     return result
 

@@ -2,7 +2,8 @@
 either cross-attends to the image tokens or reads them as a prefix. Every attention is a registered mechanism.
 
     images float [B, H, W, C] -> image_encoder: patchify (patch_size) + learned positions -> vision_layers blocks
-      -> final norm -> [B, N, vision_d_model]  (N = H*W / patch_size^2)
+      -> final norm -> [B, N, vision_d_model]  (N = H*W / patch_size^2; with vision_cls_token a class token
+      joins the encoder as token 0 and is dropped here)
     -> projection (Dense) -> image tokens [B, N, d_model]
     tokens int [B, T] -> text decoder (num_layers blocks):
       fusion="cross"  (default) causal self-attention, then cross-attention to the image tokens, in every block
@@ -24,9 +25,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+import attn
 from attn.core.validation import check_choice
 from attn.models.encoder_decoder import ConditionedDecoder
-from attn.models.fields import AttentionOptions, hash_fields
+from attn.models.fields import AttentionOptions, hash_fields, per_layer_mechanisms
 from attn.models.trunk import block_stack
 from attn.models.vit import embed_patches, patch_grid
 
@@ -36,9 +38,12 @@ FUSIONS = ("cross", "prefix")
 
 
 class ImageEncoder(nn.Module):
-    """The ViT trunk without a head: images float [B, H, W, C] -> patch features [B, h*w, d_model] (final-normed).
+    """The ViT trunk without a head: images float [B, H, W, C] -> patch features [B, h*w, d_model] (final-normed),
+    or [B, 1 + h*w, d_model] with the class token first when `cls_token`.
 
-    Fields as in `ViT` (no class token, so "spatial" mechanisms see the h x w patch grid).
+    Fields as in `ViT`. Without a class token (the default) "spatial" mechanisms see the h x w patch grid; with one
+    (a learned `cls_token` parameter prepended as token 0, as `ViT` with pool="cls") the encoder needs "sequence"
+    mechanisms.
     """
 
     patch_size: int
@@ -55,6 +60,7 @@ class ImageEncoder(nn.Module):
     dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    cls_token: bool = False
 
     def __hash__(self) -> int:
         return hash_fields(self)
@@ -64,8 +70,15 @@ class ImageEncoder(nn.Module):
         if self.patch_size <= 0:
             raise ValueError(f"patch_size={self.patch_size} must be positive")
         grid = patch_grid(images, self.patch_size)
-        x = embed_patches(self, images, grid, cls_token=False, deterministic=deterministic)
-        return block_stack(self, x, deterministic=deterministic, grid=grid)
+        if self.cls_token:
+            for name in set(per_layer_mechanisms(self.attention, self.num_layers)):
+                if attn.get(name).input_kind == "spatial":
+                    raise ValueError(
+                        f"vision_attention={name!r} is a spatial mechanism and needs vision_cls_token=False (a class "
+                        "token has no place on the patch grid)"
+                    )
+        x = embed_patches(self, images, grid, cls_token=self.cls_token, deterministic=deterministic)
+        return block_stack(self, x, deterministic=deterministic, grid=None if self.cls_token else grid)
 
 
 class VisionLanguageModel(nn.Module):
@@ -97,6 +110,7 @@ class VisionLanguageModel(nn.Module):
     vision_mlp_dim: int | None = None
     vision_attention: str | Sequence[str] = "softmax"
     vision_attention_options: AttentionOptions = dataclasses.field(default_factory=dict)
+    vision_cls_token: bool = False
     fusion: str = "cross"
     head_dim: int | None = None
     num_kv_heads: int | None = None
@@ -132,6 +146,7 @@ class VisionLanguageModel(nn.Module):
             attention_options=self.vision_attention_options,
             norm=self.norm,
             mlp=self.mlp,
+            cls_token=self.vision_cls_token,
             **args,
         )
         self.projection = nn.Dense(
@@ -167,6 +182,8 @@ class VisionLanguageModel(nn.Module):
         if lengths is not None:
             raise ValueError("images have no padding: lengths must be None")
         features = self.image_encoder(images, deterministic=deterministic)
+        if self.vision_cls_token:
+            features = features[:, 1:]  # the class token stays in the encoder
         tokens = self.projection(features)
         return nn.with_logical_constraint(tokens, ("batch", "length", "embed"))
 
