@@ -3,6 +3,7 @@
     python -m eval.techniques --config configs/lm_techniques.py             # σReparam vs baseline
     python -m eval.techniques --config configs/lm_techniques.py:entropy_reg --name techniques_entropy_reg
     python -m eval.techniques --config configs/lm_techniques.py --set optimizer.learning_rate=0.03
+    python -m eval.techniques --config configs/mil_tiny.py --presets ,aem,acmil,mhim --name techniques_mil_cpu
 
 The config names the technique(s) in `config.techniques`; the baseline is the same config with `techniques = []`.
 Both runs go through the trainer (`train.run.train`) in temporary workdirs; the evaluator reads their logged
@@ -13,6 +14,12 @@ Writes benchmarks/results/<name>.json (config, device, per-step series of both r
 per-layer entropy each run reached and the final losses, and whether a run diverged) and <name>.png (entropy per
 layer over steps, both runs, and the train loss). A run that diverges (nan/inf loss) is recorded up to its last
 logged step, with `diverged_at`.
+
+With `--presets a,b,...` it instead trains each preset of the config file (the empty name is the config's default)
+with the same seed, data and steps — for techniques that come with their own model fields, such as ACMIL's
+attention branches — and records every preset's eval metrics over steps ("eval/<name>", e.g. the MIL task's
+accuracy, instance_auc, top1_hit, positive_mass); the PNG shows the final eval metrics side by side and the eval
+accuracy over steps.
 """
 
 from __future__ import annotations
@@ -97,9 +104,12 @@ def _train_and_read(config: ml_collections.ConfigDict) -> dict[str, Any]:
         except TrainingDiverged as error:
             diverged_at = str(error)
         rows = _read_rows(os.path.join(workdir, "metrics.jsonl"))
-    out: dict[str, Any] = {"train_loss": {}, "eval_loss": {}, "entropy": {}, "technique_scalars": {}}
+    out: dict[str, Any] = {"train_loss": {}, "eval_loss": {}, "entropy": {}, "technique_scalars": {}, "eval": {}}
     for row in rows:
         step = int(row["step"])
+        for key, value in row.items():
+            if key.startswith("eval/"):
+                out["eval"].setdefault(key.removeprefix("eval/"), {})[step] = value
         if "train/loss" in row:
             out["train_loss"][step] = row["train/loss"]
         if "eval/loss" in row:
@@ -172,6 +182,100 @@ def plot(record: dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
+@dataclasses.dataclass
+class PresetComparison:
+    """Trains several presets of one config file, same seed and steps, and records their eval metrics.
+
+    Attributes:
+      config_path: the config file (`get_config(preset)`).
+      presets: preset names ("" = the default).
+      name: output file stem under `out_dir`.
+      out_dir: where the JSON and PNG go.
+      overrides: FIELD=VALUE strings applied to every preset (as --set).
+    """
+
+    config_path: str
+    presets: tuple[str, ...]
+    name: str = "techniques_presets"
+    out_dir: str = RESULTS
+    overrides: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.presets) < 2:
+            raise ValueError(f"presets={self.presets!r} must name at least two presets to compare")
+
+    def run(self) -> dict[str, Any]:
+        """Every preset's run; returns the record (also written as JSON + PNG)."""
+        from train.run import load_config_file
+
+        runs, configs = {}, {}
+        for preset in self.presets:
+            config = load_config_file(f"{self.config_path}:{preset}" if preset else self.config_path)
+            for override in self.overrides:
+                _override(config, override)
+            label = preset or "default"
+            configs[label] = _plain(config.to_dict())
+            runs[label] = _train_and_read(config)
+        record = {
+            "evaluator": "eval.techniques --presets",
+            "device": f"{jax.devices()[0].platform} ({jax.devices()[0].device_kind}), {os.cpu_count()} cores",
+            "jax": jax.__version__,
+            "config": self.config_path,
+            "overrides": list(self.overrides),
+            "configs": configs,
+            "runs": runs,
+            "summary": {label: _preset_summary(run) for label, run in runs.items()},
+        }
+        os.makedirs(self.out_dir, exist_ok=True)
+        with open(os.path.join(self.out_dir, f"{self.name}.json"), "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=1)
+        plot_presets(record, os.path.join(self.out_dir, f"{self.name}.png"))
+        return record
+
+
+def _preset_summary(run: dict[str, Any]) -> dict[str, Any]:
+    """The final value of every eval metric, the final train loss, and the run's time and divergence."""
+    final = {name: series[max(series)] for name, series in run["eval"].items() if series}
+    train = run["train_loss"]
+    return {
+        "final_eval": final,
+        "final_train_loss": train[max(train)] if train else None,
+        "diverged": run["diverged_at"] is not None,
+        "seconds": run["seconds"],
+    }
+
+
+def plot_presets(record: dict[str, Any], path: str) -> None:
+    """Left: the final eval metrics in [0, 1] (accuracy, localisation) per preset, grouped bars; right: eval
+    accuracy over steps per preset."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(record["runs"])
+    finals = [record["summary"][label]["final_eval"] for label in labels]
+    metrics = sorted({m for final in finals for m, v in final.items() if m != "loss" and 0.0 <= v <= 1.0})
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    width = 0.8 / max(len(labels), 1)
+    for index, (label, final) in enumerate(zip(labels, finals, strict=True)):
+        xs = [m + index * width for m in range(len(metrics))]
+        left.bar(xs, [final.get(name, float("nan")) for name in metrics], width, label=label)
+    left.set_xticks([m + 0.4 - width / 2 for m in range(len(metrics))], metrics, fontsize=8)
+    left.set(ylabel="final eval value", ylim=(0, 1), title="final evaluation")
+    for label in labels:
+        series = record["runs"][label]["eval"].get("accuracy", {})
+        steps = sorted(series, key=int)
+        right.plot([int(s) for s in steps], [series[s] for s in steps], marker="o", label=label)
+    right.set(xlabel="step", ylabel="eval accuracy", title="eval accuracy over steps")
+    left.legend(fontsize=8)
+    right.legend(fontsize=8)
+    fig.suptitle(f"{record['config']}: presets side by side, same seed and steps ({record['device']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _override(config: ml_collections.ConfigDict, override: str) -> None:
     """Sets `dotted.field=value` (value a Python literal, else a string); ValueError naming an unknown field."""
     from train.run import unknown_override_message
@@ -202,8 +306,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field (Python literal)"
     )
+    parser.add_argument(
+        "--presets", default=None, help="compare these presets of --config instead (comma-separated, '' = default)"
+    )
     args = parser.parse_args(argv)
     from train.run import load_config_file
+
+    if args.presets is not None:
+        overrides = tuple(args.set)
+        if args.steps is not None:
+            overrides += (f"total_steps={args.steps}", f"checkpoint_every={args.steps}")
+        presets = tuple(name.strip() for name in args.presets.split(","))
+        comparison = PresetComparison(args.config, presets, name=args.name or "techniques_presets", overrides=overrides)
+        record = comparison.run()
+        print(json.dumps(record["summary"], indent=1))
+        return record
 
     config = load_config_file(args.config)
     for override in args.set:

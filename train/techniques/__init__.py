@@ -4,10 +4,22 @@
     config.techniques = [{"name": "sigma_reparam", "gamma_init": "one"}]
 
 Registered: sigma_reparam (σReparam, [159]), entropy_reg (entropy regularisation, [126]), meap (masked inputs in
-next-token training, [158]).
+next-token training, [158]); for attention-MIL models (model.kind "mil"): aem (attention entropy maximisation, [88]),
+acmil (multi-branch attention losses, [142]), mhim (masked hard instance mining with a momentum teacher, [165]).
+For softmax models (decoder, encoder, vit): attention_at (adversarial perturbations of the attention logits, [16]),
+attention_vat (virtual adversarial perturbations of them, [92]).
 """
 
-from train.techniques import entropy_reg, meap, sigma_reparam  # noqa: F401  (registers)
+from train.techniques import (  # noqa: F401  (registers)
+    acmil,
+    aem,
+    attention_at,
+    attention_vat,
+    entropy_reg,
+    meap,
+    mhim,
+    sigma_reparam,
+)
 from train.techniques.base import (
     TECHNIQUE_PARAMS,
     TECHNIQUES,

@@ -8,6 +8,9 @@ is without techniques, and so do techniques whose options make them no-ops (`act
 The hooks a technique may implement, in the order the train step calls them:
 
     transform_batch(batch, rng, step) -> batch                  before the forward (masking tokens, noise)
+    transform_batch_with_params(batch, rng, step, params,       the same, for techniques that read the current
+        variables) -> batch                                      parameters (a teacher model's forward); default:
+                                                                 transform_batch
     init_variables(rng, params) -> variables                     once, at init: extra variables of the technique,
                                                                  stored in the train state under
                                                                  params["techniques"][name] (checkpointed, sharded
@@ -18,6 +21,11 @@ The hooks a technique may implement, in the order the train step calls them:
                                                                  optimizer step (train step only)
     loss(logits, collections, batch, variables)                  after the forward: an auxiliary loss (already
         -> (scalar, metrics)                                     weighted) and float32 scalars for TensorBoard
+    forward_loss(forward, params, logits, batch, rng)            the same, for techniques that run the model again
+        -> (scalar, metrics)                                     (adversarial perturbations): forward(params, batch)
+                                                                 is the train forward (same dropout), params the full
+                                                                 differentiable parameter tree; called only when
+                                                                 `uses_forward` is True
 
 A technique's variables are trainable (their gradients reach the optimizer; AdamW's decay_mask decays leaves of
 two or more axes, so keep them scalars and vectors unless decay is meant) except those named in `state_variables`,
@@ -66,6 +74,7 @@ class Technique:
       collections: flax collections the train forward must make mutable for `loss` (e.g. "intermediates").
       state_variables: names of the top-level entries of its variables that are not trained (see module doc).
       needs_attention_weights: the model's mechanism must expose a probability matrix (config check).
+      uses_forward: the technique runs the model again in `forward_loss` (the train step then passes it the forward).
     """
 
     name: ClassVar[str] = ""
@@ -76,6 +85,7 @@ class Technique:
     collections: ClassVar[tuple[str, ...]] = ()
     state_variables: ClassVar[tuple[str, ...]] = ()
     needs_attention_weights: ClassVar[bool] = False
+    uses_forward: ClassVar[bool] = False
 
     def __init__(self, **values: Any) -> None:
         for key in values:
@@ -108,6 +118,14 @@ class Technique:
         this step's key for the technique, `step` the int32 [] optimizer step."""
         return batch
 
+    def transform_batch_with_params(
+        self, batch: dict[str, jax.Array], rng: jax.Array, step: jax.Array, params: Any, variables: Mapping[str, Any]
+    ) -> dict[str, jax.Array]:
+        """`transform_batch` with the train state's model parameters `params` (without params["techniques"]) and
+        the technique's own `variables`, both constants here (no gradient flows into them); it may add batch keys
+        for `loss` (e.g. a teacher's outputs). Default: transform_batch(batch, rng, step)."""
+        return self.transform_batch(batch, rng, step)
+
     def init_variables(self, rng: jax.Array, params: Any) -> dict[str, Any]:
         """Extra variables from the model's (boxed or plain) initial parameters; {} for none."""
         return {}
@@ -131,6 +149,14 @@ class Technique:
     def variable_metrics(self, variables: Mapping[str, Any]) -> dict[str, jax.Array]:
         """Float32 scalars of its variables after the step (e.g. the learned scales); {} for none."""
         return {}
+
+    def forward_loss(
+        self, forward: Any, params: Any, logits: Any, batch: Mapping[str, jax.Array], rng: jax.Array
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(weighted auxiliary loss, scalars) from further forwards `forward(params, batch) -> logits` of the model
+        (the train forward: same dropout key, techniques' parameter transforms applied), the full parameter tree
+        `params` (differentiable), the clean forward's `logits` and `batch`; `rng` is this step's key for it."""
+        return jnp.float32(0.0), {}
 
 
 # --- registry -------------------------------------------------------------------------------------------------
@@ -237,9 +263,21 @@ class TechniquePlan:
             wanted.append(TECHNIQUE_PARAMS)
         return tuple(dict.fromkeys(wanted))
 
-    def transform_batch(self, batch: dict[str, jax.Array], rng: jax.Array, step: jax.Array) -> dict[str, jax.Array]:
+    def transform_batch(
+        self, batch: dict[str, jax.Array], rng: jax.Array, step: jax.Array, params: Mapping[str, Any] | None = None
+    ) -> dict[str, jax.Array]:
+        """The batch after every technique's batch hook; with the full parameter tree `params` (the train state's),
+        each technique's `transform_batch_with_params` sees the model parameters and its own variables."""
+        if params is not None:
+            params = jax.lax.stop_gradient(dict(params))
+            variables = params.pop(TECHNIQUE_PARAMS, {})
         for index, technique in enumerate(self.techniques):
-            batch = technique.transform_batch(batch, jax.random.fold_in(rng, index), step)
+            key = jax.random.fold_in(rng, index)
+            if params is None:
+                batch = technique.transform_batch(batch, key, step)
+            else:
+                own = variables.get(technique.name, {})
+                batch = technique.transform_batch_with_params(batch, key, step, params, own)
         return batch
 
     def init_variables(self, rng: jax.Array, params: Any) -> dict[str, Any]:
@@ -282,17 +320,34 @@ class TechniquePlan:
             variables[name] = {**variables[name], **changed}
         return {**params, TECHNIQUE_PARAMS: variables}
 
+    @property
+    def uses_forward(self) -> bool:
+        """Whether a technique runs further forwards of the model (the train step then passes `forward` to loss)."""
+        return any(t.uses_forward for t in self.techniques)
+
     def loss(
-        self, params: Mapping[str, Any], logits: jax.Array, collections: Mapping[str, Any], batch: Mapping[str, Any]
+        self,
+        params: Mapping[str, Any],
+        logits: jax.Array,
+        collections: Mapping[str, Any],
+        batch: Mapping[str, Any],
+        forward: Any = None,
+        rng: jax.Array | None = None,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """The summed auxiliary losses and every technique's scalars as "technique/<name>/<scalar>"; `params` is
-        the full parameter tree (the techniques' variables under "techniques")."""
+        the full parameter tree (the techniques' variables under "techniques"); `forward(params, batch) -> logits`
+        and `rng` are given to the techniques that use further forwards."""
         total, metrics = jnp.float32(0.0), {}
         variables = params.get(TECHNIQUE_PARAMS, {})
-        for technique in self.techniques:
+        for index, technique in enumerate(self.techniques):
             own = variables.get(technique.name, {})
             own = {k: jax.lax.stop_gradient(v) if k in technique.state_variables else v for k, v in own.items()}
             value, scalars = technique.loss(logits, collections, batch, own)
+            if technique.uses_forward:
+                if forward is None or rng is None:
+                    raise ValueError(f"technique {technique.name!r} runs the model again: pass forward= and rng=")
+                more, extra = technique.forward_loss(forward, params, logits, batch, jax.random.fold_in(rng, index))
+                value, scalars = value + more, {**scalars, **extra}
             total = total + value
             metrics.update({f"technique/{technique.name}/{key}": v for key, v in scalars.items()})
         return total, metrics
