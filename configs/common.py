@@ -34,6 +34,9 @@ def base_config() -> ConfigDict:
     config.techniques = ()
     config.loss_weights = ConfigDict()  # weights of the auxiliary losses in the objective
     config.loss_weights.losses = 1.0  # the "losses" collection the mechanisms sow (their own coefficients x this)
+    # Analysis tools run during training (eval.analysis.train_with_evals passes them in; `python -m train` cannot
+    # import eval): a tuple of {"tool": ..., "every": N, "options": {...}}; results in <workdir>/evals.jsonl.
+    config.evals = ()
 
     config.model = ConfigDict()  # the network: kind, size, attention mechanism
     config.model.kind = "decoder"  # "decoder" (causal LM), "encoder" (mlm / classification) or "vit"

@@ -46,6 +46,7 @@ RUN_FIELDS: dict[str, frozenset[str]] = {
             "allow_changes",
             "techniques",
             "loss_weights",
+            "evals",
         }
     ),
     "loss_weights": frozenset({"losses"}),
@@ -71,9 +72,9 @@ RUN_FIELDS: dict[str, frozenset[str]] = {
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 # Run-level fields a config may leave out (configs written before they existed still load).
-OPTIONAL_RUN_FIELDS = frozenset({"allow_changes", "techniques", "loss_weights"})
+OPTIONAL_RUN_FIELDS = frozenset({"allow_changes", "techniques", "loss_weights", "evals"})
 # Their values when absent: a checkpoint saved before a field existed resumes under a config holding its default.
-OPTIONAL_DEFAULTS: dict[str, Any] = {"techniques": [], "loss_weights.losses": 1.0}
+OPTIONAL_DEFAULTS: dict[str, Any] = {"techniques": [], "loss_weights.losses": 1.0, "evals": []}
 
 
 def check_config(config: Mapping[str, Any]) -> None:
@@ -84,6 +85,7 @@ def check_config(config: Mapping[str, Any]) -> None:
     _check_model(config["model"])
     _check_data(config["data"])
     _check_techniques(config)
+    check_evals(config.get("evals") or [])
 
 
 def as_dict(config: Any) -> dict[str, Any]:
@@ -265,6 +267,31 @@ def _check_techniques(config: Mapping[str, Any]) -> None:
         raise ConfigError(str(error).splitlines()[0]) from None
 
 
+# --- cadence evaluators (config.evals) ------------------------------------------------------------------------
+
+EVAL_ENTRY_FIELDS = frozenset({"tool", "every", "options", "batch_size", "num_batches"})
+
+
+def check_evals(evals: Any) -> None:
+    """ConfigError unless `evals` is a list of {tool: str, every: int > 0, options: dict (optional), batch_size,
+    num_batches: int > 0 (optional)} (which tools exist is checked by the trainer against the evaluators it got)."""
+    if not isinstance(evals, list | tuple):
+        raise ConfigError(f"evals={evals!r} must be a list of {{tool, every, options}} dicts")
+    for i, entry in enumerate(evals):
+        entry = as_dict(entry)
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("tool"), str):
+            raise ConfigError(f"evals[{i}]={entry!r} must be a dict with 'tool' (a name) and 'every' (steps)")
+        unknown = sorted(set(entry) - EVAL_ENTRY_FIELDS)
+        if unknown:
+            raise ConfigError(f"evals[{i}] has unknown fields {unknown}; valid: {', '.join(sorted(EVAL_ENTRY_FIELDS))}")
+        for name in ("every", "batch_size", "num_batches"):
+            value = entry.get(name, 1 if name != "every" else None)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"evals[{i}].{name}={value!r} must be a positive int")
+        if not isinstance(entry.get("options") or {}, Mapping):
+            raise ConfigError(f"evals[{i}].options={entry['options']!r} must be a dict of the tool's options")
+
+
 # --- data ------------------------------------------------------------------------------------------------
 
 
@@ -325,7 +352,17 @@ def check_batch_against_mesh(batch_size: int, mesh: jax.sharding.Mesh) -> None:
 # stream, nor the optimization (a field named here covers everything under it). Any other difference is
 # refused unless --config.allow_changes names it.
 RESUME_FREE_FIELDS = frozenset(
-    {"log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "eval", "mesh", "distributed", "allow_changes"}
+    {
+        "log_every",
+        "eval_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "eval",
+        "evals",
+        "mesh",
+        "distributed",
+        "allow_changes",
+    }
 )
 
 

@@ -55,10 +55,13 @@ __all__ = [
 TrainResult = trainer.RunResult
 
 
-def train(config: Mapping[str, Any], workdir: str, *, stop_at_step: int | None = None) -> TrainResult:
+def train(
+    config: Mapping[str, Any], workdir: str, *, stop_at_step: int | None = None, evaluators: Any = None
+) -> TrainResult:
     """Trains `config` in `workdir` exactly as `python -m train` does, resuming from the latest checkpoint there
-    (a finished run returns at once). `stop_at_step` ends it early after that step, with a checkpoint."""
-    return trainer.run(config, workdir, stop_at_step=stop_at_step)
+    (a finished run returns at once). `stop_at_step` ends it early after that step, with a checkpoint.
+    `evaluators` ({tool: callable}) run the config.evals entries at their cadence (trainer.run)."""
+    return trainer.run(config, workdir, stop_at_step=stop_at_step, evaluators=evaluators)
 
 
 @dataclasses.dataclass

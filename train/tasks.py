@@ -9,6 +9,11 @@
              cross-entropy and token accuracy (the encoder reads `sources`, the decoder `inputs`)
     vlm      batch {images, inputs, targets, weights} -> cross-entropy and accuracy at the weighted (answer)
              positions of the text decoder
+    dit      batch {images, captions, noise, times} -> flow matching (rectified flow): the model sees
+             x_t = (1 - t) x0 + t noise (x0 = images scaled to [-1, 1]) and predicts the velocity noise - x0; loss is
+             the mean squared error per example (no accuracy)
+    mil      batch {instances, lengths, labels, instance_labels [, weights]} -> bag cross-entropy and accuracy, and
+             the localisation of the bag attention: instance_auc, top1_hit, positive_mass over the positive bags
 
 Losses are weighted means. `loss_sums` returns sums (loss, correct predictions, weight) so that evaluation
 over several batches averages over tokens/examples exactly, not over batches.
@@ -26,8 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import attn.models
+from attn.models import dit, mil
 
-MODEL_KINDS = ("decoder", "encoder", "vit", "cnn", "encoder_decoder", "vlm")
+MODEL_KINDS = ("decoder", "encoder", "vit", "cnn", "encoder_decoder", "vlm", "dit", "mil")
 
 # Registry input kinds each model's `attention` field accepts (vit's spatial mechanisms attend over the patch grid;
 # the cnn's attention is a channel mechanism; encoder_decoder's and vlm's `attention` is the decoder's causal
@@ -39,6 +45,8 @@ INPUT_KINDS: dict[str, tuple[str, ...]] = {
     "cnn": ("channels",),
     "encoder_decoder": ("sequence",),
     "vlm": ("sequence",),
+    "dit": ("sequence", "spatial"),
+    "mil": ("sequence",),
 }
 
 # Kinds whose batches are {images, labels}: one class per image.
@@ -103,6 +111,10 @@ class Task:
             args, kwargs = (batch["sources"], batch["inputs"]), {"src_lengths": batch.get("source_lengths")}
         elif self.kind == "vlm":
             args, kwargs = (batch["images"], batch["inputs"]), {}
+        elif self.kind == "dit":
+            args, kwargs = _flow_inputs(batch), {}
+        elif self.kind == "mil":  # returns attn.models.mil.MILOutput(logits, attention)
+            args, kwargs = (batch["instances"],), {"lengths": batch.get("lengths"), "keep": batch.get("keep")}
         elif self.kind == "encoder":
             args, kwargs = (batch["inputs"],), {"lengths": batch.get("lengths")}
         else:
@@ -118,11 +130,23 @@ class Task:
             return self.model.init(rng, dummy["sources"], dummy["inputs"])
         if self.kind == "vlm":
             return self.model.init(rng, dummy["images"], dummy["inputs"])
+        if self.kind == "dit":
+            return self.model.init(rng, *_flow_inputs(dummy))
+        if self.kind == "mil":
+            return self.model.init(rng, dummy["instances"])
         return self.model.init(rng, dummy["inputs"])
 
     def loss_sums(self, logits: jax.Array, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-        """Float32 scalars: "loss_sum" (weighted cross-entropy, nats), "correct" and "weight" sums."""
-        if self.kind in IMAGE_CLASSIFIERS or self.head == "classification":
+        """Float32 scalars: "loss_sum" (weighted cross-entropy, nats; dit: squared velocity error, mean per example),
+        "correct" and "weight" sums."""
+        if self.kind == "dit":
+            return _flow_loss_sums(logits, batch)
+        extra = {}
+        if self.kind == "mil":  # MILOutput: bag logits and attention; plus the localisation sums
+            lengths = batch.get("lengths")
+            extra = mil.localization_sums(logits.attention, batch["instance_labels"], batch["labels"], lengths)
+            logits = logits.logits
+        if self.kind in IMAGE_CLASSIFIERS or self.head == "classification" or self.kind == "mil":
             labels = batch["labels"]
             weights = batch.get("weights", jnp.ones(labels.shape, jnp.float32))
         else:
@@ -135,12 +159,19 @@ class Task:
             "loss_sum": jnp.sum(nll * weights),
             "correct": jnp.sum(correct * weights),
             "weight": jnp.sum(weights),
+            **extra,
         }
 
     def metrics(self, sums: Mapping[str, Any]) -> dict[str, Any]:
         """ "loss" (mean nats), "accuracy" and, for language models, "perplexity" = exp(loss)."""
         weight = jnp.maximum(sums["weight"], 1e-9)
         loss = sums["loss_sum"] / weight
+        if self.kind == "dit":
+            return {"loss": loss}
+        if self.kind == "mil":
+            bags = jnp.maximum(sums["positive_bags"], 1.0)
+            names = ("instance_auc", "top1_hit", "positive_mass")
+            return {"loss": loss, "accuracy": sums["correct"] / weight} | {n: sums[f"{n}_sum"] / bags for n in names}
         out = {"loss": loss, "accuracy": sums["correct"] / weight}
         if self.is_language_model:
             out["perplexity"] = jnp.exp(loss)
@@ -152,6 +183,12 @@ class Task:
         throughput is counted in images)."""
         if self.kind == "cnn":
             return 1
+        if self.kind == "mil":
+            return int(batch_spec["instances"][0][1])
+        if self.kind == "dit":
+            height, width = batch_spec["images"][0][1:3]
+            patches = (height // self.model.patch_size) * (width // self.model.patch_size)
+            return patches + int(batch_spec["captions"][0][1])
         if self.kind in ("vit", "vlm"):
             height, width = batch_spec["images"][0][1:3]
             patches = (height // self.model.patch_size) * (width // self.model.patch_size)
@@ -161,6 +198,20 @@ class Task:
         if self.kind == "encoder_decoder":
             return int(batch_spec["sources"][0][1]) + int(batch_spec["inputs"][0][1])
         return int(batch_spec["inputs"][0][1])
+
+
+def _flow_inputs(batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(x_t, times, captions) of a dit batch: x_t interpolates the images (scaled to [-1, 1]) toward the noise."""
+    x0 = dit.to_model_range(batch["images"])
+    return dit.flow_interpolate(x0, batch["noise"], batch["times"]), batch["times"], batch["captions"]
+
+
+def _flow_loss_sums(velocity: jax.Array, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """Sum over examples of the mean squared error between the predicted and the true velocity; weight = examples."""
+    target = dit.flow_velocity(dit.to_model_range(batch["images"]), batch["noise"])
+    error = jnp.mean(jnp.square(velocity.astype(jnp.float32) - target), axis=tuple(range(1, target.ndim)))
+    count = jnp.float32(error.shape[0])
+    return {"loss_sum": jnp.sum(error), "correct": jnp.float32(0.0), "weight": count}
 
 
 def build_task(model_config: Mapping[str, Any], compute_dtype: str = "float32") -> Task:
@@ -195,6 +246,8 @@ def attention_layout(task: Task) -> tuple[int, int, int]:
     if task.kind == "encoder_decoder":
         encoder_layers = model.num_layers if model.encoder_layers is None else model.encoder_layers
         layers = encoder_layers + 2 * model.num_layers
+    elif task.kind == "dit":
+        layers = model.caption_layers + model.num_layers * (1 if model.cross_attention is None else 2)
     elif task.kind == "vlm":
         layers = model.vision_layers + model.num_layers * (2 if model.fusion == "cross" else 1)
     return layers, model.num_heads, head_dim

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -310,7 +311,7 @@ def make_train_step(s: Setup, layout: StateLayout) -> tuple[Any, float]:
     def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
         dropout_rng = jax.random.fold_in(rng, state.step)
         if plan is not None:  # technique hook: before the forward (its own key, not the dropout key)
-            batch = plan.transform_batch(batch, jax.random.fold_in(dropout_rng, 1), state.step)
+            batch = plan.transform_batch(batch, jax.random.fold_in(dropout_rng, 1), state.step, state.params)
 
         def loss_fn(params: Any) -> tuple[jax.Array, tuple[Any, ...]]:
             logits, collections = task.apply(
@@ -326,7 +327,15 @@ def make_train_step(s: Setup, layout: StateLayout) -> tuple[Any, float]:
             if plan is None:
                 return loss, (sums, aux, {}, {})
             # Technique hook: after the forward (weighted auxiliary losses, their scalars, state updates).
-            extra, technique_metrics = plan.loss(params, logits, collections, batch)
+            forward = None
+            if plan.uses_forward:  # techniques that run the model again (adversarial perturbations)
+
+                def forward(p: Any, b: Any) -> Any:
+                    return task.apply({"params": p}, b, deterministic=False, rng=dropout_rng)
+
+            extra, technique_metrics = plan.loss(
+                params, logits, collections, batch, forward=forward, rng=jax.random.fold_in(dropout_rng, 2)
+            )
             return loss + extra, (sums, aux, technique_metrics, collections.get(techniques.TECHNIQUE_PARAMS, {}))
 
         (_, (sums, aux, technique_metrics, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -478,12 +487,73 @@ def train_flops_per_token(num_params: int, num_layers: int, num_heads: int, head
 # ======================================================================================================
 
 
+# ======================================================================================================
+# Cadence evaluators (config.evals)
+# ======================================================================================================
+
+# config.evals: a list of {tool, every, options, batch_size (8), num_batches (1)}. Every `every` steps and at the
+# last step, evaluator(task, params, batches, options) -> (result, scalars) runs on the first `num_batches`
+# batches of `batch_size` rows of the validation split (the same rows every time); the result is appended to
+# <workdir>/evals.jsonl as {"step", "tool", "result"} and the scalars go to TensorBoard as evals/<tool>/<name>.
+# train never imports eval (tests/core/test_layering.py), so the evaluators are passed in by the caller:
+# `run(config, workdir, evaluators={tool: callable})`; eval.analysis.cadence_evaluators() builds them for the
+# analysis tools and eval.analysis.train_with_evals(config, workdir) trains with them.
+CadenceEvaluator = Callable[[Any, Any, list, Mapping[str, Any]], tuple[Mapping[str, Any], Mapping[str, float]]]
+
+
+def cadence_entries(
+    config: ml_collections.ConfigDict, evaluators: Mapping[str, CadenceEvaluator], divisor: int
+) -> list[dict]:
+    """config.evals as plain dicts; ConfigError for a tool without an evaluator in `evaluators` or a batch_size that
+    is not a multiple of `divisor` (the batch-sharded mesh axes x processes)."""
+    entries = [config_checks.as_dict(entry) for entry in config.get("evals") or []]
+    for i, entry in enumerate(entries):
+        if entry.get("batch_size", 8) % divisor:
+            raise ConfigError(
+                f"evals[{i}].batch_size={entry.get('batch_size', 8)} must be a multiple of {divisor} (the mesh)"
+            )
+        if entry["tool"] not in evaluators:
+            given = ", ".join(sorted(evaluators)) or "none"
+            raise ConfigError(
+                f"evals[{i}].tool={entry['tool']!r} has no evaluator in this run (given: {given}); `python -m "
+                "train` cannot import eval: train with eval.analysis.train_with_evals(config, workdir)"
+            )
+    return entries
+
+
+def run_cadence_evals(
+    s: Setup, evaluators: Mapping[str, CadenceEvaluator], entries: list[dict], step: int, params: Any, writer: Any
+) -> None:
+    """Runs the config.evals entries due at `step` (see the section comment); the last step runs them all."""
+    last = step == s.config.total_steps
+    options = {key: value for key, value in s.config.data.to_dict().items() if key != "name" and value is not None}
+    for entry in entries:
+        if not (last or step % entry["every"] == 0):
+            continue
+        source = make_source(
+            s.config.data.name,
+            split="valid",
+            batch_size=entry.get("batch_size", 8),
+            seq_len=s.config.seq_len,
+            seed=s.config.seed,
+            **options,
+        )
+        batches = [source.next_batch() for _ in range(entry.get("num_batches", 1))]
+        with tracing_context(s):
+            result, scalars = evaluators[entry["tool"]](s.task, params, batches, dict(entry.get("options") or {}))
+        writer.scalars(step, {f"evals/{entry['tool']}/{name}": value for name, value in scalars.items()})
+        if s.is_primary:
+            with open(os.path.join(s.workdir, "evals.jsonl"), "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, "tool": entry["tool"], "result": result}) + "\n")
+
+
 def run(
     config: Mapping[str, Any],
     workdir: str,
     *,
     stop_at_step: int | None = None,
     guard: PreemptionGuard | None = None,
+    evaluators: Mapping[str, CadenceEvaluator] | None = None,
 ) -> RunResult:
     """Trains `config` in `workdir`, resuming from the newest checkpoint there that verifies.
 
@@ -491,7 +561,8 @@ def run(
     schedule still follows `total_steps`); rerunning continues from there. `guard` is an entered
     `PreemptionGuard` (`python -m train` installs one before JAX loads); without one, `run` installs its own
     before setup, so a SIGTERM during setup or compilation returns `RunResult(preempted=True)` at step
-    `start_step`, having saved nothing.
+    `start_step`, having saved nothing. `evaluators` ({tool: callable}) run the config.evals entries at their
+    cadence (see "Cadence evaluators"); every tool config.evals names must be among them.
 
     The workdir is locked for the run (`WorkdirLocked` if another run holds it). On resume the config saved
     with the checkpoint is compared to `config`: differences in the model, the data or the optimization are
@@ -510,6 +581,8 @@ def run(
         if guard is None:
             guard = stack.enter_context(PreemptionGuard())
         s = setup(config, workdir)
+        divisor = mesh_lib.batch_size_divisor(s.mesh) * jax.process_count()
+        cadence = (dict(evaluators or {}), cadence_entries(s.config, evaluators or {}, divisor))
         if guard.should_stop:
             return _stopped_before_first_step(0, None)
         lock = lock_workdir(s.workdir, process_index=jax.process_index(), process_count=jax.process_count())
@@ -536,7 +609,7 @@ def run(
         # this workdir are dropped, so each step is logged once.
         writer = MetricWriter(s.workdir, is_primary=s.is_primary, purge_step=start_step + 1 if start_step else 0)
         stack.push(_quiet_on_error(writer.close))
-        return _train_loop(s, layout, steps, checkpointer, writer, guard, state, rng, start_step, end_step)
+        return _train_loop(s, layout, steps, checkpointer, writer, guard, state, rng, start_step, end_step, cadence)
 
 
 def _quiet_on_error(close: Any) -> Any:
@@ -623,8 +696,10 @@ def _train_loop(
     rng: jax.Array,
     start_step: int,
     end_step: int,
+    cadence: tuple[Mapping[str, CadenceEvaluator], list[dict]] = ({}, []),
 ) -> RunResult:
-    """Steps from `start_step` to `end_step`; logs, evaluates, checkpoints, stops on SIGTERM or nan.
+    """Steps from `start_step` to `end_step`; logs, evaluates, checkpoints, stops on SIGTERM or nan; runs the
+    config.evals evaluators (`cadence`: evaluators, entries) at their steps.
 
     Every step polls the asynchronous checkpoint save, so a failed write stops the run at the next step.
     Every step's train metrics land in exactly one logged row: when the run stops between two log steps
@@ -662,9 +737,10 @@ def _train_loop(
         log_now = step % config.log_every == 0 or last
         eval_now = last or (config.eval_every > 0 and step % config.eval_every == 0)
         save_now = last or step % config.checkpoint_every == 0
+        cadence_now = bool(cadence[1]) and (last or any(step % entry["every"] == 0 for entry in cadence[1]))
         preempted = guard.should_stop  # a collective with several processes: every process asks
         stop_now = preempted or step == end_step
-        if not (log_now or eval_now or save_now or stop_now):
+        if not (log_now or eval_now or save_now or stop_now or cadence_now):
             continue
 
         # Fetching waits for the device; every pending loss is checked before anything is saved.
@@ -682,6 +758,8 @@ def _train_loop(
             eval_metrics = evaluate(s, steps, state.params)
             writer.scalars(step, eval_metrics)
             log(f"eval at step {step}: " + _format(eval_metrics, "eval/"))
+        if cadence_now:
+            run_cadence_evals(s, *cadence, step, state.params, writer)
         if save_now or stop_now:
             data_state = s.train_source.get_state()
             checkpointer.save(step, state=state, data_state=data_state, rng=rng, config=config.to_dict(), force=True)

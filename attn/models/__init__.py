@@ -6,9 +6,11 @@ EncoderDecoder       src int [B, Ts] (+ src_lengths), tgt int [B, Tt] -> logits 
 VisionLanguageModel  images float [B, H, W, C], tokens int [B, T] -> logits float32 [B, T, vocab_size]
 ViT                  images float [B, H, W, C] -> float32 [B, num_classes]
 CNN                  images float [B, H, W, C] -> float32 [B, num_classes] (channel attention mechanisms)
+AttentionMIL         instances float [B, N, F] (+ lengths) -> MILOutput(logits [B, num_classes], attention [B, N])
+DiT                  images x_t float [B, H, W, C], times [B], captions int [B, L] -> velocity float32 [B, H, W, C]
 generate             greedy / top-k sampling with the KV cache; init_cache builds a zero cache
 generate_encoder_decoder  the same for EncoderDecoder and VisionLanguageModel(fusion="cross")
-build_model          build_model("decoder" | "encoder" | "encoder_decoder" | "vlm" | "vit" | "cnn", **fields)
+build_model          build_model("decoder" | "encoder" | "encoder_decoder" | "vlm" | "vit" | "cnn" | "dit", **fields)
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ import flax.linen as nn
 
 from attn.models.cnn import CNN
 from attn.models.decoder import DecoderLM
+from attn.models.dit import DiT
 from attn.models.encoder import Encoder
 from attn.models.encoder_decoder import EncoderDecoder
 from attn.models.generate import generate, generate_encoder_decoder, init_cache
+from attn.models.mil import AttentionMIL
 from attn.models.vit import ViT
 from attn.models.vlm import VisionLanguageModel
 
@@ -32,6 +36,8 @@ MODELS: dict[str, type[nn.Module]] = {
     "vlm": VisionLanguageModel,
     "vit": ViT,
     "cnn": CNN,
+    "dit": DiT,
+    "mil": AttentionMIL,
 }
 
 
@@ -43,8 +49,10 @@ def build_model(kind: str, **fields: Any) -> nn.Module:
 
 
 __all__ = [
+    "AttentionMIL",
     "CNN",
     "DecoderLM",
+    "DiT",
     "Encoder",
     "EncoderDecoder",
     "ViT",

@@ -5,8 +5,9 @@ The run's checkpoint (latest, or `--step`) is loaded with the config saved in it
 sees the first `--num-batches` batches of `--batch-size` rows of the config's validation split (the same rows for
 every run of the same data). Output: `--output` (default W/analysis/<tool>.json) and its PNG. Tool options are the
 evaluator's fields (`--epsilon 0.3`, `--grid 14x14`, `--layers 0,2`, ...). `report` keeps its own flags, and
-`python -m eval.analysis --workdir ...` without a tool name runs `report`. Bad input ends with one line on stderr
-and exit status 2.
+`python -m eval.analysis --workdir ...` without a tool name runs `report`. A tool with `standalone = True` (e.g.
+icl_regression) trains its own model: its `standalone_run()` replaces the workdir, and `--output` is required. Bad
+input ends with one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -40,7 +41,10 @@ def parser_for(tool: type[Evaluator]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=f"python -m eval.analysis {tool.name}", description=f"{summary} {tool.__doc__}"
     )
-    parser.add_argument("--workdir", required=True, help="a trained run")
+    standalone = getattr(tool, "standalone", False)  # a tool that trains its own model (e.g. icl_regression)
+    parser.add_argument(
+        "--workdir", required=not standalone, help="a trained run" + (" (unused)" if standalone else "")
+    )
     parser.add_argument("--output", default=None, help="JSON path (default: <workdir>/analysis/<tool>.json)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     parser.add_argument("--batch-size", type=int, default=8, help="validation rows per batch")
@@ -61,6 +65,13 @@ def run_tool(name: str, argv: Sequence[str]) -> dict[str, Any]:
     if args.batch_size < 1 or args.num_batches < 1:
         raise ValueError(f"--batch-size={args.batch_size} and --num-batches={args.num_batches} must be >= 1")
     tool = tool_class(**{field.name: getattr(args, field.name) for field in dataclasses.fields(tool_class)})
+    if getattr(tool_class, "standalone", False):
+        if args.output is None:
+            raise ValueError(f"{name} trains its own model: give --output (a JSON path)")
+        result = tool.standalone_run()
+        paths = tool.write(result, args.output, plot=not args.no_plot)
+        print(f"{name}: wrote " + " and ".join(paths))
+        return result
     if not os.path.isdir(args.workdir):
         raise ValueError(f"--workdir={args.workdir!r} is not a directory")
     run = load_run(args.workdir, args.step)

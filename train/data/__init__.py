@@ -14,7 +14,10 @@ Sources (vocabulary / output):
   images          procedural red/blue square relation images, labels in [0, num_classes)
   image_questions "what colour is the shape at the <direction>?" about those images (vision-language), vocab 17
   npz             user .npz images/labels
+  shape_captions  coloured shapes with captions, flow-matching noise and times (text-to-image), vocab 9
   emphasis_qa     recall where one emphasised sentence decides the answer (steering), vocab 4 + n + 2s + s^2
+  mil_bags        multiple-instance bags of feature vectors (seq_len instances), bag and instance labels
+  video_clips     "what colour is the shape in frame <k>" about a clip of moving squares (frames stacked), vocab 29
 """
 
 from __future__ import annotations
@@ -27,9 +30,12 @@ from train.data.emphasis import EmphasisSource
 from train.data.image_questions import ImageQuestionSource
 from train.data.images import NpzImageSource, RelationImageSource
 from train.data.masked_lm import MaskedLMSource
+from train.data.mil_bags import MILBagSource
 from train.data.seq2seq import Seq2SeqSource
+from train.data.shape_captions import ShapeCaptionSource
 from train.data.synthetic import MQARSource, PasskeySource, SelectiveCopySource
 from train.data.text import Corpus, TextSource, load_corpus
+from train.data.video_clips import VideoClipSource
 
 _SOURCES: dict[str, type[DataSource]] = {
     cls.name: cls
@@ -44,10 +50,13 @@ _SOURCES: dict[str, type[DataSource]] = {
         ImageQuestionSource,
         NpzImageSource,
         EmphasisSource,
+        ShapeCaptionSource,
+        MILBagSource,
+        VideoClipSource,
     )
 }
 # Sources whose batches have no sequence axis; seq_len is ignored for them.
-_NO_SEQ_LEN = ("images", "image_questions", "npz")
+_NO_SEQ_LEN = ("images", "image_questions", "npz", "shape_captions", "video_clips")
 
 
 def list_sources() -> list[str]:
@@ -115,12 +124,14 @@ __all__ = [
     "ElementSpec",
     "ImageQuestionSource",
     "MQARSource",
+    "MILBagSource",
     "MaskedLMSource",
     "NpzImageSource",
     "PasskeySource",
     "RelationImageSource",
     "SelectiveCopySource",
     "Seq2SeqSource",
+    "ShapeCaptionSource",
     "TextSource",
     "list_sources",
     "load_corpus",
