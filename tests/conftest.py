@@ -14,6 +14,14 @@ import pytest  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _bounded_compilation_caches():
+    """Drops JAX's compiled executables after each test module: a worker runs over a thousand tests, and their
+    caches only grow otherwise (a worker of the 2-core CI rehearsal aborted inside XLA late in the run)."""
+    yield
+    jax.clear_caches()
+
+
 def _platform() -> str:
     return jax.devices()[0].platform
 
@@ -22,7 +30,8 @@ _SLOW_LIST = os.path.join(os.path.dirname(__file__), "slow_in_default_run.txt")
 
 
 def _measured_slow() -> frozenset[str]:
-    """Node ids listed in tests/slow_in_default_run.txt (measured long tests that run with the slow ones)."""
+    """Node ids listed in tests/slow_in_default_run.txt (measured long tests that run with the slow ones); a line
+    that is a test file's path stands for every test of that file."""
     with open(_SLOW_LIST, encoding="utf-8") as f:
         return frozenset(line.strip() for line in f if line.strip() and not line.startswith("#"))
 
@@ -31,7 +40,7 @@ def _measured_slow() -> frozenset[str]:
 def pytest_collection_modifyitems(config, items):
     measured_slow = _measured_slow()
     for item in items:
-        if item.nodeid in measured_slow:
+        if item.nodeid in measured_slow or item.nodeid.split("::")[0] in measured_slow:
             item.add_marker(pytest.mark.slow)
     platform = _platform()
     skip_gpu = pytest.mark.skip(reason="needs a GPU (run with ATTN_TEST_ACCELERATOR=1 on a GPU machine)")
