@@ -74,9 +74,10 @@ def hcam_selection(
     n_k = -(-kv_len // bs)
     kept = min(int(top_k), n_k)
     scale = dim**-0.5 if scale is None else scale
-    summaries = pool_blocks(k.astype(jnp.float32), bs, "mean", axis=1)  # [B, nk, KVH, D]
+    acc = jnp.promote_types(q.dtype, jnp.float32)  # float32, or float64 for float64 inputs
+    summaries = pool_blocks(k.astype(acc), bs, "mean", axis=1)  # [B, nk, KVH, D]
     summaries = jnp.repeat(summaries, heads // kv_heads, axis=2)
-    relevance = scale * jnp.einsum("bthd,bchd->bhtc", q.astype(jnp.float32), summaries)  # [B, H, Tq, nk]
+    relevance = scale * jnp.einsum("bthd,bchd->bhtc", q.astype(acc), summaries)  # [B, H, Tq, nk]
     visible = jnp.ones((q_len, n_k), bool)
     if causal:
         visible = jnp.arange(n_k)[None, :] * bs <= jnp.asarray(q_offset, jnp.int32) + jnp.arange(q_len)[:, None]
@@ -107,7 +108,8 @@ def hcam_attention(
 ) -> Array:
     """o [B, Tq, H, Dv] = sum over the kept chunks (ids [B, H, nq, S]) of weights [B, Tq, H, S] times the softmax
     attention inside that chunk (one block-sparse core call per slot)."""
-    out = jnp.zeros((*q.shape[:-1], v.shape[-1]), jnp.float32)
+    acc = jnp.promote_types(q.dtype, jnp.float32)  # float32, or float64 for float64 inputs
+    out = jnp.zeros((*q.shape[:-1], v.shape[-1]), acc)
     for slot in range(ids.shape[-1]):
         part = block_sparse_attention(
             q,
@@ -120,7 +122,7 @@ def hcam_attention(
             scale=scale,
             implementation=implementation,
         )
-        out = out + weights[..., slot : slot + 1] * part.astype(jnp.float32)
+        out = out + weights[..., slot : slot + 1].astype(acc) * part.astype(acc)
     return out.astype(q.dtype)
 
 
