@@ -149,9 +149,13 @@ def linear_attention(
         },
     )
 
+    form = form or "chunked"
+    if causal and choice != "pallas" and form == "chunked":
+        out, final = _chunked(qf, kf, vf, log_decay, state, min(int(chunk_size), kv_len), token_major=True)
+        return _finish(out, final, q, q_lengths, normalize, eps, return_state)
+
     # [B, H, T, D] from here on.
     qh, kh, vh = (jnp.swapaxes(x, 1, 2) for x in (qf, kf, vf))
-    form = form or "chunked"
 
     def causal_form(q_, k_, v_, g_, s_):
         if form == "quadratic":
@@ -180,12 +184,17 @@ def linear_attention(
         out, final = (
             _quadratic_noncausal(qh, kh, vh, state) if form == "quadratic" else _global_state(qh, kh, vh, state)
         )
-    out = jnp.swapaxes(out, 1, 2)  # [B, Tq, H, Dv(+1)]
+    return _finish(jnp.swapaxes(out, 1, 2), final, q, q_lengths, normalize, eps, return_state)
 
+
+def _finish(
+    out: Array, final: Array | None, q: Array, q_lengths: Array | None, normalize: bool, eps: float, return_state: bool
+) -> Array | tuple[Array, Array]:
+    """out [B, Tq, H, Dv(+1)] -> the normalised, length-masked output in q.dtype (and the final state)."""
     if normalize:
         out = out[..., :-1] / (out[..., -1:] + eps)
     if q_lengths is not None:
-        out = out * length_mask(q_lengths, batch, q_len, "q_lengths")[:, :, None, None]
+        out = out * length_mask(q_lengths, q.shape[0], q.shape[1], "q_lengths")[:, :, None, None]
     out = out.astype(q.dtype)
     return (out, final) if return_state else out
 
@@ -325,27 +334,35 @@ def _recurrent(q: Array, k: Array, v: Array, log_decay: Array | None, state: Arr
     return jnp.moveaxis(out, 0, 2), final
 
 
-def _chunked(q: Array, k: Array, v: Array, log_decay: Array | None, state: Array, chunk: int) -> tuple[Array, Array]:
+def _chunked(
+    q: Array, k: Array, v: Array, log_decay: Array | None, state: Array, chunk: int, *, token_major: bool = False
+) -> tuple[Array, Array]:
     """Lightning Attention-2: masked attention inside chunks, the state carried across chunks by `lax.scan`.
 
-    q, k [B, H, T, Dk], v [B, H, T, Dv], log_decay [B|1, H, T] or None, state [B, H, Dk, Dv]. The inputs are cut
-    into chunk-major blocks [N, B, H, C, .] and each scan step does the whole chunk (intra-chunk attention, the
-    carried-state term and the state update), so the only state-sized arrays are the carry: no per-chunk
-    [B, H, N, Dk, Dv] stack is written. Returns (out [B, H, T, Dv], final state [B, H, Dk, Dv])."""
-    batch, heads, length, _ = q.shape
+    q, k [B, H, T, Dk], v [B, H, T, Dv] (token_major: [B, T, H, D], the layout callers hold), log_decay [B|1, H, T]
+    or None, state [B, H, Dk, Dv]. The inputs are cut into chunk-major blocks [N, B, H, C, .] and each scan step does
+    the whole chunk (intra-chunk attention, the carried-state term and the state update), so the only state-sized
+    arrays are the carry: no per-chunk [B, H, N, Dk, Dv] stack is written. token_major=True goes from [B, T, H, D] to
+    the blocks in one transpose (and back for the output): a head-major swap first costs XLA one more copy of each
+    input and of each gradient. Returns (out [B, H, T, Dv] (token_major: [B, T, H, Dv]), final state [B, H, Dk, Dv])."""
+    time_axis = 1 if token_major else 2
+    batch, length = q.shape[0], q.shape[time_axis]
     num_chunks = -(-length // chunk)
     pad = num_chunks * chunk - length
 
-    def blocks(x: Array) -> Array:  # [B, H, T, ..] -> [N, B, H, C, ..], zero-padded
+    def blocks(x: Array, axis: int) -> Array:  # time on `axis` -> [N, B, H, C, ..], zero-padded
         if pad:
             widths = [(0, 0)] * x.ndim
-            widths[2] = (0, pad)
+            widths[axis] = (0, pad)
             x = jnp.pad(x, widths)
-        return jnp.moveaxis(x.reshape(x.shape[:2] + (num_chunks, chunk) + x.shape[3:]), 2, 0)
+        x = x.reshape(x.shape[:axis] + (num_chunks, chunk) + x.shape[axis + 1 :])
+        if axis == 1:  # [B, N, C, H, ..] -> [N, B, H, C, ..]
+            return jnp.transpose(x, (1, 0, 3, 2) + tuple(range(4, x.ndim)))
+        return jnp.moveaxis(x, 2, 0)  # [B, H, N, C, ..] -> [N, B, H, C, ..]
 
-    xs = (blocks(q), blocks(k), blocks(v))
+    xs = (blocks(q, time_axis), blocks(k, time_axis), blocks(v, time_axis))
     if log_decay is not None:
-        xs = xs + (blocks(log_decay),)  # [N, B|1, H, C]; padding has decay 1 (log 0)
+        xs = xs + (blocks(log_decay, 2),)  # [N, B|1, H, C]; padding has decay 1 (log 0)
 
     def step(carry, inputs):
         qn, kn, vn = inputs[:3]  # [B, H, C, D]
@@ -361,5 +378,8 @@ def _chunked(q: Array, k: Array, v: Array, log_decay: Array | None, state: Array
         return carry, out + jnp.exp(cum)[..., None] * inter
 
     final, out = jax.lax.scan(step, state, xs)  # out [N, B, H, C, Dv]
-    out = jnp.moveaxis(out, 0, 2).reshape(batch, heads, num_chunks * chunk, -1)[:, :, :length]
+    if token_major:
+        out = jnp.transpose(out, (1, 0, 3, 2, 4)).reshape(batch, num_chunks * chunk, out.shape[2], -1)
+        return out[:, :length], final
+    out = jnp.moveaxis(out, 0, 2).reshape(batch, out.shape[2], num_chunks * chunk, -1)[:, :, :length]
     return out, final
