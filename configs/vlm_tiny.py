@@ -17,6 +17,10 @@ AdamW stayed at chance.) The smoke preset runs in ~30 s.
 
 Presets (`--config configs/vlm_tiny.py:<preset>`):
   smoke  a few steps of a toy model on 16x16 images (tests, CI).
+  moda   fusion="prefix" with `moda` self-attention in the decoder (the image tokens are its visual tokens 0..N-1);
+         moda_smoke is the smoke model with it.
+  concept_centric  fusion="cross" with `concept_centric` cross-attention (text reads 8 concept slots written from
+         the image tokens); concept_centric_smoke is the smoke model with it.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from ml_collections import ConfigDict
 
 from configs import common
 
-PRESETS = ("", "smoke")
+PRESETS = ("", "smoke", "moda", "moda_smoke", "concept_centric", "concept_centric_smoke")
 
 
 def get_config(arg: str | None = None) -> ConfigDict:
@@ -62,7 +66,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
 
     config.eval.num_batches = 8  # 256 held-out questions per evaluation
 
-    if preset == "smoke":
+    if preset in ("smoke", "moda_smoke", "concept_centric_smoke"):
         config.total_steps = 30
         config.batch_size = 16
         config.log_every = 10
@@ -78,4 +82,12 @@ def get_config(arg: str | None = None) -> ConfigDict:
         config.optimizer.warmup_steps = 5
         config.eval.num_batches = 2
         config.eval.stats_batch_size = 2
+    if preset in ("moda", "moda_smoke"):
+        model.fusion = "prefix"  # MODA mixes visual and text tokens in one self-attention
+        model.attention = "moda"  # the decoder's self-attention
+        image_tokens = (config.data.image_size // model.patch_size) ** 2  # the prefix: decoder positions 0..N-1
+        model.attention_options = ConfigDict(dict(image_start=0, image_tokens=image_tokens))  # moda's visual tokens
+    if preset in ("concept_centric", "concept_centric_smoke"):
+        model.cross_attention = "concept_centric"  # the decoder's cross-attention reads a concept workspace
+        model.cross_attention_options = ConfigDict(dict(num_concepts=8, slot_iterations=3))  # slots, slot rounds
     return config

@@ -89,6 +89,9 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "top_m": {"m": 3},  # per-token top 3 of 8 keys: strictly causal
     "dma": {"window_size": 3},  # 3 of 8 keys per query (A = 0 at init: the earliest visible ones)
     "hcam": {"block_size": 1, "top_k": 3},  # one-token chunks: per-token selection (strictly causal), 3 of 8
+    "landmark": {"block_size": 3},  # landmarks at positions 2 and 5; every earlier block read (strictly causal)
+    "hyper": {"block_size": 2, "sample_size": 2, "min_seq_len": 2},  # two recursion levels, sortLSH + samples
+    "sparsifiner": {"keep_rate": 0.5, "reduce_n_factor": 2},  # 4 of 8 keys per query (causal: of the visible)
     "hilo": {"window_size": 2},
     "spatial_sparse": {"compression_block": 2, "selection_block": 2, "topk": 2, "window_size": 2},
     "swap": {"window_size": 2},
@@ -105,6 +108,8 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "dare": {"head_dim": 2},
     # offsets per visual position (the official form); each text row drops 2 of its 6 visual tokens
     "adem": {"context_length": 6, "drop_ratio": 0.34},
+    # 6 concept slots (the keys of its attention weights, like the 6 context tokens) written in 2 slot rounds
+    "concept_centric": {"num_concepts": 6, "slot_iterations": 2},
 }
 
 # Extra call arguments besides x (arrays as numpy; the tests cast them to the run's dtype).
@@ -138,6 +143,11 @@ GRAD_NOTES: dict[str, str] = {
     "w.r.t. value and out (GRAD_WRT), which leave the selection unchanged",
     "dma": "top-k of the key bias A softplus(v W): at A = 0 (its initial value) every bias is 0, and a 1e-3 step of A "
     "breaks the ties into another selection; checked w.r.t. the other parameters (GRAD_WRT), which keep the bias 0",
+    "hyper": "angular-LSH buckets (signs of q . p, k . p) and the sorted blocks they give: a 1e-3 step of x, query "
+    "or key can move a token to another bucket; checked w.r.t. value and out (GRAD_WRT), which leave the hashing "
+    "unchanged (the samples come from the fixed seed)",
+    "sparsifiner": "top-k of the predictor's approximate attention (sparse basis with exact ties at 0): a 1e-3 step "
+    "of x, query, key or the predictor can swap two keys; checked w.r.t. value and out (GRAD_WRT)",
 }
 # Mechanisms whose gradient check is restricted to these top-level parameters (x and the others held fixed):
 # perturbing the rest moves a discrete selection across a tie within the finite-difference step.
@@ -163,6 +173,8 @@ GRAD_WRT: dict[str, tuple[str, ...]] = {
     "top_m": ("value", "out"),
     "dma": ("query", "key", "value", "out", "dt_proj"),
     "hcam": ("value", "out"),
+    "hyper": ("value", "out"),
+    "sparsifiner": ("value", "out"),
 }
 
 # Mechanisms whose GQA is by design not MHA with repeated kv heads (the GQA identity check is left out for them).
@@ -187,11 +199,16 @@ DROPOUT_HAS_NO_TARGET: dict[str, str] = {
     "rala": "rank-augmented linear attention: no probability matrix",
     "transnormer": "NormAttention (the default): no probability matrix",
     "titans-lmm": "the memory-only variant has no attention at all",
+    "hyper": "HyperAttention defines no attention dropout (official code); its block part runs in the block-sparse "
+    "core, which has none",
 }
 
 # Known, open failures of a check for one case: (check, case id) -> why. The test is marked xfail(strict=True), so
 # it keeps running and fails loudly once the mechanism is fixed (then delete the entry).
 KNOWN_FAILURES: dict[tuple[str, str], str] = {
+    ("causal", "hyper"): "by design: the lower half's queries are sorted by their LSH buckets into blocks, so a later "
+    "query's bucket moves an earlier query of that half to another block of keys (a prefill method, as the official "
+    "code); later keys and values never reach earlier queries (tests/sparse/test_hyper.py)",
     ("bf16", "spatial_sparse"): "relative error 0.07 vs the baseline's 0.005: likely the top-k block selection on "
     "bf16 scores picking other blocks (not verified)",
     ("bf16", "flexprefill"): "relative error 0.03 vs the baseline's 0.005: bf16 q and k move the cumulative-attention "
@@ -280,6 +297,14 @@ VARIANTS = (
         {"image_start": 1, "image_tokens": 3, "prompt_tokens": 2},
         "image",
         ("gqa", "jit", "dropout", "bf16", "grads", "interventions"),
+    ),
+    # moda with visual tokens 1..3 whose keys take the Gram of all text keys (later text too, as in the official
+    # code) and a mask that hides them from text queries
+    Case(
+        "moda",
+        {"image_start": 1, "image_tokens": 3, "modality_mask": (True, False, True, True)},
+        "image",
+        ("gqa", "jit", "dropout", "bf16", "grads", "axis_names", "interventions"),
     ),
 )
 
