@@ -1,7 +1,8 @@
-"""KV-cache compression: quality against cache budget for every cache policy, on a decoder trained here.
+"""KV-cache compression: quality against cache budget for every cache policy, on a decoder trained here or imported.
 
     python -m eval.kv --workdir runs/kv_retrieval --policies h2o,streaming,tova,snapkv,kivi \\
         --budgets 1.0,0.5,0.25,0.1 [--context 512] [--prompt 32] [--rows 8] [--output F]
+    python -m eval.kv --checkpoint HF_DIR --output F [--tasks passkey] [--text_path P] [same flags]
 
 How a policy is applied to a trained softmax checkpoint, without retraining: every policy layer (attn/kv/*.py) is a
 `PolicyAttention`, a subclass of the softmax layer with the same projections, so the run's DecoderLM is cloned with
@@ -34,19 +35,26 @@ report, every entry naming its run. Writes JSON to <workdir>/eval_kv.json (and -
 to each (score against cache bytes, one line per policy, one panel per run and task). Contexts of 2K-4K decode too
 slowly on a 2-core CPU (every token of every policy x budget is a separate step): use a GPU there.
 
-`--checkpoint HF_DIR` (a Hugging Face directory) is not wired yet: `attn.pretrained.load` imports GPT-2 and Llama
-checkpoints, but this evaluator does not yet tokenise held-out text with the checkpoint's tokenizer; the flag exits
-with that message.
+`--checkpoint HF_DIR` (a Hugging Face directory: GPT-2, Llama, Qwen2 or Mistral, loaded by `attn.pretrained.load`
+with its tokenizer.json) runs the same grid on an imported model, the policies swapped into its softmax layers the
+same way (a sliding window of Mistral / Qwen2 layers stays: the policy's visibility is intersected with it). Tasks:
+"text", perplexity on the held-out split of train.data.text's corpus (the Python standard library sources by default,
+`--text_path` for another) tokenised by the checkpoint's tokenizer, one window of `--context` + 1 tokens per row from
+evenly spaced offsets; and "passkey" (`--tasks passkey`), filler from the same held-out text with the sentence
+" The pass key is NNNNN. Remember it. " at a random depth and " The pass key is NNNNN." at the end (a random
+five-digit key per row), every part tokenised by the checkpoint's tokenizer, scored on the final tokens that spell
+the digits. `--context` defaults to min(512, the checkpoint's maximum length).
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -55,6 +63,7 @@ import numpy as np
 
 import attn
 from attn.core import cache as cache_lib
+from attn.models.fields import per_layer_mechanisms, per_layer_options
 from attn.models.generate import init_cache
 from eval.analysis.evaluator import pyplot, unboxed
 from eval.lm import open_run, quiet_logs
@@ -62,6 +71,7 @@ from train.run import make_source
 
 FULL = "full"
 RETRIEVAL_TASKS = ("mqar", "passkey")
+CHECKPOINT_TASKS = ("text", "passkey")  # the tasks of an imported checkpoint (tokenised by its tokenizer)
 PROMPT_COMPRESSING = ("snapkv", "pyramidkv", "adakv")
 # Policies whose memory is not a token budget: one run per spec.
 BUDGET_FREE = ("kivi", "zipcache")
@@ -92,7 +102,8 @@ def policy_options(name: str, budget: int, prompt: int, head_dim: int) -> dict[s
     `prompt` tokens (the user's spec options override them).
 
     streaming: 4 sinks + window; h2o, a2sf: half heavy hitters, half recent (H2O's default split); tova: budget;
-    d2o: as h2o, 4 of the heavy-hitter slots for sinks (one uniform budget for every layer);
+    d2o: as h2o, 4 of the heavy-hitter slots for sinks (one uniform budget for every layer); ems: an eighth recent,
+    the rest by Global-Local score;
     scissorhands: a quarter recent, drops of an eighth, a 32-step history; snapkv / pyramidkv / adakv: half the budget
     for the prompt (an observation window of up to 16 tokens), half for generated tokens; kivi: groups of
     min(32, head_dim) channels and a residual of one group (its memory is set by `bits`); zipcache: the paper's 4-bit
@@ -104,6 +115,8 @@ def policy_options(name: str, budget: int, prompt: int, head_dim: int) -> dict[s
         return {"budget": budget, "recent": budget // 2}
     if name == "tova":
         return {"budget": budget}
+    if name == "ems":
+        return {"budget": budget, "recent": budget // 8}
     if name == "d2o":
         return {"budget": budget, "recent": budget // 2, "sinks": min(4, budget - budget // 2)}
     if name == "scissorhands":
@@ -122,9 +135,12 @@ def policy_options(name: str, budget: int, prompt: int, head_dim: int) -> dict[s
 
 
 def policy_model(model: Any, name: str, options: Mapping[str, Any]) -> Any:
-    """The run's DecoderLM with every layer's attention replaced by policy `name` (same parameters)."""
-    base = dict(model.attention_options or {})
-    return model.clone(attention=name, attention_options={**base, **options})
+    """The run's DecoderLM with every layer's attention replaced by policy `name` (same parameters); per-layer
+    options (an imported checkpoint's sliding windows) stay per layer."""
+    layers = per_layer_options(model.attention_options, model.num_layers)
+    if all(layer == layers[0] for layer in layers):
+        return model.clone(attention=name, attention_options={**layers[0], **options})
+    return model.clone(attention=name, attention_options=tuple({**layer, **options} for layer in layers))
 
 
 # ---------------------------------------------------------------------------------------------------- tasks
@@ -157,6 +173,146 @@ def task_batches(run: Any, task: str, rows: int, context: int, num_batches: int)
                 weights[:, -1] = 0.0  # the last token has no next token
         batches.append({"inputs": inputs, "targets": targets, "weights": weights})
     return batches
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+def load_checkpoint(path: str) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """(model, params, tokenizer, config.json) of a Hugging Face decoder directory (`attn.pretrained.load`);
+    ValueError naming the directory when it holds an encoder or no tokenizer.json."""
+    from attn import pretrained
+    from attn.models import DecoderLM
+
+    model, params, tokenizer, hf_config = pretrained.load(path)
+    if not isinstance(model, DecoderLM):
+        raise ValueError(f"checkpoint={path!r} holds a {type(model).__name__}; eval.kv evaluates decoder LMs")
+    if tokenizer is None:
+        raise ValueError(f"checkpoint={path!r} has no tokenizer.json; eval.kv tokenises its held-out text with it")
+    return model, params, tokenizer, hf_config
+
+
+def held_out_text(path: str | None = None) -> str:
+    """The held-out split of train.data.text's corpus (None: the Python standard library sources) as text."""
+    from train.data.text import load_corpus
+
+    return load_corpus(path).valid.tobytes().decode("utf-8", errors="ignore").replace("\0", "\n")
+
+
+def text_ids(tokenizer: Any, text: str, start: int, count: int) -> list[int]:
+    """At least `count` token ids of `text` from character `start` on (wrapping around the text)."""
+    span = 8 * count
+    while True:
+        piece = (text[start:] + text)[:span]
+        ids = tokenizer.encode(piece, add_special_tokens=False).ids
+        if len(ids) >= count or span >= 2 * len(text):
+            break
+        span *= 2
+    if len(ids) < count:
+        raise ValueError(f"the held-out text tokenises to {len(ids)} tokens; the context needs {count}")
+    return ids[:count]
+
+
+def encoded_spans(tokenizer: Any, text: str, spans: Sequence[tuple[int, int]]) -> tuple[list[int], list[bool]]:
+    """(ids of `text`, per id whether its characters overlap one of `spans` (start, stop))."""
+    encoding = tokenizer.encode(text, add_special_tokens=False)
+    marked = [any(a < stop and b > start for start, stop in spans) for a, b in encoding.offsets]
+    return encoding.ids, marked
+
+
+def checkpoint_batches(
+    tokenizer: Any, task: str, rows: int, context: int, num_batches: int, *, seed: int = 0, text: str | None = None
+) -> list[dict[str, np.ndarray]]:
+    """`num_batches` batches {"inputs", "targets", "weights"} [rows, context] of `task` ("text" or "passkey", see the
+    module docstring) in the tokenizer's vocabulary; `text` is the held-out text (default `held_out_text()`)."""
+    if task not in CHECKPOINT_TASKS:
+        raise ValueError(f"tasks holds {task!r}; a checkpoint is evaluated on {CHECKPOINT_TASKS}")
+    for name, value, low in (("rows", rows, 1), ("num_batches", num_batches, 1), ("context", context, 2)):
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"{name}={value!r} must be an int >= {low}")
+    text = held_out_text() if text is None else text
+    rng = np.random.default_rng(seed)
+    first = tokenizer.encode("", add_special_tokens=True).ids  # what the tokenizer puts first (Llama's BOS)
+    total = rows * num_batches
+    starts = [round(i * len(text) / total) for i in range(total)]
+    sequences, marks = [], []
+    for start in starts:
+        if task == "text":
+            sequences.append(first + text_ids(tokenizer, text, start, context + 1 - len(first)))
+            marks.append([True] * context)
+            continue
+        key = f"{rng.integers(10000, 100000)}"
+        needle = f" The pass key is {key}. Remember it. "
+        needle_ids = tokenizer.encode(needle, add_special_tokens=False).ids
+        tail = f" The pass key is {key}."
+        digits = tail.rindex(key)
+        tail_ids, tail_marked = encoded_spans(tokenizer, tail, [(digits, digits + len(key))])
+        filler = context + 1 - len(first) - len(needle_ids) - len(tail_ids)
+        if filler < 1:
+            raise ValueError(
+                f"context={context} is too short for a passkey row ({len(needle_ids) + len(tail_ids)} tokens of "
+                "needle and question); use a longer --context"
+            )
+        filler_ids = text_ids(tokenizer, text, start, filler)
+        depth = int(rng.integers(0, filler + 1))
+        ids = first + filler_ids[:depth] + needle_ids + filler_ids[depth:] + tail_ids
+        marked = [False] * (len(ids) - len(tail_ids)) + tail_marked
+        sequences.append(ids)
+        marks.append(marked[1:])  # target t is token t + 1
+    inputs = np.asarray([ids[:context] for ids in sequences], np.int32)
+    targets = np.asarray([ids[1 : context + 1] for ids in sequences], np.int32)
+    weights = np.asarray(marks, np.float32)
+    return [
+        {
+            "inputs": inputs[b * rows : (b + 1) * rows],
+            "targets": targets[b * rows : (b + 1) * rows],
+            "weights": weights[b * rows : (b + 1) * rows],
+        }
+        for b in range(num_batches)
+    ]
+
+
+def checkpoint_grid(
+    path: str,
+    policies: Sequence[str],
+    budgets: Sequence[float],
+    tasks: Sequence[str],
+    *,
+    context: int | None = None,
+    prompt: int | None = None,
+    rows: int = 8,
+    num_batches: int = 1,
+    text_path: str | None = None,
+    log: Any = print,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The grid of `run_grid` on the Hugging Face decoder at `path`: (its "runs" record, its entries, each naming the
+    checkpoint). context None: min(512, the checkpoint's maximum length); prompt None: context // 16."""
+    model, params, tokenizer, hf_config = load_checkpoint(path)
+    context = min(512, model.max_len) if context is None else context
+    if not 0 < context <= model.max_len:
+        raise ValueError(
+            f"context={context} must be in [1, {model.max_len}] (the checkpoint's max_position_embeddings or "
+            "n_positions)"
+        )
+    prompt = max(1, context // 16) if prompt is None else prompt
+    if not 0 < prompt < context:
+        raise ValueError(f"prompt={prompt} must be in [1, context={context}) (decoding needs tokens after)")
+    text = held_out_text(text_path)
+    batches = {task: checkpoint_batches(tokenizer, task, rows, context, num_batches, text=text) for task in tasks}
+    entries = grid(model, params, batches, policies, budgets, context=context, prompt=prompt, log=log)
+    name = os.path.basename(os.path.normpath(path))
+    record = {
+        "run": name,
+        "checkpoint": os.path.abspath(path),
+        "architecture": (hf_config.get("architectures") or [hf_config.get("model_type")])[0],
+        "model": {
+            field: getattr(model, field)
+            for field in ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "max_len")
+        },
+        "dtype": str(jnp.dtype(model.param_dtype)),
+        "text": text_path or "python standard library (held-out split)",
+        "context": context,
+        "prompt": prompt,
+    }
+    return record, [{"run": name, "checkpoint": record["checkpoint"], **entry} for entry in entries]
 
 
 # ---------------------------------------------------------------------------------------------------- decoding
@@ -243,28 +399,46 @@ def run_grid(
 ) -> list[dict[str, Any]]:
     """One entry per task x (the full cache, then every policy x budget): the policy, its options, the budget
     (fraction and entries), the task's metrics, cache bytes and their ratio to the full cache's."""
-    model = run.task.model
-    if model.attention != "softmax":
+    batches = {task: task_batches(run, task, rows, context, num_batches) for task in tasks}
+    params = unboxed(run.model_params)
+    return grid(
+        run.task.model, params, batches, policies, budgets, context=context, prompt=prompt, log=log, tracing=run.tracing
+    )
+
+
+def grid(
+    model: Any,
+    params: Any,
+    batches: Mapping[str, Sequence[Mapping[str, np.ndarray]]],
+    policies: Sequence[str],
+    budgets: Sequence[float],
+    *,
+    context: int,
+    prompt: int,
+    log: Any = print,
+    tracing: Callable[[], Any] = contextlib.nullcontext,
+) -> list[dict[str, Any]]:
+    """`run_grid` on a softmax DecoderLM `model` with `params` ("params" collection) and, per task, its batches
+    {"inputs", "targets", "weights"} [rows, context]; `tracing` gives the context every apply runs in."""
+    if set(per_layer_mechanisms(model.attention, model.num_layers)) != {"softmax"}:
         raise ValueError(
-            f"the run's model.attention is {model.attention!r}; eval.kv swaps cache policies into a softmax decoder "
+            f"the model's attention is {model.attention!r}; eval.kv swaps cache policies into a softmax decoder "
             "(every policy layer is a softmax layer with a managed cache)"
         )
     head_dim = model.head_dim or model.d_model // model.num_heads
-    params = unboxed(run.model_params)
     parsed = [(spec, *parse_policy(spec)) for spec in policies]
     entries = []
-    for task in tasks:
-        batches = task_batches(run, task, rows, context, num_batches)
-        with run.tracing():
-            full = evaluate_policy(model, params, batches, prompt)
+    for task, task_batches_ in batches.items():
+        with tracing():
+            full = evaluate_policy(model, params, task_batches_, prompt)
         entries.append({"task": task, "policy": FULL, "options": {}, "budget": 1.0, "budget_entries": context, **full})
         log(f"{task:8s} {FULL:22s} budget 1.00: {summary(task, full)}")
         for spec, name, overrides in parsed:
             for budget in budgets if name not in BUDGET_FREE else budgets[:1]:
                 entries_kept = max(2, round(budget * context))
                 options = {**policy_options(name, entries_kept, prompt, head_dim), **overrides}
-                with run.tracing():
-                    metrics = evaluate_policy(policy_model(model, name, options), params, batches, prompt)
+                with tracing():
+                    metrics = evaluate_policy(policy_model(model, name, options), params, task_batches_, prompt)
                 entry = {
                     "task": task,
                     "policy": spec,
@@ -349,15 +523,11 @@ def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise SystemExit(f"error: unexpected arguments {' '.join(argv[1:])}")
     args = flags.FLAGS
-    if args.checkpoint is not None:
-        raise SystemExit(
-            f"error: --checkpoint={args.checkpoint!r}: eval.kv does not read Hugging Face directories yet (it does not "
-            "tokenise held-out text with the checkpoint's tokenizer); use --workdir with a run trained here, "
-            "e.g. python -m train --config configs/kv_retrieval.py --workdir runs/kv_retrieval"
-        )
-    if args.workdir is None:
-        raise SystemExit("error: --workdir is required (a run trained here)")
-    workdirs = split_list("workdir", args.workdir)
+    if args.workdir is None and args.checkpoint is None:
+        raise SystemExit("error: give --workdir (runs trained here) and/or --checkpoint (a Hugging Face directory)")
+    workdirs = split_list("workdir", args.workdir) if args.workdir is not None else []
+    if not workdirs and not args.output:
+        raise SystemExit("error: --output is required with --checkpoint alone (eval.kv does not write into it)")
     if args.step is not None and len(workdirs) > 1:
         raise SystemExit(f"error: --step={args.step} needs a single --workdir; got {workdirs}")
     policies = split_list("policies", args.policies)
@@ -404,6 +574,25 @@ def main(argv: Sequence[str]) -> None:
                 "prompt": prompt,
             }
         )
+    if args.checkpoint is not None:
+        extra = split_list("tasks", args.tasks) if args.tasks else []
+        tasks = list(dict.fromkeys(["text", *extra]))
+        try:
+            record, grid_entries = checkpoint_grid(
+                args.checkpoint,
+                policies,
+                budgets,
+                tasks,
+                context=args.context,
+                prompt=args.prompt,
+                rows=args.rows,
+                num_batches=args.batches,
+                text_path=args.text_path,
+            )
+        except (ValueError, FileNotFoundError) as error:
+            raise SystemExit(f"error: {error}") from None
+        runs.append(record)
+        results += grid_entries
     report = {
         "runs": runs,
         "rows": args.rows,
@@ -421,13 +610,12 @@ if __name__ == "__main__":
     from absl import app, flags
 
     flags.DEFINE_string("workdir", None, "Run directories with checkpoints/ (softmax decoders trained here), commas.")
-    flags.DEFINE_string(
-        "checkpoint", None, "A Hugging Face checkpoint directory: not wired into eval.kv yet (exits with a message)."
-    )
+    flags.DEFINE_string("checkpoint", None, "A Hugging Face decoder directory (GPT-2, Llama, Qwen2, Mistral).")
+    flags.DEFINE_string("text_path", None, "--checkpoint: held-out text file or directory (default: the stdlib).")
     flags.DEFINE_string("policies", "h2o,streaming,tova,snapkv,kivi", "Comma-separated policy specs, name[:opt=val].")
     flags.DEFINE_string("budgets", "1.0,0.5,0.25,0.1", "Cache budgets as fractions of the context.")
-    flags.DEFINE_string("tasks", None, "Extra tasks besides the run's own data: mqar, passkey.")
-    flags.DEFINE_integer("context", None, "Tokens per sequence (default: the run's seq_len).")
+    flags.DEFINE_string("tasks", None, "Extra tasks besides the run's own data: mqar, passkey (--checkpoint: passkey).")
+    flags.DEFINE_integer("context", None, "Tokens per sequence (default: the run's seq_len; checkpoint: <= 512).")
     flags.DEFINE_integer("prompt", None, "Tokens prefilled in one call before token-by-token decoding (default: 1/16).")
     flags.DEFINE_integer("rows", 8, "Sequences per batch.")
     flags.DEFINE_integer("batches", 1, "Batches per task.")

@@ -8,7 +8,8 @@ A layer that decodes keeps its state in the flax "cache" collection as one of tw
                   the original positions of the kept entries `positions` int32 [B, KVH, L] and the statistics the
                   policy asks for (`key_mass` float32 [B, KVH, L]: attention each kept key has received;
                   `key_history` uint32 [B, KVH, L]: a per-step flag of each kept key over the latest 32 steps,
-                  bit 0 the latest).
+                  bit 0 the latest; `key_recent` float32 [B, KVH, L]: attention from recent queries, in the form
+                  the policy defines, e.g. a decayed sum).
                   The dense cache leaves lengths/positions unset: every head holds tokens 0..index-1 in order.
   RecurrentState  any state pytree (linear attention's [B, H, Dk, Dv] sums, titans' memory weights) and `index`;
                   with index None, side state kept next to a KVCache and sharing its index (RC-MHA's convolution
@@ -190,6 +191,7 @@ class KVCache:
     positions: Array | None = None
     key_mass: Array | None = None
     key_history: Array | None = None
+    key_recent: Array | None = None
 
     @property
     def capacity(self) -> int:
@@ -218,8 +220,9 @@ KV_VARIABLES = {
     "positions": "cache_positions",
     "key_mass": "cache_key_mass",
     "key_history": "cache_key_history",
+    "key_recent": "cache_key_recent",
 }
-STATS = ("key_mass", "key_history")
+STATS = ("key_mass", "key_history", "key_recent")
 
 
 def empty_kv(
@@ -253,6 +256,7 @@ def empty_kv(
         positions=jnp.zeros((batch, kv_heads, capacity), jnp.int32) if ragged else None,
         key_mass=jnp.zeros((batch, kv_heads, capacity), jnp.float32) if "key_mass" in stats else None,
         key_history=jnp.zeros((batch, kv_heads, capacity), jnp.uint32) if "key_history" in stats else None,
+        key_recent=jnp.zeros((batch, kv_heads, capacity), jnp.float32) if "key_recent" in stats else None,
     )
 
 
@@ -275,6 +279,7 @@ def axes(cache: KVCache) -> KVCache:
         positions=of(cache.positions, POSITIONS_AXES),
         key_mass=of(cache.key_mass, POSITIONS_AXES),
         key_history=of(cache.key_history, POSITIONS_AXES),
+        key_recent=of(cache.key_recent, POSITIONS_AXES),
     )
 
 
@@ -309,8 +314,8 @@ class Candidates:
     keys [B, E, KVH, D] and values [B, E, KVH, Dv] (float, what attention reads); stored_keys / stored_values: the
     same entries in the cache's storage form (arrays or QuantizedArray), what `keep` gathers; positions int32
     [B, KVH, E] original positions; valid bool [B, KVH, E]; key_mass float32 [B, KVH, E] or None; key_history
-    uint32 [B, KVH, E] or None (0 for the chunk); index int32 []:
-    tokens seen including the chunk (the position of the next token); capacity: C."""
+    uint32 [B, KVH, E] or None (0 for the chunk); key_recent float32 [B, KVH, E] or None (0 for the chunk);
+    index int32 []: tokens seen including the chunk (the position of the next token); capacity: C."""
 
     keys: Array
     values: Array
@@ -321,6 +326,7 @@ class Candidates:
     index: Array
     key_mass: Array | None = None
     key_history: Array | None = None
+    key_recent: Array | None = None
     capacity: int = struct.field(pytree_node=False, default=0)
 
 
@@ -348,6 +354,9 @@ def candidates(cache: KVCache, k: Array, v: Array, bits: int | None = None) -> C
     if cache.key_history is not None:
         chunk_history = jnp.zeros((batch, kv_heads, length), jnp.uint32)
         key_history = jnp.concatenate([cache.key_history, chunk_history], axis=-1)
+    key_recent = None
+    if cache.key_recent is not None:
+        key_recent = jnp.concatenate([cache.key_recent, jnp.zeros((batch, kv_heads, length), jnp.float32)], axis=-1)
     return Candidates(
         keys=jnp.concatenate([read(cache.keys).astype(k.dtype), k], axis=1),
         values=jnp.concatenate([read(cache.values).astype(v.dtype), v], axis=1),
@@ -358,6 +367,7 @@ def candidates(cache: KVCache, k: Array, v: Array, bits: int | None = None) -> C
         index=cache.index + length,
         key_mass=key_mass,
         key_history=key_history,
+        key_recent=key_recent,
         capacity=cache.capacity,
     )
 
@@ -394,6 +404,7 @@ def select(indices: Array, counts: Array, cands: Candidates) -> KVCache:
         positions=take_heads(cands.positions),
         key_mass=None if cands.key_mass is None else take_heads(cands.key_mass),
         key_history=None if cands.key_history is None else take_heads(cands.key_history),
+        key_recent=None if cands.key_recent is None else take_heads(cands.key_recent),
     )
 
 

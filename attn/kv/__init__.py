@@ -6,5 +6,6 @@ pieces in `score_eviction`), `scissorhands` (by how often a key was below averag
 Prompt compression: `snapkv`, `pyramidkv` (per-layer budgets), `adakv` (per-head budgets). Quantized storage: `kivi`
 (2-bit keys per channel, values per token, a full-precision residual), `zipcache` (salient tokens by normalized
 attention at high bits, the rest at low bits). Eviction with merging: `d2o` (evicted entries folded into the most
-similar kept key above an EMA threshold; per-layer budgets from attention density). Weight quantization weighted by
+similar kept key above an EMA threshold; per-layer budgets from attention density), `ems` (head-wise: Global-Local
+scores pick what stays, redundant evicted entries merge into kept ones, the rest drop). Weight quantization weighted by
 attention: `rsq` (functions, not a layer: AttnCon token importance and GPTQ on the reweighted Hessian)."""

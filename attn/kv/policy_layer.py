@@ -15,6 +15,9 @@ call runs the explicit stages and the policy's `observe` folds the weights into 
 (default: the attention each entry receives, summed over the queries and the query heads of its kv head, added to
 its mass).
 Quantized storage: `cache_bits` (8 or 4) stores per-token codes and attention reads their dequantized values.
+A causal sliding `window` (left, 0) (an imported Mistral / Qwen2 checkpoint's) is kept: the forward applies it as the
+softmax layer does, and a decode call intersects the policy's visibility with it at the entries' original positions
+(layers that replace `policy_attend`, KIVI and ZipCache, refuse it, as every layer refuses other windows).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from attn.core import cache as cache_lib
 from attn.core.layer import AttentionCall
 from attn.core.masks import Mask
 from attn.core.softmax_layer import SoftmaxAttentionLayer
+from attn.core.validation import normalize_window
 
 Array = jax.Array
 
@@ -76,14 +80,28 @@ class PolicyAttention(SoftmaxAttentionLayer):
         head = jnp.arange(heads)
         return bias[:, head // (heads // kv_heads), head]
 
+    def keeps_causal_window(self) -> bool:
+        """Whether a policy keeps this layer's `window`: a pair (left, 0) on a layer that uses the base decode step."""
+        window = self.window
+        causal = isinstance(window, (tuple, list)) and normalize_window(window)[1] == 0
+        return causal and type(self).policy_attend is PolicyAttention.policy_attend
+
+    def full_mask(self, call: AttentionCall) -> Mask | None:
+        """A decode call on the cache: the policy's per-head visibility (the window already applied to the entries'
+        original positions); the forward: the call's mask with the layer's window."""
+        return call.mask if call.decode else super().full_mask(call)
+
     # ------------------------------------------------------------------ the template's stages
     def validate(self, call: AttentionCall) -> None:
         super().validate(call)
         name = self.registry_name or type(self).__name__
         if call.cross:
             raise ValueError(f"context is not supported by {name} (a cache policy for causal self-attention)")
-        if self.window is not None:
-            raise ValueError(f"window={self.window!r} must be None for {name}: the cache policy decides what is seen")
+        if self.window is not None and not self.keeps_causal_window():
+            raise ValueError(
+                f"window={self.window!r} must be None for {name}: the cache policy decides what is seen (a causal "
+                "window (left, 0), as imported checkpoints set, is kept by policies that use the base decode step)"
+            )
         if call.decode and call.positions is not None:
             raise ValueError(
                 f"positions with decode=True are not supported by {name}: positions come from the cache index"
@@ -132,10 +150,13 @@ class PolicyAttention(SoftmaxAttentionLayer):
         cache = cache_lib.load(self)
         cands = cache_lib.candidates(cache, k, v, self.cache_bits)
         visible = policy.visible(cands, call.q_positions)
+        if self.window is not None:  # a checkpoint's sliding window, at original positions (left side: causal)
+            left = normalize_window(self.window)[0]
+            visible &= call.q_positions[:, None, :, None] - cands.positions[:, :, None, :] <= left
         q, keys, bias = self.cache_positions(q, cands, call.q_positions)
         mask = Mask(dense=cache_lib.head_mask(visible, self.num_heads))
         call = call.replace(mask=mask, bias=bias, kv_positions=cands.positions)
-        if policy.stats:  # statistics come from the explicit weights
+        if policy.stats or self.window is not None:  # statistics come from the explicit weights
             logits = self.attention_logits(q, keys, call)
             weights = self.attention_weights(logits, call)
             cands = policy.observe(cands, weights)

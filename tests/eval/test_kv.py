@@ -1,6 +1,6 @@
 """eval.kv: a cache policy swapped into a trained softmax decoder; at a budget covering the context every policy
 decodes exactly as the full cache, a smaller budget allocates proportionally fewer cache bytes; the leaderboard is
-written as JSON + PNG; bad policy specs and a Hugging Face --checkpoint (not wired yet) are clear errors."""
+written as JSON + PNG; bad policy specs are clear errors (checkpoints: test_kv_checkpoint.py)."""
 
 import dataclasses
 import json
