@@ -192,9 +192,9 @@ def load_checkpoint(path: str) -> tuple[Any, Any, Any, dict[str, Any]]:
 
 def held_out_text(path: str | None = None) -> str:
     """The held-out split of train.data.text's corpus (None: the Python standard library sources) as text."""
-    from train.data.text import load_corpus
+    from train.run import corpus_text
 
-    return load_corpus(path).valid.tobytes().decode("utf-8", errors="ignore").replace("\0", "\n")
+    return corpus_text(path, "valid")
 
 
 def text_ids(tokenizer: Any, text: str, start: int, count: int) -> list[int]:

@@ -32,6 +32,7 @@ from train.checkpointing import CheckpointDamaged, Checkpointer
 from train.config_checks import unknown_override_message
 from train.config_file import load_config_file
 from train.data import make_source, source_class
+from train.data.text import corpus_text  # noqa: F401 - eval's way to the corpus (eval imports only train.run)
 from train.optim import make_optimizer
 from train.state import TrainState
 from train.techniques import effective_params

@@ -71,6 +71,16 @@ def load_corpus(
     return _load(str(resolved), glob, valid_fraction, False)
 
 
+def corpus_text(path: str | os.PathLike | None = None, split: str = "valid") -> str:
+    """A split ("train" or "valid") of the byte corpus at `path` (None: the Python standard library sources) as text,
+    files separated by a newline: what evaluators tokenise with a checkpoint's own tokenizer."""
+    if split not in ("train", "valid"):
+        raise ValueError(f"split={split!r} must be 'train' or 'valid'")
+    corpus = load_corpus(path)
+    data = corpus.valid if split == "valid" else corpus.train  # files joined by byte 0
+    return bytes(data).replace(b"\0", b"\n").decode("utf-8", errors="replace")
+
+
 def _valid_score(relative: str) -> float:
     # A stable hash (unlike hash()) so the split is the same on every machine and Python run.
     digest = hashlib.blake2b(relative.encode("utf-8"), digest_size=8).digest()
@@ -136,13 +146,13 @@ def random_windows(data: np.ndarray, rng: np.random.Generator, batch: int, lengt
 def strided_windows(data: np.ndarray, first: int, batch: int, length: int, stride: int, count: int):
     """Windows number first..first+batch-1 of `data[w*stride : w*stride+length]`, w < count.
 
-    Returns (uint8 [batch, length], bool [batch] row is real); rows past `count` are zeros and False.
+    Returns (`data`'s dtype [batch, length], bool [batch] row is real); rows past `count` are zeros and False.
     """
     index = first + np.arange(batch)
     real = index < count
     starts = np.where(real, index, 0) * stride
     windows = data[starts[:, None] + np.arange(length)]
-    return np.where(real[:, None], windows, 0).astype(np.uint8), real
+    return np.where(real[:, None], windows, 0).astype(data.dtype), real
 
 
 def check_corpus_length(data: np.ndarray, needed: int, split: str, seq_len: int) -> None:
