@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 import attn
+from attn.core.layer_carry import layer_carry
 from attn.core.positions import LearnedPositionEmbedding
 from attn.core.validation import check_choice
 from attn.models.block import TransformerBlock, check_cross_mechanism, check_mechanism
@@ -149,35 +150,36 @@ def block_stack(
     norm_position = getattr(model, "norm_position", "pre")
     layers = resolve_layers(model, grid=grid)
     cross_layers = resolve_cross_layers(model)
-    for i, ((name, options), (cross_name, cross_options)) in enumerate(zip(layers, cross_layers, strict=True)):
-        x = TransformerBlock(
-            mechanism=name,
-            attention_options=options,
-            cross_attention=cross_name,
-            cross_attention_options=cross_options,
-            num_heads=model.num_heads,
-            head_dim=head_dim,
-            num_kv_heads=model.num_kv_heads,
-            mlp_dim=model.mlp_dim,
-            norm=model.norm,
-            norm_eps=norm_eps,
-            mlp=model.mlp,
-            mlp_bias=getattr(model, "mlp_bias", False),
-            norm_position=norm_position,
-            dropout_rate=model.dropout_rate,
-            grid=grid,
-            dtype=model.dtype,
-            param_dtype=model.param_dtype,
-            name=f"layers_{i}",
-        )(
-            x,
-            mask=mask,
-            positions=positions,
-            context=context,
-            context_mask=context_mask,
-            decode=decode,
-            deterministic=deterministic,
-        )
+    with layer_carry():  # values a layer leaves for the later layers of this stack (attn.core.layer_carry)
+        for i, ((name, options), (cross_name, cross_options)) in enumerate(zip(layers, cross_layers, strict=True)):
+            x = TransformerBlock(
+                mechanism=name,
+                attention_options=options,
+                cross_attention=cross_name,
+                cross_attention_options=cross_options,
+                num_heads=model.num_heads,
+                head_dim=head_dim,
+                num_kv_heads=model.num_kv_heads,
+                mlp_dim=model.mlp_dim,
+                norm=model.norm,
+                norm_eps=norm_eps,
+                mlp=model.mlp,
+                mlp_bias=getattr(model, "mlp_bias", False),
+                norm_position=norm_position,
+                dropout_rate=model.dropout_rate,
+                grid=grid,
+                dtype=model.dtype,
+                param_dtype=model.param_dtype,
+                name=f"layers_{i}",
+            )(
+                x,
+                mask=mask,
+                positions=positions,
+                context=context,
+                context_mask=context_mask,
+                decode=decode,
+                deterministic=deterministic,
+            )
     if norm_position == "post":
         return x
     return make_norm(model.norm, dtype=model.dtype, param_dtype=model.param_dtype, name="final_norm", epsilon=norm_eps)(
