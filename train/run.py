@@ -36,7 +36,7 @@ from train.data.text import corpus_text  # noqa: F401 - eval's way to the corpus
 from train.optim import make_optimizer
 from train.state import TrainState
 from train.techniques import effective_params
-from train.trainer import TrainingDiverged
+from train.trainer import RUN_ERRORS, TrainingDiverged  # noqa: F401 - RUN_ERRORS: the one-line errors of a run
 
 __all__ = [
     "CheckpointDamaged",

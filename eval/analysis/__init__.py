@@ -18,12 +18,13 @@
     attn_vs_attribution [194] rank agreement (Kendall, Spearman, top-1) of attention and gradient/occlusion attributions
     assoc_capacity      [51]  Hebbian (linear-attention) memory: retrieval against the O(sqrt(d_k)) / O(d_k) capacity
     graph_attention_probe [23] attention between nodes of serialised graphs against adjacency and graph distance
+    xattn_saliency      [32]  encoder-decoder cross-attention against occlusion saliency (Pearson per layer/head)
 
 Every tool but `report` is an `Evaluator` (eval.analysis.evaluator): a frozen dataclass of options with
 `evaluate(model, params, batches) -> dict` and `write(result, output)`, usable from Python on any model of this
 project. `TOOLS` maps command names to their classes. `train_with_evals(config, workdir)` trains with the
 config.evals entries ([{tool, every, options}]) run at their cadence (`cadence_evaluators()`; train never imports
-eval, so they are passed in).
+eval, so they are passed in); `python -m eval.train --config C --workdir W` does the same from the command line.
 """
 
 import dataclasses
@@ -48,6 +49,7 @@ from eval.analysis.softmax_regression_icl import SoftmaxRegressionICL
 from eval.analysis.stiffness import Stiffness
 from eval.analysis.successor_heads import SuccessorHeads
 from eval.analysis.waad_fai import WaadFai
+from eval.analysis.xattn_saliency import XAttnSaliency
 
 TOOLS: dict[str, type[Evaluator]] = {
     tool.name: tool
@@ -69,6 +71,7 @@ TOOLS: dict[str, type[Evaluator]] = {
         AttnVsAttribution,
         AssocCapacity,
         GraphAttentionProbe,
+        XAttnSaliency,
     )
 }
 
@@ -140,6 +143,7 @@ __all__ = [
     "Stiffness",
     "SuccessorHeads",
     "WaadFai",
+    "XAttnSaliency",
     "cadence_evaluators",
     "train_with_evals",
 ]
