@@ -37,6 +37,18 @@ def base_config() -> ConfigDict:
     # Analysis tools run during training (eval.analysis.train_with_evals passes them in; `python -m train` cannot
     # import eval): a tuple of {"tool": ..., "every": N, "options": {...}}; results in <workdir>/evals.jsonl.
     config.evals = ()
+    # Start from a checkpoint when the workdir has none of its own (a resume always wins): a Hugging Face model
+    # directory (attn.pretrained.load; config.model must describe its model) or another run's workdir (its latest
+    # checkpoint's parameters, with a fresh optimizer). Parameters it lacks keep their init. "" = from scratch.
+    config.init_from = ""
+    # Regexes (re.search) over parameter paths such as "layers_0/attention/query/kernel": with any given, only the
+    # parameters matching one train; the frozen ones match a `frozen` regex and get no update. A regex that matches
+    # no parameter is an error.
+    config.trainable = ()
+    config.frozen = ()
+    # With a Hugging Face init_from: also write the trained parameters as a Hugging Face directory <workdir>/hf at
+    # the end of training (config.json, safetensors, tokenizer.json), loadable by attn.pretrained.load.
+    config.save_hf = False
 
     config.model = ConfigDict()  # the network: kind, size, attention mechanism
     config.model.kind = "decoder"  # "decoder" (causal LM), "encoder" (mlm / classification) or "vit"

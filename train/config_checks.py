@@ -47,6 +47,10 @@ RUN_FIELDS: dict[str, frozenset[str]] = {
             "techniques",
             "loss_weights",
             "evals",
+            "init_from",
+            "trainable",
+            "frozen",
+            "save_hf",
         }
     ),
     "loss_weights": frozenset({"losses"}),
@@ -72,9 +76,19 @@ RUN_FIELDS: dict[str, frozenset[str]] = {
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 # Run-level fields a config may leave out (configs written before they existed still load).
-OPTIONAL_RUN_FIELDS = frozenset({"allow_changes", "techniques", "loss_weights", "evals"})
+OPTIONAL_RUN_FIELDS = frozenset(
+    {"allow_changes", "techniques", "loss_weights", "evals", "init_from", "trainable", "frozen", "save_hf"}
+)
 # Their values when absent: a checkpoint saved before a field existed resumes under a config holding its default.
-OPTIONAL_DEFAULTS: dict[str, Any] = {"techniques": [], "loss_weights.losses": 1.0, "evals": []}
+OPTIONAL_DEFAULTS: dict[str, Any] = {
+    "techniques": [],
+    "loss_weights.losses": 1.0,
+    "evals": [],
+    "init_from": "",
+    "trainable": [],
+    "frozen": [],
+    "save_hf": False,
+}
 
 
 def check_config(config: Mapping[str, Any]) -> None:
@@ -86,6 +100,7 @@ def check_config(config: Mapping[str, Any]) -> None:
     _check_data(config["data"])
     _check_techniques(config)
     check_evals(config.get("evals") or [])
+    _check_init_and_freeze(config)
 
 
 def as_dict(config: Any) -> dict[str, Any]:
@@ -204,6 +219,21 @@ def _check_run_values(config: Mapping[str, Any]) -> None:
             )
         if count is not None and not 0 <= index < count:
             raise ConfigError(f"distributed.process_id={index} must be in [0, num_processes={count})")
+
+
+def _check_init_and_freeze(config: Mapping[str, Any]) -> None:
+    """init_from: a path (str; what it holds is checked when it is used, so a saved run whose init_from is gone still
+    loads); save_hf needs an init_from; trainable, frozen: sequences of regexes (whether they match parameters is
+    checked once the model exists)."""
+    source = config.get("init_from") or ""
+    if not isinstance(source, str):
+        raise ConfigError(f"init_from={source!r} must be a path (str): a Hugging Face directory or a workdir")
+    if config.get("save_hf") and not source:
+        raise ConfigError("save_hf=True needs init_from to name a Hugging Face model directory")
+    for field in ("trainable", "frozen"):
+        patterns = config.get(field) or ()
+        if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
+            raise ConfigError(f"{field}={patterns!r} must be a list of regexes (str) over parameter paths")
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:

@@ -4,13 +4,16 @@
 schedule. Steps count *trainer steps*: with ``grad_accum_steps = k`` every trainer step is one micro-batch,
 the parameters change every k-th step, and ``schedule_fn(step)`` is the rate of the update that ``step``
 contributes to, so logging ``schedule_fn(step)`` shows what was applied.
+
+``freeze_parameters(tx, trainable, frozen)`` restricts an optimizer to the parameters whose paths the regexes select
+(``parameter_paths`` spells the paths: "layers_0/attention/query/kernel"); the others get a zero update.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -193,6 +196,71 @@ def make_optimizer(
         # Clipping sits inside, so it applies to the averaged gradient, like one big-batch step.
         tx = optax.MultiSteps(tx, every_k_schedule=accum).gradient_transformation()
     return tx, schedule_fn
+
+
+def parameter_paths(params: Any) -> list[str]:
+    """The "/"-joined path of every leaf of a (boxed or plain) parameter tree, in leaf order, e.g.
+    "layers_0/attention/query/kernel"."""
+    is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
+    leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_box)[0]
+    return ["/".join(_path_names(path)) for path, _ in leaves]
+
+
+def trainable_mask(params: Any, trainable: Sequence[str] = (), frozen: Sequence[str] = ()) -> Any:
+    """Which parameters train: a tree of bools shaped like ``params`` (boxes hold the bool, as in ``decay_mask``).
+
+    A parameter trains when its path (``parameter_paths``) matches one of the ``trainable`` regexes (``re.search``;
+    an empty ``trainable`` selects every parameter) and none of the ``frozen`` ones.
+    """
+    keep = [re.compile(pattern) for pattern in trainable]
+    drop = [re.compile(pattern) for pattern in frozen]
+    is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
+
+    def one(path: Any, leaf: Any) -> Any:
+        name = "/".join(_path_names(path))
+        trains = (not keep or any(p.search(name) for p in keep)) and not any(p.search(name) for p in drop)
+        return leaf.replace_boxed(trains) if is_box(leaf) else trains
+
+    return jax.tree_util.tree_map_with_path(one, params, is_leaf=is_box)
+
+
+def check_freeze_patterns(params: Any, trainable: Sequence[str] = (), frozen: Sequence[str] = ()) -> tuple[int, int]:
+    """(frozen leaves, frozen scalars) of ``params`` under the patterns; ValueError naming a pattern that is no valid
+    regex or matches no parameter path, or patterns that leave nothing to train."""
+    paths = parameter_paths(params)
+    for field, patterns in (("trainable", trainable), ("frozen", frozen)):
+        for pattern in patterns:
+            try:
+                compiled = re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"{field} pattern {pattern!r} is no valid regular expression ({error})") from None
+            if not any(compiled.search(path) for path in paths):
+                raise ValueError(
+                    f"{field} pattern {pattern!r} matches no parameter path; paths look like {paths[:4]} "
+                    f"({len(paths)} in all)"
+                )
+    mask = jax.tree_util.tree_leaves(nn.unbox(trainable_mask(params, trainable, frozen)))
+    sizes = [math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(nn.unbox(params))]
+    if not any(mask):
+        raise ValueError(f"trainable={list(trainable)} and frozen={list(frozen)} leave no parameter to train")
+    return sum(not m for m in mask), sum(size for m, size in zip(mask, sizes, strict=True) if not m)
+
+
+def freeze_parameters(
+    tx: optax.GradientTransformation, trainable: Sequence[str] = (), frozen: Sequence[str] = ()
+) -> optax.GradientTransformation:
+    """``tx`` on the parameters ``trainable_mask`` selects, a zero update (and no optimizer state) for the rest:
+    ``optax.multi_transform`` with ``optax.set_to_zero``. No patterns: ``tx`` itself, unchanged."""
+    if not trainable and not frozen:
+        return tx
+    trainable, frozen = tuple(trainable), tuple(frozen)
+
+    def labels(params: Any) -> Any:
+        return jax.tree.map(
+            lambda trains: "train" if trains else "frozen", nn.unbox(trainable_mask(params, trainable, frozen))
+        )
+
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
 
 
 def global_norm(tree: Any) -> jax.Array:

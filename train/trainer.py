@@ -31,9 +31,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from attn import attention_stats
+from attn import attention_stats, pretrained
+from attn.models.fields import freeze, per_layer_mechanisms, per_layer_options
 from train import config_checks, distributed, optim, tasks, techniques
 from train import mesh as mesh_lib
 from train.checkpointing import CheckpointDamaged, Checkpointer, CheckpointSaveError, jsonable
@@ -41,7 +43,7 @@ from train.config_checks import ConfigError
 from train.data import make_source
 from train.metrics import MetricWriter, ProgressReporter
 from train.preemption import PreemptionGuard
-from train.state import TrainState
+from train.state import TrainState, graft_params
 from train.workdir_lock import WorkdirLocked, lock_workdir
 
 
@@ -130,6 +132,7 @@ def setup(config: Mapping[str, Any], workdir: str) -> Setup:
         tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
     except ValueError as error:
         raise ConfigError(f"optimizer: {error}") from None
+    tx = _restrict_to_trainable(config, task, train_source.element_spec, tx)
     return Setup(
         config=config,
         workdir=os.path.abspath(workdir),
@@ -143,6 +146,28 @@ def setup(config: Mapping[str, Any], workdir: str) -> Setup:
         schedule=schedule,
         plan=plan,
     )
+
+
+def _restrict_to_trainable(
+    config: ml_collections.ConfigDict, task: tasks.Task, element_spec: Mapping[str, Any], tx: Any
+) -> optax.GradientTransformation:
+    """`tx` limited to the parameters config.trainable / config.frozen leave trainable (optim.freeze_parameters);
+    ConfigError for a pattern that matches no parameter path; logs the frozen count once."""
+    trainable, frozen = tuple(config.get("trainable") or ()), tuple(config.get("frozen") or ())
+    if not trainable and not frozen:
+        return tx
+    batch = {key: jax.ShapeDtypeStruct((1, *shape[1:]), dtype) for key, (shape, dtype) in element_spec.items()}
+    params = jax.eval_shape(lambda rng: task.init(rng, batch), jax.random.key(0))["params"]
+    try:
+        arrays, scalars = optim.check_freeze_patterns(params, trainable, frozen)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    total = tasks.count_params(params)
+    _printer(jax.process_index() == 0)(
+        f"frozen: {arrays} parameter arrays, {scalars} of {total} parameters get no update "
+        f"(trainable={list(trainable)}, frozen={list(frozen)})"
+    )
+    return optim.freeze_parameters(tx, trainable, frozen)
 
 
 def _as_config_dict(config: Mapping[str, Any]) -> ml_collections.ConfigDict:
@@ -270,6 +295,109 @@ def init_state(s: Setup, layout: StateLayout, rng: jax.Array) -> TrainState:
 
     with tracing_context(s):
         return jax.jit(init, out_shardings=layout.state_shardings)(rng)
+
+
+# Model fields a fine-tuning run may set differently from its Hugging Face checkpoint: dtypes come from the config's
+# precision, dropout is a training choice, and the attention of a layer may be swapped (its options are compared
+# for the layers that keep the checkpoint's mechanism).
+_FREE_MODEL_FIELDS = frozenset(
+    {"parent", "name", "dtype", "param_dtype", "dropout_rate", "attention", "attention_options"}
+)
+
+
+def hf_model_differences(model: nn.Module, hf_model: nn.Module, *, attention: bool = False) -> list[str]:
+    """Fields of `model` (the config's) that differ from `hf_model` (the checkpoint's), as "field=ours (checkpoint:
+    theirs)"; the attention options only of layers whose mechanism is the checkpoint's, unless `attention` (then
+    any difference in attention or its options counts)."""
+    if type(model) is not type(hf_model):
+        return [f"model kind {type(model).__name__} (checkpoint: {type(hf_model).__name__})"]
+    out = []
+    for field in dataclasses.fields(hf_model):
+        if field.name in _FREE_MODEL_FIELDS:
+            continue
+        ours, theirs = getattr(model, field.name), getattr(hf_model, field.name)
+        if freeze(ours) != freeze(theirs):
+            out.append(f"{field.name}={ours!r} (checkpoint: {theirs!r})")
+    layers = model.num_layers
+    names, hf_names = per_layer_mechanisms(model.attention, layers), per_layer_mechanisms(hf_model.attention, layers)
+    options = per_layer_options(model.attention_options, layers)
+    hf_options = per_layer_options(hf_model.attention_options, layers)
+    for i in range(layers):
+        if attention and names[i] != hf_names[i]:
+            out.append(f"attention[{i}]={names[i]!r} (checkpoint: {hf_names[i]!r})")
+        if names[i] == hf_names[i] and freeze(options[i]) != freeze(hf_options[i]):
+            out.append(f"attention_options[{i}]={options[i]!r} (checkpoint: {hf_options[i]!r})")
+    return out
+
+
+def init_source_kind(init_from: str, *, save_hf: bool = False) -> str:
+    """ "hf" (a Hugging Face model directory: it holds config.json) or "workdir" (it holds checkpoints/); ConfigError
+    naming `init_from` otherwise, or when `save_hf` is asked of a workdir."""
+    path = os.path.expanduser(init_from)
+    if os.path.isfile(os.path.join(path, pretrained.checkpoint.CONFIG_FILE)):
+        return "hf"
+    if not os.path.isdir(os.path.join(path, "checkpoints")):
+        raise ConfigError(
+            f"init_from={init_from!r} is neither a Hugging Face model directory (with config.json) nor a workdir "
+            "(with checkpoints/)"
+        )
+    if save_hf:
+        raise ConfigError(f"save_hf=True needs a Hugging Face init_from; init_from={init_from!r} is a workdir")
+    return "workdir"
+
+
+def start_from_checkpoint(s: Setup, layout: StateLayout, state: TrainState) -> TrainState:
+    """The fresh `state` with the parameters of config.init_from (a Hugging Face directory or a workdir's latest
+    checkpoint) and a fresh optimizer state. Parameters the checkpoint lacks keep their init and are listed once.
+
+    Raises ConfigError: a model config that differs from the Hugging Face checkpoint's (naming the fields), or a
+    parameter whose shape differs (naming its path and both shapes).
+    """
+    log, source = _printer(s.is_primary), os.path.expanduser(s.config.init_from)
+    if init_source_kind(s.config.init_from, save_hf=bool(s.config.get("save_hf"))) == "hf":
+        hf_model, loaded, _, _ = pretrained.load(source)
+        differences = hf_model_differences(s.task.model, hf_model, attention=bool(s.config.get("save_hf")))
+        if differences:
+            why = "; save_hf=True needs the checkpoint's architecture" if s.config.get("save_hf") else ""
+            raise ConfigError(
+                f"init_from={s.config.init_from!r}: config.model differs from the checkpoint's model: "
+                f"{'; '.join(differences)}{why}"
+            )
+    else:
+        from train import run as run_api  # the run API imports this module
+
+        loaded = run_api.load_run(source).params
+        loaded = {key: value for key, value in loaded.items() if key != techniques.TECHNIQUE_PARAMS}
+    try:
+        params, missing, unused = graft_params(jax.device_get(state.params), loaded)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if missing:
+        log(f"init_from: {len(missing)} parameters are not in the checkpoint and keep their init: {', '.join(missing)}")
+    if unused:
+        log(f"init_from: {len(unused)} checkpoint parameters have no place in this model: {', '.join(unused)}")
+    params = jax.device_put(params, layout.state_shardings.params)
+    with tracing_context(s):
+        state = jax.jit(lambda p: TrainState.create(p, s.tx), out_shardings=layout.state_shardings)(params)
+    log(f"init_from: started from the parameters of {s.config.init_from}")
+    return state
+
+
+def save_hf_directory(s: Setup, params: Any) -> str:
+    """Writes `params` (the train state's) as a Hugging Face directory <workdir>/hf with the config.json and
+    tokenizer of config.init_from; returns its path (process 0 writes)."""
+    source, target = os.path.expanduser(s.config.init_from), os.path.join(s.workdir, "hf")
+    params = techniques.effective_params(s.task, params)
+    if jax.process_count() > 1:
+        params = multihost_utils.process_allgather(params, tiled=True)
+    if s.is_primary:
+        tokenizer = (
+            pretrained.load_tokenizer(source) if os.path.isfile(os.path.join(source, "tokenizer.json")) else None
+        )
+        pretrained.save(
+            target, s.task.model, jax.device_get(params), pretrained.read_config(source), tokenizer=tokenizer
+        )
+    return target
 
 
 @contextlib.contextmanager
@@ -516,7 +644,8 @@ def cadence_entries(
             given = ", ".join(sorted(evaluators)) or "none"
             raise ConfigError(
                 f"evals[{i}].tool={entry['tool']!r} has no evaluator in this run (given: {given}); `python -m "
-                "train` cannot import eval: train with eval.analysis.train_with_evals(config, workdir)"
+                "train` cannot import eval: run `python -m eval.train` (the same flags) or "
+                "eval.analysis.train_with_evals(config, workdir)"
             )
     return entries
 
@@ -609,7 +738,13 @@ def run(
         # this workdir are dropped, so each step is logged once.
         writer = MetricWriter(s.workdir, is_primary=s.is_primary, purge_step=start_step + 1 if start_step else 0)
         stack.push(_quiet_on_error(writer.close))
-        return _train_loop(s, layout, steps, checkpointer, writer, guard, state, rng, start_step, end_step, cadence)
+        result = _train_loop(s, layout, steps, checkpointer, writer, guard, state, rng, start_step, end_step, cadence)
+        if s.config.get("save_hf") and result.step == s.config.total_steps:
+            restored, _, _, _ = checkpointer.restore(result.step, abstract_state=layout.abstract_state)
+            _printer(s.is_primary)(
+                f"wrote the trained model as a Hugging Face directory: {save_hf_directory(s, restored.params)}"
+            )
+        return result
 
 
 def _quiet_on_error(close: Any) -> Any:
@@ -645,7 +780,10 @@ def restore_or_init(s: Setup, layout: StateLayout, checkpointer: Checkpointer) -
     split = jax.jit(lambda: tuple(jax.random.split(jax.random.key(s.config.seed))), out_shardings=layout.replicated)
     init_rng, rng = split()
     if checkpointer.latest_step() is None:
-        return init_state(s, layout, init_rng), rng, 0
+        state = init_state(s, layout, init_rng)
+        if s.config.get("init_from"):
+            state = start_from_checkpoint(s, layout, state)
+        return state, rng, 0
     log = _printer(s.is_primary)
     current = jsonable(s.config.to_dict())
     notes: list[str] = []

@@ -6,6 +6,7 @@ whose `next_batch()` returns a dict of numpy arrays with this process's rows. Ba
 
 Sources (vocabulary / output):
   text            byte-level next-token prediction, vocab 256 (default corpus: the Python stdlib)
+  tokenized_text  the text corpus through a Hugging Face tokenizer.json (data.tokenizer), its vocabulary
   masked_lm       BERT-style masked bytes, mask id 256, vocab_size option (default 257)
   mqar            multi-query associative recall, vocab_size option (default 8192)
   selective_copy  selective copying, vocab_size option (default 16)
@@ -18,6 +19,7 @@ Sources (vocabulary / output):
   emphasis_qa     recall where one emphasised sentence decides the answer (steering), vocab 4 + n + 2s + s^2
   mil_bags        multiple-instance bags of feature vectors (seq_len instances), bag and instance labels
   video_clips     "what colour is the shape in frame <k>" about a clip of moving squares (frames stacked), vocab 29
+  aspect_sentiment  the polarity of the opinion words tied to a queried aspect (evidence positions kept), 2 classes
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
+from train.data.aspect_sentiment import AspectSentimentSource
 from train.data.base import SPLITS, DataSource, ElementSpec, check_options
 from train.data.emphasis import EmphasisSource
 from train.data.image_questions import ImageQuestionSource
@@ -35,6 +38,7 @@ from train.data.seq2seq import Seq2SeqSource
 from train.data.shape_captions import ShapeCaptionSource
 from train.data.synthetic import MQARSource, PasskeySource, SelectiveCopySource
 from train.data.text import Corpus, TextSource, load_corpus
+from train.data.tokenized_text import TokenizedTextSource
 from train.data.video_clips import VideoClipSource
 
 _SOURCES: dict[str, type[DataSource]] = {
@@ -52,7 +56,9 @@ _SOURCES: dict[str, type[DataSource]] = {
         EmphasisSource,
         ShapeCaptionSource,
         MILBagSource,
+        AspectSentimentSource,
         VideoClipSource,
+        TokenizedTextSource,
     )
 }
 # Sources whose batches have no sequence axis; seq_len is ignored for them.

@@ -7,17 +7,21 @@ Registered: sigma_reparam (σReparam, [159]), entropy_reg (entropy regularisatio
 next-token training, [158]); for attention-MIL models (model.kind "mil"): aem (attention entropy maximisation, [88]),
 acmil (multi-branch attention losses, [142]), mhim (masked hard instance mining with a momentum teacher, [165]).
 For softmax models (decoder, encoder, vit): attention_at (adversarial perturbations of the attention logits, [16]),
-attention_vat (virtual adversarial perturbations of them, [92]).
+attention_vat (virtual adversarial perturbations of them, [92]), and their interpretable variants attention_iat,
+attention_ivat (perturbations in the span of the batch's attention differences). For ViTs: adl_tap (the attention
+diversification loss, [148]). For encoder classifiers: pss (progressive self-supervised attention learning, [223]).
 """
 
 from train.techniques import (  # noqa: F401  (registers)
     acmil,
+    adl_tap,
     aem,
     attention_at,
     attention_vat,
     entropy_reg,
     meap,
     mhim,
+    pss,
     sigma_reparam,
 )
 from train.techniques.base import (

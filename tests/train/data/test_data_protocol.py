@@ -1,6 +1,7 @@
 """The DataSource protocol on every source: determinism, exact resume, process sharding, registry errors."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -22,6 +23,8 @@ def _build(name, npz_path, **kwargs):
         options["vocab_size"] = 64
     if name == "emphasis_qa":
         options["num_sentences"] = 7  # seq_len 32 = 3 * 7 sentences + 3 * 4 questions - 1
+    if name == "tokenized_text":  # the tiny Llama fixture's tokenizer on 16 KiB of each split
+        options.update(tokenizer=os.path.join(os.path.dirname(__file__), "../../fixtures/hf/llama"), max_bytes=1 << 14)
     defaults = {"batch_size": 4, "seq_len": 32, "seed": 3}
     return make_source(name, **{**defaults, **kwargs}, **options)
 
@@ -37,6 +40,7 @@ def test_registry_lists_every_source():
     assert ALL == sorted(
         ["text", "mqar", "selective_copy", "passkey", "seq2seq", "images", "image_questions", "npz", "masked_lm"]
         + ["emphasis_qa", "mil_bags", "shape_captions", "video_clips"]
+        + ["tokenized_text"]
     )
 
 
