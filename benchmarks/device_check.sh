@@ -7,9 +7,10 @@
 # Steps (each with its own time limit, so one hang cannot eat the others; at most 8 minutes in all):
 #   gpu_tests     ATTN_TEST_ACCELERATOR=1 pytest -m gpu tests/pallas_kernels   (flash, lightning, block-sparse and
 #                 decode kernels compiled for the GPU against their references)       <= 150 s
-#   kernels       eval.bench --suite kernels: flash vs cuDNN vs XLA vs JAX's Pallas op, lightning; 1K-32K  <= 240 s
+#   kernels       eval.bench --suite kernels: flash vs cuDNN vs XLA vs JAX's Pallas op, lightning; 1K-32K  <= 180 s
 #   block_sparse  eval.bench --suite block_sparse --quick                                                   <= 45 s
 #   decode        eval.bench --suite decode --quick                                                         <= 45 s
+#   lca           eval.lca --part kernels, T = 8192: LCA-bench mask patterns x implementations, fwd, fwd+bwd  <= 60 s
 # OUT/summary.txt has one "step rc=N" line per step (124: stopped at its limit), OUT/<step>.log the output,
 # OUT/<suite>_gpu.json/.png the benchmark reports (commit them under benchmarks/results/).
 set -uo pipefail
@@ -30,8 +31,9 @@ step() {
 
 step gpu_tests 150 env ATTN_TEST_ACCELERATOR=1 python -m pytest -q -m gpu tests/pallas_kernels \
   --junitxml="$out/gpu_tests.xml"
-step kernels 240 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 python -m eval.bench --suite kernels \
+step kernels 180 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 python -m eval.bench --suite kernels \
   --memory-limit-gib 70 --output-dir "$out"
 step block_sparse 45 python -m eval.bench --suite block_sparse --quick --output-dir "$out"
 step decode 45 python -m eval.bench --suite decode --quick --output-dir "$out"
+step lca 60 python -m eval.lca --part kernels --lengths 8192 --memory-limit-gib 70 --output-dir "$out"
 cat "$out/summary.txt"

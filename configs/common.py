@@ -44,8 +44,8 @@ def base_config() -> ConfigDict:
     # Regexes (re.search) over parameter paths such as "layers_0/attention/query/kernel": with any given, only the
     # parameters matching one train; the frozen ones match a `frozen` regex and get no update. A regex that matches
     # no parameter is an error.
-    config.trainable = ()
-    config.frozen = ()
+    config.trainable = ()  # regexes of the parameters that train (empty: all)
+    config.frozen = ()  # regexes of the parameters held fixed (applied after `trainable`)
     # With a Hugging Face init_from: also write the trained parameters as a Hugging Face directory <workdir>/hf at
     # the end of training (config.json, safetensors, tokenizer.json), loadable by attn.pretrained.load.
     config.save_hf = False

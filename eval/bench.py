@@ -226,9 +226,12 @@ def plot_report(
 
 
 # ---------------------------------------------------------------------------------------------- entry point
-def run_suite(name: str, bench: Bench, output_dir: str, *, plot: bool = True) -> dict[str, Any]:
-    """Runs suite `name`, writes <output_dir>/<name>_<platform>.json (+ .png); returns the report."""
-    module = get_suite(name)
+def run_suite(
+    name: str, bench: Bench, output_dir: str, *, plot: bool = True, module: ModuleType | None = None
+) -> dict[str, Any]:
+    """Runs suite `name`, writes <output_dir>/<name>_<platform>.json (+ .png); returns the report. `module` (default:
+    eval.bench_<name>) lets an entry point outside the suites (eval.lca) reuse the harness with its own run/plot."""
+    module = get_suite(name) if module is None else module
     platform = dispatch.platform()
     device = jax.devices()[0]
     load_before = _load_average()
