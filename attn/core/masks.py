@@ -29,6 +29,11 @@ from attn.core.validation import normalize_window, shape_of
 Array = jax.Array
 
 
+def _array_leaf(x: Any) -> bool:
+    """Whether a Mask field holds an array to validate (not None, not the placeholder leaf JAX unflattens with)."""
+    return x is not None and type(x) is not object
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Mask:
@@ -73,9 +78,10 @@ class Mask:
             bs = self.block_size
             if not (isinstance(bs, tuple) and len(bs) == 2 and all(isinstance(b, int) and b > 0 for b in bs)):
                 raise ValueError(f"block_size={bs!r} must be a pair (bq, bk) of positive ints")
-        if self.block_mask is not None and len(shape_of(self.block_mask)) not in (2, 4):
+        # JAX rebuilds pytrees with bare object() leaves inside transformations (custom_vjp's backward): no shapes.
+        if _array_leaf(self.block_mask) and len(shape_of(self.block_mask)) not in (2, 4):
             raise ValueError(f"block_mask must have rank 2 or 4, got shape {shape_of(self.block_mask)}")
-        if self.dense is not None and len(shape_of(self.dense)) != 4:
+        if _array_leaf(self.dense) and len(shape_of(self.dense)) != 4:
             raise ValueError(
                 f"dense mask must have shape [batch|1, heads|1, q_len, kv_len], got {shape_of(self.dense)}"
             )

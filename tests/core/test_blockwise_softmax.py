@@ -175,3 +175,16 @@ def test_causal_query_groups_skip_blocks_above_the_diagonal():
     assert scanned == sum(2 * (2 * g + 2) for g in range(8)) * 2  # each pair of chunks sees up to its last key
     assert scanned / (16 * 32) == pytest.approx((1 + 1 / 8) / 2)
     assert _query_groups(None, 0, n_chunks=16, chunk=512, block=256, n_blocks=32) == ((0, 16, 0, 32),)
+
+
+def test_gradients_with_a_block_mask_under_jit_equal_the_dense_path():
+    # The backward rebuilds the Mask pytree with placeholder leaves; its validation must let them through.
+    q, k, v = (jax.random.normal(jax.random.key(i), (1, 64, 2, 8)) for i in range(3))
+    mask = attn.Mask(block_mask=jnp.asarray(np.eye(4, dtype=bool)), block_size=(16, 16))
+
+    def grads(implementation):
+        loss = lambda q, k, v: (F.softmax_attention(q, k, v, mask=mask, implementation=implementation) ** 2).sum()  # noqa: E731
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+    for blockwise, dense in zip(grads("xla_blockwise"), grads("xla"), strict=True):
+        np.testing.assert_allclose(blockwise, dense, atol=2e-5, rtol=2e-5)
