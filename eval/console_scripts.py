@@ -20,7 +20,25 @@ import sys
 from collections.abc import Sequence
 
 # `attn-eval <tool>`: the modules of eval/ that run as programs.
-TOOLS = ("lm", "generate", "sweep", "analysis", "bench", "gna_speedup")
+TOOLS = (
+    "lm",
+    "generate",
+    "sweep",
+    "analysis",
+    "bench",
+    "gna_speedup",
+    "kv",
+    "steer",
+    "token_reduction",
+    "techniques",
+    "sample_dit",
+    "diffusion_steer",
+    "lca",
+    "cab",
+    "claims",
+    "longcite",
+    "train",
+)
 
 
 def config_paths(argv: Sequence[str]) -> list[str]:
