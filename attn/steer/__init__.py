@@ -6,6 +6,9 @@
     soft_injection  [58] task embeddings (mean head outputs of task prompts) mixed into the last token's heads
     a_star      [66] A-STAR: gradient steps on a DiT's latent against cross-attention overlap and forgetting of concepts
     uniform_maps  [127] uniform cross-attention maps in a DiT's inversion and reconstruction
+    dgq         [168] DGQ: prompt-specific log quantizer of attention weights, grouped activation quantization
+    float       [186] FloAt: self-attention maps blended with a reference sample's maps warped by a flow
+    hd_painter  [170] HD-Painter: PAIntA (self-attention rescaled by prompt similarity) and RASG inpainting on a DiT
     vtc_cls     [191] VTC-CLS: the image encoder's [CLS] attention ranks the image tokens of a prefix VLM; the top ones
                 enter the decoder (visual token reduction: attn.steer.visual_tokens, `python -m eval.token_reduction`)
     zipvl       [166] ZipVL: per decoder layer, the fewest image tokens covering a share tau of the attention mass
@@ -32,7 +35,10 @@ from attn.steer.act import Act
 from attn.steer.autopasta import AutoPasta
 from attn.steer.carve import Carve
 from attn.steer.damro import Damro
+from attn.steer.dgq import Dgq
+from attn.steer.float_warp import FloAt
 from attn.steer.g_search import GSearch
+from attn.steer.hd_painter import HdPainter
 from attn.steer.imbalance_fix import ImbalanceFix
 from attn.steer.pasta import Pasta
 from attn.steer.registry import STEERERS, SteererSpec, register
@@ -51,7 +57,10 @@ __all__ = [
     "AutoPasta",
     "Carve",
     "Damro",
+    "Dgq",
+    "FloAt",
     "GSearch",
+    "HdPainter",
     "ImbalanceFix",
     "Pasta",
     "SoftInjection",

@@ -36,10 +36,22 @@ def test_sample_dit_writes_images_of_the_prompt(workdir, tmp_path):
 def test_diffusion_steer_writes_json_and_png(workdir, tmp_path):
     out = str(tmp_path / "steer")
     args = ["--workdir", workdir, "--out", out, "--prompts", "2", "--samples", "1", "--steps", "2"]
+    args += [
+        "--systems",
+        "a_star,uniform_maps,dgq,float",
+        "--quant_prompts",
+        "1",
+        "--dgq_bits",
+        "4",
+        "--float_prompts",
+        "2",
+    ]
     result = diffusion_steer.main([*args, "--recon_images", "2", "--classifier_steps", "2", "--a_star_step", "1"])
     saved = json.load(open(out + ".json"))
     assert saved["a_star"]["with_step_1"]["both_present"] == result["a_star"]["with_step_1"]["both_present"]
     assert set(saved["uniform_maps"]) >= {"with", "without"} and os.path.getsize(out + ".png") > 0
+    assert "w4_a4_log" in saved["dgq"]
+    assert set(saved["float"]) >= {"weight_1", "weight_0.5", "weight_0"}
 
 
 def test_concept_classifier_learns_the_shapes():
