@@ -117,6 +117,8 @@ def policy_options(name: str, budget: int, prompt: int, head_dim: int) -> dict[s
         return {"budget": budget}
     if name == "ems":
         return {"budget": budget, "recent": budget // 8}
+    if name == "attention_gate":  # needs a run trained with its gates (configs/kv_attention_gate.py)
+        return {"budget": budget}
     if name == "d2o":
         return {"budget": budget, "recent": budget // 2, "sinks": min(4, budget - budget // 2)}
     if name == "scissorhands":

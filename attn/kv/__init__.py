@@ -7,5 +7,7 @@ Prompt compression: `snapkv`, `pyramidkv` (per-layer budgets), `adakv` (per-head
 (2-bit keys per channel, values per token, a full-precision residual), `zipcache` (salient tokens by normalized
 attention at high bits, the rest at low bits). Eviction with merging: `d2o` (evicted entries folded into the most
 similar kept key above an EMA threshold; per-layer budgets from attention density), `ems` (head-wise: Global-Local
-scores pick what stays, redundant evicted entries merge into kept ones, the rest drop). Weight quantization weighted by
-attention: `rsq` (functions, not a layer: AttnCon token importance and GPTQ on the reweighted Hessian)."""
+scores pick what stays, redundant evicted entries merge into kept ones, the rest drop). Learned eviction:
+`attention_gate` (a small attention module over the layer input flags tokens per kv head; flagged ones leave).
+Weight quantization weighted by attention: `rsq` (functions, not a layer: AttnCon token importance and GPTQ on the
+reweighted Hessian)."""

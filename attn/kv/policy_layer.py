@@ -48,6 +48,11 @@ class PolicyAttention(SoftmaxAttentionLayer):
     def cache_policy(self) -> cache_lib.CachePolicy:
         raise NotImplementedError(f"{type(self).__name__} must implement cache_policy()")
 
+    def decode_policy(self, call: AttentionCall) -> cache_lib.CachePolicy:
+        """The policy of a decode call on an existing cache: `cache_policy()` unless the policy depends on the call
+        (a learned gate's flags for the chunk call.x [B, L, E])."""
+        return self.cache_policy()
+
     def forward_visible(self, q_pos: Array, kv_pos: Array) -> Array | None:
         """bool [B, 1, Tq, Tk] restricting the forward (decode=False and the creating call), or None (causal)."""
         return None
@@ -146,7 +151,7 @@ class PolicyAttention(SoftmaxAttentionLayer):
         -> [B, L, H, Dv]; writes the policy's next cache. The stages see call.kv_positions = the candidates'
         original positions per kv head [B, KVH, C + L]. (The flash kernel serves no decode call: dense per-head
         masks and query offsets are outside it, so statistics come from the explicit weights stage.)"""
-        policy = self.cache_policy()
+        policy = self.decode_policy(call)
         cache = cache_lib.load(self)
         cands = cache_lib.candidates(cache, k, v, self.cache_bits)
         visible = policy.visible(cands, call.q_positions)

@@ -119,6 +119,8 @@ CALL_ARGUMENTS: dict[str, dict[str, np.ndarray]] = {
 
 # Why the gradient check of a mechanism with a discrete choice is meaningful at the fixed inputs.
 GRAD_NOTES: dict[str, str] = {
+    "attention_gate": "hard eviction flags with a straight-through gradient into the gate (by design not the "
+    "finite difference); checked w.r.t. query, key, value and out (GRAD_WRT), which leave the flags unchanged",
     "tcpa": "hard top-k prompt matching by cosine similarity: the fixed input's similarities are apart by more "
     "than the 1e-3 step at every selection boundary",
     "adem": "drops the 2 lowest of 6 similarities per row: at the fixed input no score is within a 1e-3 step of its "
@@ -152,6 +154,7 @@ GRAD_NOTES: dict[str, str] = {
 # Mechanisms whose gradient check is restricted to these top-level parameters (x and the others held fixed):
 # perturbing the rest moves a discrete selection across a tie within the finite-difference step.
 GRAD_WRT: dict[str, tuple[str, ...]] = {
+    "attention_gate": ("query", "key", "value", "out"),
     "sea": (
         "value",
         "out",
