@@ -14,6 +14,8 @@
              the mean squared error per example (no accuracy)
     mil      batch {instances, lengths, labels, instance_labels [, weights]} -> bag cross-entropy and accuracy, and
              the localisation of the bag attention: instance_auc, top1_hit, positive_mass over the positive bags
+    ctr      batch {behaviours, target, labels [, weights]} -> click cross-entropy (logits [0, z]: a sigmoid), accuracy
+             and the ROC AUC of z over every evaluated example (binned: `binned_auc_sums`, `binned_auc`)
 
 Losses are weighted means. `loss_sums` returns sums (loss, correct predictions, weight) so that evaluation
 over several batches averages over tokens/examples exactly, not over batches.
@@ -33,7 +35,7 @@ import numpy as np
 import attn.models
 from attn.models import dit, mil
 
-MODEL_KINDS = ("decoder", "encoder", "vit", "cnn", "encoder_decoder", "vlm", "dit", "mil")
+MODEL_KINDS = ("decoder", "encoder", "vit", "cnn", "encoder_decoder", "vlm", "dit", "mil", "ctr")
 
 # Registry input kinds each model's `attention` field accepts (vit's spatial mechanisms attend over the patch grid;
 # the cnn's attention is a channel mechanism; encoder_decoder's and vlm's `attention` is the decoder's causal
@@ -47,6 +49,7 @@ INPUT_KINDS: dict[str, tuple[str, ...]] = {
     "vlm": ("sequence",),
     "dit": ("sequence", "spatial"),
     "mil": ("sequence",),
+    "ctr": ("sequence", "cross"),
 }
 
 # Kinds whose batches are {images, labels}: one class per image.
@@ -115,6 +118,8 @@ class Task:
             args, kwargs = _flow_inputs(batch), {}
         elif self.kind == "mil":  # returns attn.models.mil.MILOutput(logits, attention)
             args, kwargs = (batch["instances"],), {"lengths": batch.get("lengths"), "keep": batch.get("keep")}
+        elif self.kind == "ctr":  # attn.models.ctr.CTRModel: logits [B, 2] = [0, z]
+            args, kwargs = (batch["behaviours"], batch["target"]), {}
         elif self.kind == "encoder":
             args, kwargs = (batch["inputs"],), {"lengths": batch.get("lengths")}
         else:
@@ -134,6 +139,8 @@ class Task:
             return self.model.init(rng, *_flow_inputs(dummy))
         if self.kind == "mil":
             return self.model.init(rng, dummy["instances"])
+        if self.kind == "ctr":
+            return self.model.init(rng, dummy["behaviours"], dummy["target"])
         return self.model.init(rng, dummy["inputs"])
 
     def loss_sums(self, logits: jax.Array, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
@@ -146,7 +153,10 @@ class Task:
             lengths = batch.get("lengths")
             extra = mil.localization_sums(logits.attention, batch["instance_labels"], batch["labels"], lengths)
             logits = logits.logits
-        if self.kind in IMAGE_CLASSIFIERS or self.head == "classification" or self.kind == "mil":
+        if self.kind == "ctr":
+            weights = batch.get("weights", jnp.ones(batch["labels"].shape, jnp.float32))
+            extra = binned_auc_sums(logits[:, 1] - logits[:, 0], batch["labels"], weights)
+        if self.kind in IMAGE_CLASSIFIERS or self.head == "classification" or self.kind in ("mil", "ctr"):
             labels = batch["labels"]
             weights = batch.get("weights", jnp.ones(labels.shape, jnp.float32))
         else:
@@ -173,6 +183,8 @@ class Task:
             names = ("instance_auc", "top1_hit", "positive_mass")
             return {"loss": loss, "accuracy": sums["correct"] / weight} | {n: sums[f"{n}_sum"] / bags for n in names}
         out = {"loss": loss, "accuracy": sums["correct"] / weight}
+        if self.kind == "ctr":
+            out["auc"] = binned_auc(sums["auc_positive"], sums["auc_negative"])
         if self.is_language_model:
             out["perplexity"] = jnp.exp(loss)
         return out
@@ -185,6 +197,8 @@ class Task:
             return 1
         if self.kind == "mil":
             return int(batch_spec["instances"][0][1])
+        if self.kind == "ctr":
+            return int(batch_spec["behaviours"][0][1]) + 1
         if self.kind == "dit":
             height, width = batch_spec["images"][0][1:3]
             patches = (height // self.model.patch_size) * (width // self.model.patch_size)
@@ -212,6 +226,32 @@ def _flow_loss_sums(velocity: jax.Array, batch: Mapping[str, jax.Array]) -> dict
     error = jnp.mean(jnp.square(velocity.astype(jnp.float32) - target), axis=tuple(range(1, target.ndim)))
     count = jnp.float32(error.shape[0])
     return {"loss_sum": jnp.sum(error), "correct": jnp.float32(0.0), "weight": count}
+
+
+AUC_BINS = 1024
+
+
+def binned_auc_sums(
+    scores: jax.Array, labels: jax.Array, weights: jax.Array, bins: int = AUC_BINS
+) -> dict[str, jax.Array]:
+    """Weighted histograms of sigmoid(scores) over `bins` equal bins of [0, 1], for the positive and the negative
+    examples: {"auc_positive", "auc_negative"} float32 [bins]. Histograms add across batches, so an evaluation over
+    many batches gets the AUC of all its examples from `binned_auc`. scores float [N], labels int [N] in {0, 1},
+    weights float [N]."""
+    index = jnp.clip(jnp.floor(jax.nn.sigmoid(scores.astype(jnp.float32)) * bins), 0, bins - 1).astype(jnp.int32)
+    weights = weights.astype(jnp.float32)
+    positive = jnp.zeros(bins, jnp.float32).at[index].add(jnp.where(labels == 1, weights, 0.0))
+    negative = jnp.zeros(bins, jnp.float32).at[index].add(jnp.where(labels == 1, 0.0, weights))
+    return {"auc_positive": positive, "auc_negative": negative}
+
+
+def binned_auc(positive: jax.Array, negative: jax.Array) -> jax.Array:
+    """ROC AUC from `binned_auc_sums` histograms [bins]: P(score of a positive > score of a negative), a pair in the
+    same bin counting 1/2 (exact when no bin holds both a positive and a negative). 0.5 when either class is empty."""
+    below = jnp.cumsum(negative) - negative  # negatives in lower bins
+    pairs = jnp.sum(positive) * jnp.sum(negative)
+    wins = jnp.sum(positive * (below + 0.5 * negative))
+    return jnp.where(pairs > 0, wins / jnp.maximum(pairs, 1e-30), 0.5)
 
 
 def build_task(model_config: Mapping[str, Any], compute_dtype: str = "float32") -> Task:

@@ -7,6 +7,7 @@ VisionLanguageModel  images float [B, H, W, C], tokens int [B, T] -> logits floa
 ViT                  images float [B, H, W, C] -> float32 [B, num_classes]
 CNN                  images float [B, H, W, C] -> float32 [B, num_classes] (channel attention mechanisms)
 AttentionMIL         instances float [B, N, F] (+ lengths) -> MILOutput(logits [B, num_classes], attention [B, N])
+CTRModel             behaviours int [B, L], target int [B] -> click logits float32 [B, 2] (target attention + MLP)
 DiT                  images x_t float [B, H, W, C], times [B], captions int [B, L] -> velocity float32 [B, H, W, C]
 generate             greedy / top-k sampling with the KV cache; init_cache builds a zero cache
 generate_encoder_decoder  the same for EncoderDecoder and VisionLanguageModel(fusion="cross")
@@ -20,6 +21,7 @@ from typing import Any
 import flax.linen as nn
 
 from attn.models.cnn import CNN
+from attn.models.ctr import CTRModel
 from attn.models.decoder import DecoderLM
 from attn.models.dit import DiT
 from attn.models.encoder import Encoder
@@ -38,6 +40,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "cnn": CNN,
     "dit": DiT,
     "mil": AttentionMIL,
+    "ctr": CTRModel,
 }
 
 
@@ -51,6 +54,7 @@ def build_model(kind: str, **fields: Any) -> nn.Module:
 __all__ = [
     "AttentionMIL",
     "CNN",
+    "CTRModel",
     "DecoderLM",
     "DiT",
     "Encoder",

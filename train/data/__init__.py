@@ -20,6 +20,7 @@ Sources (vocabulary / output):
   mil_bags        multiple-instance bags of feature vectors (seq_len instances), bag and instance labels
   video_clips     "what colour is the shape in frame <k>" about a clip of moving squares (frames stacked), vocab 29
   aspect_sentiment  the polarity of the opinion words tied to a queried aspect (evidence positions kept), 2 classes
+  user_behavior   item-id behaviour sequences with planted interest categories, a target item and its click label
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from train.data.shape_captions import ShapeCaptionSource
 from train.data.synthetic import MQARSource, PasskeySource, SelectiveCopySource
 from train.data.text import Corpus, TextSource, load_corpus
 from train.data.tokenized_text import TokenizedTextSource
+from train.data.user_behavior import UserBehaviorSource
 from train.data.video_clips import VideoClipSource
 
 _SOURCES: dict[str, type[DataSource]] = {
@@ -59,6 +61,7 @@ _SOURCES: dict[str, type[DataSource]] = {
         AspectSentimentSource,
         VideoClipSource,
         TokenizedTextSource,
+        UserBehaviorSource,
     )
 }
 # Sources whose batches have no sequence axis; seq_len is ignored for them.

@@ -40,7 +40,8 @@ def test_registry_lists_every_source():
     assert ALL == sorted(
         ["text", "mqar", "selective_copy", "passkey", "seq2seq", "images", "image_questions", "npz", "masked_lm"]
         + ["emphasis_qa", "mil_bags", "shape_captions", "video_clips"]
-        + ["tokenized_text"]
+        + ["tokenized_text", "aspect_sentiment"]
+        + ["user_behavior"]
     )
 
 
@@ -79,6 +80,7 @@ def test_processes_get_their_own_rows(name, npz_path):
     p0 = _build(name, npz_path, process_index=0, process_count=2).next_batch()
     p1 = _build(name, npz_path, process_index=1, process_count=2).next_batch()
     key = "images" if name in ("images", "npz", "shape_captions") else "instances" if name == "mil_bags" else "inputs"
+    key = "behaviours" if name == "user_behavior" else key
     assert p0[key].shape[0] == p1[key].shape[0] == 2
     assert not np.array_equal(p0[key], p1[key])
 
