@@ -19,6 +19,7 @@
     assoc_capacity      [51]  Hebbian (linear-attention) memory: retrieval against the O(sqrt(d_k)) / O(d_k) capacity
     graph_attention_probe [23] attention between nodes of serialised graphs against adjacency and graph distance
     xattn_saliency      [32]  encoder-decoder cross-attention against occlusion saliency (Pearson per layer/head)
+    deconstruct_suite   [33]  controlled variants relaxing attention's design principles (all layers / hybrid), trained
 
 Every tool but `report` is an `Evaluator` (eval.analysis.evaluator): a frozen dataclass of options with
 `evaluate(model, params, batches) -> dict` and `write(result, output)`, usable from Python on any model of this
@@ -35,6 +36,7 @@ from eval.analysis.arank import ARank
 from eval.analysis.assoc_capacity import AssocCapacity
 from eval.analysis.attention_distance import AttentionDistance
 from eval.analysis.attn_vs_attribution import AttnVsAttribution
+from eval.analysis.deconstruct_suite import DeconstructSuite
 from eval.analysis.evaluator import Evaluator
 from eval.analysis.graph_attention_probe import GraphAttentionProbe
 from eval.analysis.head_ablation import HeadAblation
@@ -72,6 +74,7 @@ TOOLS: dict[str, type[Evaluator]] = {
         AssocCapacity,
         GraphAttentionProbe,
         XAttnSaliency,
+        DeconstructSuite,
     )
 }
 
@@ -129,6 +132,7 @@ __all__ = [
     "AssocCapacity",
     "AttentionDistance",
     "AttnVsAttribution",
+    "DeconstructSuite",
     "Evaluator",
     "GraphAttentionProbe",
     "HeadAblation",
