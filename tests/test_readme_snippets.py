@@ -22,6 +22,11 @@ SLOW_SECTIONS = (
     "Steering",
     "Block-sparse and dynamic sparse attention",
     "Use a module in your own JAX project",
+    "Inpainting, quantization and flow-warped attention (hd_painter, dgq, float)",
+    "Dynamic sparse systems on the block-sparse core (`attn/sparse/`)",
+    "On a Hugging Face checkpoint",
+    "Learned eviction: attention_gate",
+    "Modality-aware mechanisms: `moda`, `concept_centric`",
 )
 
 

@@ -47,7 +47,7 @@ from attn.core.layer import AttentionCall, HeadProjection
 from attn.core.softmax import softmax_attention
 from attn.core.validation import in_range, positive_int
 from attn.kv.policy_layer import PolicyAttention
-from attn.kv.score_eviction import SCORE_OPTION_DOCS, SCORE_VALIDATORS, causal_visible
+from attn.kv.score_eviction import SCORE_OPTION_DOCS, SCORE_VALIDATORS, BudgetPolicy, causal_visible
 from attn.registry import register
 
 Array = jax.Array
@@ -75,16 +75,12 @@ def eviction_loss(logits: Array, target_rate: float) -> Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class AttentionGatePolicy(cache_lib.CachePolicy):
+class AttentionGatePolicy(BudgetPolicy):
     """Cached entries stay; the chunk's tokens stay where the gate keeps them (chunk_keep bool [B, KVH, L]); beyond
     `budget` the oldest leave first. Queries see the cached entries, the chunk's kept tokens and themselves."""
 
     budget: int
     chunk_keep: Array
-
-    @property
-    def capacity(self) -> int:
-        return self.budget
 
     def flags(self, cands: cache_lib.Candidates) -> Array:
         """bool [B, KVH, E]: every cached entry, and the chunk's tokens the gate keeps."""

@@ -49,7 +49,7 @@ from attn.kv.policy_layer import PolicyAttention
 from attn.kv.score_eviction import (
     PER_HEAD_VALIDATORS,
     SCORE_OPTION_DOCS,
-    causal_visible,
+    BudgetPolicy,
     say_if_never_evicting,
     top_k_mask,
 )
@@ -107,7 +107,7 @@ def merge_redundant(
 
 
 @dataclasses.dataclass(frozen=True)
-class EMSPolicy(cache_lib.CachePolicy):
+class EMSPolicy(BudgetPolicy):
     """Keep the `recent` latest tokens and the `budget - recent` others with the best Global-Local score, per (batch,
     kv head); merge redundant evicted entries (redundancy >= `threshold`) into kept ones (see the module docstring)."""
 
@@ -124,13 +124,6 @@ class EMSPolicy(cache_lib.CachePolicy):
             raise ValueError(f"decay={self.decay!r} must be in [0, 1)")
         if not -1.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold={self.threshold!r} must be in [-1, 1] (a product of two cosines)")
-
-    @property
-    def capacity(self) -> int:
-        return self.budget
-
-    def visible(self, cands: cache_lib.Candidates, q_positions: Array) -> Array:
-        return causal_visible(cands, q_positions)
 
     def observe(self, cands: cache_lib.Candidates, weights: Array) -> cache_lib.Candidates:
         """m += the call's attention; r <- decay^L r + its decayed attention (weights [B, H, L, E], query heads)."""

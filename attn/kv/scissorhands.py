@@ -41,7 +41,13 @@ from attn.core import cache as cache_lib
 from attn.core.layer import AttentionCall
 from attn.core.validation import positive_int
 from attn.kv.policy_layer import PolicyAttention
-from attn.kv.score_eviction import PER_HEAD_VALIDATORS, SCORE_OPTION_DOCS, causal_visible, say_if_never_evicting
+from attn.kv.score_eviction import (
+    PER_HEAD_VALIDATORS,
+    SCORE_OPTION_DOCS,
+    BudgetPolicy,
+    causal_visible,
+    say_if_never_evicting,
+)
 from attn.registry import register
 
 Array = jax.Array
@@ -57,7 +63,7 @@ def history_counts(history: Array, window: int) -> Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class ScissorhandsPolicy(cache_lib.CachePolicy):
+class ScissorhandsPolicy(BudgetPolicy):
     """Drop the `drop` (or more) entries most often below average attention over the latest `history` steps once the
     cache holds more than `budget`, sparing the `recent` latest tokens (see the module docstring)."""
 
@@ -75,13 +81,6 @@ class ScissorhandsPolicy(cache_lib.CachePolicy):
                 f"recent={self.recent!r} and drop={self.drop!r} must satisfy recent >= 0, drop >= 1 and "
                 f"recent + drop <= budget={self.budget} (a full cache must hold drop entries outside the recent window)"
             )
-
-    @property
-    def capacity(self) -> int:
-        return self.budget
-
-    def visible(self, cands: cache_lib.Candidates, q_positions: Array) -> Array:
-        return causal_visible(cands, q_positions)
 
     def observe(self, cands: cache_lib.Candidates, weights: Array) -> cache_lib.Candidates:
         """Shifts every entry's history by the chunk's L queries (weights [B, H, L, E]) and sets the bit of each query

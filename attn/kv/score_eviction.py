@@ -35,6 +35,19 @@ def causal_visible(cands: cache_lib.Candidates, q_positions: Array) -> Array:
     return cands.valid[:, :, None, :] & (cands.positions[:, :, None, :] <= q_positions[:, None, :, None])
 
 
+@dataclasses.dataclass(frozen=True)
+class BudgetPolicy(cache_lib.CachePolicy):
+    """A policy whose cache holds `budget` entries per (batch, kv head) (the subclass declares the `budget` field) and
+    whose queries see every kept entry not after them."""
+
+    @property
+    def capacity(self) -> int:
+        return self.budget
+
+    def visible(self, cands: cache_lib.Candidates, q_positions: Array) -> Array:
+        return causal_visible(cands, q_positions)
+
+
 def say_if_never_evicting(layer: PolicyAttention, call: AttentionCall, budget: int) -> None:
     """Logs once when the creating decode call (x [B, T, E]: T is the longest sequence the cache is made for) fits in
     `budget`: such a cache keeps every token, and decoding is causal softmax attention."""
@@ -56,7 +69,7 @@ def top_k_mask(score: Array, eligible: Array, k: int) -> Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class HeavyRecentPolicy(cache_lib.CachePolicy):
+class HeavyRecentPolicy(BudgetPolicy):
     """Keep the `recent` latest tokens and the `budget - recent` older entries with the highest accumulated
     attention, per (batch, kv head), the score decayed by `forgetting` per query (see the module docstring)."""
 
@@ -70,13 +83,6 @@ class HeavyRecentPolicy(cache_lib.CachePolicy):
             raise ValueError(f"recent={self.recent!r} must be in [0, budget={self.budget}]")
         if not 0.0 <= self.forgetting <= 1.0:
             raise ValueError(f"forgetting={self.forgetting!r} must be in [0, 1]")
-
-    @property
-    def capacity(self) -> int:
-        return self.budget
-
-    def visible(self, cands: cache_lib.Candidates, q_positions: Array) -> Array:
-        return causal_visible(cands, q_positions)
 
     def observe(self, cands: cache_lib.Candidates, weights: Array) -> cache_lib.Candidates:
         """s <- f^L s + sum_i f^(L-1-i) a_i over the chunk's L queries (weights [B, H, L, E])."""

@@ -30,7 +30,7 @@ from attn.kv.policy_layer import PolicyAttention
 from attn.kv.score_eviction import (
     SCORE_OPTION_DOCS,
     SCORE_VALIDATORS,
-    causal_visible,
+    BudgetPolicy,
     say_if_never_evicting,
     top_k_mask,
 )
@@ -40,19 +40,12 @@ Array = jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
-class TovaPolicy(cache_lib.CachePolicy):
+class TovaPolicy(BudgetPolicy):
     """Keep the `budget` entries with the highest head-averaged attention of the last query (the same in every kv
     head). `key_mass` holds that attention, not an accumulation."""
 
     budget: int
     stats = ("key_mass",)
-
-    @property
-    def capacity(self) -> int:
-        return self.budget
-
-    def visible(self, cands: cache_lib.Candidates, q_positions: Array) -> Array:
-        return causal_visible(cands, q_positions)
 
     def observe(self, cands: cache_lib.Candidates, weights: Array) -> cache_lib.Candidates:
         """key_mass = the last query's weights [B, H, Tq, E] averaged over every query head, in every kv head."""

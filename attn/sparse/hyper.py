@@ -50,15 +50,14 @@ import jax.numpy as jnp
 from attn.core.block_sparse import block_sparse_attention
 from attn.core.layer import AttentionCall
 from attn.core.lse_merge import merge
-from attn.core.masks import Mask
 from attn.core.validation import check_qkv, int_at_least, positive_int
 from attn.registry import register
 from attn.softmax.multi_head import MultiHeadAttention
+from attn.sparse.selector_layer import check_causal_rope_only
 
 Array = jax.Array
 
 _NON_NEGATIVE_INT = int_at_least(0)
-_MASK_FIELDS = ("q_lengths", "kv_lengths", "q_segment_ids", "kv_segment_ids", "prefix_lengths", "dense", "mask_fn")
 
 
 def angular_lsh_hash(x: Array, projections: Array) -> Array:
@@ -259,13 +258,7 @@ class HyperAttentionLayer(MultiHeadAttention):
             raise ValueError(f"decode=True is not supported by {name}: it approximates a forward (prefill) pass")
         if call.cross:
             raise ValueError(f"{name} is self-attention (as many queries as keys); got a context")
-        mask = call.mask if call.mask is not None else Mask()
-        given = [f for f in (*_MASK_FIELDS, "window", "block_mask") if getattr(mask, f) is not None]
-        if given or self.window is not None or self.softcap is not None or self.position in ("alibi", "t5", "shaw"):
-            raise ValueError(
-                f"{name} supports a causal mask and RoPE (or no positions) only; got mask fields {given}, "
-                f"window={self.window!r}, softcap={self.softcap!r}, position={self.position!r}"
-            )
+        check_causal_rope_only(self, call, name)
 
     def attend(self, q: Array, k: Array, v: Array, call: AttentionCall) -> Array:
         """q [B, T, H, D], k/v [B, T, KVH, D] -> [B, T, H, Dv]."""

@@ -57,11 +57,11 @@ from attn.core.masks import Mask
 from attn.core.validation import check_qkv, int_at_least, optional, positive_int
 from attn.registry import register
 from attn.softmax.multi_head import MultiHeadAttention
+from attn.sparse.selector_layer import non_causal_mask_fields
 
 Array = jax.Array
 
 _BLOCK_SIZE = int_at_least(2)  # a block needs a regular token besides its landmark
-_MASK_FIELDS = ("q_lengths", "kv_lengths", "q_segment_ids", "kv_segment_ids", "prefix_lengths", "dense", "mask_fn")
 
 
 def insert_landmarks(tokens: Array, *, block_size: int, landmark_id: int) -> Array:
@@ -259,7 +259,7 @@ class LandmarkAttention(MultiHeadAttention):
         if call.cross:
             raise ValueError(f"{name} is self-attention over a sequence with landmark tokens; got a context")
         mask = call.mask if call.mask is not None else Mask()
-        given = [f for f in (*_MASK_FIELDS, "window", "block_mask") if getattr(mask, f) is not None]
+        given = non_causal_mask_fields(mask)
         if not mask.causal or given or self.window is not None or self.softcap is not None:
             raise ValueError(
                 f"{name} needs mask=attn.Mask(causal=True) and nothing else (a causal language model); got causal="

@@ -42,6 +42,24 @@ _MATRIX_CAPTURES = ("attention_logits", "attention_weights", "key_mass", "lse")
 _MASK_ARRAYS = ("q_lengths", "kv_lengths", "q_segment_ids", "kv_segment_ids", "prefix_lengths", "dense")
 
 
+def non_causal_mask_fields(mask: Mask | None) -> list[str]:
+    """The fields set in `mask` besides `causal` and `block_size` (lengths, segments, prefix, dense, mask_fn,
+    window, block_mask): what a selector that applies a causal mask only cannot honour."""
+    mask = mask if mask is not None else Mask()
+    fields = (*_MASK_ARRAYS, "mask_fn", "window", "block_mask")
+    return [field for field in fields if getattr(mask, field) is not None]
+
+
+def check_causal_rope_only(layer: Any, call: AttentionCall, name: str) -> None:
+    """ValueError naming what `layer` (a causal-mask, RoPE-or-no-positions selector) cannot honour in `call`."""
+    given = non_causal_mask_fields(call.mask)
+    if given or layer.window is not None or layer.softcap is not None or layer.position in ("alibi", "t5", "shaw"):
+        raise ValueError(
+            f"{name} supports a causal mask and RoPE (or no positions) only; got mask fields {given}, "
+            f"window={layer.window!r}, softcap={layer.softcap!r}, position={layer.position!r}"
+        )
+
+
 def indices_to_block_mask(block_indices: Array, num_k_blocks: int) -> Array:
     """int [B, H, nq, S] key block ids (-1 = padding) -> bool [B, H, nq, num_k_blocks]."""
     ids = jnp.asarray(block_indices)

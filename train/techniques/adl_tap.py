@@ -37,7 +37,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from attn import attention_stats
 from attn.core import validation
 from train.techniques.base import Option, Technique, register
 
@@ -97,11 +96,7 @@ class AttentionDiversification(Technique):
         batch: Mapping[str, jax.Array],
         variables: Mapping[str, Any],
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        by_layer = attention_stats.attention_weights_by_layer(collections.get("intermediates", {}))
-        if sorted(by_layer) != list(range(self.num_layers)):
-            raise ValueError(
-                f"adl_tap found attention weights for layers {sorted(by_layer)}, expected 0..{self.num_layers - 1}"
-            )
+        by_layer = self.layer_weights(collections)
         layers = [by_layer[i] for i in range(self.num_layers)]
         similarity = diversification_loss(layers, self.threshold)
         loss = self.weight * similarity

@@ -47,6 +47,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
+from attn import attention_stats
 from attn.core.validation import OptionValidator
 from train import tasks
 
@@ -149,6 +150,16 @@ class Technique:
     def variable_metrics(self, variables: Mapping[str, Any]) -> dict[str, jax.Array]:
         """Float32 scalars of its variables after the step (e.g. the learned scales); {} for none."""
         return {}
+
+    def layer_weights(self, collections: Mapping[str, Any]) -> dict[int, jax.Array]:
+        """{layer: captured attention weights [B, H, Tq, Tk]} of every layer 0..num_layers-1 (`bind_model` sets
+        num_layers); ValueError naming the layers found when one is missing."""
+        by_layer = attention_stats.attention_weights_by_layer(collections.get("intermediates", {}))
+        if sorted(by_layer) != list(range(self.num_layers)):
+            raise ValueError(
+                f"{self.name} found attention weights for layers {sorted(by_layer)}, expected 0..{self.num_layers - 1}"
+            )
+        return by_layer
 
     def forward_loss(
         self, forward: Any, params: Any, logits: Any, batch: Mapping[str, jax.Array], rng: jax.Array

@@ -35,7 +35,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from attn import attention_stats
 from attn.core import validation
 from train.techniques.base import Option, Technique, register
 
@@ -95,11 +94,7 @@ class EntropyReg(Technique):
         batch: Mapping[str, jax.Array],
         variables: Mapping[str, Any],
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        by_layer = attention_stats.attention_weights_by_layer(collections.get("intermediates", {}))
-        if sorted(by_layer) != list(range(self.num_layers)):
-            raise ValueError(
-                f"entropy_reg found attention weights for layers {sorted(by_layer)}, expected 0..{self.num_layers - 1}"
-            )
+        by_layer = self.layer_weights(collections)
         thresholds = jnp.stack([variables["thresholds"][f"layer_{i}"] for i in range(self.num_layers)])  # [L, H]
         penalties = [entropy_penalty(by_layer[i], thresholds[i], self.tolerance) for i in range(self.num_layers)]
         loss = self.weight * sum(penalties) / self.num_layers
