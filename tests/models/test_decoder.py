@@ -56,7 +56,8 @@ def test_build_model_kinds():
     model = build_model("decoder", vocab_size=VOCAB, num_layers=1, d_model=16, num_heads=2, mlp_dim=32)
     assert isinstance(model, DecoderLM) and model.attention == "softmax"
     with pytest.raises(
-        ValueError, match=r"kind='gpt'.*\['cnn', 'ctr', 'decoder', 'dit', 'encoder', 'encoder_decoder', 'mil', 'vit', 'vlm'\]"
+        ValueError,
+        match=r"kind='gpt'.*\['cnn', 'ctr', 'decoder', 'dit', 'encoder', 'encoder_decoder', 'mil', 'vit', 'vlm'\]",
     ):
         build_model("gpt")
 
