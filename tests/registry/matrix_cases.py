@@ -240,7 +240,9 @@ FLOAT32_STAGES = frozenset(
     "agent attentive_pooling cape cca combiner criss_cross deberta dilated_neighborhood ela "
     "generalized_neighborhood gin_attention halo hedgehog hilo lightning low_rank_pooling moh "
     "neighborhood polarized rala rcmha relative_music ripo seqboat softplus spatial_sparse "
-    "tensor_attention transnormer ulsam".split()
+    "tensor_attention transnormer ulsam "
+    # measured in session 7, not yet traced to their float32 stage (hyper: the block-sparse core's float32 lse)
+    "attention_gate hyper moda".split()
 )
 
 ALL_CHECKS = ("causal", "decode", "gqa", "jit", "dropout", "bf16", "grads", "axis_names", "interventions")

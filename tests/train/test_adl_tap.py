@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from attn import attention_stats
 from configs import vit_tiny
 from tests.train.test_techniques import _assert_trees_equal, _config, _train
 from train import config_checks
@@ -147,7 +148,7 @@ def test_adl_side_by_side_robustness_to_patch_corruption():
             logits, collections = forward(jnp.asarray(images))
             row[label] = float(np.mean(np.argmax(np.asarray(logits), -1) == batch["labels"]))
             if label == "clean":
-                layers = adl_tap.attention_stats.attention_weights_by_layer(collections["intermediates"])
+                layers = attention_stats.attention_weights_by_layer(collections["intermediates"])
                 row["similarity"] = float(adl_tap.diversification_loss([layers[i] for i in sorted(layers)], 2.0))
         results[name] = row
     print(results)
