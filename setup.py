@@ -31,17 +31,19 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(
-        include=["attn", "attn.*", "pallas_kernels", "pallas_kernels.*", "train", "train.*", "eval", "eval.*"]
-    ),
+    # The trainer and the evaluation tools are the folders train/ and eval/ (`python -m train` from a checkout),
+    # installed under names that a user's own train.py or eval/ cannot shadow: attn_train and attn_eval.
+    packages=find_packages(include=["attn", "attn.*", "pallas_kernels", "pallas_kernels.*"])
+    + [f"attn_{top}{sub}" for top in ("train", "eval") for sub in ["", *(f".{p}" for p in find_packages(top))]],
+    package_dir={"attn_train": "train", "attn_eval": "eval"},
     install_requires=_REQUIRES,
     extras_require=_EXTRAS,
     # Commands that run this package's tools from any directory, even one with its own train.py or eval/
     # (`python -m train` would import those instead): eval/console_scripts.py.
     entry_points={
         "console_scripts": [
-            "attn-train = eval.console_scripts:train_main",
-            "attn-eval = eval.console_scripts:eval_main",
+            "attn-train = attn_eval.console_scripts:train_main",
+            "attn-eval = attn_eval.console_scripts:eval_main",
         ]
     },
     license="Apache-2.0",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from ml_collections import ConfigDict, config_dict
 
-from train import mesh as mesh_lib
+from attn.core.sharding import DEFAULT_RULES
 
 
 def base_config() -> ConfigDict:
@@ -79,10 +79,10 @@ def base_config() -> ConfigDict:
     config.mesh.shape = (-1,)  # devices per mesh axis; one -1 takes all remaining devices
     config.mesh.axes = ("data",)  # names of the mesh axes, from ("data", "fsdp", "tensor", "context")
     # Logical axis -> mesh axes, in precedence order. Parameters and activations carry logical names; the
-    # defaults (train/mesh.py DEFAULT_RULES) give data parallelism over ("data", "fsdp"), ZeRO-3 style
+    # defaults (attn.core.sharding.DEFAULT_RULES) give data parallelism over ("data", "fsdp"), ZeRO-3 style
     # sharding of "embed" over "fsdp", Megatron-style tensor parallelism of heads/mlp/vocab over "tensor"
     # and sequence parallelism of "length" over "context". Axes absent from the mesh are ignored.
-    config.mesh.rules = mesh_lib.DEFAULT_RULES
+    config.mesh.rules = DEFAULT_RULES
 
     config.eval = ConfigDict()  # evaluation on the valid split
     config.eval.num_batches = 8  # validation batches per evaluation (same batches every time)

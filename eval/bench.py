@@ -50,8 +50,7 @@ GIB = 2**30
 # ---------------------------------------------------------------------------------------------- suites
 def available_suites() -> list[str]:
     """Names of the suites: the modules eval/bench_<name>.py."""
-    import eval as package
-
+    package = importlib.import_module(__package__)
     return sorted(
         m.name[len(SUITE_PREFIX) :] for m in pkgutil.iter_modules(package.__path__) if m.name.startswith(SUITE_PREFIX)
     )
@@ -62,7 +61,7 @@ def get_suite(name: str) -> ModuleType:
     known = available_suites()
     if name not in known:
         raise ValueError(f"unknown suite {name!r}; available suites: {', '.join(known) or '(none)'}")
-    module = importlib.import_module(f"eval.{SUITE_PREFIX}{name}")
+    module = importlib.import_module(f"{__package__}.{SUITE_PREFIX}{name}")
     if not callable(getattr(module, "run", None)):
         raise ValueError(f"suite module eval.{SUITE_PREFIX}{name} has no run(bench) function")
     return module

@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from attn import functional as F
-from eval.bench import GIB, Bench, get_suite, plot_report, render_table, run_suite
+
+from .bench import GIB, Bench, get_suite, plot_report, render_table, run_suite
 
 LENGTHS = (4096, 8192, 16384)
 QUICK_LENGTHS = (256, 512)

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import attn
-from eval.bench import Bench, plot_report
+
+from .bench import Bench, plot_report
 
 LENGTHS = (1024, 2048, 4096, 8192, 16384)
 QUICK_LENGTHS = (128, 256)

@@ -26,7 +26,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from attn import functional as F
 from attn.core.context_parallel import ring_attention, ulysses_attention
-from eval.bench import Bench, compiled_bytes, plot_report, sum_grads
+
+from .bench import Bench, compiled_bytes, plot_report, sum_grads
 
 LENGTH, QUICK_LENGTH = 4096, 512
 PARTS = (1, 2, 4, 8)

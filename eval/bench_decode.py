@@ -30,7 +30,8 @@ from attn.core import kv_cache
 from attn.core.masks import Mask
 from attn.core.reference import reference_softmax_attention
 from attn.core.split_kv_decode import split_kv_attention
-from eval.bench import Bench, main, plot_report
+
+from .bench import Bench, main, plot_report
 
 LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
 QUICK_LENGTHS = (256, 512)

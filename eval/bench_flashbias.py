@@ -33,7 +33,8 @@ import numpy as np
 from attn import functional as F
 from attn.core import positions as pos
 from attn.softmax.flashbias import alibi_factors, flashbias_attention
-from eval.bench import Bench, plot_report, sum_grads
+
+from .bench import Bench, plot_report, sum_grads
 
 LENGTHS = (1024, 2048, 4096, 8192, 16384)
 QUICK_LENGTHS = (64, 128)

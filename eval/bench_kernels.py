@@ -72,7 +72,8 @@ import jax.numpy as jnp
 
 from attn.core import dispatch
 from attn.linear.lightning import tnl_decay
-from eval.bench import Bench
+
+from .bench import Bench
 
 LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
 QUICK_LENGTHS = (128, 256)

@@ -30,8 +30,9 @@ import numpy as np
 
 from attn import functional as F
 from attn.linear.lightning import tnl_decay
-from eval.bench import Bench, plot_report, sum_grads
-from eval.bench_kernels import lightning_flops
+
+from .bench import Bench, plot_report, sum_grads
+from .bench_kernels import lightning_flops
 
 # 256 and 512 locate the crossover, which lies below 1K on CPU
 LENGTHS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)

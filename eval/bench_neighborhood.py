@@ -21,7 +21,8 @@ import jax
 import numpy as np
 
 from attn import functional as F
-from eval.bench import Bench, plot_report
+
+from .bench import Bench, plot_report
 
 SIDES = (32, 64, 96, 128)
 QUICK_SIDES = (8, 16)

@@ -34,7 +34,8 @@ import numpy as np
 
 from attn import functional as F
 from attn.core.masks import Mask
-from eval.bench import Bench, compiled_bytes, sum_grads
+
+from .bench import Bench, compiled_bytes, sum_grads
 
 BATCH, HEADS, HEAD_DIM = 1, 8, 64
 SOFTMAX_LENGTHS, QUICK_SOFTMAX_LENGTHS = (512, 1024, 2048, 4096), (256,)
@@ -181,7 +182,8 @@ def _train_step_ratio(bench: Bench, rounds: int) -> dict[str, Any]:
     """lm_tiny's compiled trainer step vs the minimal decoder's, both with donated state on the same batch."""
     from benchmarks import minimal_decoder
     from configs import lm_tiny
-    from train.run import build_run, make_optimizer
+
+    from .trainer_api import build_run, make_optimizer
 
     config = lm_tiny.get_config()
     with tempfile.TemporaryDirectory() as workdir:

@@ -32,7 +32,8 @@ import numpy as np
 
 from attn import functional as F
 from attn.linear.lightning import tnl_decay
-from eval.bench import Bench, compiled_bytes, plot_report, sum_grads
+
+from .bench import Bench, compiled_bytes, plot_report, sum_grads
 
 LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
 QUICK_LENGTHS = (256, 512)

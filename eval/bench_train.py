@@ -18,8 +18,8 @@ from typing import Any
 
 import jax
 
-from eval.bench import Bench, compiled_bytes
-from train.run import build_run
+from .bench import Bench, compiled_bytes
+from .trainer_api import build_run
 
 # (config module, preset, platforms it is run on)
 CASES = (

@@ -60,8 +60,9 @@ import jax
 import numpy as np
 
 import attn
-from eval.bench import _jaxlib_version, _load_average, compiled_bytes
-from train.run import build_run, load_config_file
+
+from .bench import _jaxlib_version, _load_average, compiled_bytes
+from .trainer_api import build_run, load_config_file
 
 PATTERNS = ("noncausal_self", "causal_self", "noncausal_cross", "causal_cross")
 CAUSAL_CROSS_REASON = (

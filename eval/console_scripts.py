@@ -5,8 +5,10 @@
     attn-eval generate --workdir runs/lm_tiny --prompt "def "            # = python -m eval.generate ...
 
 `python -m train` / `python -m eval.<tool>` import `train` and `eval` from the current directory first, so in a
-project with its own `train.py` or `eval/` they run the wrong code. A console script starts with its own folder,
-not the current directory, on sys.path, so these commands always run this package's tools. The config file's
+project with its own `train.py` or `eval/` they run the wrong code. Installed, the packages are `attn_train` and
+`attn_eval` (setup.py), and a console script starts with its own folder, not the current directory, on sys.path, so
+these commands always run this package's tools; in Python, `import attn_eval.lm` / `from attn_train.run import
+load_run` can never be shadowed either. The config file's
 own package (e.g. `configs/`, which config files import as `from configs import common`) is imported from the
 folder the file sits in, so a checkout's configs work from any directory.
 """
@@ -18,6 +20,8 @@ import os
 import runpy
 import sys
 from collections.abc import Sequence
+
+from . import TRAIN_PACKAGE
 
 # `attn-eval <tool>`: the modules of eval/ that run as programs.
 TOOLS = (
@@ -80,7 +84,7 @@ def _run_module(module: str, prog: str, args: Sequence[str]) -> None:
 
 def train_main(argv: Sequence[str] | None = None) -> None:
     """`attn-train [flags]`: `python -m train [flags]`."""
-    _run_module("train", "attn-train", sys.argv[1:] if argv is None else argv)
+    _run_module(TRAIN_PACKAGE, "attn-train", sys.argv[1:] if argv is None else argv)
 
 
 def eval_main(argv: Sequence[str] | None = None) -> None:
@@ -91,4 +95,4 @@ def eval_main(argv: Sequence[str] | None = None) -> None:
     tool, rest = args[0], args[1:]
     if tool not in TOOLS:
         raise SystemExit(f"error: attn-eval {tool!r} is not a tool; expected one of {', '.join(TOOLS)}")
-    _run_module(f"eval.{tool}", f"attn-eval {tool}", rest)
+    _run_module(f"{__package__}.{tool}", f"attn-eval {tool}", rest)

@@ -43,9 +43,10 @@ from attn.models import dit
 from attn.steer import AStar, Dgq, FloAt, HdPainter, UniformMaps
 from attn.steer.dgq import calibrate
 from attn.steer.float_warp import warp_image, warped_region
-from eval.sample_dit import check_run, encode_prompts, sample
-from eval.shape_classifier import concepts_present, train_classifier
-from train.run import load_run, make_source, source_class
+
+from .sample_dit import check_run, encode_prompts, sample
+from .shape_classifier import concepts_present, train_classifier
+from .trainer_api import load_run, make_source, source_class
 
 SYSTEMS = ("a_star", "uniform_maps", "hd_painter", "dgq", "float")
 # Caption positions of the two concepts of "<colour> <shape> left <colour> <shape>".

@@ -34,7 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from attn.models.generate import generate_stream
-from train.run import Run
+
+from .trainer_api import Run
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -171,7 +172,7 @@ def main(argv: Sequence[str]) -> None:
     """Entry point of `python -m eval.generate` (flags are defined below, only when run as a program)."""
     from absl import flags
 
-    from eval.lm import open_run, quiet_logs
+    from .lm import open_run, quiet_logs
 
     if len(argv) > 1:
         raise SystemExit(f"error: unexpected arguments {' '.join(argv[1:])}")

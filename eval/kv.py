@@ -65,9 +65,10 @@ import attn
 from attn.core import cache as cache_lib
 from attn.models.fields import per_layer_mechanisms, per_layer_options
 from attn.models.generate import init_cache
-from eval.analysis.evaluator import pyplot, unboxed
-from eval.lm import open_run, quiet_logs
-from train.run import make_source
+
+from .analysis.evaluator import pyplot, unboxed
+from .lm import open_run, quiet_logs
+from .trainer_api import make_source
 
 FULL = "full"
 RETRIEVAL_TASKS = ("mqar", "passkey")
@@ -194,7 +195,7 @@ def load_checkpoint(path: str) -> tuple[Any, Any, Any, dict[str, Any]]:
 
 def held_out_text(path: str | None = None) -> str:
     """The held-out split of train.data.text's corpus (None: the Python standard library sources) as text."""
-    from train.run import corpus_text
+    from .trainer_api import corpus_text
 
     return corpus_text(path, "valid")
 

@@ -66,8 +66,9 @@ from attn.core import dispatch
 from attn.core.context_parallel import ring_attention, ulysses_attention
 from attn.core.masks import Mask
 from attn.linear.lightning import tnl_decay
-from eval.bench import GIB, Bench, draw_report, run_suite
-from eval.bench_kernels import _fwd_bwd, _measure, lightning_flops
+
+from .bench import GIB, Bench, draw_report, run_suite
+from .bench_kernels import _fwd_bwd, _measure, lightning_flops
 
 NAME = "lca"
 PATTERNS = ("full", "causal", "sliding_window", "block_sparse", "document")

@@ -21,7 +21,7 @@ from typing import Any
 
 import jax
 
-from train.run import CheckpointDamaged, Run, load_run
+from .trainer_api import CheckpointDamaged, Run, load_run
 
 
 def open_run(workdir: str, step: int | None = None) -> Run:

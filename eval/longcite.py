@@ -356,8 +356,8 @@ def checkpoint_generator(
 ) -> tuple[Callable[[str], str], dict[str, Any]]:
     """(greedy generate(prompt) -> text, a description) of the Hugging Face decoder at `path`; max_len lifts its
     maximum length (RoPE checkpoints only). Continuations stop at the maximum length."""
-    from eval.generate import stream_checkpoint_text
-    from eval.kv import load_checkpoint
+    from .generate import stream_checkpoint_text
+    from .kv import load_checkpoint
 
     model, params, tokenizer, hf_config = load_checkpoint(path)
     trained = model.max_len
@@ -384,8 +384,8 @@ def checkpoint_generator(
 
 def run_generator(workdir: str, max_new_tokens: int) -> tuple[Callable[[str], str], dict[str, Any]]:
     """(greedy generate(prompt) -> text, a description) of the byte-level decoder run in `workdir`."""
-    from eval.generate import stream_text
-    from eval.lm import open_run
+    from .generate import stream_text
+    from .lm import open_run
 
     run = open_run(workdir)
 
@@ -400,7 +400,7 @@ def main(argv: Sequence[str]) -> None:
     import jax
     from absl import flags
 
-    from eval.lm import quiet_logs
+    from .lm import quiet_logs
 
     if len(argv) > 1:
         raise SystemExit(f"error: unexpected arguments {' '.join(argv[1:])}")

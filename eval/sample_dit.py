@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from attn.models import dit
-from train.run import Run, load_run, source_class
+
+from .trainer_api import Run, load_run, source_class
 
 
 def check_run(run: Run) -> None:

@@ -19,7 +19,8 @@ import numpy as np
 import optax
 
 from attn.models import ViT
-from train.run import make_source
+
+from .trainer_api import make_source
 
 SOURCE = "shape_captions"
 

@@ -49,9 +49,10 @@ from attn.steer import autopasta as autopasta_lib
 from attn.steer import pasta as pasta_lib
 from attn.steer import soft_injection as soft_lib
 from attn.steer.common import HeadConfig
-from eval import steer_vlm
-from eval.analysis.evaluator import layer_head_heatmap, layer_of, pyplot, unboxed
-from train.run import make_source, source_class
+
+from . import steer_vlm
+from .analysis.evaluator import layer_head_heatmap, layer_of, pyplot, unboxed
+from .trainer_api import make_source, source_class
 
 EmphasisSource = source_class("emphasis_qa")
 
@@ -63,7 +64,7 @@ DEVICE = "CPU, 2 cores shared with other jobs"
 def trained_model(workdir: str, config: str = CONFIG) -> tuple[Any, Any, dict[str, Any]]:
     """(DecoderLM, params, info) of the run in `workdir`, trained there first from `config` (a config file, with
     an optional ":preset") when it holds no checkpoint."""
-    from train.run import load_config_file, load_run, train
+    from .trainer_api import load_config_file, load_run, train
 
     info: dict[str, Any] = {"workdir": os.path.abspath(workdir), "config": config}
     checkpoints = os.path.join(workdir, "checkpoints")

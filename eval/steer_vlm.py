@@ -38,8 +38,9 @@ from attn.steer import damro as damro_lib
 from attn.steer import var as var_lib
 from attn.steer import vhr as vhr_lib
 from attn.steer.vision import DECODER_SELF_ATTENTION, num_image_tokens
-from eval.analysis.evaluator import layer_head_heatmap, pyplot
-from train.run import make_source, source_class
+
+from .analysis.evaluator import layer_head_heatmap, pyplot
+from .trainer_api import make_source, source_class
 
 CONFIG = "configs/steer_vlm.py"
 VLM_SYSTEMS = ("var", "vhr", "damro", "imbalance_fix", "carve")

@@ -35,7 +35,7 @@ from typing import Any
 
 import jax
 
-from train.run import build_run, load_config_file, train, unknown_override_message
+from .trainer_api import build_run, load_config_file, train, unknown_override_message
 
 
 def parse_value(text: str) -> Any:

@@ -94,7 +94,7 @@ def _plain(value: Any) -> Any:
 def _train_and_read(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Trains `config` in a temporary workdir; {"train_loss": {step: v}, "eval_loss": {...}, "entropy": {layer:
     {step: v}}, "seconds", "diverged_at"}."""
-    from train.run import TrainingDiverged, train
+    from .trainer_api import TrainingDiverged, train
 
     started = time.perf_counter()
     diverged_at = None
@@ -206,7 +206,7 @@ class PresetComparison:
 
     def run(self) -> dict[str, Any]:
         """Every preset's run; returns the record (also written as JSON + PNG)."""
-        from train.run import load_config_file
+        from .trainer_api import load_config_file
 
         runs, configs = {}, {}
         for preset in self.presets:
@@ -278,7 +278,7 @@ def plot_presets(record: dict[str, Any], path: str) -> None:
 
 def _override(config: ml_collections.ConfigDict, override: str) -> None:
     """Sets `dotted.field=value` (value a Python literal, else a string); ValueError naming an unknown field."""
-    from train.run import unknown_override_message
+    from .trainer_api import unknown_override_message
 
     dotted, sep, text = override.partition("=")
     if not sep:
@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--presets", default=None, help="compare these presets of --config instead (comma-separated, '' = default)"
     )
     args = parser.parse_args(argv)
-    from train.run import load_config_file
+    from .trainer_api import load_config_file
 
     if args.presets is not None:
         overrides = tuple(args.set)

@@ -40,9 +40,10 @@ import numpy as np
 from attn.steer import STEERERS, GSearch, VmtcCmai, VtcCls, ZipVL
 from attn.steer import g_search as g_lib
 from attn.steer import visual_tokens as vt
-from eval.analysis.evaluator import pyplot
-from eval.steer import trained_model
-from train.run import make_source, source_class
+
+from .analysis.evaluator import pyplot
+from .steer import trained_model
+from .trainer_api import make_source, source_class
 
 CONFIG = "configs/token_reduction.py"
 DEVICE = "CPU, 2 cores shared with other jobs"

@@ -41,8 +41,8 @@ def main(argv: Sequence[str]) -> None:
     """Trains --config in --workdir with the cadence evaluators (see the module docstring)."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from eval.analysis import cadence_evaluators
-    from train.run import RUN_ERRORS, train
+    from .analysis import cadence_evaluators
+    from .trainer_api import RUN_ERRORS, train
 
     try:
         config = _CONFIG.value

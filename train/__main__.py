@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from train.preemption import PreemptionGuard
+from .preemption import PreemptionGuard
 
 _GUARD = PreemptionGuard()
 if __name__ == "__main__":
@@ -31,7 +31,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def _load_config_file(argv: Sequence[str]):
     """The config named by --config, without overrides (for explaining a bad override); None if absent."""
-    from train.config_file import load_config_file
+    from .config_file import load_config_file
 
     for i, arg in enumerate(argv):
         if arg == "--config" and i + 1 < len(argv):
@@ -46,7 +46,7 @@ def _load_config_file(argv: Sequence[str]):
 
 def _explain_bad_override(argv: Sequence[str]) -> str | None:
     """A one-line message for the first `--config.<field>=...` override that names no config field."""
-    from train.config_checks import unknown_override_message
+    from .config_checks import unknown_override_message
 
     try:
         config = _load_config_file(argv)
@@ -91,7 +91,7 @@ def main(argv: Sequence[str]) -> None:
         # A failed save is reported in one line (CheckpointSaveError); orbax's own tracebacks of it are noise.
         logging.get_absl_logger().addFilter(_drop_orbax_errors)
     # Imported here so `--help` and flag errors do not wait for JAX.
-    from train import trainer
+    from . import trainer
 
     try:
         config = _CONFIG.value

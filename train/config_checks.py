@@ -16,7 +16,8 @@ from typing import Any
 import jax
 
 import attn
-from train import tasks
+
+from . import tasks
 
 
 class ConfigError(ValueError):
@@ -286,7 +287,7 @@ def _check_techniques(config: Mapping[str, Any]) -> None:
     """ConfigError for an unknown technique (with the closest names), an option it does not have or a value out of
     its range, a technique on a model kind it does not train, or one needing attention weights on a mechanism
     without them; and for a bad config.loss_weights.losses."""
-    from train import techniques
+    from . import techniques
 
     weight = (config.get("loss_weights") or {}).get("losses", 1.0)
     if isinstance(weight, bool) or not isinstance(weight, int | float) or weight < 0:
@@ -364,7 +365,7 @@ def check_model_builds(config: Mapping[str, Any], task: tasks.Task, element_spec
 
 def check_batch_against_mesh(batch_size: int, mesh: jax.sharding.Mesh) -> None:
     """ConfigError if the global batch does not split evenly over the mesh's batch axes and processes."""
-    from train import mesh as mesh_lib
+    from . import mesh as mesh_lib
 
     try:
         mesh_lib.check_batch_size(batch_size, mesh)
@@ -485,7 +486,7 @@ def _schedule_note(saved: Mapping[str, Any], current: Mapping[str, Any], changed
     """One line on the learning rate when an accepted change (total_steps, optimizer.*) moves its schedule."""
     if not any(_covers("total_steps", key) or _covers("optimizer", key) for key in changed):
         return None
-    from train import optim
+    from . import optim
 
     try:
         _, before = optim.make_optimizer(saved["optimizer"], saved["total_steps"])

@@ -26,24 +26,26 @@ import jax
 import ml_collections
 from absl import logging
 
-from train import mesh as mesh_lib
-from train import tasks, trainer
-from train.checkpointing import CheckpointDamaged, Checkpointer
-from train.config_checks import unknown_override_message
-from train.config_file import load_config_file
-from train.data import make_source, source_class
-from train.data.text import corpus_text  # noqa: F401 - eval's way to the corpus (eval imports only train.run)
-from train.optim import make_optimizer
-from train.state import TrainState
-from train.techniques import effective_params
-from train.trainer import RUN_ERRORS, TrainingDiverged  # noqa: F401 - RUN_ERRORS: the one-line errors of a run
+from . import mesh as mesh_lib
+from . import tasks, trainer
+from .checkpointing import CheckpointDamaged, Checkpointer
+from .config_checks import unknown_override_message
+from .config_file import load_config_file
+from .data import make_source, source_class
+from .data.text import corpus_text  # eval's way to the corpus (eval imports only train.run)
+from .optim import make_optimizer
+from .state import TrainState
+from .techniques import effective_params
+from .trainer import RUN_ERRORS, TrainingDiverged  # RUN_ERRORS: the one-line errors of a run
 
 __all__ = [
+    "RUN_ERRORS",
     "CheckpointDamaged",
     "Run",
     "TrainResult",
     "TrainingDiverged",
     "build_run",
+    "corpus_text",
     "load_config_file",
     "load_run",
     "make_optimizer",

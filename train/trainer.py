@@ -36,15 +36,16 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from attn import attention_stats, pretrained
 from attn.models.fields import freeze, per_layer_mechanisms, per_layer_options
-from train import config_checks, distributed, optim, tasks, techniques
-from train import mesh as mesh_lib
-from train.checkpointing import CheckpointDamaged, Checkpointer, CheckpointSaveError, jsonable
-from train.config_checks import ConfigError
-from train.data import make_source
-from train.metrics import MetricWriter, ProgressReporter
-from train.preemption import PreemptionGuard
-from train.state import TrainState, graft_params
-from train.workdir_lock import WorkdirLocked, lock_workdir
+
+from . import config_checks, distributed, optim, tasks, techniques
+from . import mesh as mesh_lib
+from .checkpointing import CheckpointDamaged, Checkpointer, CheckpointSaveError, jsonable
+from .config_checks import ConfigError
+from .data import make_source
+from .metrics import MetricWriter, ProgressReporter
+from .preemption import PreemptionGuard
+from .state import TrainState, graft_params
+from .workdir_lock import WorkdirLocked, lock_workdir
 
 
 class TrainingDiverged(RuntimeError):
@@ -364,7 +365,7 @@ def start_from_checkpoint(s: Setup, layout: StateLayout, state: TrainState) -> T
                 f"{'; '.join(differences)}{why}"
             )
     else:
-        from train import run as run_api  # the run API imports this module
+        from . import run as run_api  # the run API imports this module
 
         loaded = run_api.load_run(source).params
         loaded = {key: value for key, value in loaded.items() if key != techniques.TECHNIQUE_PARAMS}

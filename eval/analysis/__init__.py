@@ -32,26 +32,26 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from eval.analysis.arank import ARank
-from eval.analysis.assoc_capacity import AssocCapacity
-from eval.analysis.attention_distance import AttentionDistance
-from eval.analysis.attn_vs_attribution import AttnVsAttribution
-from eval.analysis.deconstruct_suite import DeconstructSuite
-from eval.analysis.evaluator import Evaluator
-from eval.analysis.graph_attention_probe import GraphAttentionProbe
-from eval.analysis.head_ablation import HeadAblation
-from eval.analysis.head_attribution import HeadAttribution
-from eval.analysis.head_patching import HeadPatching
-from eval.analysis.icl_regression import ICLRegression
-from eval.analysis.logit_attribution import LogitAttribution
-from eval.analysis.qk_score import QKScore
-from eval.analysis.retrieval_heads import RetrievalHeads
-from eval.analysis.sink_rate import SinkRate
-from eval.analysis.softmax_regression_icl import SoftmaxRegressionICL
-from eval.analysis.stiffness import Stiffness
-from eval.analysis.successor_heads import SuccessorHeads
-from eval.analysis.waad_fai import WaadFai
-from eval.analysis.xattn_saliency import XAttnSaliency
+from .arank import ARank
+from .assoc_capacity import AssocCapacity
+from .attention_distance import AttentionDistance
+from .attn_vs_attribution import AttnVsAttribution
+from .deconstruct_suite import DeconstructSuite
+from .evaluator import Evaluator
+from .graph_attention_probe import GraphAttentionProbe
+from .head_ablation import HeadAblation
+from .head_attribution import HeadAttribution
+from .head_patching import HeadPatching
+from .icl_regression import ICLRegression
+from .logit_attribution import LogitAttribution
+from .qk_score import QKScore
+from .retrieval_heads import RetrievalHeads
+from .sink_rate import SinkRate
+from .softmax_regression_icl import SoftmaxRegressionICL
+from .stiffness import Stiffness
+from .successor_heads import SuccessorHeads
+from .waad_fai import WaadFai
+from .xattn_saliency import XAttnSaliency
 
 TOOLS: dict[str, type[Evaluator]] = {
     tool.name: tool
@@ -121,7 +121,7 @@ def train_with_evals(config: Any, workdir: str, **kwargs: Any) -> Any:
     """train.run.train(config, workdir, evaluators=cadence_evaluators(), **kwargs): a training run whose
     config.evals ([{tool, every, options, batch_size, num_batches}]) run at their cadence, results appended to
     <workdir>/evals.jsonl and scalars logged to TensorBoard as evals/<tool>/<name>."""
-    from train.run import train
+    from ..trainer_api import train
 
     return train(config, workdir, evaluators=cadence_evaluators(), **kwargs)
 

@@ -23,8 +23,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from eval.analysis import TOOLS, report
-from eval.analysis.evaluator import Evaluator
+from . import TOOLS, report
+from .evaluator import Evaluator
 
 _TYPES = {"int": int, "float": float, "str": str}
 
@@ -62,7 +62,7 @@ def parser_for(tool: type[Evaluator]) -> argparse.ArgumentParser:
 
 def run_tool(name: str, argv: Sequence[str]) -> dict[str, Any]:
     """Runs tool `name` with flags `argv` on a workdir; returns the result written."""
-    from train.run import load_run
+    from ..trainer_api import load_run
 
     tool_class = TOOLS[name]
     args = parser_for(tool_class).parse_args(argv)
@@ -100,7 +100,7 @@ def run_tool(name: str, argv: Sequence[str]) -> dict[str, Any]:
 
 def _run_on_checkpoint(tool_class: type[Evaluator], tool: Evaluator, args: argparse.Namespace) -> dict[str, Any]:
     """`tool` on the --checkpoint directory (see eval.analysis.checkpoint_batches); --output is required."""
-    from eval.analysis.checkpoint_batches import VISION, checkpoint_inputs, vision_grid
+    from .checkpoint_batches import VISION, checkpoint_inputs, vision_grid
 
     if args.output is None:
         raise ValueError(f"--checkpoint={args.checkpoint!r} is not a run directory: give --output (a JSON path)")

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from eval.analysis.evaluator import Evaluator, attention_maps, layer_head_heatmap, pyplot
+from .evaluator import Evaluator, attention_maps, layer_head_heatmap, pyplot
 
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
 

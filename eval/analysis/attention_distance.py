@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from eval.analysis.evaluator import Evaluator, attention_maps, pyplot
+from .evaluator import Evaluator, attention_maps, pyplot
 
 
 def distance_matrix(length: int, grid: tuple[int, int] | None = None, patch_size: float = 1.0) -> np.ndarray:

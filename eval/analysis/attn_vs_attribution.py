@@ -35,9 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eval.analysis.evaluator import Evaluator, attention_maps, forward, is_task, pyplot
-from eval.analysis.icl_regression import check_positive
-from eval.analysis.stiffness import spearman
+from .evaluator import Evaluator, attention_maps, forward, is_task, pyplot
+from .icl_regression import check_positive
+from .stiffness import spearman
 
 METHODS = ("attention", "rollout", "saliency", "grad_input", "integrated_gradients", "occlusion")
 

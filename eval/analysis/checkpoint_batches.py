@@ -89,7 +89,7 @@ def check_tool_kind(tool: Any, kind: str) -> None:
 
 def corpus_text() -> str:
     """The default corpus's validation split (standard library sources) as text, files separated by a newline."""
-    from train.run import corpus_text as held_out
+    from ..trainer_api import corpus_text as held_out
 
     return held_out(None, "valid")
 
@@ -134,7 +134,7 @@ def image_batches(
     """`num_batches` dicts {"inputs": float32 [batch_size, image_size, image_size, channels]} of procedural scenes
     (the "images" data source's validation stream: two target squares and distractors on a grey background; channels
     tiled or cut from RGB)."""
-    from train.run import make_source
+    from ..trainer_api import make_source
 
     source = make_source(
         "images",

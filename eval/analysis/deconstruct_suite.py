@@ -53,8 +53,9 @@ import numpy as np
 
 from attn.core.masks import Mask
 from attn.softmax.multi_head import MultiHeadAttention
-from eval.analysis.evaluator import Evaluator, is_task, pyplot, unboxed
-from eval.analysis.icl_regression import check_positive, fit
+
+from .evaluator import Evaluator, is_task, pyplot, unboxed
+from .icl_regression import check_positive, fit
 
 Array = jax.Array
 

@@ -33,9 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from eval.analysis.evaluator import Evaluator, attention_maps, layer_head_heatmap, pyplot
-from eval.analysis.icl_regression import check_positive
-from eval.analysis.stiffness import spearman
+from .evaluator import Evaluator, attention_maps, layer_head_heatmap, pyplot
+from .icl_regression import check_positive
+from .stiffness import spearman
 
 
 def shortest_paths(adjacency: np.ndarray) -> np.ndarray:

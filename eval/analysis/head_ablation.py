@@ -27,7 +27,8 @@ import numpy as np
 
 import attn
 from attn.interventions import ablate_heads
-from eval.analysis.evaluator import (
+
+from .evaluator import (
     Evaluator,
     captured,
     check_selection,

@@ -42,7 +42,8 @@ import numpy as np
 
 import attn
 from attn.interventions import hook
-from eval.analysis.evaluator import (
+
+from .evaluator import (
     Evaluator,
     attention_maps,
     captured,
@@ -52,8 +53,8 @@ from eval.analysis.evaluator import (
     layer_of,
     pyplot,
 )
-from eval.analysis.head_patching import patched_logit_difference
-from eval.analysis.icl_regression import check_positive
+from .head_patching import patched_logit_difference
+from .icl_regression import check_positive
 
 OPERATORS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 ENCODINGS = ("bytes", "compact")

@@ -47,7 +47,8 @@ import numpy as np
 
 import attn
 from attn.interventions import hook
-from eval.analysis.evaluator import Evaluator, captured, forward, is_task, layer_head_heatmap, layer_of, pyplot
+
+from .evaluator import Evaluator, captured, forward, is_task, layer_head_heatmap, layer_of, pyplot
 
 DIRECTIONS = ("noising", "denoising")
 NORMALISATIONS = ("clean", "gap")

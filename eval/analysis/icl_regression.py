@@ -56,7 +56,8 @@ import optax
 
 from attn.core.masks import Mask
 from attn.softmax.multi_head import MultiHeadAttention
-from eval.analysis.evaluator import Evaluator, is_task, pyplot, unboxed
+
+from .evaluator import Evaluator, is_task, pyplot, unboxed
 
 ESTIMATORS = ("model", "least_squares", "bayes", "gd", "debiased_gd", "zero")
 

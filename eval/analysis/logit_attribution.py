@@ -31,8 +31,9 @@ import numpy as np
 import attn
 from attn import attention_stats
 from attn.interventions import capture
-from eval.analysis import stats
-from eval.analysis.evaluator import Evaluator, forward, is_task, layer_head_heatmap, layer_of, pyplot
+
+from . import stats
+from .evaluator import Evaluator, forward, is_task, layer_head_heatmap, layer_of, pyplot
 
 
 def _module_params(params: Mapping[str, Any], path: str) -> Mapping[str, Any]:

@@ -35,7 +35,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from eval.analysis.evaluator import (
+from .evaluator import (
     Evaluator,
     captured,
     check_selection,

@@ -35,8 +35,9 @@ import jax
 import numpy as np
 
 from attn import attention_stats
-from eval.analysis import stats
-from train.run import Run, load_run
+
+from ..trainer_api import Run, load_run
+from . import stats
 
 # (key in a layer entry, y label) of the plot's panels, in order
 PANELS = (

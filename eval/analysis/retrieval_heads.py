@@ -40,7 +40,8 @@ import numpy as np
 
 import attn
 from attn.interventions import hook
-from eval.analysis.evaluator import (
+
+from .evaluator import (
     Evaluator,
     attention_maps,
     forward,

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from eval.analysis.evaluator import Evaluator, attention_maps, layer_head_heatmap, pyplot
+from .evaluator import Evaluator, attention_maps, layer_head_heatmap, pyplot
 
 
 def sink_metric(weights: np.ndarray, token: int = 0) -> np.ndarray:

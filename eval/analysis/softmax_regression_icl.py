@@ -41,8 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eval.analysis.evaluator import Evaluator, is_task, pyplot, unboxed
-from eval.analysis.icl_regression import (
+from .evaluator import Evaluator, is_task, pyplot, unboxed
+from .icl_regression import (
     check_positive,
     circuit_plot,
     circuits,

@@ -40,8 +40,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from attn.models.block import TransformerBlock
-from eval.analysis.evaluator import Evaluator, forward, pyplot
-from eval.analysis.icl_regression import check_positive
+
+from .evaluator import Evaluator, forward, pyplot
+from .icl_regression import check_positive
 
 
 def spectrum_stats(eigenvalues: np.ndarray, tolerance: float) -> dict[str, float]:

@@ -41,8 +41,9 @@ import numpy as np
 
 import attn
 from attn.interventions import ablate_heads
-from eval.analysis.evaluator import Evaluator, captured, is_task, layer_head_heatmap, pyplot
-from eval.analysis.logit_attribution import unembedding
+
+from .evaluator import Evaluator, captured, is_task, layer_head_heatmap, pyplot
+from .logit_attribution import unembedding
 
 BYTE_ORDERS = "48-57,65-90,97-122"  # '0'..'9', 'A'..'Z', 'a'..'z' in a byte-level vocabulary
 

@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from eval.analysis.attention_distance import distance_matrix
-from eval.analysis.evaluator import Evaluator, attention_maps, layer_head_heatmap, pyplot
+from .attention_distance import distance_matrix
+from .evaluator import Evaluator, attention_maps, layer_head_heatmap, pyplot
 
 
 def _parse_pairs(text: str) -> tuple[tuple[int, int], ...]:

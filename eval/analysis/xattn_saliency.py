@@ -39,7 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from attn.interventions import run_with_cache
-from eval.analysis.evaluator import Evaluator, is_task, layer_head_heatmap, pyplot
+
+from .evaluator import Evaluator, is_task, layer_head_heatmap, pyplot
 
 _CROSS = re.compile(r"(?:^|/)layers_(\d+)/cross_attention$")
 

@@ -1,7 +1,8 @@
 """The dependency direction of DESIGN.md, read from the import statements of the source files (with `ast`, so
 imports inside functions count too): attn/core imports no mechanism, not `attn.functional` and not the registry;
 `pallas_kernels` imports nothing of attn, train or eval; `attn` imports nothing of train or eval; nothing outside
-eval imports eval; eval uses only `train.run` of train."""
+eval imports eval; eval uses only `train.run` of train, through eval/trainer_api.py; inside train/ and eval/ every
+import of their own package is relative, so they work under their installed names attn_train and attn_eval."""
 
 from __future__ import annotations
 
@@ -133,4 +134,31 @@ def test_attn_imports_nothing_of_train_or_eval():
 
 
 def test_eval_uses_only_the_run_api_of_train():
-    assert offending(files_under("eval"), ("train",), allowed=("train.run",)) == []
+    assert offending(files_under("eval"), ("train", "attn_train"), allowed=("train.run",)) == []
+    # The one way in: eval/trainer_api.py imports the run module of the trainer beside eval under its own name.
+    from eval import trainer_api
+    from train import run
+
+    assert trainer_api.run is run and trainer_api.TRAIN_PACKAGE == "train"
+    assert all(getattr(trainer_api, name) is getattr(run, name) for name in run.__all__)
+    by_name = [p for p in files_under("eval") if "TRAIN_PACKAGE" in p.read_text(encoding="utf-8")]
+    assert sorted(p.name for p in by_name) == ["__init__.py", "console_scripts.py", "trainer_api.py"]
+
+
+@pytest.mark.parametrize("folder", ["train", "eval", "configs"])
+def test_no_import_of_train_or_eval_by_name(folder):
+    """`from train.data import x` inside train/ (or in a config file) would fail, or import a user's train.py, when
+    the package is installed as attn_train; relative imports name no package."""
+    assert _absolute_imports_of(files_under(folder), ("train", "eval", "attn_train", "attn_eval")) == []
+
+
+def _absolute_imports_of(files: list[pathlib.Path], packages: tuple[str, ...]) -> list[str]:
+    """'file: name' for every absolute import of one of `packages` (or a module under one)."""
+    found = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            found += [f"{path.relative_to(REPO).as_posix()}: {n}" for n in names if n.split(".")[0] in packages]
+    return found

@@ -34,8 +34,8 @@ def _entry_points() -> dict[str, str]:
 
 def test_setup_declares_both_commands():
     assert _entry_points() == {
-        "attn-train": "eval.console_scripts:train_main",
-        "attn-eval": "eval.console_scripts:eval_main",
+        "attn-train": "attn_eval.console_scripts:train_main",
+        "attn-eval": "attn_eval.console_scripts:eval_main",
     }
 
 
@@ -52,7 +52,7 @@ def test_python_m_is_shadowed_but_the_commands_are_not(user_project, tmp_path):
 
     missing = str(tmp_path / "no_run")
     done = _as_console_script(
-        f"from eval.console_scripts import eval_main; eval_main(['lm', '--workdir', {missing!r}])", user_project
+        f"from attn_eval.console_scripts import eval_main; eval_main(['lm', '--workdir', {missing!r}])", user_project
     )
     assert done.returncode != 0 and "user's" not in done.stderr
     assert done.stderr.strip().splitlines()[-1] == f"error: --workdir={missing!r} does not exist; " + (
@@ -62,12 +62,26 @@ def test_python_m_is_shadowed_but_the_commands_are_not(user_project, tmp_path):
     # attn-train reads a checkout's config from another directory: its `configs` package comes from the file's folder.
     config = os.path.join(REPO, "configs", "lm_tiny.py")
     done = _as_console_script(
-        "from eval.console_scripts import train_main; "
+        "from attn_eval.console_scripts import train_main; "
         f"train_main(['--config', {config + ':smok'!r}, '--workdir', {str(tmp_path / 'run')!r}])",
         user_project,
     )
     assert done.returncode != 0 and "user's" not in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert "unknown preset 'smok'" in done.stderr
+
+
+def test_installed_packages_cannot_be_shadowed(user_project):
+    """Installed, the trainer and the tools are attn_train and attn_eval: importable from a project with its own
+    train.py and eval/, while the bare names train and eval are the user's."""
+    done = _as_console_script(
+        "import sys; sys.path.insert(0, '.'); import attn_eval.lm, attn_eval.analysis; "
+        "from attn_train.run import load_run; from attn_eval.trainer_api import run; import attn_eval.bench as b; "
+        "assert run.load_run is load_run and 'block_sparse' in b.available_suites(); "
+        "print(attn_eval.lm.__file__); import train",
+        user_project,
+    )
+    assert done.returncode != 0 and done.stderr.strip().endswith("the user's train.py ran"), done.stderr
+    assert done.stdout.strip() == os.path.join(REPO, "eval", "lm.py")
 
 
 def test_installed_scripts_when_present(user_project, tmp_path):

@@ -28,20 +28,20 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
-from train.data.aspect_sentiment import AspectSentimentSource
-from train.data.base import SPLITS, DataSource, ElementSpec, check_options
-from train.data.emphasis import EmphasisSource
-from train.data.image_questions import ImageQuestionSource
-from train.data.images import NpzImageSource, RelationImageSource
-from train.data.masked_lm import MaskedLMSource
-from train.data.mil_bags import MILBagSource
-from train.data.seq2seq import Seq2SeqSource
-from train.data.shape_captions import ShapeCaptionSource
-from train.data.synthetic import MQARSource, PasskeySource, SelectiveCopySource
-from train.data.text import Corpus, TextSource, load_corpus
-from train.data.tokenized_text import TokenizedTextSource
-from train.data.user_behavior import UserBehaviorSource
-from train.data.video_clips import VideoClipSource
+from .aspect_sentiment import AspectSentimentSource
+from .base import SPLITS, DataSource, ElementSpec, check_options
+from .emphasis import EmphasisSource
+from .image_questions import ImageQuestionSource
+from .images import NpzImageSource, RelationImageSource
+from .masked_lm import MaskedLMSource
+from .mil_bags import MILBagSource
+from .seq2seq import Seq2SeqSource
+from .shape_captions import ShapeCaptionSource
+from .synthetic import MQARSource, PasskeySource, SelectiveCopySource
+from .text import Corpus, TextSource, load_corpus
+from .tokenized_text import TokenizedTextSource
+from .user_behavior import UserBehaviorSource
+from .video_clips import VideoClipSource
 
 _SOURCES: dict[str, type[DataSource]] = {
     cls.name: cls

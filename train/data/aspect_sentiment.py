@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from train.data.base import DataSource, ElementSpec, check_int
+from .base import DataSource, ElementSpec, check_int
 
 PAD = 0  # padding and the id erased words are replaced with
 SEP = 1

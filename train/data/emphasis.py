@@ -43,7 +43,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from train.data.base import DataSource, ElementSpec, check_int
+from .base import DataSource, ElementSpec, check_int
 
 FORMATS = ("mixed", "answer_conflict", "identify")
 SENTENCE = 3  # tokens per sentence: id, flag, pair(key, value)

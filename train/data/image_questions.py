@@ -24,8 +24,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from train.data.base import ElementSpec
-from train.data.images import BLUE, DISTRACTOR_COLORS, RED, RelationImageSource, relation_label, render_relation_images
+from .base import ElementSpec
+from .images import BLUE, DISTRACTOR_COLORS, RED, RelationImageSource, relation_label, render_relation_images
 
 PALETTE = {
     "red": RED,

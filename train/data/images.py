@@ -16,8 +16,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from train.data.base import DataSource, ElementSpec, check_fraction, check_int
-from train.data.text import eval_batch_count
+from .base import DataSource, ElementSpec, check_fraction, check_int
+from .text import eval_batch_count
 
 RED = np.array([0.85, 0.1, 0.1], dtype=np.float32)
 BLUE = np.array([0.1, 0.1, 0.85], dtype=np.float32)

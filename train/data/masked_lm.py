@@ -13,8 +13,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from train.data.base import DataSource, ElementSpec, check_fraction, check_int
-from train.data.text import (
+from .base import DataSource, ElementSpec, check_fraction, check_int
+from .text import (
     VOCAB_SIZE,
     check_corpus_length,
     eval_batch_count,

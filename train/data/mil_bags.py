@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from train.data.base import DataSource, ElementSpec, check_fraction, check_int
+from .base import DataSource, ElementSpec, check_fraction, check_int
 
 # The prototypes come from their own generator so that they are the same in both splits and every batch.
 _PROTOTYPE_STREAM = 0x3111

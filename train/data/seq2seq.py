@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from train.data.base import DataSource, ElementSpec, check_int
+from .base import DataSource, ElementSpec, check_int
 
 PAD, BOS, EOS = 0, 1, 2
 FIRST_DIGIT = 3

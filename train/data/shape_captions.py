@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from train.data.base import DataSource, ElementSpec, check_int
+from .base import DataSource, ElementSpec, check_int
 
 COLORS = {
     "red": np.array([0.9, 0.1, 0.1], np.float32),

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from train.data.base import DataSource, ElementSpec, check_int
+from .base import DataSource, ElementSpec, check_int
 
 
 def _distinct(rng: np.random.Generator, batch: int, population: int, count: int) -> np.ndarray:

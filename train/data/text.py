@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from train.data.base import DataSource, ElementSpec, check_fraction, check_int
+from .base import DataSource, ElementSpec, check_fraction, check_int
 
 SEPARATOR = 0
 VOCAB_SIZE = 256

@@ -15,8 +15,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from train.data.base import check_int
-from train.data.text import SEPARATOR, TextSource, check_corpus_length, eval_batch_count, load_corpus
+from .base import check_int
+from .text import SEPARATOR, TextSource, check_corpus_length, eval_batch_count, load_corpus
 
 
 def _tokenizer_file(tokenizer: str) -> str:

@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from train.data.base import DataSource, ElementSpec, check_fraction, check_int
+from .base import DataSource, ElementSpec, check_fraction, check_int
 
 
 def item_categories(num_items: int, num_categories: int) -> np.ndarray:

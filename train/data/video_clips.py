@@ -24,8 +24,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from train.data.base import DataSource, ElementSpec, check_int
-from train.data.image_questions import PALETTE
+from .base import DataSource, ElementSpec, check_int
+from .image_questions import PALETTE
 
 MAX_FRAMES = 16
 WORDS = (

@@ -12,7 +12,7 @@ attention_ivat (perturbations in the span of the batch's attention differences).
 diversification loss, [148]). For encoder classifiers: pss (progressive self-supervised attention learning, [223]).
 """
 
-from train.techniques import (  # noqa: F401  (registers)
+from . import (  # noqa: F401  (registers)
     acmil,
     adl_tap,
     aem,
@@ -24,7 +24,7 @@ from train.techniques import (  # noqa: F401  (registers)
     pss,
     sigma_reparam,
 )
-from train.techniques.base import (
+from .base import (
     TECHNIQUE_PARAMS,
     TECHNIQUES,
     Option,

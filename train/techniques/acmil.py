@@ -30,7 +30,8 @@ import jax.numpy as jnp
 
 from attn.core import validation
 from attn.models.mil import intermediate
-from train.techniques.base import Option, Technique, register
+
+from .base import Option, Technique, register
 
 COSINE_EPS = 1e-8  # torch.cosine_similarity's default eps
 

@@ -38,7 +38,8 @@ import jax
 import jax.numpy as jnp
 
 from attn.core import validation
-from train.techniques.base import Option, Technique, register
+
+from .base import Option, Technique, register
 
 COSINE_EPS = 1e-8  # torch.nn.functional.cosine_similarity's eps
 LAYER_EPS = 1e-6  # the official loss starts its layer counter at 1e-6

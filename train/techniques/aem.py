@@ -30,7 +30,8 @@ import jax.numpy as jnp
 
 from attn.core import validation
 from attn.models.mil import intermediate
-from train.techniques.base import Option, Technique, register
+
+from .base import Option, Technique, register
 
 
 def attention_entropy(weights: jax.Array, top_k: int = 0) -> jax.Array:

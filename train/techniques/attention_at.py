@@ -52,8 +52,9 @@ import jax.numpy as jnp
 
 from attn import interventions
 from attn.core import validation
-from train import tasks
-from train.techniques.base import Option, Technique, register
+
+from .. import tasks
+from .base import Option, Technique, register
 
 NORM_EPS = 1e-12  # torch.nn.functional.normalize's eps
 

@@ -44,7 +44,8 @@ import jax
 import jax.numpy as jnp
 
 from attn.core import validation
-from train.techniques.attention_at import (
+
+from .attention_at import (
     AttentionPerturbation,
     coefficient_shapes,
     logit_shapes,
@@ -53,7 +54,7 @@ from train.techniques.attention_at import (
     perturbed_forward,
     span_perturbed_forward,
 )
-from train.techniques.base import Option, register
+from .base import Option, register
 
 
 def prediction_kl(clean: jax.Array, perturbed: jax.Array, weights: jax.Array | None = None) -> jax.Array:

@@ -49,7 +49,8 @@ import jax.numpy as jnp
 
 from attn import attention_stats
 from attn.core.validation import OptionValidator
-from train import tasks
+
+from .. import tasks
 
 FIDELITIES = ("paper", "official-code", "peer", "reconstructed")
 

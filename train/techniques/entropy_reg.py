@@ -36,7 +36,8 @@ import jax
 import jax.numpy as jnp
 
 from attn.core import validation
-from train.techniques.base import Option, Technique, register
+
+from .base import Option, Technique, register
 
 LOG_EPS = 1e-9  # inside the log, as the official code
 

@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 
 from attn.core import validation
-from train.techniques.base import Option, Technique, register
+
+from .base import Option, Technique, register
 
 
 def mask_count(length: int, ratio: float) -> int:

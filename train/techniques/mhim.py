@@ -43,8 +43,9 @@ import jax.numpy as jnp
 from attn.core import validation
 from attn.core.padding import valid_tokens
 from attn.models.mil import descending_rank, intermediate, random_subset
-from train import tasks
-from train.techniques.base import Option, Technique, register
+
+from .. import tasks
+from .base import Option, Technique, register
 
 
 def hard_instance_keep(

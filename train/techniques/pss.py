@@ -48,8 +48,9 @@ import jax.numpy as jnp
 
 from attn import attention_stats
 from attn.core import validation
-from train import tasks
-from train.techniques.base import Option, Technique, register
+
+from .. import tasks
+from .base import Option, Technique, register
 
 ERASED = 0  # token id of an erased word (the official code sets the word id to 0)
 BATCH_KEYS = ("aspect_positions", "context")

@@ -42,7 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from attn.core import validation
-from train.techniques.base import Option, Technique, register
+
+from .base import Option, Technique, register
 
 NORMALIZE_EPS = 1e-12
 
