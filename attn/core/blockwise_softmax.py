@@ -226,6 +226,7 @@ def blockwise_attention(
     Returns:
       out [B, Tq, H, Dv] in q.dtype, or (out, {"lse": lse}).
     """
+    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)  # numpy inputs cannot be indexed by the scans' tracers
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads, value_dim = k.shape[1], k.shape[2], v.shape[-1]
     group = heads // kv_heads

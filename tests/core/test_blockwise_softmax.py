@@ -83,6 +83,12 @@ def test_forced_implementation_equals_reference(causal):
     np.testing.assert_allclose(got, F.softmax_attention(q, k, v, causal=causal, implementation="xla"), atol=ATOL)
 
 
+def test_numpy_inputs_are_accepted():
+    q, k, v = (np.asarray(x) for x in random_qkv(3, 1, 40, 40, 2, 1, 8))
+    got = F.softmax_attention(q, k, v, causal=True, implementation="xla_blockwise")
+    np.testing.assert_allclose(got, F.softmax_attention(q, k, v, causal=True, implementation="xla"), atol=ATOL)
+
+
 def test_fully_masked_rows_are_zero_with_finite_gradients():
     q, k, v = random_qkv(3, 2, 16, 16, 2, 2, 8)
     mask = attn.Mask(q_lengths=jnp.array([16, 5]), kv_lengths=jnp.array([16, 0]))
