@@ -12,6 +12,7 @@ import pytest
 import attn
 from attn.models.fields import with_layer_fields
 from train import config_checks, tasks
+from train.data import make_source
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
 NAMES = ("lm_tiny", "lm_125m", "mqar", "vit_tiny", "encoder_tiny", "seq2seq_tiny", "vlm_tiny", "cnn_tiny")
@@ -98,6 +99,40 @@ def _decoder_param_count(model):
     embedding = model.vocab_size * e * (1 if model.tie_embeddings else 2)
     positions = model.max_len * e if model.position_embedding == "learned" else 0
     return embedding + positions + model.num_layers * layer + norm
+
+
+ALL_NAMES = tuple(
+    sorted(f[:-3] for f in os.listdir(CONFIG_DIR) if f.endswith(".py") and f not in ("__init__.py", "common.py"))
+)
+ALL_CASES = [(name, preset) for name in ALL_NAMES for preset in importlib.import_module(f"configs.{name}").PRESETS]
+
+
+@pytest.mark.parametrize("name,preset", ALL_CASES)
+def test_every_config_model_takes_its_own_data(name, preset):
+    """Every preset of every config file: the trainer's checks pass, and the model initialises, runs and gives a
+    loss on batches shaped exactly as its data source's element_spec says (nothing is computed: eval_shape)."""
+    config = _load(name, preset)
+    config_checks.check_config(config)
+    options = {key: value for key, value in config.data.to_dict().items() if key != "name" and value is not None}
+    source = make_source(
+        config.data.name, split="valid", batch_size=config.batch_size, seq_len=config.seq_len, seed=0, **options
+    )
+    batch = {key: jax.ShapeDtypeStruct(shape, dtype) for key, (shape, dtype) in source.element_spec.items()}
+    task = tasks.build_task(config.model, config.precision.compute_dtype)
+    variables = jax.eval_shape(lambda rng: task.init(rng, batch), jax.random.key(0))
+    assert tasks.count_params(nn.unbox(variables["params"])) > 0
+    sums = jax.eval_shape(lambda v, b: task.loss_sums(task.apply(v, b), b), variables, batch)
+    assert sums["loss_sum"].shape == () and sums["weight"].shape == (), sums
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_every_config_documents_itself(name):
+    """The docstring gives the exact command, the hardware and the result to expect (or the one measured)."""
+    module = importlib.import_module(f"configs.{name}")
+    doc = module.__doc__ or ""
+    assert f"python -m train --config configs/{name}.py" in doc and "Hardware:" in doc, name
+    assert "Expected" in doc or "Measured" in doc, name
+    assert "" in module.PRESETS, f"{name}: the default preset '' is missing"
 
 
 @pytest.mark.parametrize("name,preset", CASES)
