@@ -19,6 +19,16 @@ that fails (or that orbax cannot read: a truncated or deleted file) raises ``Che
 ``restore()`` without a step falls back to the newest checkpoint that verifies (``skipped`` lists the
 damaged ones). A failed asynchronous save is reported by ``poll`` (call it every step) as
 ``CheckpointSaveError`` with the step, the reason and the newest checkpoint on disk.
+
+Several processes: orbax's background save threads meet at barriers (all writes done, then the rename by
+process 0). A process whose write fails never arrives, so the others would wait there for orbax's 20-minute
+timeout. Here those barriers are ``AbortableBarrier``s on the coordination service's key-value store: the
+failing process publishes its reason, every barrier of every process gives up at once, and ``poll`` (a
+collective) stops every process at the same step with the same line, naming the process that failed.
+
+After a failed save, tensorstore writes still in flight may finish once orbax has closed the asyncio loop that
+awaited them; the ``RuntimeError('Event loop is closed')`` of those callbacks goes to ``sys.unraisablehook``,
+which a Checkpointer filters (only that error), so a failed save prints nothing but its one line.
 """
 
 from __future__ import annotations
@@ -28,6 +38,8 @@ import hashlib
 import json
 import os
 import re
+import sys
+import traceback
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -38,6 +50,8 @@ import orbax.checkpoint as ocp
 from jax import lax
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
+
+from .distributed import AbortableBarrier, BarrierAborted
 
 _FORMAT_VERSION = 2  # 2: checksums of the state arrays and SHA-256 of the data and meta items
 DAMAGED_SUFFIX = "-damaged"  # damaged step directories are moved from <directory>/<step> to <directory>-damaged/
@@ -64,13 +78,15 @@ class CheckpointSaveError(RuntimeError):
       step: the step whose save failed (None if unknown).
       reason: the operating system's words for it ("no space left on device"), or the error's first line.
       last_step: the newest checkpoint that is on disk, or None.
+      process: with several processes, the index of the process whose write failed (None: single process).
     """
 
-    def __init__(self, step: int | None, reason: str, last_step: int | None) -> None:
+    def __init__(self, step: int | None, reason: str, last_step: int | None, *, process: int | None = None) -> None:
         which = f"checkpoint {step}" if step is not None else "a checkpoint"
+        where = f" on process {process}" if process is not None else ""
         last = f"the last checkpoint on disk is {last_step}" if last_step is not None else "no checkpoint is on disk"
-        super().__init__(f"{which} could not be written: {reason}; {last}")
-        self.step, self.reason, self.last_step = step, reason, last_step
+        super().__init__(f"{which} could not be written{where}: {reason}; {last}")
+        self.step, self.reason, self.last_step, self.process = step, reason, last_step, process
 
 
 def _path_str(path: tuple[Any, ...]) -> str:
@@ -254,6 +270,47 @@ def _save_failure_reason(error: BaseException) -> str:
     return _first_line(error)
 
 
+def _is_closed_loop_callback(unraisable: Any) -> bool:
+    """Whether an unraisable exception is tensorstore handing a finished write to an asyncio loop that is closed.
+
+    Tensorstore runs a future's done-callbacks on its own threads; the callback of an awaited future calls the
+    awaiting loop's ``call_soon_threadsafe``, which raises ``RuntimeError('Event loop is closed')`` once orbax
+    has closed that loop (after a failed save, writes still in flight finish later). Tensorstore passes the error
+    to ``sys.unraisablehook`` (``PyErr_WriteUnraisable(NULL)``), whose default prints a bare traceback. Nothing
+    is lost: no coroutine is left to receive the result, and a failed save is reported by ``poll``/``wait``.
+    """
+    error = unraisable.exc_value
+    if unraisable.object is not None or not isinstance(error, RuntimeError) or str(error) != "Event loop is closed":
+        return False
+    return any(frame.name == "call_soon_threadsafe" for frame in traceback.extract_tb(unraisable.exc_traceback))
+
+
+def _quiet_closed_loop_callbacks() -> None:
+    """Installs (once) a ``sys.unraisablehook`` that drops ``_is_closed_loop_callback`` errors and passes every
+    other unraisable exception to the hook that was there before."""
+    if getattr(sys.unraisablehook, "_drops_closed_loop_callbacks", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if not _is_closed_loop_callback(unraisable):
+            previous(unraisable)
+
+    hook._drops_closed_loop_callbacks = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+
+
+_NAMESPACES: dict[str, int] = {}  # checkpoint directory -> Checkpointers made for it in this process
+
+
+def _barrier_namespace(directory: str) -> str:
+    """A key-value-store prefix for the save barriers of one Checkpointer: the same on every process (each
+    process makes its Checkpointers in the same order) and different for every Checkpointer of a run."""
+    count = _NAMESPACES.get(directory, 0)
+    _NAMESPACES[directory] = count + 1
+    return f"attn_checkpoints/{hashlib.sha256(directory.encode()).hexdigest()[:16]}/{count}"
+
+
 class Checkpointer:
     """Saves and restores training checkpoints in ``directory`` (orbax ``CheckpointManager``).
 
@@ -267,7 +324,9 @@ class Checkpointer:
     Attributes:
       skipped: ``[(step, reason), ...]`` of the damaged checkpoints the last ``restore()`` passed over.
 
-    Call ``save``/``poll``/``restore``/``wait`` from every process: orbax coordinates the hosts.
+    Call ``save``/``poll``/``restore``/``wait`` from every process: orbax coordinates the hosts. The first
+    Checkpointer of a process puts a filter in front of ``sys.unraisablehook`` that drops only tensorstore's late
+    callbacks into a closed asyncio loop (see the module docstring).
     """
 
     def __init__(
@@ -301,6 +360,11 @@ class Checkpointer:
             # Leftovers of saves that crashed before their atomic rename are never valid: drop them.
             cleanup_tmp_directories=True,
         )
+        _quiet_closed_loop_callbacks()
+        self._barrier: AbortableBarrier | None = None
+        if jax.process_count() > 1:
+            self._barrier = AbortableBarrier(_barrier_namespace(self.directory), describe=_save_failure_reason)
+            options.async_options = ocp.AsyncOptions(barrier_sync_fn=self._barrier)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     # -- queries -----------------------------------------------------------------------------------
@@ -406,7 +470,10 @@ class Checkpointer:
                 force=True,
             )
         except Exception as error:
-            raise self._save_error(step, error) from error
+            failure = self._failure(error)
+            if self._barrier is not None and failure[0] == jax.process_index():
+                self._barrier.abort(failure[1])  # the other processes' save threads must not wait for this one
+            raise self._save_error(step, failure) from error
         if started and self.async_save:
             self._pending = step
         return started
@@ -421,22 +488,22 @@ class Checkpointer:
         if self._pending is None:
             return
         finished = not self._manager.is_saving_in_progress()
-        error = None
-        if finished:
+        failure = self._barrier.aborted() if self._barrier is not None else None
+        if failure is None and finished:
             try:
                 self._manager.wait_until_finished()  # returns at once: the save thread has ended
                 self._manager.check_for_errors()
-            except Exception as caught:  # noqa: BLE001 - reported as CheckpointSaveError below
-                error = caught
-        if jax.process_count() > 1:
-            flags = multihost_utils.process_allgather(np.array([finished, error is not None], np.bool_))
+            except Exception as error:  # noqa: BLE001 - reported as CheckpointSaveError below
+                failure = self._failure(error)
+        if jax.process_count() > 1:  # every process's view, so all stop at this step with the same line
+            flags = multihost_utils.process_allgather(np.array([finished, failure is not None], np.bool_))
             flags = np.asarray(flags).reshape(-1, 2)
-            finished, failed = bool(np.all(flags[:, 0])), bool(np.any(flags[:, 1]))
-        else:
-            failed = error is not None
-        if failed:
+            finished = bool(np.all(flags[:, 0]))
+            if np.any(flags[:, 1]):  # which process failed and why: the lowest-numbered failure any process saw
+                failure = min(tuple(seen) for seen in _allgather_json(failure) if seen is not None)
+        if failure is not None:
             step, self._pending = self._pending, None
-            raise self._save_error(step, error or RuntimeError("the save failed on another process"))
+            raise self._save_error(step, failure)
         if finished:
             self._pending = None
 
@@ -447,17 +514,33 @@ class Checkpointer:
             self._manager.check_for_errors()
         except Exception as error:
             step, self._pending = self._pending, None
-            raise self._save_error(step, error) from error
+            raise self._save_error(step, self._failure(error)) from error
         self._pending = None
 
-    def _save_error(self, step: int | None, error: BaseException) -> CheckpointSaveError:
+    def _failure(self, error: BaseException) -> tuple[int | None, str]:
+        """(process whose write failed, reason) of a save error; the process is None with a single process.
+
+        With several processes, an error that is (or was caused by) ``BarrierAborted`` is another process's
+        failure (or this one's, published by its save thread): that process and its reason."""
+        if self._barrier is None:
+            return None, _save_failure_reason(error)
+        seen, current = set(), error
+        while current is not None and id(current) not in seen:
+            seen.add(id(current))
+            if isinstance(current, BarrierAborted):
+                return current.process, current.reason
+            current = current.__cause__ or current.__context__
+        return jax.process_index(), _save_failure_reason(error)
+
+    def _save_error(self, step: int | None, failure: tuple[int | None, str]) -> CheckpointSaveError:
         self._failed = True
         try:
             self._manager.reload()
             on_disk = [s for s in self._manager.all_steps() if s != step]
         except Exception:  # noqa: BLE001 - the directory itself may be gone; say what is known
             on_disk = []
-        return CheckpointSaveError(step, _save_failure_reason(error), max(on_disk) if on_disk else None)
+        process, reason = failure
+        return CheckpointSaveError(step, reason, max(on_disk) if on_disk else None, process=process)
 
     # -- restore -----------------------------------------------------------------------------------
 
