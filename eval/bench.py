@@ -25,12 +25,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import importlib
 import json
 import os
 import pkgutil
-import platform as py_platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -42,6 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from attn.core import dispatch
+
+from .machine import load_average, machine_record
 
 SUITE_PREFIX = "bench_"
 GIB = 2**30
@@ -232,23 +232,15 @@ def run_suite(
     eval.bench_<name>) lets an entry point outside the suites (eval.lca) reuse the harness with its own run/plot."""
     module = get_suite(name) if module is None else module
     platform = dispatch.platform()
-    device = jax.devices()[0]
-    load_before = _load_average()
+    load_before = load_average()
     records = module.run(bench)
     report = {
         "suite": name,
         "description": (module.__doc__ or "").strip().split("\n\n")[0],
+        **machine_record(),
         "platform": platform,
-        "device": device.device_kind,
-        "device_count": jax.device_count(),
-        "jax_version": jax.__version__,
-        "jaxlib_version": _jaxlib_version(),
-        "python": py_platform.python_version(),
-        "host": py_platform.machine(),
-        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "cpu_count": os.cpu_count(),
         # other processes competing for the host skew timings; kept so a reader can judge them
-        "load_average": {"before": load_before, "after": _load_average()},
+        "load_average": {"before": load_before, "after": load_average()},
         "settings": {
             "warmup": bench.warmup,
             "repeats": bench.repeats,
@@ -282,23 +274,6 @@ def draw_report(module: ModuleType, report: dict[str, Any], path: str) -> None:
 
 def render_table(module: ModuleType, records: list[dict[str, Any]]) -> str:
     return (getattr(module, "table", None) or generic_table)(records)
-
-
-def _load_average() -> list[float] | None:
-    """1, 5 and 15 minute host load averages (None where the OS has none)."""
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
-
-
-def _jaxlib_version() -> str | None:
-    try:
-        import jaxlib
-
-        return jaxlib.__version__
-    except (ImportError, AttributeError):
-        return None
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:

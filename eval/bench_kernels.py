@@ -175,7 +175,7 @@ def unavailable(name: str, *, platform: str, quick: bool) -> str | None:
     return None
 
 
-def _fwd_bwd(attend: Callable) -> Callable:
+def fwd_bwd(attend: Callable) -> Callable:
     def run(q, k, v, d_out):
         out, vjp = jax.vjp(attend, q, k, v)
         return out, vjp(d_out)
@@ -197,7 +197,9 @@ def _peak_now() -> int | None:
     return (device.memory_stats() or {}).get("peak_bytes_in_use")
 
 
-def _measure(bench: Bench, name: str, fn: Callable, args: tuple, *, flops: float, **fields: Any) -> dict[str, Any]:
+def measure_record(
+    bench: Bench, name: str, fn: Callable, args: tuple, *, flops: float, **fields: Any
+) -> dict[str, Any]:
     """bench.measure with every failure turned into a skipped record carrying the reason."""
     before = _peak_now()
     try:
@@ -259,8 +261,8 @@ def run(bench: Bench) -> list[dict[str, Any]]:
                     except Exception as error:  # e.g. an op module that fails to import on this install
                         group.append(bench.skip(name, _reason(error), flops=flops, **fields))
                         continue
-                    fn, args = (attend, (q, k, v)) if direction == "fwd" else (_fwd_bwd(attend), (q, k, v, d_out))
-                    group.append(_measure(bench, name, fn, args, flops=flops, **fields))
+                    fn, args = (attend, (q, k, v)) if direction == "fwd" else (fwd_bwd(attend), (q, k, v, d_out))
+                    group.append(measure_record(bench, name, fn, args, flops=flops, **fields))
                 _add_ratios(group, length)
                 records.extend(group)
         del q, k, v, d_out

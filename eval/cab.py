@@ -46,10 +46,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
-import platform as py_platform
 import statistics
 import tempfile
 import time
@@ -61,7 +59,8 @@ import numpy as np
 
 import attn
 
-from .bench import _jaxlib_version, _load_average, compiled_bytes
+from .bench import compiled_bytes
+from .machine import load_average, machine_record
 from .trainer_api import build_run, load_config_file
 
 PATTERNS = ("noncausal_self", "causal_self", "noncausal_cross", "causal_cross")
@@ -407,20 +406,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     mechanisms = _names(args.mechanisms, attn.list_mechanisms(), "--mechanisms")
     tasks = _names(args.tasks, TASK_NAMES, "--tasks") or TASK_NAMES
     platform = jax.devices()[0].platform
-    load_before = _load_average()
+    load_before = load_average()
     start = time.perf_counter()
     records = run_grid(mechanisms, tasks, steps=steps, quick=args.quick, eval_batches=eval_batches)
     report = {
         "suite": "cab",
-        "platform": platform,
-        "device": jax.devices()[0].device_kind,
-        "device_count": jax.device_count(),
-        "jax_version": jax.__version__,
-        "jaxlib_version": _jaxlib_version(),
-        "python": py_platform.python_version(),
-        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "cpu_count": os.cpu_count(),
-        "load_average": {"before": load_before, "after": _load_average()},
+        **machine_record(),
+        "load_average": {"before": load_before, "after": load_average()},
         "wall_s": time.perf_counter() - start,
         "settings": {
             "quick": args.quick,

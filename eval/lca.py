@@ -68,7 +68,7 @@ from attn.core.masks import Mask
 from attn.linear.lightning import tnl_decay
 
 from .bench import GIB, Bench, draw_report, run_suite
-from .bench_kernels import _fwd_bwd, _measure, lightning_flops
+from .bench_kernels import fwd_bwd, lightning_flops, measure_record
 
 NAME = "lca"
 PATTERNS = ("full", "causal", "sliding_window", "block_sparse", "document")
@@ -291,8 +291,8 @@ def run_kernels(bench: Bench, lengths: Sequence[int]) -> list[dict[str, Any]]:
                     except NotSupported as reason:
                         records.append(not_supported(bench, name, str(reason), flops=flops, **fields))
                         continue
-                    fn, args = (attend, (q, k, v)) if direction == "fwd" else (_fwd_bwd(attend), (q, k, v, d_out))
-                    record = _measure(bench, name, fn, args, flops=flops, **fields)
+                    fn, args = (attend, (q, k, v)) if direction == "fwd" else (fwd_bwd(attend), (q, k, v, d_out))
+                    record = measure_record(bench, name, fn, args, flops=flops, **fields)
                     if record["status"] == "ok" and direction == "fwd" and reference is not None:
                         if name in LINEAR_FAMILY:
                             record["max_abs_error"] = None  # a different function: no softmax
@@ -366,8 +366,8 @@ def run_distributed(bench: Bench, degrees: Sequence[int], length: int) -> list[d
                     def attend(q, k, v, attention=attention, mesh=mesh, pattern=pattern, segment_ids=segment_ids):
                         return attention(q, k, v, mesh=mesh, causal=pattern.causal, segment_ids=segment_ids)
 
-                    fn, args = (attend, (q, k, v)) if direction == "fwd" else (_fwd_bwd(attend), (q, k, v, d_out))
-                    records.append(_measure(bench, method, fn, args, flops=flops, **fields))
+                    fn, args = (attend, (q, k, v)) if direction == "fwd" else (fwd_bwd(attend), (q, k, v, d_out))
+                    records.append(measure_record(bench, method, fn, args, flops=flops, **fields))
     return records
 
 

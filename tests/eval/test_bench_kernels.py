@@ -52,11 +52,13 @@ def test_failing_and_oversized_cases_are_skipped_with_the_reason():
     def broken(q, k, v):
         raise ValueError("no kernel for this shape\nsecond line")
 
-    record = bench_kernels._measure(bench.Bench(warmup=0, repeats=1), "flash", broken, (x, x, x), flops=1.0, seq_len=16)
+    record = bench_kernels.measure_record(
+        bench.Bench(warmup=0, repeats=1), "flash", broken, (x, x, x), flops=1.0, seq_len=16
+    )
     assert record["status"] == "skipped" and record["reason"] == "ValueError: no kernel for this shape"
     assert record["seq_len"] == 16 and record["median_ms"] is None
     tiny = bench.Bench(warmup=0, repeats=1, memory_limit_bytes=1)
-    record = bench_kernels._measure(tiny, "xla", bench_kernels._dot_product(False, "xla"), (x, x, x), flops=1.0)
+    record = bench_kernels.measure_record(tiny, "xla", bench_kernels._dot_product(False, "xla"), (x, x, x), flops=1.0)
     assert record["status"] == "skipped" and "exceeds the memory limit" in record["reason"]
 
 
@@ -71,10 +73,10 @@ def test_unavailable_reasons_by_platform():
 def test_wrappers_compute_the_same_attention_and_gradients():
     # the JAX Pallas GPU op runs interpreted here: checks its scale (its default is 1.0) and layout for the GPU run
     q, k, v, d_out = bench_kernels._inputs(jax.random.key(0), (1, 64, 2, 32), jnp.float32)
-    reference = jax.jit(bench_kernels._fwd_bwd(bench_kernels._dot_product(True, "xla")))(q, k, v, d_out)
+    reference = jax.jit(bench_kernels.fwd_bwd(bench_kernels._dot_product(True, "xla")))(q, k, v, d_out)
     wrong_scale = jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=1.0)
     for attend in (bench_kernels._flash(True, True), bench_kernels._jax_pallas(True, "cpu", interpret=True)):
-        out, grads = jax.jit(bench_kernels._fwd_bwd(attend))(q, k, v, d_out)
+        out, grads = jax.jit(bench_kernels.fwd_bwd(attend))(q, k, v, d_out)
         np.testing.assert_allclose(np.asarray(out), np.asarray(reference[0]), atol=2e-5, rtol=2e-5)
         for got, want in zip(grads, reference[1], strict=True):
             np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=4e-5, rtol=4e-5)
