@@ -15,6 +15,7 @@ _REQUIRES = [
     "matplotlib>=3.8",  # PNG plots written by eval/
     "safetensors>=0.4",  # Hugging Face checkpoints (attn.pretrained)
     "tokenizers>=0.21",  # tokenizer.json of Hugging Face checkpoints (DecodeStream since 0.21)
+    "grain>=0.2.6",  # train/data's pipeline (MapDataset batching, process sharding, prefetch); ~1 MB, pure Python
 ]
 
 _EXTRAS = {

@@ -188,7 +188,9 @@ def _make_data(config: ml_collections.ConfigDict) -> tuple[Any, Any, dict[str, n
     common = dict(seq_len=config.seq_len, seed=config.seed, **options)
     where = dict(process_index=jax.process_index(), process_count=jax.process_count())
     try:
-        train = make_source(config.data.name, split="train", batch_size=config.batch_size, **common, **where)
+        train = make_source(  # grain builds the next 2 batches in a background thread while a step runs
+            config.data.name, split="train", batch_size=config.batch_size, prefetch=2, **common, **where
+        )
         valid = make_source(config.data.name, split="valid", batch_size=config.batch_size, **common, **where)
         probe = None
         if config.eval.stats_batch_size:

@@ -1,8 +1,11 @@
-"""Deterministic, resumable host-side data pipelines (numpy only; no JAX import).
+"""Deterministic, resumable host-side data pipelines on grain (numpy batches; grain is imported at the first batch).
 
 `make_source(name, split=..., batch_size=..., seq_len=..., seed=..., **options)` builds a `DataSource`
-whose `next_batch()` returns a dict of numpy arrays with this process's rows. Batch i depends only on
-(seed, split, i, process_index); `get_state()` / `set_state()` resume exactly.
+whose `next_batch()` returns a dict of numpy arrays with this process's rows (rows process_index::process_count
+of the global batch; grain batches, shards and prefetches, see `train.data.base`). Batch i depends only on
+(seed, split, i, process_index); `get_state()` / `set_state()` (grain's iterator state inside) resume exactly.
+text and tokenized_text also read the string field of JSON-lines or Parquet records (options format="jsonl" /
+"parquet" and field).
 
 Sources (vocabulary / output):
   text            byte-level next-token prediction, vocab 256 (default corpus: the Python stdlib)
@@ -96,6 +99,7 @@ def make_source(
     seed: int = 0,
     process_index: int = 0,
     process_count: int = 1,
+    prefetch: int = 0,
     **options: Any,
 ) -> DataSource:
     """Builds data source `name` for this process.
@@ -108,22 +112,26 @@ def make_source(
       seq_len: tokens per row (required for sequence sources, ignored by "images", "image_questions" and "npz";
         the longest source for "seq2seq").
       seed: non-negative int.
-      process_index, process_count: this process's place in a multi-host job.
+      process_index, process_count: this process's place in a multi-host job (process p takes rows p::count
+        of every global batch).
+      prefetch: batches grain builds ahead in a background thread (0: on demand); the batches are the same.
       **options: source options (see `source_options(name)`); an unknown one raises ValueError.
     """
     cls = source_class(name)
-    merged = check_options(name, options, cls.OPTIONS)
+    check_options(name, options, cls.OPTIONS)  # the source merges the defaults itself
     if name not in _NO_SEQ_LEN and seq_len is None:
         raise ValueError(f"data source {name!r} needs seq_len (an int >= 1), got None")
-    return cls(
+    source = cls(
         split=split,
         batch_size=batch_size,
         seq_len=seq_len,
         seed=seed,
         process_index=process_index,
         process_count=process_count,
-        **merged,
+        **options,
     )
+    source.set_prefetch(prefetch)
+    return source
 
 
 __all__ = [

@@ -56,24 +56,14 @@ class AspectSentimentSource(DataSource):
     }
     num_classes = 2
 
-    def __init__(
-        self,
-        *,
-        split: str = "train",
-        batch_size: int,
-        seq_len: int,
-        seed: int = 0,
-        process_index: int = 0,
-        process_count: int = 1,
-        num_aspects: int = 8,
-        num_opinion_words: int = 8,
-        num_fillers: int = 32,
-        num_mentions: int = 2,
-        window: int = 3,
-        evidence_words: int = 2,
-    ) -> None:
-        super().__init__(
-            split=split, batch_size=batch_size, seed=seed, process_index=process_index, process_count=process_count
+    def _configure(self, seq_len: int | None, options: dict[str, Any]) -> None:
+        num_aspects, num_opinion_words, num_fillers, num_mentions, window, evidence_words = (
+            options["num_aspects"],
+            options["num_opinion_words"],
+            options["num_fillers"],
+            options["num_mentions"],
+            options["window"],
+            options["evidence_words"],
         )
         self.seq_len = check_int("seq_len", seq_len, PREFIX + 2)
         self.num_mentions = check_int("num_mentions", num_mentions, 1)
@@ -110,7 +100,7 @@ class AspectSentimentSource(DataSource):
         }
 
     def _make_batch(self, rng: np.random.Generator, step: int) -> dict[str, np.ndarray]:
-        b, t, m = self.batch_size, self.seq_len, self.num_mentions
+        b, t, m = self.global_batch_size, self.seq_len, self.num_mentions
         inputs = (self.first_filler + rng.integers(0, self.num_fillers, size=(b, t))).astype(np.int32)
         evidence = np.zeros((b, t), np.int32)
         aspect_positions = np.zeros(b, np.int32)

@@ -59,22 +59,12 @@ class EmphasisSource(DataSource):
     OPTIONS: ClassVar[dict[str, Any]] = {"num_sentences": 6, "num_symbols": 8, "num_questions": 4, "format": "mixed"}
     PLAIN, MARK, QA, QW, FIRST_ID = 0, 1, 2, 3, 4
 
-    def __init__(
-        self,
-        *,
-        split: str = "train",
-        batch_size: int,
-        seq_len: int,
-        seed: int = 0,
-        process_index: int = 0,
-        process_count: int = 1,
-        num_sentences: int = 6,
-        num_symbols: int = 8,
-        num_questions: int = 4,
-        format: str = "mixed",
-    ) -> None:
-        super().__init__(
-            split=split, batch_size=batch_size, seed=seed, process_index=process_index, process_count=process_count
+    def _configure(self, seq_len: int | None, options: dict[str, Any]) -> None:
+        num_sentences, num_symbols, num_questions, format = (
+            options["num_sentences"],
+            options["num_symbols"],
+            options["num_questions"],
+            options["format"],
         )
         self.num_questions = check_int("num_questions", num_questions, 1)
         self.num_sentences = check_int("num_sentences", num_sentences, self.num_questions + 2)
@@ -110,7 +100,7 @@ class EmphasisSource(DataSource):
         return SENTENCE * index, SENTENCE * index + SENTENCE
 
     def _make_batch(self, rng: np.random.Generator, step: int) -> dict[str, np.ndarray]:
-        b, n, s, q, t = self.batch_size, self.num_sentences, self.num_symbols, self.num_questions, self.seq_len
+        b, n, s, q, t = self.global_batch_size, self.num_sentences, self.num_symbols, self.num_questions, self.seq_len
         rows = np.arange(b)
         keys = np.argsort(rng.random((b, s)), axis=1)[:, :n]  # [b, n] distinct key symbols per row
         values = rng.integers(0, s, size=(b, n))

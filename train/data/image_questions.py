@@ -105,10 +105,11 @@ class ImageQuestionSource(RelationImageSource):
         "noise_std": 0.1,
     }
 
-    def __init__(self, *, directions: int = 4, **kwargs: Any) -> None:
+    def _configure(self, seq_len: int | None, options: dict[str, Any]) -> None:
+        directions = options["directions"]
         if directions not in (2, 4):
             raise ValueError(f"directions must be 2 (left/right) or 4 (also top/bottom), got {directions!r}")
-        super().__init__(num_classes=directions, **kwargs)
+        super()._configure(seq_len, {**options, "num_classes": directions})
         self.directions = directions
         self.vocab_size = len(WORDS)
         self.question_length = len(QUESTION)
@@ -124,7 +125,7 @@ class ImageQuestionSource(RelationImageSource):
         }
 
     def _make_batch(self, rng: np.random.Generator, step: int) -> dict[str, np.ndarray]:
-        b = self.batch_size
+        b = self.global_batch_size
         geometry = sample_half_geometry(rng, b, self.image_size, self.square_size, self.directions)
         # Two different palette colours per row: the first uniform, the second uniform over the others.
         first = rng.integers(0, len(PALETTE), size=b)

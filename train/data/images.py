@@ -141,27 +141,13 @@ class RelationImageSource(DataSource):
         "noise_std": 0.1,
     }
 
-    def __init__(
-        self,
-        *,
-        split: str = "train",
-        batch_size: int,
-        seed: int = 0,
-        process_index: int = 0,
-        process_count: int = 1,
-        seq_len: int | None = None,  # accepted for a uniform factory call; images have no length
-        image_size: int = 32,
-        num_classes: int = 4,
-        square_size: int | None = None,
-        num_distractors: int = 4,
-        noise_std: float = 0.1,
-    ) -> None:
-        super().__init__(
-            split=split,
-            batch_size=batch_size,
-            seed=seed,
-            process_index=process_index,
-            process_count=process_count,
+    def _configure(self, seq_len: int | None, options: dict[str, Any]) -> None:
+        image_size, num_classes, square_size, num_distractors, noise_std = (
+            options["image_size"],
+            options["num_classes"],
+            options["square_size"],
+            options["num_distractors"],
+            options["noise_std"],
         )
         self.image_size = check_int("image_size", image_size, 8)
         if num_classes not in (2, 4):
@@ -191,14 +177,16 @@ class RelationImageSource(DataSource):
 
     def sample(self, rng: np.random.Generator) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """(batch, geometry) from `rng`; the geometry (square positions) lets tests check the labels."""
-        geometry = sample_relation_geometry(rng, self.batch_size, self.image_size, self.square_size, self.num_classes)
+        geometry = sample_relation_geometry(
+            rng, self.global_batch_size, self.image_size, self.square_size, self.num_classes
+        )
         images = render_relation_images(
             rng, geometry, self.image_size, self.square_size, self.num_distractors, self.noise_std
         )
         batch = {
             "images": images,
             "labels": geometry["labels"],
-            "weights": np.ones(self.batch_size, np.float32),
+            "weights": np.ones(self.global_batch_size, np.float32),
         }
         return batch, geometry
 
@@ -281,27 +269,14 @@ class NpzImageSource(DataSource):
         "num_classes": None,
     }
 
-    def __init__(
-        self,
-        *,
-        split: str = "train",
-        batch_size: int,
-        seed: int = 0,
-        process_index: int = 0,
-        process_count: int = 1,
-        seq_len: int | None = None,  # accepted for a uniform factory call; images have no length
-        path: str | os.PathLike | None = None,
-        valid_fraction: float = 0.1,
-        num_batches: int | None = None,
-        image_size: int | None = None,
-        num_classes: int | None = None,
-    ) -> None:
-        super().__init__(
-            split=split,
-            batch_size=batch_size,
-            seed=seed,
-            process_index=process_index,
-            process_count=process_count,
+    def _configure(self, seq_len: int | None, options: dict[str, Any]) -> None:
+        split = self.split
+        path, valid_fraction, num_batches, image_size, num_classes = (
+            options["path"],
+            options["valid_fraction"],
+            options["num_batches"],
+            options["image_size"],
+            options["num_classes"],
         )
         if path is None:
             raise ValueError("the npz data source needs data.path, the .npz file with images and labels")
@@ -357,14 +332,14 @@ class NpzImageSource(DataSource):
 
     def _make_batch(self, rng: np.random.Generator, step: int) -> dict[str, np.ndarray]:
         count = len(self._indices)
-        position = step * self.global_batch_size + self.process_index * self.batch_size + np.arange(self.batch_size)
+        position = step * self.global_batch_size + np.arange(self.global_batch_size)
         if self.split == "train":
             epochs, offsets = np.divmod(position, count)
-            rows = np.empty(self.batch_size, dtype=np.int64)
+            rows = np.empty(self.global_batch_size, dtype=np.int64)
             for epoch in np.unique(epochs):
                 here = epochs == epoch
                 rows[here] = self._epoch_order(int(epoch))[offsets[here]]
-            real = np.ones(self.batch_size, dtype=bool)
+            real = np.ones(self.global_batch_size, dtype=bool)
         else:
             real = position < count
             rows = np.where(real, position, 0)

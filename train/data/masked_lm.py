@@ -8,7 +8,6 @@ unchanged with probability 0.1 (the 80/10/10 rule). The loss is on the chosen po
 
 from __future__ import annotations
 
-import os
 from typing import Any, ClassVar
 
 import numpy as np
@@ -68,28 +67,15 @@ class MaskedLMSource(DataSource):
         "vocab_size": VOCAB_SIZE + 1,
     }
 
-    def __init__(
-        self,
-        *,
-        split: str = "train",
-        batch_size: int,
-        seq_len: int,
-        seed: int = 0,
-        process_index: int = 0,
-        process_count: int = 1,
-        path: str | os.PathLike | None = None,
-        glob: str | None = None,
-        valid_fraction: float = 0.02,
-        num_batches: int | None = None,
-        mask_rate: float = 0.15,
-        vocab_size: int = VOCAB_SIZE + 1,
-    ) -> None:
-        super().__init__(
-            split=split,
-            batch_size=batch_size,
-            seed=seed,
-            process_index=process_index,
-            process_count=process_count,
+    def _configure(self, seq_len: int | None, options: dict[str, Any]) -> None:
+        split = self.split
+        path, glob, valid_fraction, num_batches, mask_rate, vocab_size = (
+            options["path"],
+            options["glob"],
+            options["valid_fraction"],
+            options["num_batches"],
+            options["mask_rate"],
+            options["vocab_size"],
         )
         self.seq_len = check_int("seq_len", seq_len, 1)
         self.mask_rate = check_fraction("mask_rate", mask_rate)
@@ -114,12 +100,12 @@ class MaskedLMSource(DataSource):
 
     def _make_batch(self, rng: np.random.Generator, step: int) -> dict[str, np.ndarray]:
         if self.split == "train":
-            windows = random_windows(self._data, rng, self.batch_size, self.seq_len)
-            real = np.ones(self.batch_size, dtype=bool)
+            windows = random_windows(self._data, rng, self.global_batch_size, self.seq_len)
+            real = np.ones(self.global_batch_size, dtype=bool)
         else:
-            first = step * self.global_batch_size + self.process_index * self.batch_size
+            first = step * self.global_batch_size
             windows, real = strided_windows(
-                self._data, first, self.batch_size, self.seq_len, self.seq_len, self._num_windows
+                self._data, first, self.global_batch_size, self.seq_len, self.seq_len, self._num_windows
             )
         inputs, chosen = mask_tokens(windows, rng, self.mask_rate)
         weights = (chosen & real[:, None]).astype(np.float32)

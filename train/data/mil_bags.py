@@ -72,25 +72,15 @@ class MILBagSource(DataSource):
     }
     num_classes = 2
 
-    def __init__(
-        self,
-        *,
-        split: str = "train",
-        batch_size: int,
-        seq_len: int,
-        seed: int = 0,
-        process_index: int = 0,
-        process_count: int = 1,
-        feature_dim: int = 16,
-        num_clusters: int = 4,
-        max_positives: int = 2,
-        positive_fraction: float = 0.5,
-        min_instances: int | None = None,
-        signal: float = 2.0,
-        noise: float = 1.0,
-    ) -> None:
-        super().__init__(
-            split=split, batch_size=batch_size, seed=seed, process_index=process_index, process_count=process_count
+    def _configure(self, seq_len: int | None, options: dict[str, Any]) -> None:
+        feature_dim, num_clusters, max_positives, positive_fraction, min_instances, signal, noise = (
+            options["feature_dim"],
+            options["num_clusters"],
+            options["max_positives"],
+            options["positive_fraction"],
+            options["min_instances"],
+            options["signal"],
+            options["noise"],
         )
         self.seq_len = check_int("seq_len", seq_len, 1)
         self.feature_dim = check_int("feature_dim", feature_dim, 2)
@@ -122,7 +112,7 @@ class MILBagSource(DataSource):
         }
 
     def _make_batch(self, rng: np.random.Generator, step: int) -> dict[str, np.ndarray]:
-        b, n, f = self.batch_size, self.seq_len, self.feature_dim
+        b, n, f = self.global_batch_size, self.seq_len, self.feature_dim
         lengths = rng.integers(self.min_instances, n + 1, size=b).astype(np.int32)
         labels = (rng.random(b) < self.positive_fraction).astype(np.int32)
         counts = np.where(labels == 1, rng.integers(1, self.max_positives + 1, size=b), 0)

@@ -50,26 +50,8 @@ class Seq2SeqSource(DataSource):
     name: ClassVar[str] = "seq2seq"
     OPTIONS: ClassVar[dict[str, Any]] = {"task": "reverse", "num_digits": 10, "min_length": 1}
 
-    def __init__(
-        self,
-        *,
-        split: str = "train",
-        batch_size: int,
-        seq_len: int,
-        seed: int = 0,
-        process_index: int = 0,
-        process_count: int = 1,
-        task: str = "reverse",
-        num_digits: int = 10,
-        min_length: int = 1,
-    ) -> None:
-        super().__init__(
-            split=split,
-            batch_size=batch_size,
-            seed=seed,
-            process_index=process_index,
-            process_count=process_count,
-        )
+    def _configure(self, seq_len: int | None, options: dict[str, Any]) -> None:
+        task, num_digits, min_length = options["task"], options["num_digits"], options["min_length"]
         if task not in TASKS:
             raise ValueError(f"task={task!r} must be one of {TASKS}")
         self.task = task
@@ -92,7 +74,7 @@ class Seq2SeqSource(DataSource):
         }
 
     def _make_batch(self, rng: np.random.Generator, step: int) -> dict[str, np.ndarray]:
-        b, s = self.batch_size, self.seq_len
+        b, s = self.global_batch_size, self.seq_len
         lengths = rng.integers(self.min_length, s + 1, size=b)
         digits = rng.integers(0, self.num_digits, size=(b, s))
         positions = np.arange(s)

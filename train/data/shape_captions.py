@@ -112,21 +112,11 @@ class ShapeCaptionSource(DataSource):
     encode_caption = staticmethod(encode_caption)
     caption_concepts = staticmethod(caption_concepts)
 
-    def __init__(
-        self,
-        *,
-        split: str = "train",
-        batch_size: int,
-        seed: int = 0,
-        process_index: int = 0,
-        process_count: int = 1,
-        seq_len: int | None = None,  # accepted for a uniform factory call; the caption length is fixed
-        image_size: int = 16,
-        two_shape_fraction: float = 0.75,
-        caption_dropout: float = 0.1,
-    ) -> None:
-        super().__init__(
-            split=split, batch_size=batch_size, seed=seed, process_index=process_index, process_count=process_count
+    def _configure(self, seq_len: int | None, options: dict[str, Any]) -> None:
+        image_size, two_shape_fraction, caption_dropout = (
+            options["image_size"],
+            options["two_shape_fraction"],
+            options["caption_dropout"],
         )
         self.image_size = check_int("image_size", image_size, 8)
         if self.image_size % 4:
@@ -153,7 +143,7 @@ class ShapeCaptionSource(DataSource):
         }
 
     def _make_batch(self, rng: np.random.Generator, step: int) -> dict[str, np.ndarray]:
-        b, s, box = self.batch_size, self.image_size, self.shape_size
+        b, s, box = self.global_batch_size, self.image_size, self.shape_size
         num_colors, num_shapes = len(COLORS), len(SHAPES)
         two = rng.random(b) < self.two_shape_fraction
         first = rng.integers(0, NUM_CONCEPTS, size=b)

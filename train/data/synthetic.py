@@ -36,16 +36,9 @@ def _distinct(rng: np.random.Generator, batch: int, population: int, count: int)
 class _TokenTask(DataSource):
     """Shared plumbing: seq_len/vocab checks, element spec, and S -> (inputs, targets)."""
 
-    def __init__(self, *, split, batch_size, seq_len, seed, process_index, process_count, vocab_size):
-        super().__init__(
-            split=split,
-            batch_size=batch_size,
-            seed=seed,
-            process_index=process_index,
-            process_count=process_count,
-        )
+    def _configure(self, seq_len: int | None, options: dict[str, Any]) -> None:
         self.seq_len = check_int("seq_len", seq_len, 1)
-        self.vocab_size = check_int("vocab_size", vocab_size, 1)
+        self.vocab_size = check_int("vocab_size", options["vocab_size"], 1)
 
     def _require(self, name: str, value: int, minimum: int, why: str) -> None:
         if value < minimum:
@@ -88,34 +81,15 @@ class MQARSource(_TokenTask):
     name: ClassVar[str] = "mqar"
     OPTIONS: ClassVar[dict[str, Any]] = {"num_kv_pairs": 8, "vocab_size": 8192}
 
-    def __init__(
-        self,
-        *,
-        split: str = "train",
-        batch_size: int,
-        seq_len: int,
-        seed: int = 0,
-        process_index: int = 0,
-        process_count: int = 1,
-        num_kv_pairs: int = 8,
-        vocab_size: int = 8192,
-    ) -> None:
-        super().__init__(
-            split=split,
-            batch_size=batch_size,
-            seq_len=seq_len,
-            seed=seed,
-            process_index=process_index,
-            process_count=process_count,
-            vocab_size=vocab_size,
-        )
-        self.num_kv_pairs = check_int("num_kv_pairs", num_kv_pairs, 1)
+    def _configure(self, seq_len: int | None, options: dict[str, Any]) -> None:
+        super()._configure(seq_len, options)
+        self.num_kv_pairs = check_int("num_kv_pairs", options["num_kv_pairs"], 1)
         n = self.num_kv_pairs
         self._require("seq_len", self.seq_len, 4 * n, f"4 * num_kv_pairs with num_kv_pairs={n}")
         self._require("vocab_size", self.vocab_size, 2 * (n + 1), f"num_kv_pairs={n} distinct keys in [1, vocab/2)")
 
     def _make_batch(self, rng: np.random.Generator, step: int) -> dict[str, np.ndarray]:
-        b, t, n, v = self.batch_size, self.seq_len, self.num_kv_pairs, self.vocab_size
+        b, t, n, v = self.global_batch_size, self.seq_len, self.num_kv_pairs, self.vocab_size
         half = v // 2
         keys = _distinct(rng, b, half - 1, n) + 1
         values = rng.integers(half, v, size=(b, n))
@@ -151,34 +125,15 @@ class SelectiveCopySource(_TokenTask):
     OPTIONS: ClassVar[dict[str, Any]] = {"num_tokens": 16, "vocab_size": 16}
     NOISE, MARKER, FIRST_DATA = 0, 1, 2
 
-    def __init__(
-        self,
-        *,
-        split: str = "train",
-        batch_size: int,
-        seq_len: int,
-        seed: int = 0,
-        process_index: int = 0,
-        process_count: int = 1,
-        num_tokens: int = 16,
-        vocab_size: int = 16,
-    ) -> None:
-        super().__init__(
-            split=split,
-            batch_size=batch_size,
-            seq_len=seq_len,
-            seed=seed,
-            process_index=process_index,
-            process_count=process_count,
-            vocab_size=vocab_size,
-        )
-        self.num_tokens = check_int("num_tokens", num_tokens, 1)
+    def _configure(self, seq_len: int | None, options: dict[str, Any]) -> None:
+        super()._configure(seq_len, options)
+        self.num_tokens = check_int("num_tokens", options["num_tokens"], 1)
         n = self.num_tokens
         self._require("seq_len", self.seq_len, 2 * n, f"2 * num_tokens with num_tokens={n}")
         self._require("vocab_size", self.vocab_size, 3, "noise, marker and at least one data token")
 
     def _make_batch(self, rng: np.random.Generator, step: int) -> dict[str, np.ndarray]:
-        b, t, n = self.batch_size, self.seq_len, self.num_tokens
+        b, t, n = self.global_batch_size, self.seq_len, self.num_tokens
         region = t - n
         rows = np.arange(b)[:, None]
         positions = np.sort(_distinct(rng, b, region, n), axis=1)
@@ -213,30 +168,10 @@ class PasskeySource(_TokenTask):
     OPTIONS: ClassVar[dict[str, Any]] = {"num_digits": 5, "vocab_size": 64, "depth": None, "filler": "random"}
     NEEDLE, QUERY, FIRST_FILLER = 10, 11, 12
 
-    def __init__(
-        self,
-        *,
-        split: str = "train",
-        batch_size: int,
-        seq_len: int,
-        seed: int = 0,
-        process_index: int = 0,
-        process_count: int = 1,
-        num_digits: int = 5,
-        vocab_size: int = 64,
-        depth: float | None = None,
-        filler: str = "random",
-    ) -> None:
-        super().__init__(
-            split=split,
-            batch_size=batch_size,
-            seq_len=seq_len,
-            seed=seed,
-            process_index=process_index,
-            process_count=process_count,
-            vocab_size=vocab_size,
-        )
-        self.num_digits = check_int("num_digits", num_digits, 1)
+    def _configure(self, seq_len: int | None, options: dict[str, Any]) -> None:
+        super()._configure(seq_len, options)
+        depth, filler = options["depth"], options["filler"]
+        self.num_digits = check_int("num_digits", options["num_digits"], 1)
         d = self.num_digits
         self._require("seq_len", self.seq_len, 2 * d + 1, f"2 * num_digits + 1 with num_digits={d}")
         self._require("vocab_size", self.vocab_size, self.FIRST_FILLER + 1, "10 digits, 2 markers, 1 filler")
@@ -248,7 +183,7 @@ class PasskeySource(_TokenTask):
         self.filler = filler
 
     def _make_batch(self, rng: np.random.Generator, step: int) -> dict[str, np.ndarray]:
-        b, t, d = self.batch_size, self.seq_len, self.num_digits
+        b, t, d = self.global_batch_size, self.seq_len, self.num_digits
         rows = np.arange(b)[:, None]
         if self.filler == "random":
             seq = rng.integers(self.FIRST_FILLER, self.vocab_size, size=(b, t + 1))

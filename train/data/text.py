@@ -23,9 +23,11 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .base import DataSource, ElementSpec, check_fraction, check_int
+from .records import RECORD_FORMATS, read_records
 
 SEPARATOR = 0
 VOCAB_SIZE = 256
+FORMATS = ("files", *RECORD_FORMATS)
 _SKIP_DIRS = ("site-packages", "dist-packages")
 
 
@@ -55,19 +57,33 @@ def stdlib_root() -> Path:
 
 
 def load_corpus(
-    path: str | os.PathLike | None = None, *, glob: str | None = None, valid_fraction: float = 0.02
+    path: str | os.PathLike | None = None,
+    *,
+    glob: str | None = None,
+    valid_fraction: float = 0.02,
+    format: str = "files",
+    field: str = "text",
 ) -> Corpus:
     """Loads (or returns the cached) byte corpus at `path`; None or "" means the Python standard library.
 
-    Raises FileNotFoundError if `path` does not exist, ValueError if it holds no matching files.
+    format="files": the bytes of the file(s) themselves. format="jsonl" or "parquet": the string `field` of every
+    record of the file(s) (a directory: its `*.jsonl` / `*.parquet` files, or those matching `glob`), records joined
+    by byte 0 in file order; the last round(valid_fraction * records) records (at least one) are the valid split.
+    Raises FileNotFoundError if `path` does not exist, ValueError if it holds no matching files or records.
     """
     valid_fraction = check_fraction("valid_fraction", valid_fraction, high=0.5)
     glob = glob or None
+    if format not in FORMATS:
+        raise ValueError(f"format={format!r} must be one of {FORMATS}")
+    if format != "files" and (path is None or os.fspath(path) == ""):
+        raise ValueError(f"format={format!r} needs data.path, the {format} file or a directory of them")
     if path is None or os.fspath(path) == "":
         return _load(str(stdlib_root()), glob or "*.py", valid_fraction, True)
     resolved = Path(os.path.expanduser(os.fspath(path))).resolve()
     if not resolved.exists():
         raise FileNotFoundError(f"data.path {os.fspath(path)!r} does not exist (resolved to {str(resolved)!r})")
+    if format != "files":
+        return _load_records(str(resolved), glob or f"*.{format}", valid_fraction, format, field)
     return _load(str(resolved), glob, valid_fraction, False)
 
 
@@ -137,6 +153,25 @@ def _load(root_str: str, glob: str | None, valid_fraction: float, skip_installed
     )
 
 
+@functools.lru_cache(maxsize=8)
+def _load_records(root_str: str, glob: str, valid_fraction: float, format: str, field: str) -> Corpus:
+    files = _list_files(Path(root_str), glob, False)
+    if not files:
+        raise ValueError(f"data.path {root_str!r} holds no files matching glob={glob!r}")
+    texts = read_records([file for _, file in files], format, field)
+    num_valid = max(1, int(round(valid_fraction * len(texts))))
+    if len(texts) - num_valid < 1:
+        raise ValueError(f"data.path {root_str!r} has {len(texts)} {format} record(s); need at least 2 to split")
+    names = tuple(rel for rel, _ in files)
+
+    def join(part: list[str]) -> np.ndarray:
+        array = np.frombuffer(bytes([SEPARATOR]).join(text.encode("utf-8") for text in part), dtype=np.uint8)
+        array.flags.writeable = False
+        return array
+
+    return Corpus(root_str, join(texts[:-num_valid]), join(texts[-num_valid:]), names, names)
+
+
 def random_windows(data: np.ndarray, rng: np.random.Generator, batch: int, length: int) -> np.ndarray:
     """`batch` windows of `length` bytes at uniform random starts: uint8 [batch, length]."""
     starts = rng.integers(0, len(data) - length + 1, size=batch)
@@ -190,32 +225,23 @@ class TextSource(DataSource):
         "glob": None,
         "valid_fraction": 0.02,
         "num_batches": None,
+        "format": "files",
+        "field": "text",
     }
 
-    def __init__(
-        self,
-        *,
-        split: str = "train",
-        batch_size: int,
-        seq_len: int,
-        seed: int = 0,
-        process_index: int = 0,
-        process_count: int = 1,
-        path: str | os.PathLike | None = None,
-        glob: str | None = None,
-        valid_fraction: float = 0.02,
-        num_batches: int | None = None,
-    ) -> None:
-        super().__init__(
-            split=split,
-            batch_size=batch_size,
-            seed=seed,
-            process_index=process_index,
-            process_count=process_count,
+    def _configure(self, seq_len: int | None, options: dict[str, Any]) -> None:
+        split = self.split
+        path, glob, valid_fraction, num_batches = (
+            options["path"],
+            options["glob"],
+            options["valid_fraction"],
+            options["num_batches"],
         )
         self.seq_len = check_int("seq_len", seq_len, 1)
         self.vocab_size = VOCAB_SIZE
-        self.corpus = load_corpus(path, glob=glob, valid_fraction=valid_fraction)
+        self.corpus = load_corpus(
+            path, glob=glob, valid_fraction=valid_fraction, format=options["format"], field=options["field"]
+        )
         self._data = self.corpus.split(split)
         check_corpus_length(self._data, self.seq_len + 1, split, self.seq_len)
         if split == "valid":
@@ -234,13 +260,15 @@ class TextSource(DataSource):
     def _make_batch(self, rng: np.random.Generator, step: int) -> dict[str, np.ndarray]:
         length = self.seq_len + 1
         if self.split == "train":
-            windows = random_windows(self._data, rng, self.batch_size, length)
-            real = np.ones(self.batch_size, dtype=bool)
+            windows = random_windows(self._data, rng, self.global_batch_size, length)
+            real = np.ones(self.global_batch_size, dtype=bool)
         else:
-            first = step * self.global_batch_size + self.process_index * self.batch_size
-            windows, real = strided_windows(self._data, first, self.batch_size, length, self.seq_len, self._num_windows)
+            first = step * self.global_batch_size
+            windows, real = strided_windows(
+                self._data, first, self.global_batch_size, length, self.seq_len, self._num_windows
+            )
         windows = windows.astype(np.int32)
-        weights = np.broadcast_to(real[:, None], (self.batch_size, self.seq_len)).astype(np.float32)
+        weights = np.broadcast_to(real[:, None], (self.global_batch_size, self.seq_len)).astype(np.float32)
         return {
             "inputs": np.ascontiguousarray(windows[:, :-1]),
             "targets": np.ascontiguousarray(windows[:, 1:]),

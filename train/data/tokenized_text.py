@@ -30,13 +30,24 @@ def _tokenizer_file(tokenizer: str) -> str:
 
 @functools.lru_cache(maxsize=8)
 def tokenize_split(
-    tokenizer_file: str, path: str | None, glob: str | None, valid_fraction: float, max_bytes: int, split: str
+    tokenizer_file: str,
+    path: str | None,
+    glob: str | None,
+    valid_fraction: float,
+    max_bytes: int,
+    split: str,
+    format: str = "files",
+    field: str = "text",
 ) -> tuple[np.ndarray, int]:
-    """(token ids int32 [n] of the first `max_bytes` bytes of `split` of the text corpus, vocabulary size)."""
+    """(token ids int32 [n] of the first `max_bytes` bytes of `split` of the text corpus, vocabulary size).
+
+    The corpus is `load_corpus(path, glob=..., valid_fraction=..., format=..., field=...)`; its files (or records)
+    are tokenised one by one and joined by the tokenizer's first special token."""
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(tokenizer_file)
-    data = load_corpus(path, glob=glob, valid_fraction=valid_fraction).split(split)[:max_bytes]
+    data = load_corpus(path, glob=glob, valid_fraction=valid_fraction, format=format, field=field)
+    data = data.split(split)[:max_bytes]
     files = bytes(data).split(bytes([SEPARATOR]))
     texts = [file.decode("utf-8", errors="replace") for file in files]
     special = [token.content for token in tokenizer.get_added_tokens_decoder().values() if token.special]
@@ -62,13 +73,12 @@ class TokenizedTextSource(TextSource):
     name: ClassVar[str] = "tokenized_text"
     OPTIONS: ClassVar[dict[str, Any]] = {**TextSource.OPTIONS, "tokenizer": None, "max_bytes": 1 << 20}
 
-    def __init__(
-        self, *, tokenizer: str | None = None, max_bytes: int = 1 << 20, split: str = "train", **options: Any
-    ) -> None:
+    def _configure(self, seq_len: int | None, options: dict[str, Any]) -> None:
+        split, tokenizer = self.split, options["tokenizer"]
         if not tokenizer:
             raise ValueError("tokenizer=None: the tokenized_text source needs data.tokenizer (a tokenizer.json path)")
-        max_bytes = check_int("max_bytes", max_bytes, 2)
-        super().__init__(split=split, **options)
+        max_bytes = check_int("max_bytes", options["max_bytes"], 2)
+        super()._configure(seq_len, options)
         path = options.get("path")
         self._data, self.vocab_size = tokenize_split(
             _tokenizer_file(tokenizer),
@@ -77,6 +87,8 @@ class TokenizedTextSource(TextSource):
             float(options.get("valid_fraction", 0.02)),
             max_bytes,
             split,
+            options["format"],
+            options["field"],
         )
         check_corpus_length(self._data, self.seq_len + 1, split, self.seq_len)
         if split == "valid":

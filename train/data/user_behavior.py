@@ -57,23 +57,13 @@ class UserBehaviorSource(DataSource):
     }
     num_classes = 2
 
-    def __init__(
-        self,
-        *,
-        split: str = "train",
-        batch_size: int,
-        seq_len: int,
-        seed: int = 0,
-        process_index: int = 0,
-        process_count: int = 1,
-        num_items: int = 64,
-        num_categories: int = 8,
-        num_interests: int = 2,
-        interest_rate: float = 0.6,
-        positive_fraction: float = 0.5,
-    ) -> None:
-        super().__init__(
-            split=split, batch_size=batch_size, seed=seed, process_index=process_index, process_count=process_count
+    def _configure(self, seq_len: int | None, options: dict[str, Any]) -> None:
+        num_items, num_categories, num_interests, interest_rate, positive_fraction = (
+            options["num_items"],
+            options["num_categories"],
+            options["num_interests"],
+            options["interest_rate"],
+            options["positive_fraction"],
         )
         self.seq_len = check_int("seq_len", seq_len, 1)
         self.num_categories = check_int("num_categories", num_categories, 2)
@@ -111,7 +101,7 @@ class UserBehaviorSource(DataSource):
         )
 
     def _make_batch(self, rng: np.random.Generator, step: int) -> dict[str, np.ndarray]:
-        b, n, k, c = self.batch_size, self.seq_len, self.num_interests, self.num_categories
+        b, n, k, c = self.global_batch_size, self.seq_len, self.num_interests, self.num_categories
         # K distinct interests per user: the first K of a random permutation of the categories.
         order = np.argsort(rng.random((b, c)), axis=1).astype(np.int32)
         interests, others = order[:, :k], order[:, k:]

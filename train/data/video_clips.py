@@ -63,22 +63,12 @@ class VideoClipSource(DataSource):
     name: ClassVar[str] = "video_clips"
     OPTIONS: ClassVar[dict[str, Any]] = {"num_frames": 4, "frame_size": 8, "square_size": 3, "noise_std": 0.05}
 
-    def __init__(
-        self,
-        *,
-        split: str = "train",
-        batch_size: int,
-        seed: int = 0,
-        process_index: int = 0,
-        process_count: int = 1,
-        seq_len: int | None = None,  # accepted for a uniform factory call; the question has a fixed length
-        num_frames: int = 4,
-        frame_size: int = 8,
-        square_size: int = 3,
-        noise_std: float = 0.05,
-    ) -> None:
-        super().__init__(
-            split=split, batch_size=batch_size, seed=seed, process_index=process_index, process_count=process_count
+    def _configure(self, seq_len: int | None, options: dict[str, Any]) -> None:
+        num_frames, frame_size, square_size, noise_std = (
+            options["num_frames"],
+            options["frame_size"],
+            options["square_size"],
+            options["noise_std"],
         )
         self.num_frames = check_int("num_frames", num_frames, 1)
         if self.num_frames > MAX_FRAMES:
@@ -104,7 +94,7 @@ class VideoClipSource(DataSource):
         }
 
     def _make_batch(self, rng: np.random.Generator, step: int) -> dict[str, np.ndarray]:
-        b, f, s, q = self.batch_size, self.num_frames, self.frame_size, self.square_size
+        b, f, s, q = self.global_batch_size, self.num_frames, self.frame_size, self.square_size
         corners = square_path(rng, b, f, s, q)
         colours = rng.integers(0, len(PALETTE), size=(b, f))
         palette = np.stack(list(PALETTE.values())).astype(np.float32)

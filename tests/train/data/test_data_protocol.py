@@ -25,7 +25,7 @@ def _build(name, npz_path, **kwargs):
         options["num_sentences"] = 7  # seq_len 32 = 3 * 7 sentences + 3 * 4 questions - 1
     if name == "tokenized_text":  # the tiny Llama fixture's tokenizer on 16 KiB of each split
         options.update(tokenizer=os.path.join(os.path.dirname(__file__), "../../fixtures/hf/llama"), max_bytes=1 << 14)
-    defaults = {"batch_size": 4, "seq_len": 32, "seed": 3}
+    defaults = {"batch_size": 4, "seq_len": 128 if name == "text_passkey" else 32, "seed": 3}  # needle + query: 104
     return make_source(name, **{**defaults, **kwargs}, **options)
 
 
@@ -79,7 +79,13 @@ def test_resume_from_state_is_exact(name, npz_path):
 def test_processes_get_their_own_rows(name, npz_path):
     p0 = _build(name, npz_path, process_index=0, process_count=2).next_batch()
     p1 = _build(name, npz_path, process_index=1, process_count=2).next_batch()
-    key = "images" if name in ("images", "npz", "shape_captions") else "instances" if name == "mil_bags" else "inputs"
+    key = (
+        "images"
+        if name in ("images", "npz", "shape_captions", "detection_scenes")
+        else "instances"
+        if name == "mil_bags"
+        else "inputs"
+    )
     key = "behaviours" if name == "user_behavior" else key
     assert p0[key].shape[0] == p1[key].shape[0] == 2
     assert not np.array_equal(p0[key], p1[key])
