@@ -59,12 +59,18 @@ TrainResult = trainer.RunResult
 
 
 def train(
-    config: Mapping[str, Any], workdir: str, *, stop_at_step: int | None = None, evaluators: Any = None
+    config: Mapping[str, Any],
+    workdir: str,
+    *,
+    stop_at_step: int | None = None,
+    evaluators: Any = None,
+    guard: Any = None,
 ) -> TrainResult:
     """Trains `config` in `workdir` exactly as `python -m train` does, resuming from the latest checkpoint there
     (a finished run returns at once). `stop_at_step` ends it early after that step, with a checkpoint.
-    `evaluators` ({tool: callable}) run the config.evals entries at their cadence (trainer.run)."""
-    return trainer.run(config, workdir, stop_at_step=stop_at_step, evaluators=evaluators)
+    `evaluators` ({tool: callable}) run the config.evals entries at their cadence; `guard` is an entered
+    train.preemption.PreemptionGuard (a SIGTERM then saves and returns; default: trainer.run installs its own)."""
+    return trainer.run(config, workdir, stop_at_step=stop_at_step, guard=guard, evaluators=evaluators)
 
 
 @dataclasses.dataclass

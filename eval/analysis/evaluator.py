@@ -36,6 +36,8 @@ import numpy as np
 
 from attn.interventions import run_with_cache
 
+from ..machine import machine_record
+
 _LAYER = re.compile(r"(?:^|/)layers_(\d+)/attention$")
 
 
@@ -72,11 +74,9 @@ class Evaluator(abc.ABC):
         return {**header, **self.run(model, unboxed(params), check_batches(batches, needs_inputs=not is_task(model)))}
 
     def write(self, result: dict[str, Any], output: str, *, plot: bool = True) -> list[str]:
-        """Writes `result` to `output` (JSON) and its PNG (same stem) unless plot=False; returns the paths."""
-        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-        with open(output, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
+        """Writes `result` to `output` (JSON, with the device record: `write_json`) and its PNG (same stem) unless
+        plot=False; returns the paths."""
+        write_json(result, output)
         paths = [output]
         if plot:
             paths.append(os.path.splitext(output)[0] + ".png")
@@ -86,6 +86,20 @@ class Evaluator(abc.ABC):
 
 def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
+
+
+def write_json(record: Mapping[str, Any], output: str) -> None:
+    """Writes `record` to `output` as indented JSON (creating its folder) with `eval.machine.machine_record()` added
+    at the end, unless the record already names its "device" (a result read back keeps the machine it was measured
+    on, and gets nothing of this one). Every analysis JSON (each tool's `write` and `python -m eval.analysis report`)
+    goes through here."""
+    if not isinstance(record, Mapping):
+        raise ValueError(f"record must be a dict (an analysis result); got {type(record).__name__}")
+    machine = {} if "device" in record else machine_record()
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with open(output, "w", encoding="utf-8") as f:
+        json.dump({**record, **machine}, f, indent=2)
+        f.write("\n")
 
 
 # ---------------------------------------------------------------------------------------------------- inputs

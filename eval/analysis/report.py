@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -38,6 +37,7 @@ from attn import attention_stats
 
 from ..trainer_api import Run, load_run
 from . import stats
+from .evaluator import write_json
 
 # (key in a layer entry, y label) of the plot's panels, in order
 PANELS = (
@@ -210,10 +210,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "settings": {"batch_size": args.batch_size, "step": args.step},
         "runs": runs,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
-        f.write("\n")
+    write_json(report, args.output)
     if not args.no_plot:
         report["png_path"] = os.path.splitext(args.output)[0] + ".png"
         plot(report, report["png_path"])

@@ -23,7 +23,9 @@ a top-1) and the unembedding (tied or not). A top-1 tie is not a succession.
 list "a:b:c". Default: ASCII digits, upper- and lower-case letters (a byte-level vocabulary).
 
 Reported: `score` [L][H], `order_scores` [O][L][H] (per sequence), `orders` (the token ids), `chance` (the score of
-a head with a uniformly random top-1: mean over tokens of 1 / |sequence|), `ranking` (heads, descending score).
+a head with a uniformly random top-1: mean over tokens of 1 / |sequence|), `ranking` (heads, descending score), and
+`layer_score` [L]: the same score for the sum of the layer's head outputs (W_U sum_h W_OV^h f(t)), an addition of this
+tool that tells a layer whose heads increment together (each holding part of the map) from one that does not.
 
 Fidelity: reconstructed from the paper's abstract and summaries of its method (full text and code not read).
 """
@@ -137,7 +139,7 @@ class SuccessorHeads(Evaluator):
         gamma = np.asarray(norm.get("scale", 1.0), np.float64)
         centred = "bias" in norm
 
-        scores, per_order = [], []
+        scores, per_order, layer_scores = [], [], []
         for i, layer in enumerate(layers):
             heads = np.asarray(head_outputs(params, i), np.float64)[:, 0]
             if layer not in kernels:
@@ -150,6 +152,8 @@ class SuccessorHeads(Evaluator):
             logits = (out * gamma) @ u  # [H, N, V]
             hits = [succession(head_logits, self.orders, index) for head_logits in logits]
             scores.append([float(np.concatenate(h).mean()) for h in hits])
+            together = succession((out.sum(axis=0) * gamma) @ u, self.orders, index)  # the heads' outputs summed
+            layer_scores.append(float(np.concatenate(together).mean()))
             per_order.append([[float(x.mean()) for x in h] for h in hits])  # [H][O]
         score = np.asarray(scores)
         order = np.argsort(-score, axis=None, kind="stable")
@@ -159,6 +163,7 @@ class SuccessorHeads(Evaluator):
             "layers": layers,
             "orders": [list(o) for o in self.orders],
             "score": score.tolist(),
+            "layer_score": layer_scores,
             "order_scores": np.transpose(np.asarray(per_order), (2, 0, 1)).tolist(),
             "chance": float(sum((n - 1) / n for n in sizes) / sum(n - 1 for n in sizes)),
             "ranking": [[layers[i // heads_per_layer], i % heads_per_layer] for i in order.tolist()],
@@ -168,7 +173,12 @@ class SuccessorHeads(Evaluator):
         plt = pyplot()
         fig, axis = plt.subplots(figsize=(6, 4.5))
         layer_head_heatmap(axis, result["score"], "succession score of the OV circuit", "score", vmin=0, vmax=1)
-        axis.set(yticks=range(len(result["layers"])), yticklabels=result["layers"])
+        together = result.get("layer_score") or [None] * len(result["layers"])
+        labels = [
+            f"{layer}" if t is None else f"{layer}\nall heads {t:.2f}"
+            for layer, t in zip(result["layers"], together, strict=True)
+        ]
+        axis.set(yticks=range(len(result["layers"])), yticklabels=labels)
         fig.suptitle(f"successor_heads [80]: chance {result['chance']:.2f}, {len(result['orders'])} sequences")
         fig.tight_layout()
         fig.savefig(path, dpi=100)

@@ -6,14 +6,19 @@ over the encoder frames with a saliency map of the same token over the input, pe
 (the mean of the attention matrices over a set S of layers and heads, CA^(S) = 1/|S| sum_{(l,h) in S} CA^{l,h}), by
 Pearson correlation; it finds moderate-to-strong correlations, best when aggregated, and compares with a second
 saliency taken on the encoder output (how the decoder uses the encoder's representations). Its saliency (SPES) is
-perturbation based: occluding parts of the input and measuring the drop of the predicted token's probability.
+perturbation based: many forward passes with parts of the input masked, each scored by how much the output
+distribution of the token moves (SPES's official code, hlt-mt/FBK-fairseq: scorer "KL", the KL divergence of the
+original from the perturbed distribution, or "predicted_token_diff", the drop of the predicted token's probability).
 
 Here, on an `attn.models.EncoderDecoder` with teacher forcing (batch {"sources" int [B, S], "source_lengths" int
 [B] (optional), "inputs" int [B, T] (decoder input), "targets" int [B, T], "weights" [B, T] (optional)}), for the
-target token y_i at decoder position i with probability p_i:
+target token y_i at decoder position i with output distribution P_i:
 
-    input saliency     s_in[i, j]  = |p_i - p_i(source token j replaced by `occlusion_token`)|
-    encoder saliency   s_enc[i, j] = |p_i - p_i(encoder output frame j set to zero)|
+    input saliency     s_in[i, j]  = score(P_i, P_i(source token j replaced by `occlusion_token`))
+    encoder saliency   s_enc[i, j] = score(P_i, P_i(encoder output frame j set to zero))
+
+with score = `scorer`: "kl" (default, KL(P_i || P_i(occluded))) or "predicted_token_diff" (P_i[y_i] minus
+P_i(occluded)[y_i]), the two scorers of SPES's code (`occlusion_score`).
 
 over the valid source positions j < source_lengths. Reported: `pearson_input` / `pearson_encoder` [L][H] (mean over
 the scored (row, i) of the Pearson correlation between CA^{l,h}[i, :] and s[i, :]; a (row, i) where either is
@@ -23,8 +28,10 @@ aggregate), `top1_input` [L][H] (fraction of (row, i) whose most-attended frame 
 `scored` (how many (row, i) were compared).
 
 Fidelity: reconstructed (the paper's CA definition, head/layer aggregation and Pearson comparison with input and
-encoder-output saliency from its text and a review of it; SPES's spectrogram masking is replaced by occluding one
-source token or one encoder frame at a time, the text analogue of its perturbation; no official code read).
+encoder-output saliency from its text and a review of it; the occlusion scorers follow SPES's official code (the
+saliency method the paper uses); SPES's random multi-segment spectrogram masks are replaced by occluding one source
+token or one encoder frame at a time, the text analogue of its perturbation; the paper's own analysis code was not
+found).
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from attn.interventions import run_with_cache
 
 from .evaluator import Evaluator, is_task, layer_head_heatmap, pyplot
 
+SCORERS = ("kl", "predicted_token_diff")
 _CROSS = re.compile(r"(?:^|/)layers_(\d+)/cross_attention$")
 
 
@@ -58,6 +66,26 @@ def pearson_rows(a: np.ndarray, b: np.ndarray, valid: np.ndarray) -> np.ndarray:
     ok = (count >= 2) & (norm > 1e-12 * np.maximum(scale, 1e-300) ** 2)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(ok, (da * db).sum(-1) / np.where(ok, norm, 1), np.nan)
+
+
+def occlusion_score(base: jax.Array, perturbed: jax.Array, targets: jax.Array, scorer: str) -> jax.Array:
+    """Saliency of one occlusion at every target position: logits [..., T, V] of the intact and the occluded input,
+    targets int [..., T] -> [..., T]. The two scorers of SPES's official code (hlt-mt/FBK-fairseq, occlusion_explanation
+    scorers), with p = softmax(base) and q = softmax(perturbed):
+
+      "kl"                    KL(p || q) = sum_v p_v (log p_v - log q_v)
+      "predicted_token_diff"  p_y - q_y for the target token y (signed: negative where the occlusion helps)
+    """
+    log_p = jax.nn.log_softmax(base.astype(jnp.float32), axis=-1)
+    log_q = jax.nn.log_softmax(perturbed.astype(jnp.float32), axis=-1)
+    if scorer == "kl":
+        return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+    if scorer == "predicted_token_diff":
+        index = targets[..., None]
+        return jnp.exp(jnp.take_along_axis(log_p, index, -1)[..., 0]) - jnp.exp(
+            jnp.take_along_axis(log_q, index, -1)[..., 0]
+        )
+    raise ValueError(f"scorer={scorer!r} must be one of {SCORERS}")
 
 
 def _encoder_decoder(model: Any) -> Any:
@@ -84,22 +112,28 @@ def _check_batch(index: int, batch: Mapping[str, Any]) -> None:
 @dataclasses.dataclass(frozen=True)
 class XAttnSaliency(Evaluator):
     """Options: occlusion_token, the source token id that replaces an occluded source token (0: the seq2seq task's
-    padding token)."""
+    padding token); scorer, how an occlusion's effect is measured ("kl" or "predicted_token_diff", see
+    `occlusion_score`)."""
 
     occlusion_token: int = 0
+    scorer: str = "kl"
 
     name = "xattn_saliency"
     paper = "[32] Cross-Attention is Half Explanation in Speech-to-Text Models (arXiv 2509.18010)"
     fidelity = "reconstructed"
     reference = (
         "the paper's text (arXiv 2509.18010: CA^{l,h} rows per generated token, the mean over sets of layers and "
-        "heads, Pearson correlation with input and encoder-output saliency) and a review of it; occlusion of one "
-        "source token / encoder frame stands in for SPES spectrogram masking; no official code"
+        "heads, Pearson correlation with input and encoder-output saliency) and a review of it; the occlusion scorers "
+        "(KL, predicted_token_diff) of SPES's official code (hlt-mt/FBK-fairseq examples/speech_to_text/"
+        "occlusion_explanation/scorers); occlusion of one source token / encoder frame stands in for SPES's random "
+        "multi-segment spectrogram masks; the paper's analysis code not found"
     )
 
     def __post_init__(self) -> None:
         if not (isinstance(self.occlusion_token, int) and self.occlusion_token >= 0):
             raise ValueError(f"occlusion_token={self.occlusion_token!r} must be a non-negative token id")
+        if self.scorer not in SCORERS:
+            raise ValueError(f"scorer={self.scorer!r} must be one of {SCORERS}")
 
     def run(self, model: Any, params: Any, batches: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         module = _encoder_decoder(model)
@@ -115,10 +149,6 @@ class XAttnSaliency(Evaluator):
             )
         variables = {"params": params}
 
-        def target_probs(logits: jax.Array, targets: jax.Array) -> jax.Array:
-            probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-            return jnp.take_along_axis(probs, targets[..., None], axis=-1)[..., 0]
-
         @jax.jit
         def measure(sources, lengths, inputs, targets):
             logits, cache = run_with_cache(
@@ -127,21 +157,22 @@ class XAttnSaliency(Evaluator):
             maps = {
                 int(_CROSS.search(p).group(1)): e["attention_weights"] for p, e in cache.items() if _CROSS.search(p)
             }
-            base = target_probs(logits, targets)  # [B, T]
             positions = jnp.arange(sources.shape[1])
 
             def occlude_token(j):
                 occluded = jnp.where(positions[None, :] == j, self.occlusion_token, sources)
-                return target_probs(module.apply(variables, occluded, inputs, src_lengths=lengths), targets)
+                perturbed = module.apply(variables, occluded, inputs, src_lengths=lengths)
+                return occlusion_score(logits, perturbed, targets, self.scorer)
 
             encoded = module.apply(variables, sources, lengths, method="encode")
 
             def occlude_frame(j):
                 frames = jnp.where((positions == j)[None, :, None], 0.0, encoded).astype(encoded.dtype)
-                return target_probs(module.apply(variables, inputs, frames, lengths, method="decode"), targets)
+                perturbed = module.apply(variables, inputs, frames, lengths, method="decode")
+                return occlusion_score(logits, perturbed, targets, self.scorer)
 
-            s_in = jnp.abs(base[None] - jax.lax.map(occlude_token, positions))  # [S, B, T]
-            s_enc = jnp.abs(base[None] - jax.lax.map(occlude_frame, positions))
+            s_in = jax.lax.map(occlude_token, positions)  # [S, B, T]
+            s_enc = jax.lax.map(occlude_frame, positions)
             return maps, jnp.moveaxis(s_in, 0, -1), jnp.moveaxis(s_enc, 0, -1)
 
         per_head = {"input": [], "encoder": []}

@@ -141,8 +141,11 @@ def test_eval_uses_only_the_run_api_of_train():
 
     assert trainer_api.run is run and trainer_api.TRAIN_PACKAGE == "train"
     assert all(getattr(trainer_api, name) is getattr(run, name) for name in run.__all__)
+    # Besides trainer_api, only the command runner (console_scripts: `attn-train` runs the trainer package) and
+    # eval/train.py name the trainer package: it installs train.preemption's JAX-free SIGTERM guard before train.run
+    # loads JAX, as `python -m train` does.
     by_name = [p for p in files_under("eval") if "TRAIN_PACKAGE" in p.read_text(encoding="utf-8")]
-    assert sorted(p.name for p in by_name) == ["__init__.py", "console_scripts.py", "trainer_api.py"]
+    assert sorted(p.name for p in by_name) == ["__init__.py", "console_scripts.py", "train.py", "trainer_api.py"]
 
 
 @pytest.mark.parametrize("folder", ["train", "eval", "configs"])

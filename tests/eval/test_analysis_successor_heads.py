@@ -44,6 +44,9 @@ def test_planted_successor_heads(planted, tmp_path):
     # the copy head (1, 0) reads the successor head's output only if layer-0 heads are not ablated: it scores 0
     np.testing.assert_allclose(result["score"], [[1.0, 0.0], [0.0, 9 / 12]])
     np.testing.assert_allclose(result["order_scores"], [[[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 0.0]]])
+    # heads summed: layer 0 (successor + predecessor) ties on every token with both neighbours in its order, leaving
+    # tokens 0 and 10 (no predecessor in the order); layer 1 (copy + digit successor) ties on digits, copies letters
+    np.testing.assert_allclose(result["layer_score"], [2 / 12, 0.0])
     assert result["ranking"][:2] == [[0, 0], [1, 1]] and result["chance"] == pytest.approx((0.9 + 0.75) / 12)
     assert result["fidelity"] == "reconstructed" and list(result["options"]["orders"][1]) == [10, 11, 12, 13]
     paths = TOOLS["successor_heads"]().write(result, str(tmp_path / "s.json"))
@@ -54,3 +57,15 @@ def test_bad_input_is_one_clear_error(planted):
     model, params = planted
     with pytest.raises(ValueError, match="orders hold token 20, out of range for the vocabulary of 16"):
         SuccessorHeads(orders=((18, 19, 20),)).evaluate(model, params, [{"inputs": np.zeros((1, 4), np.int32)}])
+
+
+@pytest.mark.slow  # a second planted model: its own compilations (about 4 s)
+def test_a_successor_map_split_over_two_heads_scores_in_the_layer_sum():
+    """Head (0, 0) increments the digits only, head (0, 1) the letters only: neither is a successor head on its
+    own, their sum is one (the layer-1 heads write nothing: every logit ties, score 0)."""
+    model, params = ov_model(VOCAB, {(0, 0): DIGITS, (0, 1): LETTERS})
+    result = SuccessorHeads(orders=parse_orders(ORDERS)).evaluate(
+        model, params, [{"inputs": np.zeros((1, 4), np.int32)}]
+    )
+    np.testing.assert_allclose(result["score"], [[9 / 12, 3 / 12], [0.0, 0.0]])
+    np.testing.assert_allclose(result["layer_score"], [1.0, 0.0])

@@ -12,7 +12,7 @@ import attn
 from attn.interventions import hook
 from attn.models import DecoderLM, EncoderDecoder
 from eval.analysis import TOOLS
-from eval.analysis.xattn_saliency import XAttnSaliency, pearson_rows
+from eval.analysis.xattn_saliency import XAttnSaliency, occlusion_score, pearson_rows
 
 S, T = 6, 5  # source and target lengths
 
@@ -29,6 +29,27 @@ def test_pearson_rows_matches_numpy_on_the_valid_prefix():
     assert np.isnan(got[3])  # one valid position: no correlation
     assert np.isnan(pearson_rows(np.ones((1, 4)), b[:1, :4], np.ones((1, 4), bool))[0])  # constant vector
     assert pearson_rows(a, 3 * a + 1, np.ones_like(valid))[0] == pytest.approx(1.0)
+
+
+def test_occlusion_scorers_match_their_formulas():
+    """SPES's scorers from the equations, in float64 numpy: KL(p || q) summed over the vocabulary and p_y - q_y."""
+    rng = np.random.default_rng(2)
+    base, perturbed = rng.normal(size=(2, 3, 5)), rng.normal(size=(2, 3, 5))  # [B, T, V]
+    targets = rng.integers(0, 5, size=(2, 3))
+    p = np.exp(base) / np.exp(base).sum(-1, keepdims=True)
+    q = np.exp(perturbed) / np.exp(perturbed).sum(-1, keepdims=True)
+    kl = np.zeros((2, 3))
+    diff = np.zeros((2, 3))
+    for b in range(2):
+        for t in range(3):
+            kl[b, t] = sum(p[b, t, v] * np.log(p[b, t, v] / q[b, t, v]) for v in range(5))
+            diff[b, t] = p[b, t, targets[b, t]] - q[b, t, targets[b, t]]
+    args = (jnp.asarray(base, jnp.float32), jnp.asarray(perturbed, jnp.float32), jnp.asarray(targets))
+    np.testing.assert_allclose(occlusion_score(*args, "kl"), kl, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(occlusion_score(*args, "predicted_token_diff"), diff, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(occlusion_score(args[0], args[0], args[2], "kl"), 0.0, atol=1e-6)
+    with pytest.raises(ValueError, match="scorer='l2' must be one of"):
+        XAttnSaliency(scorer="l2")
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ Sources (vocabulary / output):
   mqar            multi-query associative recall, vocab_size option (default 8192)
   selective_copy  selective copying, vocab_size option (default 16)
   passkey         passkey retrieval, vocab_size option (default 64)
+  ordinal_successor  ordinal tokens, a marker, then their successors; vocab 2 + num_orders * order_length
   seq2seq         reverse or sort a digit string (encoder-decoder), vocab 3 + num_digits
   images          procedural red/blue square relation images, labels in [0, num_classes)
   image_questions "what colour is the shape at the <direction>?" about those images (vision-language), vocab 17
@@ -38,6 +39,7 @@ from .image_questions import ImageQuestionSource
 from .images import NpzImageSource, RelationImageSource
 from .masked_lm import MaskedLMSource
 from .mil_bags import MILBagSource
+from .ordinal import OrdinalSuccessorSource
 from .seq2seq import Seq2SeqSource
 from .shape_captions import ShapeCaptionSource
 from .synthetic import MQARSource, PasskeySource, SelectiveCopySource
@@ -65,6 +67,7 @@ _SOURCES: dict[str, type[DataSource]] = {
         VideoClipSource,
         TokenizedTextSource,
         UserBehaviorSource,
+        OrdinalSuccessorSource,
     )
 }
 # Sources whose batches have no sequence axis; seq_len is ignored for them.
