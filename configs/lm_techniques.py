@@ -10,6 +10,16 @@ Presets (`--config configs/lm_techniques.py:<preset>`):
   baseline         the same run without techniques
   entropy_reg      the entropy regulariser instead (a decoder whose mechanism exposes attention weights)
   meap             MEAP input masking instead (mask id 256: the model has one id more than the 256 bytes)
+  passkey          the passkey task (train.data "passkey": 5 digits hidden at a random depth of 64 tokens, asked
+                   for at the end; eval accuracy is the digit accuracy), a learning rate of 3e-3 with warmup, no
+                   technique
+  softmax_only     the softmax-only model of Jha & Reagen 2025: no norms (model.norm="none"), a linear FFN
+                   (model.mlp="linear"), 4 layers, learning rate 1e-3 with warmup and clipping, no technique
+  softmax_only_entropy_reg   the same with the entropy regulariser (weight 1e-4, tolerance 0.2), for
+                   `python -m eval.techniques --config configs/lm_techniques.py
+                   --presets softmax_only,softmax_only_entropy_reg`
+  meap_passkey     the same as passkey with MEAP masking (ratio 0.15, mask id 64: one id more than the task's 64), for
+                   `python -m eval.techniques --config configs/lm_techniques.py --presets passkey,meap_passkey`
 
 The model: 2 layers, d_model 64, 4 heads, RMSNorm, SwiGLU, softmax attention with RoPE, 64-byte sequences; AdamW at
 a constant 3e-2 from step 0 (no warmup), no gradient clipping. Attention entropy per layer is measured every
@@ -28,7 +38,7 @@ from ml_collections import ConfigDict, config_dict
 
 from configs import common
 
-PRESETS = ("", "baseline", "entropy_reg", "meap")
+PRESETS = ("", "baseline", "entropy_reg", "meap", "passkey", "meap_passkey", "softmax_only", "softmax_only_entropy_reg")
 
 
 def get_config(arg: str | None = None) -> ConfigDict:
@@ -69,4 +79,34 @@ def get_config(arg: str | None = None) -> ConfigDict:
     elif preset == "meap":
         model.vocab_size = 257  # one id more than the bytes: 256 is the mask token
         config.techniques = [{"name": "meap", "ratio": 0.15, "mask_token": 256}]
+    elif preset in ("passkey", "meap_passkey"):
+        config.total_steps = 600
+        config.eval_every = 100  # passkey digit accuracy on the validation stream
+        config.checkpoint_every = 600
+        config.data.name = "passkey"  # synthetic: filler, "the passkey is" d1..d5, ..., "what is the passkey?"
+        config.data.vocab_size = 64  # 10 digits, 2 markers, 52 fillers
+        config.data.num_digits = 5
+        model.vocab_size = 64
+        config.optimizer.learning_rate = 3e-3
+        config.optimizer.warmup_steps = 50
+        config.optimizer.schedule = "cosine"
+        config.optimizer.clip_norm = 1.0
+        config.techniques = []
+        if preset == "meap_passkey":
+            model.vocab_size = 65  # one id more than the task: 64 is the mask token
+            config.techniques = [{"name": "meap", "ratio": 0.15, "mask_token": 64}]
+    elif preset in ("softmax_only", "softmax_only_entropy_reg"):
+        config.total_steps = 300
+        config.checkpoint_every = 300
+        model.num_layers = 4  # early and deep layers: entropic overload vs entropy collapse
+        model.norm = "none"  # no LayerNorm/RMSNorm anywhere (the final norm included)
+        model.mlp = "linear"  # FFN without its GELU: attention's softmax is the only non-linearity
+        config.optimizer.learning_rate = 1e-3
+        config.optimizer.warmup_steps = 30
+        config.optimizer.schedule = "cosine"
+        config.optimizer.clip_norm = 1.0
+        config.techniques = []
+        if preset == "softmax_only_entropy_reg":
+            # official λ 1e-5 sums over batch x queries of larger runs; 16 x 64 rows here, hence 1e-4
+            config.techniques = [{"name": "entropy_reg", "weight": 1e-4, "tolerance": 0.2}]
     return config

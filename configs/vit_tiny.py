@@ -22,6 +22,10 @@ Presets (`--config configs/vit_tiny.py:<preset>`):
   smoke  a few steps of a toy model on 16x16 images (tests, CI).
   sweep  400 steps of a 2-layer d_model 64 model with mean pooling, for comparing mechanisms side by side
          (`python -m eval.sweep --config configs/vit_tiny.py:sweep --mechanisms softmax,neighborhood,...`).
+  tap_adl  sweep with TAP + ADL as Guo et al. 2023 train them: token-aware average pooling before every block's
+         attention (model.token_pooling="tap", 4 dilations) and the attention diversification loss (adl_tap,
+         weight 1, threshold 2); side by side with `sweep` on patch corruption:
+         `python -m eval.techniques --config configs/vit_tiny.py --presets sweep,tap_adl --probe patch_corruption`.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from ml_collections import ConfigDict, config_dict
 
 from configs import common
 
-PRESETS = ("", "smoke", "sweep")
+PRESETS = ("", "smoke", "sweep", "tap_adl")
 
 
 def get_config(arg: str | None = None) -> ConfigDict:
@@ -55,6 +59,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
     model.num_classes = 4  # must equal data.num_classes
     model.patch_size = 4  # 32 / 4 = 8x8 patch grid
     model.pool = "mean"  # mean over patches (a class token has no place on the grid of spatial mechanisms)
+    model.token_pooling = config_dict.placeholder(str)  # "tap": token-aware average pooling before attention
+    model.token_pooling_scales = 4  # TAP's dilations 0..3 (official --num-scales 4)
 
     config.data.name = "images"  # procedural relation images
     config.data.image_size = 32  # pixels per side
@@ -83,7 +89,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
         config.optimizer.warmup_steps = 1
         config.eval.num_batches = 2
         config.eval.stats_batch_size = 2
-    if preset == "sweep":
+    if preset in ("sweep", "tap_adl"):
         config.total_steps = 400
         config.batch_size = 32
         config.log_every = 50
@@ -94,4 +100,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
         model.mlp_dim = 128
         config.optimizer.learning_rate = 2e-3
         config.optimizer.warmup_steps = 40
+    if preset == "tap_adl":
+        model.token_pooling = "tap"  # TAP before every block's attention (official 4 dilations)
+        config.techniques = [{"name": "adl_tap", "weight": 1.0, "threshold": 2.0}]  # official --adloss 1, th 2
     return config

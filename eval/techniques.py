@@ -4,6 +4,10 @@
     python -m eval.techniques --config configs/lm_techniques.py:entropy_reg --name techniques_entropy_reg
     python -m eval.techniques --config configs/lm_techniques.py --set optimizer.learning_rate=0.03
     python -m eval.techniques --config configs/mil_tiny.py --presets ,aem,acmil,mhim --name techniques_mil_cpu
+    python -m eval.techniques --config configs/vit_tiny.py --presets sweep,tap_adl --steps 300 \
+        --probe patch_corruption --name techniques_tap_adl
+    python -m eval.techniques --config configs/aspect_tiny.py --separately --probe aspect_evidence \
+        --set "techniques=[{'name': 'attention_at'}, {'name': 'attention_iat'}]"
 
 The config names the technique(s) in `config.techniques`; the baseline is the same config with `techniques = []`.
 Both runs go through the trainer (`train.run.train`) in temporary workdirs; the evaluator reads their logged
@@ -20,6 +24,11 @@ with the same seed, data and steps — for techniques that come with their own m
 attention branches — and records every preset's eval metrics over steps ("eval/<name>", e.g. the MIL task's
 accuracy, instance_auc, top1_hit, positive_mass); the PNG shows the final eval metrics side by side and the eval
 accuracy over steps.
+
+`--separately` trains each technique of `config.techniques` alone against the one baseline (runs labelled by the
+technique's name). `--probe <name>` runs a probe of eval.technique_probes on every run's final checkpoint (patch
+corruption of images, the aspect task's evidence attention and embedding noise) and records it under "probe".
+`--out_dir` applies to both modes.
 """
 
 from __future__ import annotations
@@ -48,23 +57,33 @@ class TechniqueComparison:
       config: a training config whose `techniques` list is not empty.
       name: output file stem under `out_dir`.
       out_dir: where the JSON and PNG go.
+      probe: an eval.technique_probes name run on each final checkpoint (None: none).
+      separately: train each technique of the list alone (runs labelled by its name) instead of all together
+        (the run labelled "technique").
     """
 
     config: ml_collections.ConfigDict
     name: str = "techniques"
     out_dir: str = RESULTS
+    probe: str | None = None
+    separately: bool = False
 
     def __post_init__(self) -> None:
         if not list(self.config.get("techniques") or []):
             raise ValueError("config.techniques=[] names no technique to compare with the baseline")
+        _check_probe(self.probe)
 
     def run(self) -> dict[str, Any]:
-        """Both runs; returns the record (also written as JSON + PNG)."""
+        """The baseline and the technique run(s); returns the record (also written as JSON + PNG)."""
         runs = {}
-        for label, entries in (("baseline", []), ("technique", list(self.config.techniques))):
+        entries = list(self.config.techniques)
+        variants = [("technique", entries)]
+        if self.separately:
+            variants = [(_plain(entry)["name"], [entry]) for entry in entries]
+        for label, entries in [("baseline", []), *variants]:
             config = ml_collections.ConfigDict(self.config.to_dict())
             config.techniques = entries
-            runs[label] = _train_and_read(config)
+            runs[label] = _train_and_read(config, self.probe)
         record = {
             "evaluator": "eval.techniques",
             "device": f"{jax.devices()[0].platform} ({jax.devices()[0].device_kind}), {os.cpu_count()} cores",
@@ -91,10 +110,12 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _train_and_read(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def _train_and_read(config: ml_collections.ConfigDict, probe: str | None = None) -> dict[str, Any]:
     """Trains `config` in a temporary workdir; {"train_loss": {step: v}, "eval_loss": {...}, "entropy": {layer:
-    {step: v}}, "seconds", "diverged_at"}."""
-    from .trainer_api import TrainingDiverged, train
+    {step: v}}, "seconds", "diverged_at", "probe": {metric: v} of eval.technique_probes' `probe` on the final
+    checkpoint (None without a probe or after a divergence)}."""
+    from .technique_probes import PROBES
+    from .trainer_api import TrainingDiverged, load_run, train
 
     started = time.perf_counter()
     diverged_at = None
@@ -104,6 +125,7 @@ def _train_and_read(config: ml_collections.ConfigDict) -> dict[str, Any]:
         except TrainingDiverged as error:
             diverged_at = str(error)
         rows = _read_rows(os.path.join(workdir, "metrics.jsonl"))
+        probed = PROBES[probe](load_run(workdir)) if probe is not None and diverged_at is None else None
     out: dict[str, Any] = {"train_loss": {}, "eval_loss": {}, "entropy": {}, "technique_scalars": {}, "eval": {}}
     for row in rows:
         step = int(row["step"])
@@ -122,6 +144,7 @@ def _train_and_read(config: ml_collections.ConfigDict) -> dict[str, Any]:
                 out["technique_scalars"].setdefault(key.removeprefix("train/"), {})[step] = value
     out["seconds"] = time.perf_counter() - started
     out["diverged_at"] = diverged_at
+    out["probe"] = probed
     return out
 
 
@@ -144,11 +167,20 @@ def _summary(run: dict[str, Any]) -> dict[str, Any]:
         "final_entropy_per_layer": {layer: last(series) for layer, series in entropy.items()},
         "diverged": run["diverged_at"] is not None,
         "seconds": run["seconds"],
+        "probe": run["probe"],
     }
 
 
+def _check_probe(probe: str | None) -> None:
+    from .technique_probes import PROBES
+
+    if probe is not None and probe not in PROBES:
+        raise ValueError(f"probe={probe!r} is unknown; expected one of {sorted(PROBES)}")
+
+
 def plot(record: dict[str, Any], path: str) -> None:
-    """Entropy per layer over steps (solid: technique, dashed: baseline) and the train loss of both runs."""
+    """Entropy per layer over steps (one colour per run, one line style per layer) and the train loss of every
+    run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -157,21 +189,22 @@ def plot(record: dict[str, Any], path: str) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     names = "+".join(t["name"] for t in record["techniques"])
-    for label, style in (("baseline", "--"), ("technique", "-")):
-        run = record["runs"][label]
-        shown = "baseline" if label == "baseline" else names
-        for index, (layer, series) in enumerate(sorted(run["entropy"].items())):
+    styles = ("-", "--", ":", "-.")
+    for index, (label, run) in enumerate(record["runs"].items()):
+        shown = names if label == "technique" else label
+        color = colors[index % len(colors)]
+        for layer_index, (layer, series) in enumerate(sorted(run["entropy"].items())):
             steps = sorted(series, key=int)
             left.plot(
                 [int(s) for s in steps],
                 [series[s] for s in steps],
-                style,
-                color=colors[index % len(colors)],
+                styles[layer_index % len(styles)],
+                color=color,
                 label=f"{shown} layer {layer}",
             )
         steps = sorted(run["train_loss"], key=int)
         values = [run["train_loss"][s] if math.isfinite(run["train_loss"][s]) else float("nan") for s in steps]
-        right.plot([int(s) for s in steps], values, style, label=shown)
+        right.plot([int(s) for s in steps], values, color=color, label=shown)
     left.set(xlabel="step", ylabel="attention entropy (nats, probe batch)", title="attention entropy per layer")
     right.set(xlabel="step", ylabel="train loss (nats)", title="train loss")
     left.legend(fontsize=7)
@@ -192,6 +225,7 @@ class PresetComparison:
       name: output file stem under `out_dir`.
       out_dir: where the JSON and PNG go.
       overrides: FIELD=VALUE strings applied to every preset (as --set).
+      probe: an eval.technique_probes name run on each final checkpoint (None: none).
     """
 
     config_path: str
@@ -199,10 +233,12 @@ class PresetComparison:
     name: str = "techniques_presets"
     out_dir: str = RESULTS
     overrides: tuple[str, ...] = ()
+    probe: str | None = None
 
     def __post_init__(self) -> None:
         if len(self.presets) < 2:
             raise ValueError(f"presets={self.presets!r} must name at least two presets to compare")
+        _check_probe(self.probe)
 
     def run(self) -> dict[str, Any]:
         """Every preset's run; returns the record (also written as JSON + PNG)."""
@@ -215,7 +251,7 @@ class PresetComparison:
                 _override(config, override)
             label = preset or "default"
             configs[label] = _plain(config.to_dict())
-            runs[label] = _train_and_read(config)
+            runs[label] = _train_and_read(config, self.probe)
         record = {
             "evaluator": "eval.techniques --presets",
             "device": f"{jax.devices()[0].platform} ({jax.devices()[0].device_kind}), {os.cpu_count()} cores",
@@ -242,6 +278,7 @@ def _preset_summary(run: dict[str, Any]) -> dict[str, Any]:
         "final_train_loss": train[max(train)] if train else None,
         "diverged": run["diverged_at"] is not None,
         "seconds": run["seconds"],
+        "probe": run["probe"],
     }
 
 
@@ -254,7 +291,11 @@ def plot_presets(record: dict[str, Any], path: str) -> None:
     import matplotlib.pyplot as plt
 
     labels = list(record["runs"])
-    finals = [record["summary"][label]["final_eval"] for label in labels]
+    finals = [
+        record["summary"][label]["final_eval"]
+        | {f"probe/{k}": v for k, v in (record["summary"][label].get("probe") or {}).items()}
+        for label in labels
+    ]
     metrics = sorted({m for final in finals for m, v in final.items() if m != "loss" and 0.0 <= v <= 1.0})
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
     width = 0.8 / max(len(labels), 1)
@@ -309,6 +350,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--presets", default=None, help="compare these presets of --config instead (comma-separated, '' = default)"
     )
+    parser.add_argument("--probe", default=None, help="eval.technique_probes probe run on each final checkpoint")
+    parser.add_argument(
+        "--separately", action="store_true", help="train each technique of config.techniques alone vs the baseline"
+    )
     args = parser.parse_args(argv)
     from .trainer_api import load_config_file
 
@@ -317,7 +362,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.steps is not None:
             overrides += (f"total_steps={args.steps}", f"checkpoint_every={args.steps}")
         presets = tuple(name.strip() for name in args.presets.split(","))
-        comparison = PresetComparison(args.config, presets, name=args.name or "techniques_presets", overrides=overrides)
+        comparison = PresetComparison(
+            args.config,
+            presets,
+            name=args.name or "techniques_presets",
+            out_dir=args.out_dir,
+            overrides=overrides,
+            probe=args.probe,
+        )
         record = comparison.run()
         print(json.dumps(record["summary"], indent=1))
         return record
@@ -329,7 +381,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         config.total_steps = args.steps
         config.checkpoint_every = args.steps
     names = "_".join(_plain(entry)["name"] for entry in config.techniques)
-    comparison = TechniqueComparison(config, name=args.name or f"techniques_{names}", out_dir=args.out_dir)
+    comparison = TechniqueComparison(
+        config,
+        name=args.name or f"techniques_{names}",
+        out_dir=args.out_dir,
+        probe=args.probe,
+        separately=args.separately,
+    )
     record = comparison.run()
     print(json.dumps(record["summary"], indent=1))
     return record

@@ -17,8 +17,8 @@ from attn.core.validation import check_choice
 
 Dtype = Any
 
-NORMS = ("rmsnorm", "layernorm")
-MLPS = ("swiglu", "gelu", "gelu_exact")
+NORMS = ("rmsnorm", "layernorm", "none")
+MLPS = ("swiglu", "gelu", "gelu_exact", "linear")
 
 # The activation layout every model keeps between blocks.
 ACTIVATION_AXES = ("batch", "length", "embed")
@@ -29,10 +29,13 @@ def make_norm(
 ) -> nn.Module:
     """Normalisation over the last (embed) axis: x [..., E] -> [..., E] in `dtype`.
 
-    kind: "rmsnorm" (scale only) or "layernorm" (scale and bias). Statistics are reduced in float32; `epsilon` is
-    added to the variance (mean square for rmsnorm) before the reciprocal square root.
+    kind: "rmsnorm" (scale only), "layernorm" (scale and bias) or "none" (the identity, no parameters: the
+    LayerNorm-free models of Jha & Reagen 2025). Statistics are reduced in float32; `epsilon` is added to the
+    variance (mean square for rmsnorm) before the reciprocal square root.
     """
     check_choice("norm", kind, NORMS)
+    if kind == "none":
+        return Identity(name=name)
     scale_init = nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",))
     if kind == "rmsnorm":
         return nn.RMSNorm(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, scale_init=scale_init, name=name)
@@ -63,11 +66,20 @@ def _dense(
     )
 
 
+class Identity(nn.Module):
+    """x -> x (no parameters): the norm of kind "none"."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x
+
+
 class Mlp(nn.Module):
     """Position-wise feed-forward network: x [..., E] -> [..., E] in `dtype`.
 
     kind "swiglu": (silu(x W_gate) * (x W_up)) W_down; kind "gelu": gelu(x W_in) W_out, with the tanh
-    approximation of gelu (GPT-2's "gelu_new"); kind "gelu_exact": the same with the erf gelu (BERT's "gelu").
+    approximation of gelu (GPT-2's "gelu_new"); kind "gelu_exact": the same with the erf gelu (BERT's "gelu");
+    kind "linear": (x W_in) W_out, no activation (the GELU-free, softmax-only models of Jha & Reagen 2025).
     Kernels: in ("embed", "mlp"), out ("mlp", "embed"); with `use_bias` every projection adds a bias (named like its
     output axis), as GPT-2's MLP does.
     """
@@ -91,7 +103,8 @@ class Mlp(nn.Module):
         else:
             exact = self.kind == "gelu_exact"
             hidden = _dense(self.hidden_dim, ("embed", "mlp"), *args, name="wi", use_bias=bias)(x)
-            hidden = nn.gelu(hidden, approximate=not exact)
+            if self.kind != "linear":
+                hidden = nn.gelu(hidden, approximate=not exact)
         if hidden.ndim == 3:
             hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
         return _dense(features, ("mlp", "embed"), *args, name="wo", use_bias=bias)(hidden)

@@ -139,8 +139,11 @@ def block_stack(
     decode: bool = False,
     deterministic: bool = True,
     grid: tuple[int, ...] | None = None,
+    block: Any = TransformerBlock,
 ) -> jax.Array:
     """Run the model's `num_layers` blocks and (pre-norm models) its final norm: x [B, T, d_model] -> [B, T, d_model].
+
+    `block` builds each block from TransformerBlock's fields (a TransformerBlock subclass or a partial of one).
 
     context [B, Tc, E] and context_mask (an attn.Mask over (x, context) pairs) feed the cross-attention sublayers
     of a model with a `cross_attention` field; they must be None for a model without one.
@@ -152,7 +155,7 @@ def block_stack(
     cross_layers = resolve_cross_layers(model)
     with layer_carry():  # values a layer leaves for the later layers of this stack (attn.core.layer_carry)
         for i, ((name, options), (cross_name, cross_options)) in enumerate(zip(layers, cross_layers, strict=True)):
-            x = TransformerBlock(
+            x = block(
                 mechanism=name,
                 attention_options=options,
                 cross_attention=cross_name,

@@ -14,6 +14,7 @@ grid place).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,16 +24,19 @@ import jax.numpy as jnp
 
 import attn
 from attn.core.validation import check_choice
+from attn.models.block import TransformerBlock
 from attn.models.encoder import classifier
 from attn.models.fields import AttentionOptions, hash_fields, per_layer_mechanisms
 from attn.models.layers import ACTIVATION_AXES
 from attn.models.pooling import check_pool, pool_tokens
+from attn.models.token_pooling import TokenPoolingBlock
 from attn.models.trunk import block_stack
 
 Dtype = Any
 
 POOLS = ("cls", "mean")
 HEADS = ("classification", "hidden")
+TOKEN_POOLINGS = (None, "tap")
 
 
 def patch_grid(images: jax.Array, patch_size: int) -> tuple[int, int]:
@@ -108,6 +112,10 @@ class ViT(nn.Module):
         intermediates/pooler_output (Hugging Face ViTModel's pooler_output).
       image_size: when set, images must be image_size x image_size (the position table has one row per patch of
         that size, plus the class token; positions are not interpolated for other sizes).
+
+    token_pooling: None (default) or "tap": token-aware average pooling before every block's attention
+      (attn.models.token_pooling, Guo et al. 2023 [148]; a `token_pooling` submodule in each `layers_<i>`), with
+      `token_pooling_scales` dilations (official 4); needs pool != "cls" (TAP pools over the patch grid).
     """
 
     num_classes: int
@@ -132,6 +140,8 @@ class ViT(nn.Module):
     head: str = "classification"
     cls_pooler: bool = False
     image_size: int | None = None
+    token_pooling: str | None = None
+    token_pooling_scales: int = 4
 
     def __hash__(self) -> int:
         return hash_fields(self)
@@ -141,7 +151,10 @@ class ViT(nn.Module):
         grid = self._grid(images)
         x = embed_patches(self, images, grid, cls_token=self.pool == "cls", deterministic=deterministic)
         # Only a class-token-free sequence maps onto the patch grid that spatial mechanisms need.
-        x = block_stack(self, x, deterministic=deterministic, grid=None if self.pool == "cls" else grid)
+        block = TransformerBlock
+        if self.token_pooling == "tap":
+            block = functools.partial(TokenPoolingBlock, num_scales=self.token_pooling_scales)
+        x = block_stack(self, x, deterministic=deterministic, grid=None if self.pool == "cls" else grid, block=block)
         if self.cls_pooler:
             pooled = classifier(self.d_model, dtype=self.dtype, param_dtype=self.param_dtype, name="pooler")(x[:, 0])
             self.sow("intermediates", "pooler_output", jnp.tanh(pooled))
@@ -168,6 +181,12 @@ class ViT(nn.Module):
         """Validate fields and image shape; return the patch grid (H // patch_size, W // patch_size)."""
         check_pool(self.pool, POOLS)
         check_choice("head", self.head, HEADS)
+        check_choice("token_pooling", self.token_pooling, TOKEN_POOLINGS)
+        if self.token_pooling is not None and self.pool == "cls":
+            raise ValueError(
+                f"token_pooling={self.token_pooling!r} pools over the patch grid and needs pool='mean' (or a pooling "
+                "mechanism); pool='cls' adds a class token that has no place on the grid"
+            )
         if self.patch_size <= 0:
             raise ValueError(f"patch_size={self.patch_size} must be positive")
         if self.head == "classification" and self.num_classes <= 0:

@@ -10,6 +10,7 @@ import pytest
 
 from attn import attention_stats
 from configs import vit_tiny
+from eval.technique_probes import corrupt_patches
 from tests.train.test_techniques import _assert_trees_equal, _config, _train
 from train import config_checks
 from train.config_checks import ConfigError
@@ -105,19 +106,6 @@ def test_adl_refuses_other_model_kinds_and_bad_options():
         config_checks.check_config(config)
 
 
-def _corrupt_patches(images, patch, fraction, rng):
-    """images [B, H, W, C] with `fraction` of the patch x patch cells of each image replaced by uniform noise."""
-    out = images.copy()
-    b, h, w, c = images.shape
-    cells = [(i, j) for i in range(0, h, patch) for j in range(0, w, patch)]
-    count = int(round(fraction * len(cells)))
-    for row in range(b):
-        for index in rng.choice(len(cells), size=count, replace=False):
-            i, j = cells[index]
-            out[row, i : i + patch, j : j + patch] = rng.random((patch, patch, c))
-    return out
-
-
 @pytest.mark.slow
 def test_adl_side_by_side_robustness_to_patch_corruption():
     """vit_tiny:sweep for 300 steps without and with adl_tap (weight 1 = official, and 0.1; threshold 2); prints the
@@ -144,7 +132,7 @@ def test_adl_side_by_side_robustness_to_patch_corruption():
 
         row = {}
         for label, fraction in (("clean", 0.0), ("patches_10", 0.1), ("patches_25", 0.25)):
-            images = _corrupt_patches(batch["images"], 4, fraction, np.random.default_rng(1))
+            images = corrupt_patches(batch["images"], 4, fraction, np.random.default_rng(1))
             logits, collections = forward(jnp.asarray(images))
             row[label] = float(np.mean(np.argmax(np.asarray(logits), -1) == batch["labels"]))
             if label == "clean":

@@ -20,8 +20,9 @@ queries, and the division by (number of layers + 1e-6). Official weight (`--adlo
 part (the official RVT/FAN models have no class token; with pool="cls" the class token's row is included too).
 
 TAP (token-aware average pooling: before each block's attention, a per-token softmax mixture of 3x3 average pools
-at dilations 0..K-1, predicted by conv3x3 -> BatchNorm -> conv3x3, TAPADL_RVT/tap_robust_models.py Block) changes
-the ViT block itself, which a training technique cannot do: it is not implemented here.
+at dilations 0..K-1, predicted by conv3x3 -> norm -> conv3x3, TAPADL_RVT/tap_robust_models.py Block) changes the ViT
+block itself, which a training technique cannot do: it is the ViT field `token_pooling="tap"`
+(attn.models.token_pooling); configs/vit_tiny.py:tap_adl trains TAP with this loss, as the paper does.
 
 The weights come from the `attention_weights` captures of the train forward ("intermediates" made mutable), so the
 mechanism must compute a probability matrix (a config naming one that does not is refused before compilation).

@@ -1,0 +1,105 @@
+"""Probes `python -m eval.techniques --probe <name>` runs on each trained run's final checkpoint: the effects the
+training techniques claim, measured the same way for the technique and its baseline.
+
+    patch_corruption   image classifiers (vit_tiny): validation accuracy with 0%, 10% and 25% of each image's
+                       patch x patch cells replaced by uniform noise (the TAP + ADL claim, Guo et al. 2023 [148]).
+    aspect_evidence    token classifiers on train.data "aspect_sentiment" (aspect_tiny): accuracy, the attention
+                       mass on the planted evidence words per layer (mean over heads, queries and rows; "uniform" is
+                       the share a uniform row would give), and accuracy and prediction flips with Gaussian noise
+                       of EMBEDDING_NOISE x the table's RMS added to the token embedding table (the AT/VAT claims,
+                       Kitada & Iyatomi 2021 [16], 2023 [92]).
+
+A probe is probe(run) -> {metric: float}, `run` a trainer_api.Run restored from the checkpoint (its config, task,
+data and parameters). Each probe uses fixed seeds: every run sees the same images and the same corruption.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PROBE_ROWS = 512  # validation rows every probe evaluates
+CORRUPTED_FRACTIONS = (0.0, 0.1, 0.25)  # fractions of patch cells replaced by noise
+EMBEDDING_NOISE = (0.5, 1.0)  # embedding noise standard deviations, in units of the embedding table's RMS
+
+
+def corrupt_patches(images: np.ndarray, patch: int, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """images [B, H, W, C] with round(fraction * cells) of the patch x patch cells of each image (drawn without
+    replacement, per image) replaced by uniform [0, 1) noise; H and W must be multiples of `patch`."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction={fraction} must be in [0, 1]")
+    batch, height, width, channels = images.shape
+    if height % patch or width % patch:
+        raise ValueError(f"patch={patch} must divide the image size {height}x{width}")
+    cells = [(i, j) for i in range(0, height, patch) for j in range(0, width, patch)]
+    count = int(round(fraction * len(cells)))
+    out = np.array(images, copy=True)
+    for row in range(batch):
+        for index in rng.choice(len(cells), size=count, replace=False):
+            i, j = cells[index]
+            out[row, i : i + patch, j : j + patch] = rng.random((patch, patch, channels))
+    return out
+
+
+def _logits(run: Any, images: np.ndarray) -> np.ndarray:
+    with run.tracing():
+        apply = jax.jit(lambda p, x: run.task.model.apply({"params": p}, x))
+        return np.asarray(apply(run.model_params, jnp.asarray(images)))
+
+
+def patch_corruption(run: Any) -> dict[str, float]:
+    """{"accuracy/patches_<pct>": accuracy} on PROBE_ROWS validation images for each CORRUPTED_FRACTIONS."""
+    if run.task.kind not in ("vit", "cnn"):
+        raise ValueError(f"probe 'patch_corruption' needs an image classifier; model.kind={run.task.kind!r}")
+    batch = run.data("valid", batch_size=PROBE_ROWS, per_process=False).next_batch()
+    patch = int(run.config.model.get("patch_size", 4))
+    out = {}
+    for fraction in CORRUPTED_FRACTIONS:
+        images = corrupt_patches(np.asarray(batch["images"]), patch, fraction, np.random.default_rng(1))
+        predictions = np.argmax(_logits(run, images), axis=-1)
+        out[f"accuracy/patches_{round(100 * fraction)}"] = float(np.mean(predictions == np.asarray(batch["labels"])))
+    return out
+
+
+def aspect_evidence(run: Any) -> dict[str, float]:
+    """{"accuracy", "evidence_mass/layer_<i>", "evidence_mass/uniform", "accuracy/embedding_noise_<s>",
+    "flips/embedding_noise_<s>"} on PROBE_ROWS validation rows of the aspect task (see the module docstring)."""
+    from attn import attention_stats
+
+    if run.config.data.name != "aspect_sentiment" or "embedding" not in run.model_params:
+        raise ValueError(
+            f"probe 'aspect_evidence' needs a token model on data.name='aspect_sentiment'; got {run.config.data.name!r}"
+        )
+    batch = {
+        k: jnp.asarray(v) for k, v in run.data("valid", batch_size=PROBE_ROWS, per_process=False).next_batch().items()
+    }
+    labels, evidence = np.asarray(batch["labels"]), np.asarray(batch["evidence"], np.float32)
+    with run.tracing():
+        apply = jax.jit(lambda p: run.task.apply({"params": p}, batch, mutable=["intermediates"]))
+        logits, collections = apply(run.model_params)
+        clean = np.argmax(np.asarray(logits), axis=-1)
+        out = {"accuracy": float(np.mean(clean == labels))}
+        by_layer = attention_stats.attention_weights_by_layer(collections["intermediates"])
+        for layer, weights in sorted(by_layer.items()):
+            mass = np.einsum("bhqk,bk->bhq", np.asarray(weights, np.float32), evidence)
+            out[f"evidence_mass/layer_{layer}"] = float(np.mean(mass))
+        out["evidence_mass/uniform"] = float(np.mean(evidence.sum(-1) / evidence.shape[-1]))
+        table = np.asarray(run.model_params["embedding"]["embedding"], np.float32)
+        rms = float(np.sqrt(np.mean(np.square(table))))
+        for scale in EMBEDDING_NOISE:
+            noise = np.random.default_rng(2).standard_normal(table.shape).astype(np.float32) * scale * rms
+            params = {**run.model_params, "embedding": {"embedding": jnp.asarray(table + noise)}}
+            noisy = np.argmax(np.asarray(apply(params)[0]), axis=-1)
+            out[f"accuracy/embedding_noise_{scale}"] = float(np.mean(noisy == labels))
+            out[f"flips/embedding_noise_{scale}"] = float(np.mean(noisy != clean))
+    return out
+
+
+PROBES: dict[str, Callable[[Any], dict[str, float]]] = {
+    "patch_corruption": patch_corruption,
+    "aspect_evidence": aspect_evidence,
+}
