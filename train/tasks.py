@@ -14,6 +14,9 @@
              the mean squared error per example (no accuracy)
     mil      batch {instances, lengths, labels, instance_labels [, weights]} -> bag cross-entropy and accuracy, and
              the localisation of the bag attention: instance_auc, top1_hit, positive_mass over the positive bags
+    detector batch {images, centres, classes, valid [, weights]} -> per-token objectness/class cross-entropy (background
+             and object tokens balanced) + centre-offset L1; accuracy = mean per-image hit rate within
+             model.hit_radius pixels, plus hit_rate, precision, f1 (attn.models.detector)
     ctr      batch {behaviours, target, labels [, weights]} -> click cross-entropy (logits [0, z]: a sigmoid), accuracy
              and the ROC AUC of z over every evaluated example (binned: `binned_auc_sums`, `binned_auc`)
 
@@ -33,9 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import attn.models
-from attn.models import dit, mil
+from attn.models import detector, dit, mil
 
-MODEL_KINDS = ("decoder", "encoder", "vit", "cnn", "encoder_decoder", "vlm", "dit", "mil", "ctr")
+MODEL_KINDS = ("decoder", "encoder", "vit", "cnn", "encoder_decoder", "vlm", "dit", "mil", "ctr", "detector")
 
 # Registry input kinds each model's `attention` field accepts (vit's spatial mechanisms attend over the patch grid;
 # the cnn's attention is a channel mechanism; encoder_decoder's and vlm's `attention` is the decoder's causal
@@ -50,6 +53,7 @@ INPUT_KINDS: dict[str, tuple[str, ...]] = {
     "dit": ("sequence", "spatial"),
     "mil": ("sequence",),
     "ctr": ("sequence", "cross"),
+    "detector": ("sequence", "spatial"),
 }
 
 # Kinds whose batches are {images, labels}: one class per image.
@@ -108,7 +112,7 @@ class Task:
     ) -> Any:
         """Logits float32 ([B, T, V] or [B, C]) for `batch`; with `mutable`, (logits, updated collections)."""
         rngs = {} if rng is None else {"dropout": rng}
-        if self.kind in IMAGE_CLASSIFIERS:
+        if self.kind in (*IMAGE_CLASSIFIERS, "detector"):
             args, kwargs = (batch["images"],), {}
         elif self.kind == "encoder_decoder":
             args, kwargs = (batch["sources"], batch["inputs"]), {"src_lengths": batch.get("source_lengths")}
@@ -129,7 +133,7 @@ class Task:
     def init(self, rng: jax.Array, batch: Mapping[str, Any]) -> Any:
         """Boxed (logically partitioned) variables for a batch like `batch` (arrays or ShapeDtypeStructs)."""
         dummy = {key: jnp.zeros(value.shape, value.dtype) for key, value in batch.items()}
-        if self.kind in IMAGE_CLASSIFIERS:
+        if self.kind in (*IMAGE_CLASSIFIERS, "detector"):
             return self.model.init(rng, dummy["images"])
         if self.kind == "encoder_decoder":
             return self.model.init(rng, dummy["sources"], dummy["inputs"])
@@ -148,6 +152,8 @@ class Task:
         "correct" and "weight" sums."""
         if self.kind == "dit":
             return _flow_loss_sums(logits, batch)
+        if self.kind == "detector":  # per-token objectness/class + centre offsets; hit counts (attn.models.detector)
+            return detector.detection_loss_sums(logits, batch, self.model.patch_size, self.model.hit_radius)
         extra = {}
         if self.kind == "mil":  # MILOutput: bag logits and attention; plus the localisation sums
             lengths = batch.get("lengths")
@@ -178,6 +184,8 @@ class Task:
         loss = sums["loss_sum"] / weight
         if self.kind == "dit":
             return {"loss": loss}
+        if self.kind == "detector":  # accuracy: the mean per-image hit rate
+            return {"loss": loss, "accuracy": sums["correct"] / weight, **detector.detection_metrics(sums)}
         if self.kind == "mil":
             bags = jnp.maximum(sums["positive_bags"], 1.0)
             names = ("instance_auc", "top1_hit", "positive_mass")
@@ -203,6 +211,9 @@ class Task:
             height, width = batch_spec["images"][0][1:3]
             patches = (height // self.model.patch_size) * (width // self.model.patch_size)
             return patches + int(batch_spec["captions"][0][1])
+        if self.kind == "detector":
+            height, width = batch_spec["images"][0][1:3]
+            return (height // self.model.patch_size) * (width // self.model.patch_size)
         if self.kind in ("vit", "vlm"):
             height, width = batch_spec["images"][0][1:3]
             patches = (height // self.model.patch_size) * (width // self.model.patch_size)

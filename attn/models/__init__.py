@@ -8,6 +8,7 @@ ViT                  images float [B, H, W, C] -> float32 [B, num_classes]
 CNN                  images float [B, H, W, C] -> float32 [B, num_classes] (channel attention mechanisms)
 AttentionMIL         instances float [B, N, F] (+ lengths) -> MILOutput(logits [B, num_classes], attention [B, N])
 CTRModel             behaviours int [B, L], target int [B] -> click logits float32 [B, 2] (target attention + MLP)
+Detector             images float [B, H, W, C] -> per-patch float32 [B, N, 1 + classes + 2] (objectness/class, centre)
 DiT                  images x_t float [B, H, W, C], times [B], captions int [B, L] -> velocity float32 [B, H, W, C]
 generate             greedy / top-k sampling with the KV cache; init_cache builds a zero cache
 generate_encoder_decoder  the same for EncoderDecoder and VisionLanguageModel(fusion="cross")
@@ -23,6 +24,7 @@ import flax.linen as nn
 from attn.models.cnn import CNN
 from attn.models.ctr import CTRModel
 from attn.models.decoder import DecoderLM
+from attn.models.detector import Detector
 from attn.models.dit import DiT
 from attn.models.encoder import Encoder
 from attn.models.encoder_decoder import EncoderDecoder
@@ -41,6 +43,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "dit": DiT,
     "mil": AttentionMIL,
     "ctr": CTRModel,
+    "detector": Detector,
 }
 
 
@@ -56,6 +59,7 @@ __all__ = [
     "CNN",
     "CTRModel",
     "DecoderLM",
+    "Detector",
     "DiT",
     "Encoder",
     "EncoderDecoder",

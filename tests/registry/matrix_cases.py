@@ -150,6 +150,9 @@ GRAD_NOTES: dict[str, str] = {
     "unchanged (the samples come from the fixed seed)",
     "sparsifiner": "top-k of the predictor's approximate attention (sparse basis with exact ties at 0): a 1e-3 step "
     "of x, query, key or the predictor can swap two keys; checked w.r.t. value and out (GRAD_WRT)",
+    "focus_detr": "top-k foreground tokens by the scorer, with a straight-through gate into the scorer (by design "
+    "not the finite difference); checked w.r.t. query, key, value and out (GRAD_WRT), which leave the selection "
+    "unchanged; tests/cross/test_focus_detr.py checks that the scorer gets a gradient",
 }
 # Mechanisms whose gradient check is restricted to these top-level parameters (x and the others held fixed):
 # perturbing the rest moves a discrete selection across a tie within the finite-difference step.
@@ -178,6 +181,7 @@ GRAD_WRT: dict[str, tuple[str, ...]] = {
     "hcam": ("value", "out"),
     "hyper": ("value", "out"),
     "sparsifiner": ("value", "out"),
+    "focus_detr": ("query", "key", "value", "out"),
 }
 
 # Mechanisms whose GQA is by design not MHA with repeated kv heads (the GQA identity check is left out for them).

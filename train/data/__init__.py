@@ -22,6 +22,7 @@ Sources (vocabulary / output):
   shape_captions  coloured shapes with captions, flow-matching noise and times (text-to-image), vocab 9
   emphasis_qa     recall where one emphasised sentence decides the answer (steering), vocab 4 + n + 2s + s^2
   mil_bags        multiple-instance bags of feature vectors (seq_len instances), bag and instance labels
+  detection_scenes  coloured squares on clutter: object centres [M, 2], classes and a validity mask
   video_clips     "what colour is the shape in frame <k>" about a clip of moving squares (frames stacked), vocab 29
   aspect_sentiment  the polarity of the opinion words tied to a queried aspect (evidence positions kept), 2 classes
   user_behavior   item-id behaviour sequences with planted interest categories, a target item and its click label
@@ -34,6 +35,7 @@ from typing import Any
 
 from .aspect_sentiment import AspectSentimentSource
 from .base import SPLITS, DataSource, ElementSpec, check_options
+from .detection_scenes import DetectionSceneSource
 from .emphasis import EmphasisSource
 from .image_questions import ImageQuestionSource
 from .images import NpzImageSource, RelationImageSource
@@ -68,10 +70,11 @@ _SOURCES: dict[str, type[DataSource]] = {
         TokenizedTextSource,
         UserBehaviorSource,
         OrdinalSuccessorSource,
+        DetectionSceneSource,
     )
 }
 # Sources whose batches have no sequence axis; seq_len is ignored for them.
-_NO_SEQ_LEN = ("images", "image_questions", "npz", "shape_captions", "video_clips")
+_NO_SEQ_LEN = ("images", "image_questions", "npz", "shape_captions", "video_clips", "detection_scenes")
 
 
 def list_sources() -> list[str]:
