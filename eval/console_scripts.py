@@ -42,6 +42,7 @@ TOOLS = (
     "claims",
     "longcite",
     "train",
+    "gcog",
 )
 
 
