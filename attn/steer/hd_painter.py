@@ -117,6 +117,21 @@ def smooth(values: Array, grid: tuple[int, int], kernel: np.ndarray) -> Array:
     return out.reshape(b, -1)
 
 
+def row_median(values: Array) -> Array:
+    """The median of each row of values [B, N] -> [B, 1] (the mean of the two middle values when N is even), as
+    jnp.median, but selected by comparison ranks instead of sort + gather: the gradient of jnp.median is a
+    scatter-add, and XLA's SPMD partitioner aborts the process compiling a scatter whose operand is tiled unevenly
+    over the devices (a batch of 2 on an 8-device data mesh: "Check failed: ShapeUtil::IsScalarWithElementType" in
+    spmd_partitioner_util.h, from HandleScatter -> Reshard -> PadBaseShapeBeforeUnevenTiledSharding; jax 0.10.2).
+    Here the gradient is a product with a 0/1 selection."""
+    n = values.shape[-1]
+    below = values[:, None, :] < values[:, :, None]  # [B, j, i]: value i sorts before value j
+    earlier_tie = (values[:, None, :] == values[:, :, None]) & (jnp.arange(n)[None, :] < jnp.arange(n)[:, None])
+    rank = jnp.sum(below | earlier_tie, axis=-1)  # [B, N]: each value's place in a stable sort
+    middle = (rank == (n - 1) // 2) | (rank == n // 2)
+    return jnp.sum(jnp.where(middle, values, 0.0), axis=-1, keepdims=True) / (2 - n % 2)
+
+
 def prompt_similarity(cross_weights: Array, tokens: Array, grid: tuple[int, int], *, smoothing: bool = True) -> Array:
     """PAIntA's c float32 [B, N] in [0, 1] from one block's cross-attention weights [B, H, N, L] and the prompt
     positions tokens float [B, L] (1 = prompt token): sum over prompt tokens of the head mean, smoothed, then
@@ -124,7 +139,7 @@ def prompt_similarity(cross_weights: Array, tokens: Array, grid: tuple[int, int]
     s = jnp.einsum("bnl,bl->bn", jnp.mean(cross_weights.astype(jnp.float32), axis=1), tokens)
     if smoothing:
         s = smooth(s, grid, official_kernel())
-    median = jnp.median(s, axis=-1, keepdims=True)
+    median = row_median(s)
     top = jnp.max(s, axis=-1, keepdims=True)
     return jnp.clip((s - median) / jnp.where(top > 0, top, 1.0), 0.0, 1.0)
 

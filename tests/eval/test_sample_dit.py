@@ -38,12 +38,14 @@ def test_diffusion_steer_writes_json_and_png(workdir, tmp_path):
     args = ["--workdir", workdir, "--out", out, "--prompts", "2", "--samples", "1", "--steps", "2"]
     args += [
         "--systems",
-        "a_star,uniform_maps,dgq,float",
+        "a_star,uniform_maps,hd_painter,dgq,float",
         "--quant_prompts",
         "1",
         "--dgq_bits",
         "4",
         "--float_prompts",
+        "2",
+        "--inpaint_images",
         "2",
     ]
     result = diffusion_steer.main([*args, "--recon_images", "2", "--classifier_steps", "2", "--a_star_step", "1"])
@@ -52,6 +54,8 @@ def test_diffusion_steer_writes_json_and_png(workdir, tmp_path):
     assert set(saved["uniform_maps"]) >= {"with", "without"} and os.path.getsize(out + ".png") > 0
     assert "w4_a4_log" in saved["dgq"]
     assert set(saved["float"]) >= {"weight_1", "weight_0.5", "weight_0"}
+    # PAIntA + RASG compiles on the 8-device test mesh with 2 images (hd_painter.row_median) and keeps the source
+    assert all(saved["hd_painter"][k]["known_region_max_abs_diff"] < 1e-5 for k in ("blend", "painta", "painta_rasg"))
 
 
 def test_concept_classifier_learns_the_shapes():
