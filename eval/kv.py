@@ -75,7 +75,7 @@ RETRIEVAL_TASKS = ("mqar", "passkey")
 CHECKPOINT_TASKS = ("text", "passkey")  # the tasks of an imported checkpoint (tokenised by its tokenizer)
 PROMPT_COMPRESSING = ("snapkv", "pyramidkv", "adakv")
 # Policies whose memory is not a token budget: one run per spec.
-BUDGET_FREE = ("kivi", "zipcache")
+BUDGET_FREE = ("kivi", "zipcache", "zipvl_cache")
 
 
 # ---------------------------------------------------------------------------------------------------- policies
@@ -105,11 +105,14 @@ def policy_options(name: str, budget: int, prompt: int, head_dim: int) -> dict[s
     streaming: 4 sinks + window; h2o, a2sf: half heavy hitters, half recent (H2O's default split); tova: budget;
     d2o: as h2o, 4 of the heavy-hitter slots for sinks (one uniform budget for every layer); ems: an eighth recent,
     the rest by Global-Local score;
-    scissorhands: a quarter recent, drops of an eighth, a 32-step history; snapkv / pyramidkv / adakv: half the budget
-    for the prompt (an observation window of up to 16 tokens), half for generated tokens; kivi: groups of
-    min(32, head_dim) channels and a residual of one group (its memory is set by `bits`); zipcache: the paper's 4-bit
-    salient / 2-bit other tokens, 40% at 2 bits, a full-precision window of min(64, budget / 8) tokens (its memory is
-    set by its bits; it runs at the first budget only)."""
+    scissorhands: a quarter recent, drops of an eighth, a 32-step history; a2ats: `budget` entries read per decoded
+    token (a quarter local window, min(4, budget / 8) sinks, the rest retrieved by codeword score; w = 256, half the
+    512-token context of the runs here; prompt / 2 codewords fitted on the prompt), every token stored;
+    snapkv / pyramidkv / adakv: half the budget for the prompt (an observation window of up to 16 tokens), half for
+    generated tokens; kivi: groups of min(32, head_dim) channels and a residual of one group (its memory is set by
+    `bits`); zipcache: the paper's 4-bit salient / 2-bit other tokens, 40% at 2 bits, a full-precision window of
+    min(64, budget / 8) tokens (its memory is set by its bits; it runs at the first budget only); zipvl_cache: the
+    same bits and window, the 4-bit share per layer from tau = 0.975 of the attention (the paper's; no cap)."""
     if name == "streaming":
         return {"budget": budget, "sinks": min(4, budget - 1)}
     if name in ("h2o", "a2sf"):
@@ -120,6 +123,15 @@ def policy_options(name: str, budget: int, prompt: int, head_dim: int) -> dict[s
         return {"budget": budget, "recent": budget // 8}
     if name == "attention_gate":  # needs a run trained with its gates (configs/kv_attention_gate.py)
         return {"budget": budget}
+    if name == "a2ats":  # reads a quarter window, sinks and retrieved tokens; stores every token (see its docstring)
+        window, sinks = max(1, budget // 4), min(4, budget // 8)
+        return {
+            "budget": max(1, budget - window - sinks),
+            "local_window": window,
+            "sinks": sinks,
+            "relative_position": 256,
+            "codebook_size": max(2, prompt // 2),
+        }
     if name == "d2o":
         return {"budget": budget, "recent": budget // 2, "sinks": min(4, budget - budget // 2)}
     if name == "scissorhands":
@@ -134,6 +146,8 @@ def policy_options(name: str, budget: int, prompt: int, head_dim: int) -> dict[s
         return {"bits": 2, "group_size": group, "residual": group}
     if name == "zipcache":
         return {"bits_high": 4, "bits_low": 2, "low_ratio": 0.4, "gap": max(1, min(64, budget // 8))}
+    if name == "zipvl_cache":
+        return {"bits_high": 4, "bits_low": 2, "tau": 0.975, "gap": max(1, min(64, budget // 8))}
     raise ValueError(f"policies names {name!r}, which eval.kv has no budget rule for; add one to policy_options")
 
 
@@ -422,18 +436,26 @@ def grid(
     tracing: Callable[[], Any] = contextlib.nullcontext,
 ) -> list[dict[str, Any]]:
     """`run_grid` on a softmax DecoderLM `model` with `params` ("params" collection) and, per task, its batches
-    {"inputs", "targets", "weights"} [rows, context]; `tracing` gives the context every apply runs in."""
-    if set(per_layer_mechanisms(model.attention, model.num_layers)) != {"softmax"}:
-        raise ValueError(
-            f"the model's attention is {model.attention!r}; eval.kv swaps cache policies into a softmax decoder "
-            "(every policy layer is a softmax layer with a managed cache)"
-        )
+    {"inputs", "targets", "weights"} [rows, context]; `tracing` gives the context every apply runs in. A model
+    trained with a cache policy (configs/kv_attention_gate.py) is measured with that policy only, its "full" entry
+    the policy at a budget of the whole context."""
     head_dim = model.head_dim or model.d_model // model.num_heads
     parsed = [(spec, *parse_policy(spec)) for spec in policies]
+    trained = set(per_layer_mechanisms(model.attention, model.num_layers))
+    full_model = model
+    if trained != {"softmax"}:  # a run trained with a policy (attention_gate): that policy only, "full" = no cap
+        own = next(iter(trained)) if len(trained) == 1 else None
+        if own not in attn.list_mechanisms(family="kv") or any(name != own for _, name, _ in parsed):
+            raise ValueError(
+                f"the model's attention is {model.attention!r}; eval.kv swaps cache policies into a softmax decoder "
+                "(every policy layer is a softmax layer with a managed cache), or measures the one policy a run was "
+                f"trained with against a budget of the whole context (--policies {own})"
+            )
+        full_model = policy_model(model, own, policy_options(own, context, prompt, head_dim))
     entries = []
     for task, task_batches_ in batches.items():
         with tracing():
-            full = evaluate_policy(model, params, task_batches_, prompt)
+            full = evaluate_policy(full_model, params, task_batches_, prompt)
         entries.append({"task": task, "policy": FULL, "options": {}, "budget": 1.0, "budget_entries": context, **full})
         log(f"{task:8s} {FULL:22s} budget 1.00: {summary(task, full)}")
         for spec, name, overrides in parsed:

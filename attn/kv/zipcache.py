@@ -112,7 +112,12 @@ def split_by_saliency(saliency: Array, chosen: Array, ratio: float) -> tuple[Arr
     """(low, high) bool [B, KVH, T]: among the chosen entries (bool [B, KVH, T], the same count m in every head), the
     floor(ratio m) least salient (ties: the earlier entry counts as less salient) and the rest."""
     count = jnp.sum(chosen, axis=-1, keepdims=True)
-    n_low = jnp.floor(ratio * count.astype(jnp.float32) + 1e-6).astype(jnp.int32)
+    return split_lowest(saliency, chosen, jnp.floor(ratio * count.astype(jnp.float32) + 1e-6).astype(jnp.int32))
+
+
+def split_lowest(saliency: Array, chosen: Array, n_low: Array) -> tuple[Array, Array]:
+    """(low, high) bool [B, KVH, T]: the n_low (int32 [B, KVH, 1]) least salient chosen entries (ties: the earlier
+    entry counts as less salient) and the other chosen entries."""
     rank_from_bottom = descending_rank(jnp.where(chosen, -saliency, -jnp.inf))
     low = chosen & (rank_from_bottom < n_low)
     return low, chosen & ~low
@@ -221,6 +226,16 @@ class ZipCacheAttention(PolicyAttention):
                 "pack per byte along head_dim)"
             )
 
+    def layout(self, length: int) -> ZipCacheLayout:
+        """The capacities of the two stores for a cache created on `length` tokens."""
+        return ZipCacheLayout(length, self.low_ratio, self.gap)
+
+    def split(self, mass: Array, saliency: Array, chosen: Array) -> tuple[Array, Array]:
+        """(low, high) bool [B, KVH, T] of the chosen pending entries, from their accumulated attention mass and
+        normalized saliency [B, KVH, T]: the floor(low_ratio m) least salient go to bits_low."""
+        del mass
+        return split_by_saliency(saliency, chosen, self.low_ratio)
+
     def cache_policy(self) -> cache_lib.CachePolicy:
         raise NotImplementedError("zipcache manages its two stores itself (policy_attend); it has no CachePolicy")
 
@@ -233,7 +248,7 @@ class ZipCacheAttention(PolicyAttention):
         return super().prepare(q, k, v, call)
 
     def create(self, k: Array, v: Array, length: int) -> None:
-        layout = ZipCacheLayout(length, self.low_ratio, self.gap)
+        layout = self.layout(length)
         batch, _, kv_heads = k.shape[:3]
 
         def zeros(x: Array, n: int, bits: int) -> cache_lib.QuantizedArray | Array:
@@ -338,7 +353,7 @@ class ZipCacheAttention(PolicyAttention):
         rank = jnp.cumsum(pending_valid, axis=-1)
         whole_gaps = (window_filled + length) // gap * gap  # a chunk longer than gap compresses several at once
         chosen = pending_valid & jnp.where(prefill, True, rank <= whole_gaps)
-        low, high = split_by_saliency(saliency, chosen, self.low_ratio)
+        low, high = self.split(pending_mass, saliency, chosen)
         k_codes = (
             quantize_separable(pending_k, key_scale, self.bits_high),
             quantize_separable(pending_k, key_scale, self.bits_low),

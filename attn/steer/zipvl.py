@@ -16,6 +16,10 @@ so an easy input (attention concentrated on few image tokens) keeps few, a hard 
 layer. The dropped tokens' keys and values are exactly what ZipVL's decoding cache discards for that layer. No-op:
 tau = 1 (no rules; bit-identical logits). Each layer's selection reads its own attention given the masks of the
 layers before it (`visual_tokens.layerwise_masks`).
+
+This is the paper's v2 (arXiv 2410.08584v2: the less important tokens are discarded). Its v1 keeps them in a
+mixed-precision KV cache instead (important tokens at 4 bits, the rest at 2): that cache is the `zipvl_cache`
+mechanism (attn.kv.zipvl_cache, the same count p through `important_count`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from attn.kv.zipvl_cache import important_count
 from attn.steer import visual_tokens as vt
 from attn.steer.registry import register
 
@@ -37,10 +42,8 @@ def important_tokens(weights: jax.Array, span: tuple[int, int], tau: float) -> j
     start, stop = span
     scores = jnp.mean(weights[:, :, :, start:stop], axis=(1, 2))  # [B, n]
     order = jnp.argsort(-scores, axis=-1, stable=True)
-    ranked = jnp.take_along_axis(scores, order, axis=-1)
-    covered = jnp.cumsum(ranked, axis=-1)
-    count = jnp.minimum(1 + jnp.sum(covered < tau * covered[:, -1:], axis=-1), scores.shape[-1])  # p per row
-    keep_ranked = jnp.arange(scores.shape[-1]) < count[:, None]
+    count = jnp.minimum(important_count(scores, tau), scores.shape[-1])  # p per row, [B, 1]
+    keep_ranked = jnp.arange(scores.shape[-1]) < count
     rows = jnp.arange(scores.shape[0])[:, None]
     return jnp.zeros(scores.shape, bool).at[rows, order].set(keep_ranked)
 
@@ -54,7 +57,7 @@ def important_tokens(weights: jax.Array, span: tuple[int, int], tau: float) -> j
         "attention scores >= tau * total}); no official code was found. Differences: the scores use every query of "
         "the layer (the paper approximates them with probe queries to stay on FlashAttention), the selection acts on "
         "the image tokens only (text tokens are always kept), and the KV-cache side is the same per-layer key mask "
-        "(no mixed-precision storage of the dropped tokens)"
+        "(v2's discarding; v1's mixed-precision storage is the zipvl_cache mechanism, attn.kv.zipvl_cache)"
     ),
     no_op="tau=1 (every image token in every layer; bit-identical logits)",
 )

@@ -58,6 +58,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "kivi": {"bits": 16, "group_size": 2, "residual": 4},
     # exact float32 stores and a window of 2 below the 8 tokens: decoding compresses and equals the forward
     "zipcache": {"bits_high": 16, "bits_low": 16, "gap": 2},
+    "zipvl_cache": {"bits_high": 16, "bits_low": 16, "gap": 2},
     # prompts within the budget and the decode slots hold the 8 tokens: decoding equals the forward
     "snapkv": {"budget": 6, "observation_window": 2, "kernel_size": 3, "decode_budget": 2},
     "pyramidkv": {"budget": 6, "observation_window": 2, "kernel_size": 3, "decode_budget": 2},
