@@ -32,6 +32,7 @@ import jax
 import numpy as np
 
 from .machine import load_average, machine_record
+from .results import write_report
 from .trainer_api import load_run, make_source, source_class
 
 OOD_TESTS = ("distractor", "systematic", "systematic_tree", "productive")
@@ -198,17 +199,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "records": records,
     }
     path = args.output or os.path.join("benchmarks", "results", f"gcog_{platform}.json")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(report, f, indent=2)
-        f.write("\n")
-    report["json_path"] = path
-    if not args.no_plot:
-        plot(report, os.path.splitext(path)[0] + ".png")
-        report["png_path"] = os.path.splitext(path)[0] + ".png"
-    print(table(report))
-    print(f"\nwrote {path}" + (f" and {report['png_path']}" if "png_path" in report else ""))
-    return report
+    return write_report(report, path, plot=None if args.no_plot else plot, table=table)
 
 
 if __name__ == "__main__":
