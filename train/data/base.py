@@ -29,6 +29,17 @@ SPLITS = ("train", "valid")
 ElementSpec = dict[str, tuple[tuple[int, ...], np.dtype]]
 
 
+def token_prediction_spec(batch_size: int, seq_len: int) -> ElementSpec:
+    """The batch of a token-prediction source: "inputs" and "targets" int32 and "weights" float32, each
+    [batch_size, seq_len] (weights 0 where a position is not scored)."""
+    shape = (batch_size, seq_len)
+    return {
+        "inputs": (shape, np.dtype(np.int32)),
+        "targets": (shape, np.dtype(np.int32)),
+        "weights": (shape, np.dtype(np.float32)),
+    }
+
+
 def check_int(name: str, value: Any, minimum: int | None = None) -> int:
     """Returns `value` as an int, or raises ValueError naming `name` if it is not an int >= `minimum`."""
     if isinstance(value, bool) or not isinstance(value, int | np.integer):

@@ -43,7 +43,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .base import DataSource, ElementSpec, check_int
+from .base import DataSource, ElementSpec, check_int, token_prediction_spec
 
 FORMATS = ("mixed", "answer_conflict", "identify")
 SENTENCE = 3  # tokens per sentence: id, flag, pair(key, value)
@@ -88,9 +88,7 @@ class EmphasisSource(DataSource):
     def element_spec(self) -> ElementSpec:
         shape = (self.batch_size, self.seq_len)
         return {
-            "inputs": (shape, np.dtype(np.int32)),
-            "targets": (shape, np.dtype(np.int32)),
-            "weights": (shape, np.dtype(np.float32)),
+            **token_prediction_spec(self.batch_size, self.seq_len),
             "emphasis": (shape, np.dtype(np.float32)),
             "key_sentence": ((self.batch_size,), np.dtype(np.int32)),
         }

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .base import DataSource, ElementSpec, check_fraction, check_int
+from .base import DataSource, ElementSpec, check_fraction, check_int, token_prediction_spec
 from .text import (
     VOCAB_SIZE,
     check_corpus_length,
@@ -91,12 +91,7 @@ class MaskedLMSource(DataSource):
 
     @property
     def element_spec(self) -> ElementSpec:
-        shape = (self.batch_size, self.seq_len)
-        return {
-            "inputs": (shape, np.dtype(np.int32)),
-            "targets": (shape, np.dtype(np.int32)),
-            "weights": (shape, np.dtype(np.float32)),
-        }
+        return token_prediction_spec(self.batch_size, self.seq_len)
 
     def _make_batch(self, rng: np.random.Generator, step: int) -> dict[str, np.ndarray]:
         if self.split == "train":

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .base import DataSource, ElementSpec, check_int
+from .base import DataSource, ElementSpec, check_int, token_prediction_spec
 
 
 class OrdinalSuccessorSource(DataSource):
@@ -56,12 +56,7 @@ class OrdinalSuccessorSource(DataSource):
 
     @property
     def element_spec(self) -> ElementSpec:
-        shape = (self.batch_size, self.seq_len)
-        return {
-            "inputs": (shape, np.dtype(np.int32)),
-            "targets": (shape, np.dtype(np.int32)),
-            "weights": (shape, np.dtype(np.float32)),
-        }
+        return token_prediction_spec(self.batch_size, self.seq_len)
 
     def _make_batch(self, rng: np.random.Generator, step: int) -> dict[str, np.ndarray]:
         b, t, n, length = self.global_batch_size, self.seq_len, self.num_items, self.order_length

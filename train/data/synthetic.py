@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .base import DataSource, ElementSpec, check_int
+from .base import DataSource, ElementSpec, check_int, token_prediction_spec
 
 
 def _distinct(rng: np.random.Generator, batch: int, population: int, count: int) -> np.ndarray:
@@ -46,12 +46,7 @@ class _TokenTask(DataSource):
 
     @property
     def element_spec(self) -> ElementSpec:
-        shape = (self.batch_size, self.seq_len)
-        return {
-            "inputs": (shape, np.dtype(np.int32)),
-            "targets": (shape, np.dtype(np.int32)),
-            "weights": (shape, np.dtype(np.float32)),
-        }
+        return token_prediction_spec(self.batch_size, self.seq_len)
 
     @staticmethod
     def _pack(sequence: np.ndarray, weights: np.ndarray) -> dict[str, np.ndarray]:

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .base import DataSource, ElementSpec, check_fraction, check_int
+from .base import DataSource, ElementSpec, check_fraction, check_int, token_prediction_spec
 from .records import RECORD_FORMATS, read_records
 
 SEPARATOR = 0
@@ -250,12 +250,7 @@ class TextSource(DataSource):
 
     @property
     def element_spec(self) -> ElementSpec:
-        shape = (self.batch_size, self.seq_len)
-        return {
-            "inputs": (shape, np.dtype(np.int32)),
-            "targets": (shape, np.dtype(np.int32)),
-            "weights": (shape, np.dtype(np.float32)),
-        }
+        return token_prediction_spec(self.batch_size, self.seq_len)
 
     def _make_batch(self, rng: np.random.Generator, step: int) -> dict[str, np.ndarray]:
         length = self.seq_len + 1
