@@ -41,8 +41,9 @@ TOOLS = (
     "cab",
     "claims",
     "longcite",
-    "train",
     "gcog",
+    "train",
+    "sparse_quality",
 )
 
 

@@ -2,7 +2,8 @@
 
 Index format (shared with `pallas_kernels.block_sparse`):
   q [B, Tq, H, D], k [B, Tk, KVH, D], v [B, Tk, KVH, Dv] (H a multiple of KVH: GQA); output like q, lse
-  float32 [B, H, Tq]. One `block_size` for query and key blocks: num_q_blocks = ceil(Tq / block_size),
+  [B, H, Tq] in the accumulation dtype (float32; float64 for float64 inputs). One `block_size` for query and key
+  blocks: num_q_blocks = ceil(Tq / block_size),
   num_k_blocks = ceil(Tk / block_size); the last partial blocks are padded inside and padded keys get no weight.
   block_indices: int32 [B|1, H|1, num_q_blocks, max_selected], the key blocks each (batch row, query head, query
     block) attends to, in any order, padded with -1; duplicates count once. Query block b holds queries
@@ -80,7 +81,8 @@ def block_sparse_attention(
       block_size: positive int, the query and key block length.
       causal: key j visible to query i only if j <= q_offset + i. q_offset: int (or traced int scalar).
       scale: logit scale, default 1/sqrt(D).
-      return_lse: also return {"lse": float32 [B, H, Tq]} (-inf for rows with no visible key).
+      return_lse: also return {"lse": [B, H, Tq]} in float32 (float64 for float64 inputs), -inf for rows with no
+        visible key.
       implementation: None, "xla" or "pallas".
     Returns:
       out [B, Tq, H, Dv] in q.dtype, or (out, {"lse": lse}) when return_lse.
@@ -231,7 +233,7 @@ def _xla_block_sparse(q, k, v, block_indices, *, block_size, causal, q_offset, s
     if not return_lse:
         return out
     lse = lse.reshape(batch, heads, n_q * block_size)[:, :, :q_len]
-    return out, {"lse": lse.astype(jnp.float32)}
+    return out, {"lse": lse}  # the accumulation dtype: float32, or float64 for float64 inputs
 
 
 def _slots(block_indices, batch, heads, kv_heads, block_size, causal, q_offset) -> tuple[Array, Array]:

@@ -92,6 +92,8 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "hcam": {"block_size": 1, "top_k": 3},  # one-token chunks: per-token selection (strictly causal), 3 of 8
     "landmark": {"block_size": 3},  # landmarks at positions 2 and 5; every earlier block read (strictly causal)
     "hyper": {"block_size": 2, "sample_size": 2, "min_seq_len": 2},  # two recursion levels, sortLSH + samples
+    # 4 hashes of 2 bits: no signature of the fixed input is within the finite-difference steps of a sign change
+    "sdim": {"num_hashes": 4, "hash_bits": 2},
     "sparsifiner": {"keep_rate": 0.5, "reduce_n_factor": 2},  # 4 of 8 keys per query (causal: of the visible)
     "hilo": {"window_size": 2},
     "spatial_sparse": {"compression_block": 2, "selection_block": 2, "topk": 2, "window_size": 2},
@@ -151,6 +153,8 @@ GRAD_NOTES: dict[str, str] = {
     "unchanged (the samples come from the fixed seed)",
     "sparsifiner": "top-k of the predictor's approximate attention (sparse basis with exact ties at 0): a 1e-3 step "
     "of x, query, key or the predictor can swap two keys; checked w.r.t. value and out (GRAD_WRT)",
+    "sdim": "SimHash signatures (signs of x . R, no projections): a 1e-3 step of x moves a token to another bucket; "
+    "checked w.r.t. out (GRAD_WRT), which leaves the hashing unchanged",
     "focus_detr": "top-k foreground tokens by the scorer, with a straight-through gate into the scorer (by design "
     "not the finite difference); checked w.r.t. query, key, value and out (GRAD_WRT), which leave the selection "
     "unchanged; tests/cross/test_focus_detr.py checks that the scorer gets a gradient",
@@ -183,6 +187,7 @@ GRAD_WRT: dict[str, tuple[str, ...]] = {
     "hyper": ("value", "out"),
     "sparsifiner": ("value", "out"),
     "focus_detr": ("query", "key", "value", "out"),
+    "sdim": ("out",),
 }
 
 # Mechanisms whose GQA is by design not MHA with repeated kv heads (the GQA identity check is left out for them).
@@ -194,6 +199,7 @@ GQA_NOT_REPEATED_MHA: dict[str, str] = {
 # Mechanisms whose captured attention_weights rows do not sum to 1 by design (checked to lie in [0, 1] instead).
 WEIGHTS_NOT_NORMALIZED: dict[str, str] = {
     "clipped_softmax": "clip((zeta - gamma) p + gamma, 0, 1) stretches and clips the softmax rows",
+    "sdim": "SimHash collision counts over their l2 norm (the paper) or over the number of hashes, not a softmax",
 }
 
 # Mechanisms whose dropout_rate (a common option, set by the models for every layer) has nothing to act on: they
@@ -246,8 +252,8 @@ FLOAT32_STAGES = frozenset(
     "generalized_neighborhood gin_attention halo hedgehog hilo lightning low_rank_pooling moh "
     "neighborhood polarized rala rcmha relative_music ripo seqboat softplus spatial_sparse "
     "tensor_attention transnormer ulsam "
-    # measured in session 7, not yet traced to their float32 stage (hyper: the block-sparse core's float32 lse)
-    "attention_gate hyper moda".split()
+    # measured, not yet traced to their float32 stage
+    "attention_gate focus_detr moda".split()
 )
 
 ALL_CHECKS = ("causal", "decode", "gqa", "jit", "dropout", "bf16", "grads", "axis_names", "interventions")

@@ -26,6 +26,7 @@ Sources (vocabulary / output):
   gcog            gCOG task trees about objects on a 10x10 grid, with distractor/systematic/productive OOD tests
   video_clips     "what colour is the shape in frame <k>" about a clip of moving squares (frames stacked), vocab 29
   aspect_sentiment  the polarity of the opinion words tied to a queried aspect (evidence positions kept), 2 classes
+  text_passkey    text windows with passkeys hidden in a share of the training rows (valid: held-out text)
   user_behavior   item-id behaviour sequences with planted interest categories, a target item and its click label
 """
 
@@ -48,6 +49,7 @@ from .seq2seq import Seq2SeqSource
 from .shape_captions import ShapeCaptionSource
 from .synthetic import MQARSource, PasskeySource, SelectiveCopySource
 from .text import Corpus, TextSource, load_corpus
+from .text_passkey import TextPasskeySource
 from .tokenized_text import TokenizedTextSource
 from .user_behavior import UserBehaviorSource
 from .video_clips import VideoClipSource
@@ -73,6 +75,7 @@ _SOURCES: dict[str, type[DataSource]] = {
         TokenizedTextSource,
         UserBehaviorSource,
         OrdinalSuccessorSource,
+        TextPasskeySource,
         DetectionSceneSource,
     )
 }

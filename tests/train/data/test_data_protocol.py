@@ -41,7 +41,7 @@ def test_registry_lists_every_source():
         ["text", "mqar", "selective_copy", "passkey", "seq2seq", "images", "image_questions", "npz", "masked_lm"]
         + ["emphasis_qa", "mil_bags", "shape_captions", "video_clips"]
         + ["tokenized_text", "aspect_sentiment"]
-        + ["user_behavior", "detection_scenes", "ordinal_successor", "gcog"]
+        + ["user_behavior", "detection_scenes", "ordinal_successor", "text_passkey", "gcog"]
     )
 
 
