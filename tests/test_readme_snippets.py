@@ -30,6 +30,9 @@ SLOW_SECTIONS = (
     "KV-cache policies: D2O, ZipCache; RSQ's attention-weighted GPTQ",
     "Retrieval: A²ATS",
     'Detection task: `configs/detect_tiny.py` (train.data "detection_scenes", model.kind "detector"), `focus_detr` [182]',
+    "TAP: token-aware average pooling (ViT field), measured with ADL",
+    "Context parallelism (ring and Ulysses attention)",
+    'Recommendation task: `configs/recsys_tiny.py` (train.data "user_behavior", model.kind "ctr")',
 )
 
 

@@ -57,7 +57,7 @@ def test_build_model_kinds():
     assert isinstance(model, DecoderLM) and model.attention == "softmax"
     with pytest.raises(
         ValueError,
-        match=r"kind='gpt'.*\['cnn', 'ctr', 'decoder', 'dit', 'encoder', 'encoder_decoder', 'mil', 'vit', 'vlm'\]",
+        match=r"kind='gpt'.*\['cnn', 'ctr', 'decoder', 'detector', 'dit', 'encoder', 'encoder_decoder', 'mil', 'vit', 'vlm'\]",
     ):
         build_model("gpt")
 
