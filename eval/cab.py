@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 import tempfile
@@ -61,7 +60,7 @@ import attn
 
 from .bench import compiled_bytes
 from .machine import load_average, machine_record
-from .results import write_report
+from .results import rerender_report, write_report
 from .trainer_api import build_run, load_config_file
 
 PATTERNS = ("noncausal_self", "causal_self", "noncausal_cross", "causal_cross")
@@ -392,12 +391,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--from-json", default=None, help="re-render the table and PNG of a saved report; no run")
     args = parser.parse_args(argv)
     if args.from_json:
-        with open(args.from_json) as f:
-            report = json.load(f)
-        if not args.no_plot:
-            plot(report, os.path.splitext(args.from_json)[0] + ".png")
-        print(table(report))
-        return report
+        return rerender_report(args.from_json, plot=None if args.no_plot else plot, table=table)
     steps = args.steps if args.steps is not None else (QUICK_STEPS if args.quick else STEPS)
     if steps < 1:
         raise ValueError(f"--steps={steps}: expected a positive number of training steps")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import collections
 import importlib
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -32,7 +31,7 @@ import jax
 import numpy as np
 
 from .machine import load_average, machine_record
-from .results import write_report
+from .results import rerender_report, write_report
 from .trainer_api import load_run, make_source, source_class
 
 OOD_TESTS = ("distractor", "systematic", "systematic_tree", "productive")
@@ -167,12 +166,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--from-json", default=None, help="re-render the table and PNG of a saved report; no run")
     args = parser.parse_args(argv)
     if args.from_json:
-        with open(args.from_json) as f:
-            report = json.load(f)
-        if not args.no_plot:
-            plot(report, os.path.splitext(args.from_json)[0] + ".png")
-        print(table(report))
-        return report
+        return rerender_report(args.from_json, plot=None if args.no_plot else plot, table=table)
     if not args.workdir:
         raise ValueError("--workdir: expected at least one run directory (or --from-json)")
     if args.batches < 1 or args.batch_size < 1:

@@ -30,3 +30,20 @@ def write_report(
         print(table(report))
     print(f"\nwrote {path}" + (f" and {report['png_path']}" if "png_path" in report else ""))
     return report
+
+
+def rerender_report(
+    path: str,
+    *,
+    plot: Callable[[dict[str, Any], str], None] | None = None,
+    table: Callable[[dict[str, Any]], str] | None = None,
+) -> dict[str, Any]:
+    """Reads a report `write_report` wrote, redraws its PNG with `plot` (when given) and prints `table(report)`;
+    returns the report (nothing is run)."""
+    with open(path, encoding="utf-8") as f:
+        report = json.load(f)
+    if plot is not None:
+        plot(report, os.path.splitext(path)[0] + ".png")
+    if table is not None:
+        print(table(report))
+    return report
