@@ -101,7 +101,7 @@ def test_command_streams_a_continuation(trained):
 def test_readme_line_loads_a_runs_model_and_params(trained):
     with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
         readme = f.read()
-    (line,) = re.findall(r"^from train\.run import load_run;.*$", readme, flags=re.M)
+    (line,) = re.findall(r"^from attn_train\.run import load_run;.*$", readme, flags=re.M)
     code = line.replace('"runs/lm_tiny"', repr(trained)) + "\nprint(type(model).__name__, run.step, len(params))"
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
