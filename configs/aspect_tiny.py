@@ -17,6 +17,12 @@ Hardware: CPU (2 cores) or any accelerator. Expected: about 1 minute (baseline) 
 CPU cores for the 600 steps (measured). Chance is 0.5; counting opinion words over the whole sentence gives 0.75,
 where both runs still were after 2000 steps (eval accuracy 0.71-0.78), so this tiny model does not yet learn the
 aspect binding: PSS's measured effect is on the attention (README, "Training techniques").
+Measured (benchmarks/results/pss_aspect_tiny.json, 2 CPU cores shared with other jobs; 2000 steps, 311 s baseline
+and 441 s pss; 512 validation rows):
+    python -m eval.techniques --config configs/aspect_tiny.py:pss --steps 2000 --probe pss_attention \
+        --name pss_aspect_tiny
+accuracy 0.740 -> 0.746 with pss; the aspect's last-layer attention on the planted evidence 0.078 -> 0.408, and the
+most attended context word is evidence in 4.9 % -> 50.0 % of the rows.
 """
 
 from __future__ import annotations

@@ -26,6 +26,9 @@ Presets (`--config configs/vit_tiny.py:<preset>`):
          attention (model.token_pooling="tap", 4 dilations) and the attention diversification loss (adl_tap,
          weight 1, threshold 2); side by side with `sweep` on patch corruption:
          `python -m eval.techniques --config configs/vit_tiny.py --presets sweep,tap_adl --probe patch_corruption`.
+  adl    sweep with ADL alone (adl_tap, weight 1, threshold 2, the official), no TAP; side by side with `sweep`:
+         `python -m eval.techniques --config configs/vit_tiny.py --presets sweep,adl --steps 300 \
+         --probe patch_corruption --name adl_vit_tiny`.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from ml_collections import ConfigDict, config_dict
 
 from configs import common
 
-PRESETS = ("", "smoke", "sweep", "tap_adl")
+PRESETS = ("", "smoke", "sweep", "tap_adl", "adl")
 
 
 def get_config(arg: str | None = None) -> ConfigDict:
@@ -89,7 +92,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
         config.optimizer.warmup_steps = 1
         config.eval.num_batches = 2
         config.eval.stats_batch_size = 2
-    if preset in ("sweep", "tap_adl"):
+    if preset in ("sweep", "tap_adl", "adl"):
         config.total_steps = 400
         config.batch_size = 32
         config.log_every = 50
@@ -103,4 +106,6 @@ def get_config(arg: str | None = None) -> ConfigDict:
     if preset == "tap_adl":
         model.token_pooling = "tap"  # TAP before every block's attention (official 4 dilations)
         config.techniques = [{"name": "adl_tap", "weight": 1.0, "threshold": 2.0}]  # official --adloss 1, th 2
+    if preset == "adl":
+        config.techniques = [{"name": "adl_tap", "weight": 1.0, "threshold": 2.0}]  # ADL alone, without TAP
     return config

@@ -220,6 +220,49 @@ def _preset_judge(preset: str, baseline: str, label: str) -> Callable[[dict[str,
     return judge
 
 
+UNRECORDED_PROBE_ROWS = 512  # eval.technique_probes.PROBE_ROWS, for reports written before "probe_rows" was recorded
+
+
+def _probe(report: dict[str, Any], run: str, metric: str) -> float:
+    return get(report, "summary", run, "probe", metric)
+
+
+def _patch_corruption_judge(run: str, baseline: str, label: str) -> Callable[[dict[str, Any]], Measured]:
+    """Accuracy with 25% of the patches replaced by noise (eval.technique_probes patch_corruption), `run` against
+    `baseline`, two standard errors over the probe's images."""
+
+    def judge(report: dict[str, Any]) -> Measured:
+        n = int(report.get("probe_rows", UNRECORDED_PROBE_ROWS))
+        p1, p0 = _probe(report, run, "accuracy/patches_25"), _probe(report, baseline, "accuracy/patches_25")
+        clean1, clean0 = _probe(report, run, "accuracy/patches_0"), _probe(report, baseline, "accuracy/patches_0")
+        margin = two_se(p1, n, p0, n)
+        figure = f"accuracy with 25% of the patches noised {p1:.3f} vs {label} {p0:.3f} (2 SE {margin:.3f}, {n} images)"
+        figure += f"; clean {clean1:.3f} vs {clean0:.3f}"
+        similarity = [report["summary"][r]["probe"].get("adl_similarity") for r in (run, baseline)]
+        if None not in similarity:
+            figure += f"; ADL similarity {similarity[0]:.2f} vs {similarity[1]:.2f}"
+        return Measured(figure, against_noise(p1 - p0, margin))
+
+    return judge
+
+
+def _pss_judge(metric: str, what: str) -> Callable[[dict[str, Any]], Measured]:
+    """A proportion over the probe's rows (eval.technique_probes pss_attention), PSS ("technique") against the
+    baseline, two standard errors; the figure adds the attention on the planted evidence and on the mined words."""
+
+    def judge(report: dict[str, Any]) -> Measured:
+        n = int(report.get("probe_rows", UNRECORDED_PROBE_ROWS))
+        p1, p0 = _probe(report, "technique", metric), _probe(report, "baseline", metric)
+        margin = two_se(p1, n, p0, n)
+        figure = f"{what} {p1:.3f} vs baseline {p0:.3f} (2 SE {margin:.3f}, {n} rows); aspect attention on the "
+        figure += f"planted evidence {_probe(report, 'technique', 'evidence_mass'):.3f} vs "
+        figure += f"{_probe(report, 'baseline', 'evidence_mass'):.3f}, on its own mined words "
+        figure += f"{_probe(report, 'technique', 'active_mass'):.3f} vs {_probe(report, 'baseline', 'active_mass'):.3f}"
+        return Measured(figure, against_noise(p1 - p0, margin))
+
+    return judge
+
+
 # ---------------------------------------------------------------------------------------------- steering
 def _steer_judge(system: str, field: str = "accuracy") -> Callable[[dict[str, Any]], Measured]:
     def judge(report: dict[str, Any]) -> Measured:
@@ -504,6 +547,12 @@ REDUCE_RULE = (
     "tell selections apart); else confirmed if within 2 SE of all tokens, contradicted if lower"
 )
 MIL_RULE = "confirmed if bag accuracy exceeds ABMIL's by > 2 SE; contradicted if below by > 2 SE"
+ADL_RULE = (
+    "confirmed if accuracy with 25% of the 4x4 patches replaced by noise exceeds the plain ViT's by > 2 SE; "
+    "contradicted if below by > 2 SE"
+)
+PSS = "python -m eval.techniques --config configs/aspect_tiny.py:pss --steps 2000 --probe pss_attention "
+PSS += "--name pss_aspect_tiny"
 
 CLAIMS: tuple[Claim, ...] = (
     Claim(
@@ -578,6 +627,51 @@ CLAIMS: tuple[Claim, ...] = (
         "techniques_mil_cpu.json",
         MIL,
         _preset_judge("mhim", "default", "ABMIL"),
+    ),
+    Claim(
+        "adl_patch_corruption",
+        "the attention diversification loss makes ViTs more robust to corruptions",
+        "[148] TAP + ADL",
+        "abstract (ADL alone, its official weight 1)",
+        ADL_RULE,
+        "adl_vit_tiny.json",
+        "python -m eval.techniques --config configs/vit_tiny.py --presets sweep,adl --steps 300 "
+        "--probe patch_corruption --name adl_vit_tiny",
+        _patch_corruption_judge("adl", "sweep", "the plain ViT"),
+    ),
+    Claim(
+        "tap_adl_patch_corruption",
+        "token-aware average pooling with the attention diversification loss makes ViTs more robust to corruptions",
+        "[148] TAP + ADL",
+        "abstract",
+        ADL_RULE,
+        "techniques_tap_adl.json",
+        "python -m eval.techniques --config configs/vit_tiny.py --presets sweep,tap_adl --steps 300 "
+        "--probe patch_corruption --name techniques_tap_adl",
+        _patch_corruption_judge("tap_adl", "sweep", "the plain ViT"),
+    ),
+    Claim(
+        "pss_accuracy",
+        "progressive self-supervised attention learning improves aspect-level sentiment classification",
+        "[223] PSS",
+        "abstract",
+        "confirmed if accuracy on the probe's validation rows exceeds the baseline's by > 2 SE; contradicted if "
+        "below by > 2 SE",
+        "pss_aspect_tiny.json",
+        PSS,
+        _pss_judge("accuracy", "accuracy"),
+    ),
+    Claim(
+        "pss_evidence_attention",
+        "PSS refines the attention: less focus on a few frequent words, more on the context words that decide the "
+        "aspect's sentiment",
+        "[223] PSS",
+        "abstract",
+        "confirmed if the share of rows whose most attended context word (aspect row, last layer) is a planted "
+        "evidence word exceeds the baseline's by > 2 SE; contradicted if below by > 2 SE",
+        "pss_aspect_tiny.json",
+        PSS,
+        _pss_judge("evidence_top1", "most attended context word is evidence in"),
     ),
     Claim(
         "video_ccam_over_cross",

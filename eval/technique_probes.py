@@ -2,29 +2,58 @@
 training techniques claim, measured the same way for the technique and its baseline.
 
     patch_corruption   image classifiers (vit_tiny): validation accuracy with 0%, 10% and 25% of each image's
-                       patch x patch cells replaced by uniform noise (the TAP + ADL claim, Guo et al. 2023 [148]).
+                       patch x patch cells replaced by uniform noise (the TAP + ADL claim, Guo et al. 2023 [148]);
+                       for a ViT whose mechanism computes attention weights also "adl_similarity", L_ADL of the
+                       clean forward's attention (the adl_tap technique's own loss at the official threshold 2;
+                       lower = more diverse attention).
     aspect_evidence    token classifiers on train.data "aspect_sentiment" (aspect_tiny): accuracy, the attention
                        mass on the planted evidence words per layer (mean over heads, queries and rows; "uniform" is
                        the share a uniform row would give), and accuracy and prediction flips with Gaussian noise
                        of EMBEDDING_NOISE x the table's RMS added to the token embedding table (the AT/VAT claims,
                        Kitada & Iyatomi 2021 [16], 2023 [92]).
+    pss_attention      the aspect task's classifier: accuracy and what the aspect's attention row (last layer,
+                       head mean) does, measured by the pss technique itself with its default mining options (5
+                       erasing iterations, 4 bits, the official ones) for every run, trained with pss or not:
+                       "active_mass" / "active_per_row" / "mined_per_row" (the attention on, and the number of, the
+                       words PSS mines for these parameters), "evidence_mass" (on the planted evidence words) and
+                       "evidence_top1" (the most attended context word is evidence) (the PSS claim, Tang et al.
+                       2019 [223]; train.techniques.pss.aspect_attention_report's figures).
 
 A probe is probe(run) -> {metric: float}, `run` a trainer_api.Run restored from the checkpoint (its config, task,
-data and parameters). Each probe uses fixed seeds: every run sees the same images and the same corruption.
+data and parameters). Each probe uses fixed seeds: every run sees the same images and the same corruption. A probe
+that measures with a technique's own code takes the technique from `trainer_api.build_run` of the run's config with
+that technique listed (eval reaches the trainer only through trainer_api).
 """
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 PROBE_ROWS = 512  # validation rows every probe evaluates
 CORRUPTED_FRACTIONS = (0.0, 0.1, 0.25)  # fractions of patch cells replaced by noise
 EMBEDDING_NOISE = (0.5, 1.0)  # embedding noise standard deviations, in units of the embedding table's RMS
+ADL_THRESHOLD = 2.0  # adl_tap's official threshold (x uniform) for the "adl_similarity" of patch_corruption
+ALL_ROWS_BITS = 1e9  # a pss max_entropy no attention row reaches: one erasing iteration then mines every row's top word
+
+
+def bound_technique(run: Any, entry: dict[str, Any]) -> Any:
+    """The training technique `entry` ({"name": ..., options}) bound to `run`'s model, as the trainer builds it for
+    run.config with techniques = [entry] (whatever the run itself was trained with); ValueError (the trainer's
+    ConfigError) when the run's model cannot take it."""
+    from .trainer_api import build_run
+
+    config = ml_collections.ConfigDict(run.config.to_dict())
+    config.techniques = [entry]
+    with tempfile.TemporaryDirectory() as workdir:
+        (technique,) = build_run(config, workdir).task.plan.techniques
+    return technique
 
 
 def corrupt_patches(images: np.ndarray, patch: int, fraction: float, rng: np.random.Generator) -> np.ndarray:
@@ -62,7 +91,26 @@ def patch_corruption(run: Any) -> dict[str, float]:
         images = corrupt_patches(np.asarray(batch["images"]), patch, fraction, np.random.default_rng(1))
         predictions = np.argmax(_logits(run, images), axis=-1)
         out[f"accuracy/patches_{round(100 * fraction)}"] = float(np.mean(predictions == np.asarray(batch["labels"])))
+    if run.task.kind == "vit":
+        try:  # refused for a mechanism that computes no attention weights: no similarity then
+            adl = bound_technique(run, {"name": "adl_tap", "weight": 1.0, "threshold": ADL_THRESHOLD})
+        except ValueError:
+            adl = None
+        if adl is not None:
+            out["adl_similarity"] = _adl_similarity(run, adl, np.asarray(batch["images"]))
     return out
+
+
+def _adl_similarity(run: Any, adl: Any, images: np.ndarray) -> float:
+    """L_ADL (the bound adl_tap technique's loss) of the clean forward's attention weights on `images` [B, H, W, C]."""
+    with run.tracing():
+
+        @jax.jit
+        def similarity(params: Any, x: jax.Array) -> jax.Array:
+            logits, collections = run.task.model.apply({"params": params}, x, mutable=["intermediates"])
+            return adl.loss(logits, collections, {}, {})[1]["similarity"]
+
+        return float(similarity(run.model_params, jnp.asarray(images)))
 
 
 def aspect_evidence(run: Any) -> dict[str, float]:
@@ -99,7 +147,40 @@ def aspect_evidence(run: Any) -> dict[str, float]:
     return out
 
 
+def pss_attention(run: Any) -> dict[str, float]:
+    """{"accuracy", "active_mass", "active_per_row", "mined_per_row", "evidence_mass", "evidence_top1"} on
+    PROBE_ROWS validation rows of the aspect task (see the module docstring)."""
+    if run.config.data.name != "aspect_sentiment" or run.config.model.get("head") != "classification":
+        raise ValueError(
+            "probe 'pss_attention' needs a classifier on data.name='aspect_sentiment'; got "
+            f"data.name={run.config.data.name!r}, model.head={run.config.model.get('head')!r}"
+        )
+    mining = bound_technique(run, {"name": "pss"})  # default mining options, the same for every run
+    top_word = bound_technique(run, {"name": "pss", "iterations": 1, "max_entropy": ALL_ROWS_BITS})
+    batch = {
+        k: jnp.asarray(v) for k, v in run.data("valid", batch_size=PROBE_ROWS, per_process=False).next_batch().items()
+    }
+    with run.tracing():
+
+        @jax.jit
+        def report(params: Any) -> dict[str, jax.Array]:
+            logits, collections = mining.model.apply(
+                {"params": params}, batch["inputs"], lengths=batch.get("lengths"), mutable=["intermediates"]
+            )
+            mined = mining.transform_batch_with_params(dict(batch), jax.random.key(0), jnp.int32(0), params, {})
+            scalars = mining.loss(logits, collections, mined, {})[1]
+            top, _ = top_word.mine(params, batch)  # [B, T] one-hot: the most attended context word
+            return {
+                "accuracy": jnp.mean((jnp.argmax(logits, axis=-1) == batch["labels"]).astype(jnp.float32)),
+                **{key: scalars[key] for key in ("active_mass", "active_per_row", "mined_per_row", "evidence_mass")},
+                "evidence_top1": jnp.mean(jnp.any(top & (batch["evidence"] > 0), axis=-1).astype(jnp.float32)),
+            }
+
+        return {key: float(value) for key, value in report(run.model_params).items()}
+
+
 PROBES: dict[str, Callable[[Any], dict[str, float]]] = {
     "patch_corruption": patch_corruption,
     "aspect_evidence": aspect_evidence,
+    "pss_attention": pss_attention,
 }

@@ -8,6 +8,10 @@
         --probe patch_corruption --name techniques_tap_adl
     python -m eval.techniques --config configs/aspect_tiny.py --separately --probe aspect_evidence \
         --set "techniques=[{'name': 'attention_at'}, {'name': 'attention_iat'}]"
+    python -m eval.techniques --config configs/aspect_tiny.py:pss --steps 2000 --probe pss_attention \
+        --name pss_aspect_tiny
+    python -m eval.techniques --config configs/vit_tiny.py --presets sweep,adl --steps 300 \
+        --probe patch_corruption --name adl_vit_tiny
 
 The config names the technique(s) in `config.techniques`; the baseline is the same config with `techniques = []`.
 Both runs go through the trainer (`train.run.train`) in temporary workdirs; the evaluator reads their logged
@@ -27,7 +31,8 @@ accuracy over steps.
 
 `--separately` trains each technique of `config.techniques` alone against the one baseline (runs labelled by the
 technique's name). `--probe <name>` runs a probe of eval.technique_probes on every run's final checkpoint (patch
-corruption of images, the aspect task's evidence attention and embedding noise) and records it under "probe".
+corruption of images, the aspect task's evidence attention and embedding noise, PSS's aspect-attention report) and
+records it under each run's "probe" (the record names the probe and the validation rows it used, "probe_rows").
 `--out_dir` applies to both modes.
 """
 
@@ -92,6 +97,7 @@ class TechniqueComparison:
             "config": _plain(self.config.to_dict()),
             "runs": runs,
             "summary": {label: _summary(run) for label, run in runs.items()},
+            **_probe_record(self.probe),
         }
         os.makedirs(self.out_dir, exist_ok=True)
         with open(os.path.join(self.out_dir, f"{self.name}.json"), "w", encoding="utf-8") as f:
@@ -169,6 +175,13 @@ def _summary(run: dict[str, Any]) -> dict[str, Any]:
         "seconds": run["seconds"],
         "probe": run["probe"],
     }
+
+
+def _probe_record(probe: str | None) -> dict[str, Any]:
+    """{"probe": name, "probe_rows": validation rows it evaluates} for a record with a probe, else {}."""
+    from .technique_probes import PROBE_ROWS
+
+    return {} if probe is None else {"probe": probe, "probe_rows": PROBE_ROWS}
 
 
 def _check_probe(probe: str | None) -> None:
@@ -261,6 +274,7 @@ class PresetComparison:
             "configs": configs,
             "runs": runs,
             "summary": {label: _preset_summary(run) for label, run in runs.items()},
+            **_probe_record(self.probe),
         }
         os.makedirs(self.out_dir, exist_ok=True)
         with open(os.path.join(self.out_dir, f"{self.name}.json"), "w", encoding="utf-8") as f:
@@ -302,7 +316,7 @@ def plot_presets(record: dict[str, Any], path: str) -> None:
     for index, (label, final) in enumerate(zip(labels, finals, strict=True)):
         xs = [m + index * width for m in range(len(metrics))]
         left.bar(xs, [final.get(name, float("nan")) for name in metrics], width, label=label)
-    left.set_xticks([m + 0.4 - width / 2 for m in range(len(metrics))], metrics, fontsize=8)
+    left.set_xticks([m + 0.4 - width / 2 for m in range(len(metrics))], metrics, fontsize=8, rotation=20, ha="right")
     left.set(ylabel="final eval value", ylim=(0, 1), title="final evaluation")
     for label in labels:
         series = record["runs"][label]["eval"].get("accuracy", {})

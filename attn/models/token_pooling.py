@@ -15,12 +15,21 @@ and the block computes x + attention(attention_norm(TAP(x))), then its MLP subla
 the unpooled x, only the attention sublayer reads the pooled tokens. K = `num_scales` (official --num-scales 4:
 dilations 0, 1, 2, 3).
 
-Fidelity: official code (guoyongcs/TAPADL TAPADL_RVT/tap_robust_models.py: DilationPredictor, DilatedAvgPooling
-(nn.Unfold(3, dilation=d, padding=d).mean over the 9), Block.forward; TAPADL_RVT/main.py --num-scales 4); the
-paper (arXiv 2303.11126) was not read beyond the official README here. One deviation: the predictor's
-BatchNorm2d is a per-image normalisation of each of the K channels over the grid with a learned scale and bias
-(GroupNorm with K groups, eps 1e-5), since the trainer keeps no running batch statistics; with batch statistics the
-prediction of one image would depend on the others in its batch.
+Fidelity: official code. Checked against guoyongcs/TAPADL at commit 6e4dbff: TAPADL_RVT/tap_robust_models.py
+(DilationPredictor: Conv2d(C, K, 3, padding 1, no bias) -> BatchNorm2d(K) -> Conv2d(K, K, 3, padding 1, no bias),
+softmax over K at temperature 1; DilatedAvgPooling(d): identity for d = 0, else nn.Unfold(3, dilation=d,
+padding=d) and the mean over the 9, so zero padding counts; Block.forward: x + attn(norm1(TAP(x))), then
+x + mlp(norm2(x)), in every block), the same three pieces in TAPADL_FAN/models/convnext_utils.py and
+TAPADL_FAN/models/tap_fan.py TAPFANBlock (TAP before norm1 and the token mixing, residual on the unpooled x), and
+--num-scales 4 in both main.py. The equations, the 3x3 kernels, the dilations 0..K-1 and the place before the
+attention norm match. The paper itself (Guo, Stutz & Schiele, ICCV 2023, arXiv 2303.11126) could not be read: its
+full text is not among the stored pages (searched by title, arXiv id and method terms; only the abstract is, e.g.
+https://huggingface.co/papers/2303.11126 and https://guoyongcs.com/publication/tapadl), and the abstract's
+description (TAP, before the attention, learns an average pooling scheme per token over its neighbourhood) agrees.
+One deviation: the predictor's BatchNorm2d is a per-image normalisation of each of the K channels over the grid
+with a learned scale and bias (GroupNorm with K groups, eps 1e-5), since the trainer keeps no running batch
+statistics; with batch statistics the prediction of one image would depend on the others in its batch. The two
+convolutions start from lecun_normal (torch's Conv2d default init differs; initialisation only).
 """
 
 from __future__ import annotations

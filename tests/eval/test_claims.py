@@ -292,6 +292,24 @@ def lm_runs(base, other, name, field):
     return {"platform": "cpu", "runs": [run("softmax", base), run(name, other)]}
 
 
+def corrupted(run, accuracy, base):
+    """eval.techniques report of `run` vs "sweep" with the patch_corruption probe on 512 images (2 SE ~0.057)."""
+
+    def probe(value):
+        return {"probe": {"accuracy/patches_0": 0.8, "accuracy/patches_25": value, "adl_similarity": 0.3}}
+
+    return {"probe_rows": 512, "summary": {run: probe(accuracy), "sweep": probe(base)}}
+
+
+def pss_probe(technique, baseline):
+    """eval.techniques report (baseline / technique) with the pss_attention probe on 512 rows."""
+
+    def probe(value):
+        return {"probe": {"accuracy": value, "evidence_top1": value, "evidence_mass": 0.1, "active_mass": 0.4}}
+
+    return {"probe_rows": 512, "summary": {"technique": probe(technique), "baseline": probe(baseline)}}
+
+
 # Each case: (claim key, report, expected verdict); the numbers sit on either side of the rule's thresholds.
 # 2 SE for 64 samples at rates 0.5 / 0.8 is 0.15; for 128 rows at 0.9 / 0.5 it is 0.14.
 RULE_CASES = [
@@ -350,6 +368,12 @@ RULE_CASES = [
     ("clipped_softmax_outliers", lm_runs(40.0, 5.0, "clipped_softmax", "residual.kurtosis"), claims.CONFIRMED),
     ("clipped_softmax_outliers", lm_runs(3.0, 3.0, "clipped_softmax", "residual.kurtosis"), claims.NOT_AT_SCALE),
     ("clipped_softmax_outliers", lm_runs(40.0, 30.0, "clipped_softmax", "residual.kurtosis"), claims.CONTRADICTED),
+    ("adl_patch_corruption", corrupted("adl", 0.8, 0.7), claims.CONFIRMED),
+    ("adl_patch_corruption", corrupted("adl", 0.72, 0.7), claims.NOT_AT_SCALE),
+    ("adl_patch_corruption", corrupted("adl", 0.6, 0.7), claims.CONTRADICTED),
+    ("pss_accuracy", pss_probe(0.85, 0.75), claims.CONFIRMED),
+    ("pss_accuracy", pss_probe(0.76, 0.75), claims.NOT_AT_SCALE),
+    ("pss_evidence_attention", pss_probe(0.05, 0.15), claims.CONTRADICTED),
 ]
 
 
@@ -372,6 +396,6 @@ def test_every_measured_claim_has_a_rule_test():
         "memory_efficient_softmax",
     }
     # The rest share a judge with a tested claim: the other steering systems, MIL presets, reductions, and ring.
-    shared = {"_steer_judge", "_preset_judge", "_reduction_judge", "_per_device_judge"}
+    shared = {"_steer_judge", "_preset_judge", "_reduction_judge", "_per_device_judge", "_patch_corruption_judge"}
     for claim in claims.CLAIMS:
         assert claim.key in tested or claim.judge.__qualname__.split(".")[0] in shared, claim.key
