@@ -11,6 +11,11 @@ Index format (shared with `pallas_kernels.block_sparse`):
   block_mask: bool [B|1, H|1, num_q_blocks, num_k_blocks], the alternative input (exactly one of the two). It is
     converted to indices with max_selected = the largest number of True entries in a row when the mask is concrete
     (a traced mask gives max_selected = num_k_blocks, i.e. dense cost).
+  Ranks (both inputs; the last two axes are always [num_q_blocks, num_k_blocks | max_selected]):
+    rank 4 [B|1, H|1, nq, .]  per batch row and query head;
+    rank 3 [H|1, nq, .]       per query head, shared by the batch rows (splash attention's multi-head mask layout);
+                              a per-batch-row pattern must be passed as rank 4 [B, 1, nq, .];
+    rank 2 [nq, .]            one pattern shared by every batch row and head.
   causal: key j is visible to query i only if j <= q_offset + i (token level inside diagonal blocks); selected
     blocks entirely above the diagonal are skipped.
 A query row with no selected, visible key gets output 0 and lse -inf (never NaN, in value or gradient).
@@ -76,8 +81,10 @@ def block_sparse_attention(
 
     Args:
       q: [B, Tq, H, D]; k: [B, Tk, KVH, D]; v: [B, Tk, KVH, Dv], H a multiple of KVH.
-      block_indices: int [B|1, H|1, ceil(Tq / block_size), max_selected], key block ids or -1 (ignored).
-      block_mask: bool [B|1, H|1, ceil(Tq / block_size), ceil(Tk / block_size)] (instead of block_indices).
+      block_indices: int [B|1, H|1, ceil(Tq / block_size), max_selected], key block ids or -1 (ignored); also rank 3
+        [H|1, nq, max_selected] (per head, shared by the batch) or rank 2 [nq, max_selected] (shared by all).
+      block_mask: bool [B|1, H|1, ceil(Tq / block_size), ceil(Tk / block_size)] (instead of block_indices); also rank
+        3 [H|1, nq, nk] (per head, shared by the batch) or rank 2 [nq, nk] (one pattern for every row and head).
       block_size: positive int, the query and key block length.
       causal: key j visible to query i only if j <= q_offset + i. q_offset: int (or traced int scalar).
       scale: logit scale, default 1/sqrt(D).
@@ -97,12 +104,12 @@ def block_sparse_attention(
         raise ValueError(f"pass exactly one of block_indices and block_mask, got {given}")
     n_q, n_k = -(-q_len // block_size), -(-kv_len // block_size)
     if block_mask is not None:
-        _check_block_array("block_mask", block_mask, batch, heads, n_q, n_k)
+        block_mask = _check_block_array("block_mask", block_mask, batch, heads, n_q, n_k)
         if jnp.asarray(block_mask).dtype != jnp.bool_:
             raise ValueError(f"block_mask must be a boolean array, got dtype {jnp.asarray(block_mask).dtype}")
         block_indices = block_mask_to_indices(block_mask)
     else:
-        _check_block_array("block_indices", block_indices, batch, heads, n_q, None)
+        block_indices = _check_block_array("block_indices", block_indices, batch, heads, n_q, None)
         if not jnp.issubdtype(jnp.asarray(block_indices).dtype, jnp.integer):
             raise ValueError(f"block_indices must be an integer array, got dtype {jnp.asarray(block_indices).dtype}")
         _check_index_range(block_indices, n_k)
@@ -160,17 +167,27 @@ def block_mask_to_indices(block_mask: Array, max_selected: int | None = None) ->
     return jnp.where(jnp.arange(selected) < count, order, -1)
 
 
-def _check_block_array(name: str, x: Any, batch: int, heads: int, n_q: int, n_k: int | None) -> None:
+def _check_block_array(name: str, x: Any, batch: int, heads: int, n_q: int, n_k: int | None) -> Any:
+    """Checks a block_mask / block_indices of rank 2, 3 or 4 (module docstring) and returns it as rank 4 (leading
+    axes of size 1 added; a concrete numpy input stays numpy, so block_mask_to_indices can count its rows)."""
     last = "num_k_blocks" if n_k is not None else "max_selected"
-    layout = f"[batch|1, heads|1, num_q_blocks, {last}]"
-    check_rank(name, x, 4, layout)
+    layouts = {2: f"[num_q_blocks, {last}]", 3: f"[heads|1, num_q_blocks, {last}]"}
+    layouts[4] = f"[batch|1, heads|1, num_q_blocks, {last}]"
+    check_rank(name, x, (2, 3, 4), " or ".join(layouts[r] for r in (4, 3, 2)))
     shape = shape_of(x)
-    expected = (
-        shape[0] in (1, batch) and shape[1] in (1, heads) and shape[2] == n_q and (n_k is None or shape[3] == n_k)
-    )
-    if not expected or shape[3] < 1:
-        want = f"[1 or {batch}, 1 or {heads}, {n_q}, {n_k if n_k is not None else '>= 1'}]"
-        raise ValueError(f"{name} of shape {shape} must be {layout} = {want}")
+    full = (1,) * (4 - len(shape)) + shape
+    expected = full[0] in (1, batch) and full[1] in (1, heads) and full[2] == n_q and (n_k is None or full[3] == n_k)
+    if not expected or full[3] < 1:
+        last_size = n_k if n_k is not None else ">= 1"
+        want = {4: f"[1 or {batch}, 1 or {heads}, {n_q}, {last_size}]", 3: f"[1 or {heads}, {n_q}, {last_size}]"}
+        want[2] = f"[{n_q}, {last_size}]"
+        hint = ""
+        if len(shape) == 3 and shape[0] == batch and shape[0] not in (1, heads):
+            hint = f"; a rank-3 {name} is per head: pass a per-batch-row pattern as [{batch}, 1, {n_q}, {last_size}]"
+        raise ValueError(f"{name} of shape {shape} must be {layouts[len(shape)]} = {want[len(shape)]}{hint}")
+    if len(shape) == 4:
+        return x
+    return x.reshape(full) if isinstance(x, (np.ndarray, jax.Array)) else np.reshape(x, full)
 
 
 def _check_index_range(block_indices: Any, n_k: int) -> None:

@@ -32,15 +32,31 @@ kept slots, gathering one key/value block per query block per step (memory O(T D
 (`attn.core.block_sparse`) is not used for them: it applies causal masking only, and the in-block softmax must leave
 out the block's landmark key.
 
+Decoding (decode=True, the dense KV cache of the layer template; `landmark_decode_attention`): the paper's inference
+mode. Every decode call writes its tokens to the cache; query i at cache slot p_i reads its own block (the local
+context, up to p_i) directly and retrieves, per token and per head, the top_k complete earlier blocks by its
+softmax over their cached landmark keys, then applies the same grouped softmax:
+
+    kept_i = top_k_c softmax_{c' < r_i}(s_{i, l_c'})[c]      (the official non-offloaded cache path: per token)
+
+so decoding token by token equals the forward wherever the forward's query block holds one token, and with top_k
+None (or >= the number of blocks) it equals the training form exactly (tests/sparse/test_landmark_decode.py, and
+the registry's decode claim). A prompt given as one decode chunk is retrieved per token too; the creating call
+(which sizes the cache) is an ordinary forward.
+
 Reduction: block_size > the sequence length (one block, no landmark reached) is causal `softmax` exactly
 (tests/sparse/test_landmark.py); top_k >= the number of blocks equals the training form.
 
-Deviations (fidelity "official-code"): retrieval here is per query block (the official inference scores chunks of
-query tokens the same way with "max_over_tokens", over a cache of blocks); the official positional scheme for
-retrieved blocks (rotary "mem_jump": retrieved blocks placed just before the local context) is not reproduced, the
-layer's positions (RoPE at the true positions by default) apply. Attention dropout drops the own-block entries of
+Deviations (fidelity "official-code"): the forward's retrieval is per query block (the official offloaded inference
+scores chunks of query tokens the same way with "max_over_tokens"; its default cache path, like the decoding here,
+retrieves per token); the official positional scheme for retrieved blocks (llama_mem.py re-rotates the cached
+position-free keys: the retrieved blocks are placed just before the local context, and the landmark keys for the
+retrieval scores at compressed positions) is not reproduced: keys enter the cache rotated at their true positions
+(RoPE by default), so the scores and the attention see the true distances. Official decoding keeps the local
+context to the incomplete block and asserts a chunk does not cross a block boundary; here a decode chunk may cross
+blocks (each query reads its own block from the cache). Attention dropout drops the own-block entries of
 p and the landmark probabilities p_{i,l_c} (the official `group_dropout` on group probabilities) rather than single
-entries of earlier blocks. Decoding is not supported; self-attention with a causal mask only.
+entries of earlier blocks (decoding has no dropout). Self-attention with a causal mask only.
 """
 
 from __future__ import annotations
@@ -114,7 +130,8 @@ def landmark_block_scores(q: Array, k: Array, *, block_size: int, scale: float |
 
 def landmark_block_indices(scores: Array, *, top_k: int | None) -> Array:
     """scores float [B, H, n, n] (-inf where not a candidate) -> int32 [B, H, n, S], the kept earlier blocks, -1
-    padded: every c < r (top_k None, S = max(n - 1, 1)) or the top_k by score (S = min(top_k, n), ties: lower id)."""
+    padded: every c < r (top_k None, S = max(n - 1, 1)) or the top_k by score (S = min(top_k, n), ties: lower id;
+    any leading axes [..., n] for a given top_k)."""
     n = scores.shape[-1]
     if top_k is None:
         width = max(n - 1, 1)
@@ -137,6 +154,90 @@ def _check_indices(block_indices: Any, n: int) -> None:
             f"block_indices{list(where)} = {int(ids[where])}: query block {where[2]} may keep only earlier blocks, "
             f"ids in [0, {where[2]}), or -1"
         )
+
+
+def landmark_decode_attention(
+    q: Array,
+    keys: Array,
+    values: Array,
+    *,
+    q_offset: Any,
+    block_size: int,
+    top_k: int | None = None,
+    scale: float | None = None,
+) -> Array:
+    """Landmark Attention's retrieval decoding against a KV cache (the paper's inference, Sec. 3.2; the official
+    llama/llama_mem.py with a cache and no CPU offload: retrieval per token and per head).
+
+    Query i sits at cache slot p_i = q_offset + i, in block r_i = p_i // block_size; its own block is its local
+    context and every complete earlier block c < r_i is memory:
+
+        a_ic   = softmax_{c' < r_i}(s_{i, l_c'})[c]                       retrieval score (landmark attention)
+        kept_i = the top_k blocks by a_ic (ties: the lower id); every c < r_i when top_k is None
+        S_i    = { j in block r_i : j <= p_i, j regular }  U  { l_c : c in kept_i }
+        o_i    = sum_{j in block r_i} p_ij v_j + sum_{c in kept_i} p_{i,l_c} softmax_{j in c, regular}(s_ij) v_j
+
+    with p the softmax over S_i (the grouped softmax of the module docstring). With top_k None (or >= the number of
+    blocks) this is the training form `landmark_attention(q, k, v)` at every query; a one-token query block makes
+    the forward's block retrieval the same per-token choice.
+
+    Args:
+      q: [B, Tq, H, D], the queries at slots q_offset .. q_offset + Tq - 1 (RoPE already applied, like the keys).
+      keys: [B, L, KVH, D], values: [B, L, KVH, Dv]: the cache, filled at least up to slot q_offset + Tq - 1 (later
+        slots are never read); slot c block_size + block_size - 1 holds block c's landmark.
+      q_offset: int or traced int scalar. block_size: int >= 2. top_k: positive int or None (every earlier block).
+      scale: logit scale, default 1/sqrt(D).
+    Returns:
+      [B, Tq, H, Dv] in q.dtype. Cost O(Tq H (L / block_size + block_size (1 + top_k)) D), memory
+      O(B H Tq (L / block_size + block_size D)) (the kept blocks are read one slot at a time in a `lax.scan`).
+    """
+    heads, kv_heads = check_qkv(q, keys, values)
+    _BLOCK_SIZE("block_size", block_size)
+    if top_k is not None:
+        positive_int("top_k", top_k)
+    batch, q_len, _, dim = q.shape
+    bs, group = int(block_size), heads // kv_heads
+    dtype = jnp.promote_types(q.dtype, jnp.float32)
+    scale = dim**-0.5 if scale is None else scale
+    kb = split_blocks(keys.astype(dtype), bs, axis=1)[0].transpose(0, 3, 1, 2, 4)  # [B, KVH, nL, bs, D]
+    vb = split_blocks(values.astype(dtype), bs, axis=1)[0].transpose(0, 3, 1, 2, 4)  # [B, KVH, nL, bs, Dv]
+    n_cache = kb.shape[2]
+    qg = q.astype(dtype).reshape(batch, q_len, kv_heads, group, dim).transpose(0, 2, 3, 1, 4)  # [B, KVH, G, Tq, D]
+    slots = jnp.asarray(q_offset, jnp.int32) + jnp.arange(q_len, dtype=jnp.int32)  # p_i
+    own_block = slots // bs  # r_i
+
+    # retrieval: landmark attention over the complete earlier blocks, top_k of it per (query, head)
+    land = scale * jnp.einsum("bhgtd,bhcd->bhgtc", qg, kb[:, :, :, bs - 1])  # [B, KVH, G, Tq, nL]
+    earlier = jnp.arange(n_cache)[None, :] < own_block[:, None]  # [Tq, nL]
+    safe = jnp.where(earlier, land, -jnp.inf)
+    probs = jax.nn.softmax(jnp.where(earlier.any(-1)[:, None], safe, 0.0), axis=-1)
+    scores = jnp.where(earlier, probs, -jnp.inf)
+    ids = landmark_block_indices(scores, top_k=n_cache if top_k is None else int(top_k))  # [B, KVH, G, Tq, S]
+    valid = ids >= 0
+    ids = jnp.where(valid, ids, 0)
+
+    # top level: the own block's regular tokens up to the query, then the kept blocks' landmarks
+    k_own, v_own = jnp.take(kb, own_block, axis=2), jnp.take(vb, own_block, axis=2)  # [B, KVH, Tq, bs, D]
+    own = scale * jnp.einsum("bhgtd,bhtkd->bhgtk", qg, k_own)
+    own_slots = own_block[:, None] * bs + jnp.arange(bs)  # [Tq, bs]
+    own = jnp.where((own_slots <= slots[:, None]) & (jnp.arange(bs) < bs - 1), own, -jnp.inf)
+    kept = jnp.where(valid, jnp.take_along_axis(land, ids, axis=-1), -jnp.inf)  # [B, KVH, G, Tq, S]
+    top = jax.nn.softmax(jnp.concatenate([own, kept], axis=-1), axis=-1)  # the own block's first token: never empty
+    out = jnp.einsum("bhgtk,bhtkd->bhgtd", top[..., :bs], v_own)
+
+    regular = jnp.arange(bs) < bs - 1
+
+    def step(acc, slot):
+        slot_ids, slot_probs = slot  # [B, KVH, G, Tq], [B, KVH, G, Tq]
+        where = slot_ids[..., None, None, None]
+        k_c = jnp.take_along_axis(kb[:, :, None, None], where, axis=4)[:, :, :, :, 0]  # [B, KVH, G, Tq, bs, D]
+        v_c = jnp.take_along_axis(vb[:, :, None, None], where, axis=4)[:, :, :, :, 0]
+        inner = jnp.where(regular, scale * jnp.einsum("bhgtd,bhgtkd->bhgtk", qg, k_c), -jnp.inf)
+        o_c = jnp.einsum("bhgtk,bhgtkd->bhgtd", jax.nn.softmax(inner, axis=-1), v_c)
+        return acc + slot_probs[..., None] * o_c, None
+
+    out, _ = jax.lax.scan(step, out, (jnp.moveaxis(ids, -1, 0), jnp.moveaxis(top[..., bs:], -1, 0)))
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, heads, values.shape[-1]).astype(q.dtype)
 
 
 def landmark_attention(
@@ -227,15 +328,17 @@ def landmark_attention(
     op=None,
     input_kind="sequence",
     supports_causal=True,
-    supports_decode=False,
+    supports_decode=True,
     summary="a landmark token closes each block; grouped softmax: own-block tokens and earlier landmarks in one "
     "softmax, each landmark's probability spread over its block by the block's own softmax; top_k retrieval of "
-    "blocks by landmark attention",
+    "blocks by landmark attention (per query block in the forward, per token while decoding with the KV cache)",
     fidelity="official-code",
     reference="arXiv 2305.16300 (Sec. 3: landmark tokens, grouped softmax, retrieval) and github.com/epfml/"
     "landmark-attention models/landmark.py (landmark_grouped_softmax: groups from the landmark cumsum, own landmark "
     "ignored, landmark probability times in-block softmax, landmark value unused) and models/caches/mem_cache.py "
-    "(retrieval: softmax over cached landmarks, max_over_tokens, top-k); retrieval per query block here",
+    "(retrieval: softmax over cached landmarks, max_over_tokens, top-k) and llama/llama_mem.py (decoding with the "
+    "cache: per-token, per-head top-k of the complete cached blocks, grouped softmax with the own incomplete block); "
+    "retrieval per query block in the forward, per token while decoding",
     option_docs={
         "block_size": "positions per block including its landmark (the last one), >= 2 (official mem_freq + 1 = 51)",
         "top_k": "earlier blocks each query block reads, by landmark retrieval (None: all, the training form)",
@@ -254,8 +357,6 @@ class LandmarkAttention(MultiHeadAttention):
     def validate(self, call: AttentionCall) -> None:
         super().validate(call)
         name = self.registry_name or type(self).__name__
-        if call.decode:
-            raise ValueError(f"decode=True is not supported by {name}: it reads blocks in a forward pass")
         if call.cross:
             raise ValueError(f"{name} is self-attention over a sequence with landmark tokens; got a context")
         mask = call.mask if call.mask is not None else Mask()
@@ -269,7 +370,14 @@ class LandmarkAttention(MultiHeadAttention):
             raise ValueError(f"position={self.position!r} is not supported by {name}; expected 'rope' or 'none'")
 
     def attend(self, q: Array, k: Array, v: Array, call: AttentionCall) -> Array:
-        """q [B, T, H, D], k/v [B, T, KVH, D] -> [B, T, H, Dv]."""
+        """q [B, T, H, D], k/v [B, T, KVH, D] -> [B, T, H, Dv]; on a decode call k/v are the whole dense KV cache
+        [B, L, KVH, D] and the queries sit at slots call.q_offset + i (retrieval decoding, per token)."""
+        if call.decode and call.mask is not None and call.mask.kv_lengths is not None:
+            # a decode call against an existing cache (the template restricted the mask to the filled slots; the
+            # creating call, an ordinary forward, leaves kv_lengths unset and validate forbids a caller's)
+            return landmark_decode_attention(
+                q, k, v, q_offset=call.q_offset, block_size=self.block_size, top_k=self.top_k, scale=self.scale
+            )
         indices = None
         if self.top_k is not None:
             scores = landmark_block_scores(q, k, block_size=self.block_size, scale=self.scale)

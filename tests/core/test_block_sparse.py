@@ -228,7 +228,7 @@ def test_pallas_on_cpu_and_unknown_implementation_raise():
         (dict(block_size=True), r"block_size=True must be a positive int"),
         (dict(block_size=8, block_mask=np.ones((1, 1, 2, 2), bool)), r"exactly one of .* got both"),
         (dict(block_size=8, block_indices=None), r"exactly one of .* got neither"),
-        (dict(block_size=8, block_indices=np.zeros((2, 1), np.int32)), r"block_indices must have rank 4"),
+        (dict(block_size=8, block_indices=np.zeros((2,), np.int32)), r"block_indices must have rank 2 or 3 or 4"),
         (dict(block_size=8, block_indices=np.zeros((1, 1, 3, 1), np.int32)), r"block_indices of shape \(1, 1, 3, 1\)"),
         (dict(block_size=8, block_indices=np.zeros((2, 1, 2, 1), np.int32)), r"block_indices of shape \(2, 1, 2, 1\)"),
         (dict(block_size=8, block_indices=np.zeros((1, 3, 2, 1), np.int32)), r"block_indices of shape \(1, 3, 2, 1\)"),
