@@ -12,12 +12,14 @@ nothing from `attn`; `attn.core.lse_merge.merge_partials` does the merge, `attn.
 
 num_splits S: the grid's splits per (batch, kv head); work_units: the units the stream-K share balances over
 (default B * KVH * S; `partition.py`); block_k: key tile (power of two >= 16). Backend "gpu": Pallas on Triton
-(gpu.py); `interpret=True` runs it in the Pallas interpreter on any platform (the CPU tests). There is no TPU
-kernel: on TPU the XLA split path (attn.core.split_kv_decode) serves decoding.
+(gpu.py); backend "tpu": Pallas Mosaic (tpu.py; it reads memory tiles of max(block_k, 128) slots). backend None picks
+"tpu" on a TPU and "gpu" elsewhere. `interpret=True` runs the chosen kernel in its Pallas interpreter on any platform
+(the CPU tests; for "tpu" also a pltpu.InterpretParams).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -26,11 +28,12 @@ import numpy as np
 
 from pallas_kernels.decode.gpu import decode_partials_gpu
 from pallas_kernels.decode.partition import effective_block, tiles_per_split
+from pallas_kernels.decode.tpu import decode_partials_tpu
 
 Array = jax.Array
 
 BITS = (8, 4, 2)
-BACKENDS = ("gpu",)
+BACKENDS = ("gpu", "tpu")
 
 
 def _shape(x: Any) -> tuple[int, ...]:
@@ -110,21 +113,25 @@ def decode_partials(
         raise ValueError(f"softcap={softcap!r} must be a positive float or None")
     if backend not in (None, *BACKENDS):
         raise ValueError(f"backend={backend!r} is not supported; expected None or one of {BACKENDS}")
-    if not interpret and jax.devices()[0].platform != "gpu":
+    platform = jax.devices()[0].platform
+    if backend is None:
+        backend = "tpu" if platform == "tpu" else "gpu"
+    if not interpret and platform != backend:
         raise ValueError(
-            f"the split-KV decode kernel needs a GPU (platform is {jax.devices()[0].platform!r}); pass "
-            "interpret=True to run it in the Pallas interpreter"
+            f"the split-KV decode kernel for backend={backend!r} needs a {backend.upper()} (platform is "
+            f"{platform!r}); pass interpret=True to run it in the Pallas interpreter"
         )
     batch, _, heads, dim = _shape(q)
     kv_heads = _shape(k)[2]
     lengths = jnp.asarray(lengths, jnp.int32)
+    units = batch * kv_heads * num_splits if work_units is None else work_units
     share = tiles_per_split(
-        lengths,
-        block=effective_block(block_k, _shape(k)[1]),
-        num_splits=num_splits,
-        work_units=batch * kv_heads * num_splits if work_units is None else work_units,
+        lengths, block=effective_block(block_k, _shape(k)[1]), num_splits=num_splits, work_units=units
     )
-    return decode_partials_gpu(
+    kernel = decode_partials_gpu
+    if backend == "tpu":
+        kernel = functools.partial(decode_partials_tpu, work_units=units)
+    return kernel(
         q,
         k,
         v,

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels.decode.layout import pad_axis, query_planes, unplane
 from pallas_kernels.decode.partition import effective_block, padded
 
 Array = jax.Array
@@ -124,32 +125,6 @@ def _kernel(share_ref, len_ref, q_ref, k_ref, v_ref, ks_ref, kz_ref, vs_ref, vz_
     lse_ref[...] = jnp.where(empty, -jnp.inf, m + jnp.log(safe))
 
 
-def _pad(x: Array | None, axis: int, size: int) -> Array | None:
-    if x is None or x.shape[axis] == size:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, widths)
-
-
-def _query_planes(q: Array, kv_heads: int, planes: int, rows: int, width: int) -> Array:
-    """q [B, Tq, H, D] -> [B, KVH, n, R, W]: rows g Tq + i of the heads sharing each kv head, channels j::n."""
-    batch, q_len, heads, dim = q.shape
-    group = heads // kv_heads
-    grouped = q.reshape(batch, q_len, kv_heads, group, dim).transpose(0, 2, 3, 1, 4).reshape(batch, kv_heads, -1, dim)
-    stacked = jnp.stack([grouped[..., j::planes] for j in range(planes)], axis=2)
-    return _pad(_pad(stacked, 3, rows), 4, width)
-
-
-def _unplane(o: Array, q_len: int, group: int, value_dim: int, planes: int) -> Array:
-    """o [B, KVH, S, n, R, W] -> [S, B, Tq, H, Dv] (rows g Tq + i back to heads, planes interleaved)."""
-    batch, kv_heads, splits = o.shape[:3]
-    o = o[:, :, :, :, : group * q_len, : value_dim // planes]
-    o = o.reshape(batch, kv_heads, splits, planes, group, q_len, value_dim // planes)
-    o = o.transpose(2, 0, 5, 1, 4, 6, 3)  # [S, B, Tq, KVH, G, W, n]
-    return o.reshape(splits, batch, q_len, kv_heads * group, value_dim)
-
-
 @functools.partial(
     jax.jit,
     static_argnames=("bits", "num_splits", "block_k", "causal", "scale", "softcap", "interpret"),
@@ -200,10 +175,10 @@ def decode_partials_gpu(
     )
     share = jnp.asarray(share, jnp.int32).reshape(1)
     lengths = jnp.minimum(jnp.asarray(lengths, jnp.int32), kv_len)
-    qp = _query_planes(q, kv_heads, planes, rows, key_width)
-    kp = _pad(_pad(k, 1, kv_padded), 3, key_width)
-    vp = _pad(_pad(v, 1, kv_padded), 3, value_width)
-    scales = [_pad(x, 1, kv_padded) for x in (k_scale, k_zero, v_scale, v_zero)]
+    qp = query_planes(q, kv_heads, planes, rows, key_width)
+    kp = pad_axis(pad_axis(k, 1, kv_padded), 3, key_width)
+    vp = pad_axis(pad_axis(v, 1, kv_padded), 3, value_width)
+    scales = [pad_axis(x, 1, kv_padded) for x in (k_scale, k_zero, v_scale, v_zero)]
 
     cache_spec = lambda width: pl.BlockSpec((None, kv_padded, None, width), lambda b, h, s: (b, 0, h, 0))  # noqa: E731
     scale_spec = pl.BlockSpec((None, kv_padded, None, None), lambda b, h, s: (b, 0, h, 0))
@@ -234,7 +209,7 @@ def decode_partials_gpu(
         name="split_kv_decode",
     )(share, lengths, qp, kp, vp, *scales)
     group = heads // kv_heads
-    o = _unplane(o, q_len, group, value_dim, planes)
+    o = unplane(o, q_len, group, value_dim, planes)
     lse = lse[..., : group * q_len].reshape(batch, kv_heads, num_splits, group, q_len)
     lse = lse.transpose(2, 0, 4, 1, 3).reshape(num_splits, batch, q_len, heads)
     return o, lse
