@@ -19,7 +19,8 @@ _REQUIRES = [
 ]
 
 _EXTRAS = {
-    "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "ruff>=0.6"],
+    # pyarrow: the Parquet records of train/data (a ~55 MB wheel, so a test extra, not a dependency).
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "ruff>=0.6", "pyarrow>=14"],
     "gpu": ["jax[cuda12]"],
     "tpu": ["jax[tpu]"],
 }

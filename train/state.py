@@ -48,7 +48,8 @@ def graft_params(fresh: Any, loaded: Mapping[str, Any]) -> tuple[Any, list[str],
     """(`fresh` with every leaf that `loaded` holds at the same path replaced by it (cast to the fresh leaf's dtype),
     paths of the fresh leaves `loaded` lacks (kept as initialised), paths of `loaded` leaves `fresh` has no place
     for). Both are plain (unboxed) parameter trees of nested dicts; paths are "/"-joined ("layers_0/attention/
-    query/kernel"). ValueError naming the path and both shapes when a leaf's shape differs."""
+    query/kernel"). A loaded jax.Array is kept on its devices with its sharding (no host copy); other leaves become
+    numpy. ValueError naming the path and both shapes when a leaf's shape differs."""
     source = _flat(loaded)
     missing: list[str] = []
 
@@ -62,7 +63,9 @@ def graft_params(fresh: Any, loaded: Mapping[str, Any]) -> tuple[Any, list[str],
             raise ValueError(
                 f"init_from parameter {name} has shape {tuple(value.shape)} but the model's is {tuple(leaf.shape)}"
             )
-        return np.asarray(jax.device_get(value)).astype(leaf.dtype, copy=False)
+        if isinstance(value, jax.Array):  # stays where it is (e.g. sharded as loaded), cast on its devices
+            return value if value.dtype == leaf.dtype else value.astype(leaf.dtype)
+        return np.asarray(value).astype(leaf.dtype, copy=False)
 
     grafted = jax.tree_util.tree_map_with_path(one, fresh)
     unused = sorted(set(source) - set(_flat(fresh)))

@@ -352,13 +352,15 @@ def init_source_kind(init_from: str, *, save_hf: bool = False) -> str:
 def start_from_checkpoint(s: Setup, layout: StateLayout, state: TrainState) -> TrainState:
     """The fresh `state` with the parameters of config.init_from (a Hugging Face directory or a workdir's latest
     checkpoint) and a fresh optimizer state. Parameters the checkpoint lacks keep their init and are listed once.
+    A Hugging Face checkpoint loads straight into the state's parameter shardings (no full host copy per device).
 
     Raises ConfigError: a model config that differs from the Hugging Face checkpoint's (naming the fields), or a
     parameter whose shape differs (naming its path and both shapes).
     """
     log, source = _printer(s.is_primary), os.path.expanduser(s.config.init_from)
     if init_source_kind(s.config.init_from, save_hf=bool(s.config.get("save_hf"))) == "hf":
-        hf_model, loaded, _, _ = pretrained.load(source)
+        # Each parameter straight into the train state's sharding: every device reads only its block of the file.
+        hf_model, loaded, _, _ = pretrained.load(source, shardings=layout.state_shardings.params)
         differences = hf_model_differences(s.task.model, hf_model, attention=bool(s.config.get("save_hf")))
         if differences:
             why = "; save_hf=True needs the checkpoint's architecture" if s.config.get("save_hf") else ""
@@ -369,10 +371,10 @@ def start_from_checkpoint(s: Setup, layout: StateLayout, state: TrainState) -> T
     else:
         from . import run as run_api  # the run API imports this module
 
-        loaded = run_api.load_run(source).params
+        loaded = jax.device_get(run_api.load_run(source).params)
         loaded = {key: value for key, value in loaded.items() if key != techniques.TECHNIQUE_PARAMS}
     try:
-        params, missing, unused = graft_params(jax.device_get(state.params), loaded)
+        params, missing, unused = graft_params(state.params, loaded)
     except ValueError as error:
         raise ConfigError(str(error)) from None
     if missing:

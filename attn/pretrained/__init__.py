@@ -3,7 +3,7 @@ Mistral and Qwen2 models as `attn.models.DecoderLM` models, of BERT encoders (Mi
 and of ViTModel image encoders as `attn.models.ViT`.
 
     from attn import pretrained
-    model, params, tokenizer, hf_config = pretrained.load("path/to/model")        # optional dtype=, mesh=
+    model, params, tokenizer, hf_config = pretrained.load("path/to/model")        # optional dtype=, mesh=, shardings=
     pretrained.save("path/to/copy", model, params, hf_config, tokenizer=tokenizer)
 
 Supported architectures: `pretrained.ARCHITECTURES` (BertModel, GPT2LMHeadModel, LlamaForCausalLM,

@@ -10,6 +10,7 @@ names it, so no setting is silently dropped.
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
@@ -66,6 +67,9 @@ class Architecture:
     example_input(config) -> array: an input the model is initialised with to find its parameter shapes (default
       tokens int32 [1, 1]; images for a vision model).
     unsupported_tensors: checkpoint tensors of a variant the model cannot express -> why (added to the error).
+    fit_to_tensors(model, file_of) -> model: the variant of the config's model that the checkpoint's tensors
+      describe where config.json does not say (e.g. a BertModel / ViTModel saved without its pooler); `file_of` maps
+      every tensor name of the checkpoint to its safetensors file. Default: the model unchanged.
     """
 
     name: str
@@ -76,6 +80,25 @@ class Architecture:
     optional_prefix: str = ""
     example_input: Callable[[Mapping[str, Any]], Any] = lambda config: np.zeros((1, 1), np.int32)
     unsupported_tensors: Mapping[str, str] = dataclasses.field(default_factory=dict, hash=False)
+    fit_to_tensors: Callable[[nn.Module, Mapping[str, pathlib.Path]], nn.Module] = lambda model, file_of: model
+
+
+def fit_pooler(model: nn.Module, file_of: Mapping[str, pathlib.Path], prefix: str = "pooler.dense.") -> nn.Module:
+    """`model` (with `cls_pooler`) without its pooler when the checkpoint holds neither `{prefix}weight` nor
+    `{prefix}bias` (transformers' `add_pooling_layer=False`, which config.json does not record); unchanged when it
+    holds both. ValueError naming the file and the tensor when it holds only one of them."""
+    names = (f"{prefix}weight", f"{prefix}bias")
+    present = [name for name in names if name in file_of]
+    if len(present) == 2:
+        return model
+    if not present:
+        return model.clone(cls_pooler=False)
+    (found,) = present
+    (absent,) = set(names) - {found}
+    raise ValueError(
+        f"checkpoint tensor {found!r} in {file_of[found]} is half a pooler: {absent!r} is missing (a pooler needs "
+        "both its weight and its bias; a checkpoint saved with add_pooling_layer=False has neither)"
+    )
 
 
 def check_keys(config: Mapping[str, Any], architecture: str, known: Collection[str]) -> None:

@@ -9,6 +9,8 @@
 `head="embedding"` gives the masked mean of the last hidden states, sentence-transformers' mean pooling (its
 all-MiniLM-L6-v2 pipeline then L2-normalises). Padding: `lengths` (BERT's attention_mask as a valid prefix per row).
 Only `position_embedding_type="absolute"` encoders are supported (no decoder / cross-attention variants).
+A BertModel saved without its pooler (`add_pooling_layer=False`, which config.json does not record) is recognised by
+its tensors (no pooler.dense.*) and loads with cls_pooler=False; saving it writes no pooler.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from attn.models.encoder import Encoder
-from attn.pretrained.architecture import Architecture, check_keys, positive_int, require
+from attn.pretrained.architecture import Architecture, check_keys, fit_pooler, positive_int, require
 from attn.pretrained.layouts import TensorRule, linear_rules, norm_rules
 
 NAME = "BertModel"
@@ -81,13 +83,14 @@ def build_model(config: Mapping[str, Any], dtype: Any) -> Encoder:
 
 
 def tensor_rules(model: Encoder, config: Mapping[str, Any]) -> list[TensorRule]:
-    """Where each Encoder parameter sits in a BertModel checkpoint."""
+    """Where each Encoder parameter sits in a BertModel checkpoint (pooler.dense only with `cls_pooler`)."""
     rules = [
         TensorRule("embeddings.word_embeddings.weight", ("embedding", "embedding"), groups=(1, 1)),
         TensorRule("embeddings.position_embeddings.weight", ("position_embedding", "embedding"), groups=(1, 1)),
         *norm_rules("embeddings.LayerNorm", ("embedding_norm",)),
-        *linear_rules("pooler.dense", ("pooler",), (1, 1), bias=True),
     ]
+    if model.cls_pooler:
+        rules += linear_rules("pooler.dense", ("pooler",), (1, 1), bias=True)
     if model.token_types:
         rules.append(
             TensorRule("embeddings.token_type_embeddings.weight", ("token_type_embedding", "embedding"), groups=(1, 1))
@@ -111,5 +114,10 @@ def _no_parameter(name: str) -> bool:
 
 
 BERT = Architecture(
-    name=NAME, model_type="bert", build_model=build_model, tensor_rules=tensor_rules, no_parameter=_no_parameter
+    name=NAME,
+    model_type="bert",
+    build_model=build_model,
+    tensor_rules=tensor_rules,
+    no_parameter=_no_parameter,
+    fit_to_tensors=fit_pooler,
 )

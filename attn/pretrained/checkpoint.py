@@ -7,8 +7,9 @@
 A directory holds config.json, model.safetensors or model.safetensors.index.json with its shards, and optionally
 tokenizer.json. `load` reads config.json through the architecture's explicit translation (attn.pretrained.gpt2,
 .llama, .mistral, .qwen2), checks that the checkpoint holds exactly the tensors the model needs, with the shapes it
-needs, and reads each parameter from its tensor. Given a mesh, each parameter is created as a sharded array whose
-devices read only their own block of the tensor (safetensors slices), never a full host copy per device.
+needs, and reads each parameter from its tensor. Given a mesh (or `shardings`, e.g. a train state's), each parameter
+is created as a sharded array whose devices read only their own block of the tensor (safetensors slices), never a
+full host copy per device.
 """
 
 from __future__ import annotations
@@ -164,6 +165,7 @@ def load(
     dtype: Any = None,
     mesh: jax.sharding.Mesh | None = None,
     axis_rules: Any = None,
+    shardings: Any = None,
 ) -> tuple[nn.Module, dict[str, Any], Any, dict[str, Any]]:
     """Load a Hugging Face model directory.
 
@@ -175,6 +177,11 @@ def load(
         axes (`attn.core.sharding.shardings_for` with `axis_rules`, default `attn.core.sharding.DEFAULT_RULES`),
         and each device's block is read straight from the file. None gives arrays on the default device.
       axis_rules: logical-axis rules for `mesh` (anything `attn.core.sharding.logical_rules` accepts).
+      shardings: the placement of parameters by their path, a tree of nested dicts like the params whose leaves are
+        `jax.sharding.Sharding`s (e.g. a train state's parameter shardings, for fine-tuning): each parameter it
+        holds is created with that sharding, each device (of every process) reading only its block; it takes
+        precedence over `mesh`. Parameters it lacks, or whose shape its sharding cannot tile (a model that differs
+        from the checkpoint's), are placed as without it.
     Returns:
       (model, params, tokenizer, hf_config): an `attn.models.DecoderLM` (an `attn.models.Encoder` for BertModel, an
         `attn.models.ViT` for ViTModel),
@@ -188,11 +195,11 @@ def load(
     hf_config = read_config(path)
     arch = architecture_of(hf_config)
     with SafetensorsFiles(path) as files:
-        model = arch.build_model(hf_config, np.float32)
+        model = arch.fit_to_tensors(arch.build_model(hf_config, np.float32), files.file_of)
         tensor_rules = _resolve_names(arch, arch.tensor_rules(model, hf_config), files)
         if dtype is None:
             dtype = files.dtype(tensor_rules[0].name)
-        model = arch.build_model(hf_config, jnp.dtype(dtype))
+        model = arch.fit_to_tensors(arch.build_model(hf_config, jnp.dtype(dtype)), files.file_of)
         abstract = _flat(abstract_params(model, arch.example_input(hf_config)))
         shapes = {key: tuple(_unboxed(leaf).shape) for key, leaf in abstract.items()}
         covered = {rule.path for rule in tensor_rules}
@@ -203,10 +210,13 @@ def load(
             )
         _check_tensors(arch, tensor_rules, shapes, files)
         _check_tied_head(tensor_rules, files, getattr(model, "tie_embeddings", False))
-        shardings = None
+        placements = {}
         if mesh is not None:
             placed = shardings_for(list(abstract.values()), mesh, axis_rules or DEFAULT_RULES)
-            shardings = dict(zip(abstract, placed, strict=True))
+            placements = dict(zip(abstract, placed, strict=True))
+        if shardings is not None:
+            given = _flat(shardings)
+            placements.update({key: given[key] for key in shapes if key in given and _tiles(given[key], shapes[key])})
         flat = {}
         target = jnp.dtype(dtype)
         for rule in tensor_rules:
@@ -215,12 +225,23 @@ def load(
             def block(index: Any, rule: TensorRule = rule, shape: tuple[int, ...] = shape) -> np.ndarray:
                 return read_block(files, rule, shape, index).astype(target, copy=False)
 
-            if shardings is None:
-                flat[rule.path] = jnp.asarray(block(None))
+            if rule.path in placements:
+                flat[rule.path] = jax.make_array_from_callback(shape, placements[rule.path], block)
             else:
-                flat[rule.path] = jax.make_array_from_callback(shape, shardings[rule.path], block)
+                flat[rule.path] = jnp.asarray(block(None))
     tokenizer = load_tokenizer(path) if (path / TOKENIZER_FILE).is_file() else None
     return model, _nest(flat), tokenizer, hf_config
+
+
+def _tiles(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> bool:
+    """Whether `sharding` can place an array of `shape` (its rank fits and its tiling divides every axis)."""
+    if not isinstance(sharding, jax.sharding.Sharding):
+        raise ValueError(f"shardings holds {sharding!r}; expected jax.sharding.Sharding leaves")
+    try:
+        sharding.shard_shape(shape)
+    except (ValueError, IndexError):
+        return False
+    return True
 
 
 def _nest(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
@@ -269,10 +290,12 @@ def save(
     if len(dtypes) != 1:
         raise ValueError(f"params mix dtypes {sorted(map(str, dtypes))}; expected one parameter dtype to save")
     (dtype,) = dtypes
-    differences = _differences(model, arch.build_model(hf_config, model.param_dtype))
+    tensor_rules = arch.tensor_rules(model, hf_config)
+    # The variant (e.g. without a pooler) that the tensors `model` writes describe, as `load` would find it.
+    written = dict.fromkeys((rule.name for rule in tensor_rules), pathlib.Path(path))
+    differences = _differences(model, arch.fit_to_tensors(arch.build_model(hf_config, model.param_dtype), written))
     if differences:
         raise ValueError(f"model differs from the {arch.name} that hf_config describes: {'; '.join(differences)}")
-    tensor_rules = arch.tensor_rules(model, hf_config)
     expected = {rule.path for rule in tensor_rules}
     if set(flat) != expected:
         extra, absent = sorted(set(flat) - expected), sorted(expected - set(flat))

@@ -16,8 +16,9 @@ Layouts: the Conv2d weight [E, C, p, p] is the flax Conv kernel [p, p, C, E] wit
 `permute=(2, 3, 1, 0)`; both are cross-correlations, so no flip); position_embeddings [1, N + 1, E] and
 cls_token [1, 1, E] map by reshape. The model is fixed to `image_size` (positions are not interpolated, as
 transformers' `interpolate_pos_encoding=True` would). Not supported: checkpoints saved with `use_mask_token=True`
-(their `embeddings.mask_token` has no parameter here), ViTModel without its pooler (`add_pooling_layer=False`),
-and ViTForMaskedImageModeling.
+(their `embeddings.mask_token` has no parameter here) and ViTForMaskedImageModeling. A ViTModel saved without its
+pooler (`add_pooling_layer=False`, which config.json does not record) is recognised by its tensors (no pooler.dense.*)
+and loads as a ViT with cls_pooler=False; saving it writes no pooler.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from attn.models.vit import ViT
-from attn.pretrained.architecture import Architecture, check_keys, positive_int, require
+from attn.pretrained.architecture import Architecture, check_keys, fit_pooler, positive_int, require
 from attn.pretrained.layouts import TensorRule, linear_rules, norm_rules
 
 NAME = "ViTModel"
@@ -134,8 +135,9 @@ def example_input(config: Mapping[str, Any]) -> np.ndarray:
 
 
 def tensor_rules(model: ViT, config: Mapping[str, Any]) -> list[TensorRule]:
-    """Where each ViT parameter sits in a ViTModel checkpoint."""
-    return [*_encoder_rules(model, ""), *linear_rules("pooler.dense", ("pooler",), (1, 1), bias=True)]
+    """Where each ViT parameter sits in a ViTModel checkpoint (pooler.dense only with `cls_pooler`)."""
+    pooler = linear_rules("pooler.dense", ("pooler",), (1, 1), bias=True) if model.cls_pooler else []
+    return [*_encoder_rules(model, ""), *pooler]
 
 
 def classifier_rules(model: ViT, config: Mapping[str, Any]) -> list[TensorRule]:
@@ -179,6 +181,7 @@ VIT = Architecture(
     tensor_rules=tensor_rules,
     example_input=example_input,
     unsupported_tensors={"embeddings.mask_token": _MASK_TOKEN},
+    fit_to_tensors=fit_pooler,
 )
 VIT_CLASSIFIER = Architecture(
     name=CLASSIFIER_NAME,

@@ -4,10 +4,12 @@ load of each, shared by the tests of attn.pretrained."""
 from __future__ import annotations
 
 import functools
+import json
 import pathlib
 from typing import Any
 
 import numpy as np
+from safetensors import safe_open
 
 from attn import pretrained
 
@@ -29,3 +31,20 @@ def reference(name: str) -> dict[str, np.ndarray]:
 def loaded(name: str) -> tuple[Any, Any, Any, dict[str, Any]]:
     """pretrained.load of fixture `name` (model, params, tokenizer, hf_config), loaded once per test session."""
     return pretrained.load(fixture_dir(name))
+
+
+def tensor_bytes(directory: pathlib.Path) -> dict[str, tuple[str, list[int], bytes]]:
+    """name -> (safetensors dtype, shape, raw bytes) over every safetensors file of `directory`: names, dtypes and
+    shapes from the safetensors package, the bytes from the offsets of the file's header (the format's spec)."""
+    out = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        raw = file.read_bytes()
+        header_length = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8 : 8 + header_length])
+        with safe_open(str(file), framework="numpy") as handle:
+            for name in handle.keys():
+                piece = handle.get_slice(name)
+                begin, end = header[name]["data_offsets"]
+                data = raw[8 + header_length + begin : 8 + header_length + end]
+                out[name] = (piece.get_dtype(), piece.get_shape(), data)
+    return out

@@ -12,31 +12,14 @@ import pytest
 from safetensors import safe_open
 
 from attn import pretrained
-from tests.pretrained.fixtures import fixture_dir, loaded, reference
-
-
-def _tensors(directory) -> dict[str, tuple[str, list[int], bytes]]:
-    """name -> (safetensors dtype, shape, raw bytes) over every safetensors file of `directory`: names, dtypes and
-    shapes from the safetensors package, the bytes from the offsets of the file's header (the format's spec)."""
-    out = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        raw = file.read_bytes()
-        header_length = int.from_bytes(raw[:8], "little")
-        header = json.loads(raw[8 : 8 + header_length])
-        with safe_open(str(file), framework="numpy") as handle:
-            for name in handle.keys():
-                piece = handle.get_slice(name)
-                begin, end = header[name]["data_offsets"]
-                data = raw[8 + header_length + begin : 8 + header_length + end]
-                out[name] = (piece.get_dtype(), piece.get_shape(), data)
-    return out
+from tests.pretrained.fixtures import fixture_dir, loaded, reference, tensor_bytes
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama", "llama_llama3", "mistral", "qwen2", "bert", "vit", "vit_classifier"])
 def test_round_trip_is_bit_equal(tmp_path, name):
     model, params, tokenizer, hf_config = loaded(name)
     pretrained.save(tmp_path, model, params, hf_config, tokenizer=tokenizer)
-    original, copy = _tensors(fixture_dir(name)), _tensors(tmp_path)
+    original, copy = tensor_bytes(fixture_dir(name)), tensor_bytes(tmp_path)
     assert sorted(copy) == sorted(original)
     for tensor, (dtype, shape, data) in original.items():
         assert copy[tensor][:2] == (dtype, shape), tensor
@@ -56,7 +39,7 @@ def test_sharded_save_writes_an_index_and_loads_back(tmp_path):
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1 and all((tmp_path / shard).is_file() for shard in shards)
     assert not (tmp_path / "model.safetensors").exists()
-    assert _tensors(tmp_path) == _tensors(fixture_dir("gpt2"))
+    assert tensor_bytes(tmp_path) == tensor_bytes(fixture_dir("gpt2"))
     _, again, tokenizer, _ = pretrained.load(tmp_path)
     assert tokenizer is None  # saved without one
     np.testing.assert_array_equal(
@@ -76,7 +59,7 @@ def test_bfloat16_load_save_load(tmp_path):
     for file in sorted(fixture_dir("llama").glob("*.safetensors")):
         with safe_open(str(file), framework="numpy") as handle:
             original.update({name: handle.get_tensor(name) for name in handle.keys()})
-    saved = _tensors(tmp_path)
+    saved = tensor_bytes(tmp_path)
     for tensor, value in original.items():
         dtype, shape, data = saved[tensor]
         assert (dtype, shape) == ("BF16", list(value.shape))

@@ -163,6 +163,43 @@ def test_parquet_records_round_trip(tmp_path, records):
     assert source.corpus.train.tobytes() == b"\x00".join(t.encode("utf-8") for t in records[:-1])
 
 
+def test_parquet_directory_reads_its_files_in_name_order_over_row_groups(tmp_path, records):
+    """Two files (the later name written first), several row groups and another column: the corpus is the `body`
+    records of a.parquet then b.parquet, split 7 train / 5 valid like the JSON-lines corpus of the same records."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"id": list(range(5, 12)), "body": records[5:]}), tmp_path / "b.parquet", row_group_size=3)
+    pq.write_table(pa.table({"id": list(range(5)), "body": records[:5]}), tmp_path / "a.parquet", row_group_size=2)
+    assert pq.ParquetFile(tmp_path / "b.parquet").num_row_groups == 3
+    (tmp_path / "notes.txt").write_text("not a record file", encoding="utf-8")
+    options = dict(batch_size=4, seq_len=8, seed=0, path=str(tmp_path), format="parquet", field="body")
+    source = make_source("text", valid_fraction=0.4, **options)
+    assert source.corpus.train.tobytes() == b"\x00".join(t.encode("utf-8") for t in records[:7])
+    assert source.corpus.valid.tobytes() == b"\x00".join(t.encode("utf-8") for t in records[7:])
+    batch = source.next_batch()
+    for row in range(4):
+        window = bytes(batch["inputs"][row].astype(np.uint8)) + bytes([batch["targets"][row, -1]])
+        assert window in source.corpus.train.tobytes()
+
+
+def test_parquet_errors_name_the_file_column_and_row(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    options = dict(batch_size=2, seq_len=4, format="parquet")
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"body": ["fine", "also fine"]}), path)
+    with pytest.raises(
+        ValueError, match=r"t.parquet: the table has no column field='text' \(its columns: \['body'\]\)"
+    ):
+        make_source("text", path=str(path), **options)
+    pq.write_table(pa.table({"text": ["fine", None, "x"]}), path)
+    with pytest.raises(ValueError, match=r"t.parquet row 1: field='text' must be a string, got NoneType"):
+        make_source("text", path=str(path), **options)
+    pq.write_table(pa.table({"text": [1, 2]}), path)
+    with pytest.raises(ValueError, match=r"t.parquet row 0: field='text' must be a string, got int"):
+        make_source("text", path=str(path), **options)
+
+
 def test_iterator_state_must_match_the_step():
     source = make_source("passkey", batch_size=2, seq_len=32, seed=0)
     with pytest.raises(ValueError, match=r"state\['iterator'\]=\{'next_index': 5\} must be grain's iterator state"):
