@@ -7,10 +7,11 @@ ring_attention (Ring Attention, Liu et al. 2023; zig-zag load balancing as in Ll
   ring-flash-attention): every device keeps its query block and passes its key/value block around the ring of
   the `axis` devices with `ppermute`; after P steps every query block has seen every key block, and the P partial
   results are combined by their log-sum-exp with the shared associative merge (attn.core.lse_merge.merge).
-  Masks come from the tokens' global positions and segment ids, which travel with the keys, so any layout works.
   With `load_balance=True` (causal) the sequence is cut into 2P chunks and device i holds chunks i and 2P-1-i
-  (zig-zag), so each device has the same number of visible (query chunk, key chunk) pairs; a pair with no visible
-  key is skipped (`lax.cond`), which is where the balance pays off.
+  (zig-zag), so each device has the same number of visible (query chunk, key chunk) pairs. Every chunk is a
+  contiguous run of positions, so a pair is fully visible, the causal diagonal or skipped (`lax.switch` on the
+  chunk indices), and each block's mask is structured: a causal flag, the segment ids (which travel with the
+  keys) and the key chunk's real length (padding) — never a dense block mask.
 ulysses_attention (DeepSpeed-Ulysses, Jacobs et al. 2023): an all-to-all turns the sequence-sharded q/k/v
   [B, T/P, H, D] into head-sharded [B, T, H/P, D], each device runs ordinary attention over the full sequence for
   its heads, and a second all-to-all turns the output back. Needs H % P == 0; key/value heads are repeated to the
@@ -19,9 +20,11 @@ ulysses_attention (DeepSpeed-Ulysses, Jacobs et al. 2023): an all-to-all turns t
 Both take global arrays q [B, T, H, D], k/v [B, T, KVH, D] (sharded along T over `axis` or not; the result is
 sharded along T), `causal`, `segment_ids` int [B, T], and pad T up to a multiple of P (2P for the zig-zag) with
 keys no query sees. Per device, the ring holds O(T/P) keys at a time and the Ulysses step O(T) keys for H/P heads:
-activation memory per device falls as 1/P for both. Each per-device block runs `softmax_attention` with the given
-`implementation` (the XLA path with a dense block mask built from positions; kernels that take such masks
-are not wired here yet).
+activation memory per device falls as 1/P for both. Each per-device block runs with the given `implementation`:
+None picks the Pallas flash kernel on GPU/TPU (attn.core.kernels.flash_unavailable says where it cannot) and
+`softmax_attention`'s fastest path elsewhere. The kernel returns its lse as a statistic without a gradient, but the
+ring's merge needs one; the ring wraps the kernel in a custom VJP that adds the lse term (two more kernel calls per
+block in the backward pass: the forward with k as the values and that call's value-gradient).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, PartitionSpec
 
+from attn.core import dispatch, kernels
 from attn.core.lse_merge import merge
 from attn.core.masks import Mask
 from attn.core.softmax import softmax_attention
@@ -105,33 +109,56 @@ def zigzag_permutation(length: int, parts: int) -> jax.Array:
     return jnp.concatenate([jnp.arange(c * chunk, (c + 1) * chunk) for c in order])
 
 
-def _allowed(q_pos: Array, kv_pos: Array, q_seg: Array, kv_seg: Array, causal: bool) -> Array:
-    """bool [B, Tq, Tk]: key j is a real token (position >= 0), in the query's segment, and (causal) not later."""
-    allowed = (kv_pos[:, None, :] >= 0) & (q_seg[:, :, None] == kv_seg[:, None, :])
-    if causal:
-        allowed &= kv_pos[:, None, :] <= q_pos[:, :, None]
-    return allowed
+def _flash_lse_call(scale, q, k, v, mask, return_lse):
+    return kernels.flash_attention_call(
+        q, k, v, mask, bias=None, scale=scale, softcap=None, sinks=None, return_lse=return_lse
+    )
 
 
-def _block(q, k, v, allowed, scale, implementation):
-    """(o float32 [B, Tq, H, Dv], lse float32 [B, Tq, H]) of q over one key block; (0, -inf) where nothing is
-    visible, and the whole block skipped when no pair is."""
-    batch, q_len, heads, _ = q.shape
-    value_dim = v.shape[-1]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash_with_lse(scale: float, q: Array, k: Array, v: Array, mask: Mask) -> tuple[Array, Array]:
+    """The flash kernel's (out [B, Tq, H, D], lse f32 [B, H, Tq]) with the lse differentiable.
 
-    def compute(q, k, v, allowed):
-        out, aux = softmax_attention(
-            q, k, v, mask=allowed[:, None], scale=scale, return_lse=True, implementation=implementation
-        )
-        return out.astype(jnp.float32), jnp.swapaxes(aux["lse"], 1, 2).astype(jnp.float32)
+    The kernel returns its lse as a statistic (no gradient), but the ring's merge weights every block by
+    exp(lse_block - lse), so the lse cotangent g must reach q and k: d lse_i / d s_ij = p_ij with s = scale q k^T
+    gives dq_i += scale g_i sum_j p_ij k_j (the kernel's forward with k as the values) and
+    dk_j += scale sum_i p_ij g_i q_i (the value-gradient of that call at cotangent scale g q)."""
+    out, aux = _flash_lse_call(scale, q, k, v, mask, True)
+    return out, aux["lse"]
 
-    def empty(q, k, v, allowed):
-        return (
-            jnp.zeros((batch, q_len, heads, value_dim), jnp.float32),
-            jnp.full((batch, q_len, heads), -jnp.inf, jnp.float32),
-        )
 
-    return jax.lax.cond(jnp.any(allowed), compute, empty, q, k, v, allowed)
+def _flash_with_lse_fwd(scale, q, k, v, mask):
+    return _flash_with_lse(scale, q, k, v, mask), (q, k, v, mask)
+
+
+def _flash_with_lse_bwd(scale, residuals, cotangents):
+    q, k, v, mask = residuals
+    d_out, d_lse = cotangents
+    _, vjp = jax.vjp(lambda q, k, v: _flash_lse_call(scale, q, k, v, mask, False), q, k, v)
+    dq, dk, dv = vjp(d_out.astype(q.dtype))
+    weights = scale * jnp.swapaxes(d_lse, 1, 2)[..., None].astype(jnp.float32)  # [B, Tq, H, 1]
+    pk, vjp_value = jax.vjp(lambda value: _flash_lse_call(scale, q, k, value, mask, False), k)
+    (dk_lse,) = vjp_value((weights * q.astype(jnp.float32)).astype(q.dtype))
+    dq = (dq.astype(jnp.float32) + weights * pk.astype(jnp.float32)).astype(q.dtype)
+    dk = (dk.astype(jnp.float32) + dk_lse.astype(jnp.float32)).astype(k.dtype)
+    return dq, dk, dv, None
+
+
+_flash_with_lse.defvjp(_flash_with_lse_fwd, _flash_with_lse_bwd)
+
+
+def _block(q, k, v, mask, scale, implementation):
+    """(o float32 [B, Tq, H, Dv], lse float32 [B, Tq, H]) of q over one key block under a structured `mask`: the
+    Pallas flash kernel where `implementation` (None or "pallas") and the platform allow it, else
+    `softmax_attention(implementation=...)`; (0, -inf) for rows with no visible key."""
+    if implementation in (None, "pallas"):
+        reason = kernels.flash_unavailable(q, v, mask, dropout_rate=0.0, return_probs=False, q_offset=0)
+        if reason is None:
+            dispatch.log_choice_once("ring_attention block", "pallas", "flash kernel with a differentiable lse")
+            out, lse = _flash_with_lse(q.shape[-1] ** -0.5 if scale is None else float(scale), q, k, v, mask)
+            return out.astype(jnp.float32), jnp.swapaxes(lse, 1, 2).astype(jnp.float32)
+    out, aux = softmax_attention(q, k, v, mask=mask, scale=scale, return_lse=True, implementation=implementation)
+    return out.astype(jnp.float32), jnp.swapaxes(aux["lse"], 1, 2).astype(jnp.float32)
 
 
 def ring_attention(
@@ -145,7 +172,7 @@ def ring_attention(
     segment_ids: Array | None = None,
     scale: float | None = None,
     load_balance: bool | None = None,
-    implementation: str | None = "xla",
+    implementation: str | None = None,
     batch_axes: str | tuple[str, ...] | None = None,
 ) -> Array:
     """Ring attention over mesh axis `axis`: q [B, T, H, D], k/v [B, T, KVH, D] -> [B, T, H, Dv] in q.dtype.
@@ -156,11 +183,12 @@ def ring_attention(
       causal: key j visible to query i only if j <= i. segment_ids: int [B, T], attend only within a segment.
       scale: logit scale (default 1/sqrt(D)).
       load_balance: zig-zag layout (default: on when causal and P > 1); off keeps P contiguous blocks.
-      implementation: the per-block `softmax_attention` backend (its dense block mask needs the XLA path).
+      implementation: the per-block backend: None (the Pallas flash kernel on GPU/TPU where it serves the block,
+        else the fastest `softmax_attention` path), "pallas" (the kernel; raises where it cannot run), "xla",
+        "xla_blockwise", "cudnn" as in `softmax_attention`.
       batch_axes: mesh axes the batch is split over (e.g. ("data", "fsdp") in the trainer), None: replicated.
     """
-    heads, _ = check_qkv(q, k, v)
-    del heads
+    check_qkv(q, k, v)
     _check_self_attention(q, k)
     _check_segments(segment_ids, q)
     parts = _axis_size(mesh, axis)
@@ -168,40 +196,69 @@ def ring_attention(
     batch, length = q.shape[:2]
     chunks = 2 * parts if balance else parts
     padded = -(-length // chunks) * chunks
-    positions = jnp.broadcast_to(jnp.arange(padded, dtype=jnp.int32), (batch, padded))
-    positions = jnp.where(positions < length, positions, -1)  # padding: keys no query sees
     segments = jnp.zeros((batch, length), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
     q, k, v, segments = (_pad_length(x, padded) for x in (q, k, v, segments))
     order = zigzag_permutation(padded, parts) if balance else None
     if order is not None:
-        q, k, v, positions, segments = (jnp.take(x, order, axis=1) for x in (q, k, v, positions, segments))
+        q, k, v, segments = (jnp.take(x, order, axis=1) for x in (q, k, v, segments))
 
     body = functools.partial(
-        _ring_body, axis=axis, parts=parts, causal=causal, scale=scale, pieces=2 if balance else 1,
-        implementation=implementation,
+        _ring_body, axis=axis, parts=parts, causal=causal, scale=scale, pieces=2 if balance else 1, length=length,
+        use_segments=segment_ids is not None, implementation=implementation,
     )  # fmt: skip
     seq = PartitionSpec(batch_axes, axis)
-    out = jax.shard_map(body, mesh=mesh, in_specs=(seq,) * 5, out_specs=seq, check_vma=False)(
-        q, k, v, positions, segments
-    )
+    out = jax.shard_map(body, mesh=mesh, in_specs=(seq,) * 4, out_specs=seq, check_vma=False)(q, k, v, segments)
     if order is not None:
         out = jnp.take(out, jnp.argsort(order), axis=1)
     return out[:, :length]
 
 
-def _ring_body(q, k, v, positions, segments, *, axis, parts, causal, scale, pieces, implementation):
-    """Per device: q/k/v [B, T/P, ...], positions/segments [B, T/P]; `pieces` query/key chunks per block (2 for the
-    zig-zag layout, whose two chunks are far apart in the sequence, so pairs are skipped independently).
+def _ring_body(q, k, v, segments, *, axis, parts, causal, scale, pieces, length, use_segments, implementation):
+    """Per device: q/k/v [B, T/P, ...], segments [B, T/P]; `pieces` query/key chunks per block (2 for the zig-zag
+    layout: device d holds global chunks d and 2P-1-d; 1 for contiguous blocks: chunk d).
 
-    The P ring steps are one `lax.scan` (one traced step, whatever P); each step ends by passing the key/value block
-    on, so the last step's pass is one block of traffic more than strictly needed."""
+    Every chunk is a contiguous run of positions, so each (query chunk, key chunk) pair is fully visible (key
+    chunk earlier, or not causal), the causal diagonal (the same chunk: plain top-left causal), or skipped (key
+    chunk later, or all padding): a structured Mask (causal flag, segment ids, the key chunk's real length) that
+    the flash kernel takes, with no dense block mask. The key block held at ring step s came from device
+    (d - s) mod P. The P steps are one `lax.scan`; each step ends by passing the key/value block on, so the last
+    step's pass is one block of traffic more than strictly needed."""
     batch, local, heads, _ = q.shape
     piece = local // pieces
+    me = jax.lax.axis_index(axis)
     ring = [(i, (i + 1) % parts) for i in range(parts)]
-    block = jax.checkpoint(functools.partial(_block, scale=scale, implementation=implementation))
 
-    def step(carry, _):
-        o, lse, k, v, kv_pos, kv_seg = carry
+    def chunk(device, a):
+        return device if a == 0 else 2 * parts - 1 - device
+
+    def pair(q, k, v, q_seg, kv_seg, q_chunk, kv_chunk):
+        real = jnp.clip(length - kv_chunk * piece, 0, piece)  # keys of the chunk before the padding
+        fields = {"kv_lengths": jnp.full((batch,), real, jnp.int32)} if length < local * parts else {}
+        if use_segments:
+            fields.update(q_segment_ids=q_seg, kv_segment_ids=kv_seg)
+
+        def empty(*_):
+            return (
+                jnp.zeros((batch, piece, heads, v.shape[-1]), jnp.float32),
+                jnp.full((batch, piece, heads), -jnp.inf, jnp.float32),
+            )
+
+        def full(q, k, v):
+            return _block(q, k, v, Mask(**fields), scale, implementation)
+
+        def diagonal(q, k, v):
+            return _block(q, k, v, Mask(causal=True, **fields), scale, implementation)
+
+        if not causal:
+            return jax.lax.cond(real > 0, full, empty, q, k, v)
+        index = jnp.where((real == 0) | (kv_chunk > q_chunk), 0, jnp.where(kv_chunk == q_chunk, 2, 1))
+        return jax.lax.switch(index, (empty, full, diagonal), q, k, v)
+
+    pair = jax.checkpoint(pair)
+
+    def step(carry, s):
+        o, lse, k, v, kv_seg = carry
+        source = (me - s) % parts
         outs, lses = [], []
         for a in range(pieces):
             qa = slice(a * piece, (a + 1) * piece)
@@ -209,18 +266,22 @@ def _ring_body(q, k, v, positions, segments, *, axis, parts, causal, scale, piec
             lse_a = jnp.full((batch, piece, heads), -jnp.inf, jnp.float32)
             for b in range(pieces):
                 kb = slice(b * piece, (b + 1) * piece)
-                allowed = _allowed(positions[:, qa], kv_pos[:, kb], segments[:, qa], kv_seg[:, kb], causal)
-                o_ab, lse_ab = block(q[:, qa], k[:, kb], v[:, kb], allowed)
+                o_ab, lse_ab = pair(
+                    q[:, qa], k[:, kb], v[:, kb], segments[:, qa], kv_seg[:, kb], chunk(me, a), chunk(source, b)
+                )
                 o_a, lse_a = merge(o_a, lse_a, o_ab, lse_ab)
             outs.append(o_a)
             lses.append(lse_a)
         o, lse = merge(o, lse, jnp.concatenate(outs, axis=1), jnp.concatenate(lses, axis=1))
-        k, v, kv_pos, kv_seg = (jax.lax.ppermute(x, axis, ring) for x in (k, v, kv_pos, kv_seg))
-        return (o, lse, k, v, kv_pos, kv_seg), None
+        passed = (k, v, kv_seg) if use_segments else (k, v)
+        passed = tuple(jax.lax.ppermute(x, axis, ring) for x in passed)
+        k, v = passed[:2]
+        kv_seg = passed[2] if use_segments else kv_seg
+        return (o, lse, k, v, kv_seg), None
 
     o = jnp.zeros((batch, local, heads, v.shape[-1]), jnp.float32)
     lse = jnp.full((batch, local, heads), -jnp.inf, jnp.float32)
-    (o, _, *_), _ = jax.lax.scan(step, (o, lse, k, v, positions, segments), None, length=parts)
+    (o, *_), _ = jax.lax.scan(step, (o, lse, k, v, segments), jnp.arange(parts))
     return o.astype(q.dtype)
 
 

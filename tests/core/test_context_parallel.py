@@ -1,5 +1,7 @@
 """Ring and Ulysses attention on the fake CPU devices equal single-device softmax attention written in numpy
-(forward) and in plain jnp (gradients), causal or not, with GQA, segment ids and lengths that do not divide."""
+(forward) and in plain jnp (gradients), causal or not, with GQA, segment ids and lengths that do not divide; the
+ring's blocks reach the flash kernel with structured masks (pretending to be a GPU, as tests/core/
+test_kernel_dispatch.py does), and with the kernel in the Pallas interpreter the results are the same."""
 
 from __future__ import annotations
 
@@ -9,7 +11,10 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
+from attn.core import dispatch, kernels
 from attn.core.context_parallel import ring_attention, ulysses_attention, zigzag_permutation
+from attn.core.softmax import softmax_attention
+from tests.core.test_kernel_dispatch import fake_gpu  # noqa: F401 (a fixture: GPU platform, interpreted kernels)
 
 
 def _mesh(parts: int) -> Mesh:
@@ -97,6 +102,64 @@ def test_gradients_equal_single_device_attention(scheme):
     )(q, k, v)
     for name, got, want in zip("qkv", ours, reference, strict=True):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=4e-5, rtol=4e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("parts, length, causal", [(4, 3, False), (4, 5, True), (3, 7, True)])
+def test_short_lengths_whose_padding_fills_whole_chunks(parts, length, causal):
+    """T=3 over 4 devices (contiguous) or T=5 in 8 zig-zag chunks: some key chunks are all padding."""
+    q, k, v, _ = _inputs(batch=1, length=length, seed=2)
+    out = ring_attention(q, k, v, mesh=_mesh(parts), causal=causal)
+    np.testing.assert_allclose(np.asarray(out), numpy_attention(q, k, v, causal, None), atol=2e-5, rtol=2e-5)
+
+
+def _check_ring_against_reference(q, k, v, segments, implementation, tol):
+    """Causal ring attention over 2 devices: output against numpy, gradients (one vjp) against plain jnp."""
+
+    def ring(q, k, v):
+        mesh = _mesh(2)
+        return ring_attention(q, k, v, mesh=mesh, causal=True, segment_ids=segments, implementation=implementation)
+
+    cotangent = jax.random.normal(jax.random.key(7), q.shape)
+    out, vjp = jax.vjp(ring, q, k, v)
+    np.testing.assert_allclose(np.asarray(out), numpy_attention(q, k, v, True, np.asarray(segments)), atol=tol)
+    _, reference = jax.vjp(lambda *a: jnp_attention(*a, True, segments), q, k, v)
+    for name, got, want in zip("qkv", vjp(cotangent), reference(cotangent), strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2 * tol, rtol=2 * tol, err_msg=name)
+
+
+def test_ring_blocks_reach_the_flash_kernel_with_structured_masks(monkeypatch):
+    """On a GPU platform implementation=None sends every ring block to the flash-kernel entry with a structured Mask
+    (causal diagonal / fully visible, segment ids, the padded chunk's key length; never a dense mask). The kernel
+    entry here is the XLA reference, which checks the routing and the ring's own lse gradient (the kernel's lse is
+    a statistic without one) quickly; the interpreted kernel itself runs in the slow test below."""
+    masks = []
+
+    def kernel_entry(q, k, v, mask, *, bias, scale, softcap, sinks, return_lse):
+        assert bias is None and softcap is None and sinks is None
+        masks.append(mask)
+        return softmax_attention(q, k, v, mask=mask, scale=scale, return_lse=return_lse, implementation="xla")
+
+    monkeypatch.setattr(dispatch, "platform", lambda: "gpu")
+    monkeypatch.setattr(kernels, "flash_attention_call", kernel_entry)
+    q, k, v, segments = _inputs(batch=2, length=11, kv_heads=2, seed=3)
+    _check_ring_against_reference(q, k, v, segments, None, 2e-5)
+    assert masks and all(m.dense is None and m.q_segment_ids is not None and m.kv_lengths is not None for m in masks)
+    assert {m.causal for m in masks} == {True, False}  # the diagonal and the fully visible pairs
+
+
+def test_ring_pallas_request_raises_where_no_kernel_runs():
+    q, k, v, _ = _inputs(length=8)
+    with pytest.raises(ValueError, match=r"implementation='pallas' is not available.*platform 'cpu'"):
+        ring_attention(q, k, v, mesh=_mesh(2), causal=True, implementation="pallas")
+
+
+@pytest.mark.slow
+def test_ring_with_the_interpreted_flash_kernel_equals_single_device_attention(fake_gpu):  # noqa: F811
+    """The Pallas flash kernel (GPU backend in the interpreter, blocks of 16) per ring block: forward and
+    gradients of causal GQA attention with segment ids and a length that needs padding (11 over 4 zig-zag chunks)."""
+    q, k, v, segments = _inputs(batch=1, length=11, heads=2, kv_heads=1, seed=4)
+    _check_ring_against_reference(q, k, v, segments, "pallas", 2e-5)
+    assert "flash" in fake_gpu
 
 
 def test_jit_with_sharded_inputs_keeps_the_sequence_sharded():

@@ -25,8 +25,8 @@ def _env(devices: int) -> dict:
     return env
 
 
-def _train_command(workdir, *overrides):
-    return [sys.executable, "-m", "train", "--config", SMOKE, "--workdir", str(workdir), *overrides]
+def _train_command(workdir, *overrides, config=SMOKE):
+    return [sys.executable, "-m", "train", "--config", config, "--workdir", str(workdir), *overrides]
 
 
 def test_sigterm_saves_a_restorable_checkpoint_and_exits_0(tmp_path):
@@ -81,42 +81,54 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_cpu_processes_train_together(tmp_path):
-    workdir = tmp_path / "run"
+def run_processes(
+    workdir, *overrides, config: str = SMOKE, processes: int = 2, devices: int = 4, timeout: float = 300
+) -> list[str]:
+    """Launches `python -m train --config <config>` as `processes` CPU processes of `devices` fake devices each,
+    joined by `jax.distributed` on a free localhost port, with `overrides`; returns their outputs once all exited
+    (asserting each exited 0)."""
     port = _free_port()
-    processes = [
+    launched = [
         subprocess.Popen(
             _train_command(
                 workdir,
+                *overrides,
                 "--config.distributed.initialize=True",
                 f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-                "--config.distributed.num_processes=2",
+                f"--config.distributed.num_processes={processes}",
                 f"--config.distributed.process_id={index}",
+                config=config,
             ),
             cwd=REPO,
-            env=_env(4),  # 2 processes x 4 devices = the usual 8-device mesh
+            env=_env(devices),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
         )
-        for index in range(2)
+        for index in range(processes)
     ]
-    outputs = [""] * 2
+    outputs = [""] * processes
 
     def drain(i):
-        outputs[i], _ = processes[i].communicate(timeout=300)
+        outputs[i], _ = launched[i].communicate(timeout=timeout)
 
-    threads = [threading.Thread(target=drain, args=(i,)) for i in range(2)]
+    threads = [threading.Thread(target=drain, args=(i,)) for i in range(processes)]
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(timeout=320)
-    for process in processes:
+        thread.join(timeout=timeout + 20)
+    for process in launched:
         if process.poll() is None:
             process.kill()
-    for i, process in enumerate(processes):
+    for i, process in enumerate(launched):
         assert process.returncode == 0, f"process {i}:\n{outputs[i]}"
+    return outputs
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_train_together(tmp_path):
+    workdir = tmp_path / "run"
+    outputs = run_processes(workdir, devices=4)  # 2 processes x 4 devices = the usual 8-device mesh
     # Only process 0 prints progress and writes metrics; both took part in the checkpoint.
     assert "step 6/6" in outputs[0] and "step 6/6" not in outputs[1]
     assert "mesh {'data': 8}" in outputs[0]
