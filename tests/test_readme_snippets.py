@@ -27,6 +27,7 @@ SLOW_SECTIONS = (
     "On a Hugging Face checkpoint",
     "Learned eviction: attention_gate",
     "Modality-aware mechanisms: `moda`, `concept_centric`",
+    'Fine-grained vision: `dcal` [46] and `tcpa` (`train.data` "fine_grained")',
     "KV-cache policies: D2O, ZipCache; RSQ's attention-weighted GPTQ",
     "Retrieval: A²ATS",
     'Detection task: `configs/detect_tiny.py` (train.data "detection_scenes", model.kind "detector"), `focus_detr` [182]',

@@ -116,6 +116,10 @@ class ViT(nn.Module):
     token_pooling: None (default) or "tap": token-aware average pooling before every block's attention
       (attn.models.token_pooling, Guo et al. 2023 [148]; a `token_pooling` submodule in each `layers_<i>`), with
       `token_pooling_scales` dilations (official 4); needs pool != "cls" (TAP pools over the patch grid).
+
+    attention="dcal" (Zhu et al. 2022 [46]) runs attn.cross.dcal.classify instead of the plain stack: SA, a GLCA
+      block and (training only) the PWCA pass, with extra parameters `glca`, `glca_norm`, `glca_classifier` and
+      `dcal_loss_weights`; needs pool="cls".
     """
 
     num_classes: int
@@ -149,6 +153,10 @@ class ViT(nn.Module):
     @nn.compact
     def __call__(self, images: jax.Array, *, deterministic: bool = True) -> jax.Array:
         grid = self._grid(images)
+        if "dcal" in per_layer_mechanisms(self.attention, self.num_layers):  # DCAL's branches (attn.cross.dcal)
+            from attn.cross import dcal
+
+            return dcal.classify(self, images, grid, deterministic=deterministic)
         x = embed_patches(self, images, grid, cls_token=self.pool == "cls", deterministic=deterministic)
         # Only a class-token-free sequence maps onto the patch grid that spatial mechanisms need.
         block = TransformerBlock

@@ -23,6 +23,7 @@ Sources (vocabulary / output):
   emphasis_qa     recall where one emphasised sentence decides the answer (steering), vocab 4 + n + 2s + s^2
   mil_bags        multiple-instance bags of feature vectors (seq_len instances), bag and instance labels
   detection_scenes  coloured squares on clutter: object centres [M, 2], classes and a validity mask
+  fine_grained    one shared body per image; the colour and place of a small part on it is the class (fine-grained)
   gcog            gCOG task trees about objects on a 10x10 grid, with distractor/systematic/productive OOD tests
   video_clips     "what colour is the shape in frame <k>" about a clip of moving squares (frames stacked), vocab 29
   aspect_sentiment  the polarity of the opinion words tied to a queried aspect (evidence positions kept), 2 classes
@@ -39,6 +40,7 @@ from .aspect_sentiment import AspectSentimentSource
 from .base import SPLITS, DataSource, ElementSpec, check_options
 from .detection_scenes import DetectionSceneSource
 from .emphasis import EmphasisSource
+from .fine_grained import FineGrainedImageSource
 from .gcog import GCOGSource
 from .image_questions import ImageQuestionSource
 from .images import NpzImageSource, RelationImageSource
@@ -77,10 +79,20 @@ _SOURCES: dict[str, type[DataSource]] = {
         OrdinalSuccessorSource,
         TextPasskeySource,
         DetectionSceneSource,
+        FineGrainedImageSource,
     )
 }
 # Sources whose batches have no sequence axis; seq_len is ignored for them.
-_NO_SEQ_LEN = ("images", "image_questions", "npz", "shape_captions", "video_clips", "detection_scenes", "gcog")
+_NO_SEQ_LEN = (
+    "images",
+    "image_questions",
+    "npz",
+    "shape_captions",
+    "video_clips",
+    "detection_scenes",
+    "gcog",
+    "fine_grained",
+)
 
 
 def list_sources() -> list[str]:
