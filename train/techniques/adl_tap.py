@@ -73,7 +73,8 @@ class AttentionDiversification(Technique):
     name = "adl_tap"
     fidelity = "official-code"
     reference = (
-        "Guo, Stutz & Schiele 2023 (arXiv 2303.11126) Sec. 4.2 (abstract and official code read); guoyongcs/TAPADL "
+        "Guo, Stutz & Schiele 2023 (arXiv 2303.11126; the abstract only, the full text was not available); "
+        "guoyongcs/TAPADL "
         "TAPADL_RVT/engine.py and TAPADL_FAN/main.py AttentionDiversificationLoss, main.py --adloss/--threshold"
     )
     model_kinds = ("vit",)
