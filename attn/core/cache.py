@@ -36,6 +36,12 @@ never at the generated length. Quantization is the storage of the cache (the lay
 (attn/kv/kivi.py) keeps its quantized older entries in the KVCache (keys per channel, values per token) and its
 full-precision recent window as side state sharing the cache's index.
 
+Packed layout (optional, for ragged per-head budgets): `PackedKV` keeps the entries of all kv heads of a layer back to
+back in one flat buffer keys [B, N, D] / values [B, N, Dv], N the sum of the per-head budgets, with each head's segment
+`offsets`, `capacities` and `lengths` [B, KVH] and per-slot `positions` / statistics [B, N] (variables
+`PACKED_VARIABLES`; see "packed layout" below). A policy that uses it (Ada-KV, attn/kv/adakv.py) updates it with
+`packed_select` / `pack_counts`, and attention reads it with `split_kv_decode.packed_split_kv_attention`.
+
 Quantized storage: `quantize(x, bits, axis, group)` -> `QuantizedArray` of unsigned codes with a float32 scale and
 zero point (asymmetric min/max: x ~ code * scale + zero, |error| <= scale / 2), per token (over the last axis) or per
 channel (over the token axis 1), optionally in groups of `group` channels (per token) or `group` tokens (per channel);
@@ -503,3 +509,228 @@ def store_state(module: nn.Module, state: RecurrentState) -> None:
         if key in names:
             value = nn.with_logical_constraint(value, names[key])
         module.put_variable("cache", key, value)
+
+
+# ---------------------------------------------------------------------------------------------- packed layout
+# An optional layout for a policy whose heads keep different numbers of entries (ragged budgets, e.g. Ada-KV): the
+# kept entries of all kv heads of a layer lie back to back in one flat buffer of `size` slots per batch row, head g
+# in the segment [offsets[b, g], offsets[b, g] + capacities[b, g]) of which the first lengths[b, g] slots are
+# filled. The segments' sizes are the policy's per-head budgets (data-dependent, set at the prefill); their sum is at
+# most `size`, a static bound the policy chooses (the sum of its per-head budgets, plus any rounding slack), so the
+# memory is the sum of the budgets, not kv_heads x the largest one. Attention reads it segment by segment
+# (`attn.core.split_kv_decode.packed_split_kv_attention`: each split gathers the same local slots of every head's
+# segment), never a padded per-head copy of the whole cache. A policy updates it with `packed_select` (every flat
+# slot says which entry it holds next: an old slot or an entry of the incoming chunk); `pack_counts` places a
+# selection of the chunk's entries (a prefill) in new segments. Variables: `PACKED_VARIABLES`.
+PACKED_AXES = ("batch", "cache_length", "head_dim")
+PACKED_SLOT_AXES = ("batch", "cache_length")
+
+
+@struct.dataclass
+class PackedKV:
+    """A packed KV cache (see "packed layout" above). keys [B, N, D], values [B, N, Dv] (arrays or per-token
+    QuantizedArray); index int32 [] (tokens seen); offsets, capacities, lengths int32 [B, KVH] (each kv head's
+    segment start, size and filled slots); positions int32 [B, N] (original position of each slot's entry);
+    key_mass float32 [B, N] | None, key_history uint32 [B, N] | None, key_recent float32 [B, N] | None."""
+
+    keys: Any
+    values: Any
+    index: Array
+    offsets: Array
+    capacities: Array
+    lengths: Array
+    positions: Array
+    key_mass: Array | None = None
+    key_history: Array | None = None
+    key_recent: Array | None = None
+
+    @property
+    def size(self) -> int:
+        """N: the flat slots per batch row (the sum of the segments' sizes is at most N)."""
+        return self.positions.shape[1]
+
+    def slot_heads(self) -> tuple[Array, Array, Array]:
+        """(head int32 [B, N], local int32 [B, N], filled bool [B, N]): the kv head whose segment holds each flat
+        slot, the slot's index inside that segment, and whether it holds a kept entry (slots after the last segment
+        get head KVH - 1 and are never filled)."""
+        return slot_segments(self.offsets, self.capacities, self.lengths, self.size)
+
+
+PACKED_VARIABLES = {
+    "keys": "packed_key",
+    "values": "packed_value",
+    "index": "cache_index",
+    "offsets": "packed_offsets",
+    "capacities": "packed_capacities",
+    "lengths": "cache_lengths",
+    "positions": "packed_positions",
+    "key_mass": "packed_key_mass",
+    "key_history": "packed_key_history",
+    "key_recent": "packed_key_recent",
+}
+
+
+def segment_offsets(capacities: Array) -> Array:
+    """int32 [B, KVH]: the start of each head's segment (exclusive cumulative sum of capacities [B, KVH])."""
+    capacities = jnp.asarray(capacities, jnp.int32)
+    return jnp.cumsum(capacities, axis=-1) - capacities
+
+
+def slot_segments(offsets: Array, capacities: Array, lengths: Array, size: int) -> tuple[Array, Array, Array]:
+    """(head, local, filled) of every flat slot [B, size] for segments offsets / capacities / lengths [B, KVH]."""
+    slot = jnp.arange(size, dtype=jnp.int32)
+    ends = offsets + capacities  # [B, KVH]
+    kv_heads = offsets.shape[-1]
+    head = jnp.minimum(jnp.sum(slot[None, :, None] >= ends[:, None, :], axis=-1, dtype=jnp.int32), kv_heads - 1)
+    take = lambda a: jnp.take_along_axis(a, head, axis=1)  # noqa: E731 - [B, KVH] -> [B, N]
+    local = slot[None, :] - take(offsets)
+    filled = (local >= 0) & (local < take(lengths)) & (local < take(capacities))
+    return head, local, filled
+
+
+def segment_slots(offsets: Array, start: Array | int, size: int, total: int) -> Array:
+    """int32 [B, size, KVH]: the flat slots of local slots start..start + size - 1 of every head's segment (clipped
+    to [0, total); the caller masks slots past a head's length)."""
+    local = start + jnp.arange(size, dtype=jnp.int32)
+    return jnp.clip(offsets[:, None, :] + local[None, :, None], 0, total - 1)
+
+
+def gather_slots(x: Any, slots: Array) -> Any:
+    """Rows of a flat buffer x [B, N, ...] (array or per-token QuantizedArray) at slots int32 [B, *S] -> [B, *S, ...]
+    (e.g. slots [B, C, KVH] from `segment_slots` gives a [B, C, KVH, D] block that attention reads)."""
+    if isinstance(x, QuantizedArray):
+        return x.tokens(lambda a: gather_slots(a, slots))
+    flat = slots.reshape(slots.shape[0], -1)
+    out = jnp.take_along_axis(x, flat.reshape(*flat.shape, *([1] * (x.ndim - 2))), axis=1)
+    return out.reshape(*slots.shape, *x.shape[2:])
+
+
+def empty_packed(
+    keys: Array,
+    values: Array,
+    size: int,
+    *,
+    stats: tuple[str, ...] = (),
+    bits: int | None = None,
+) -> PackedKV:
+    """A zero PackedKV of `size` flat slots for keys [B, *, KVH, D] / values [B, *, KVH, Dv] of this dtype, every
+    segment empty (capacities 0); stats, bits as `empty_kv`."""
+    batch, _, kv_heads = keys.shape[:3]
+    unknown = sorted(set(stats) - set(STATS))
+    if unknown:
+        raise ValueError(f"stats={stats!r} names unknown statistics {unknown}; expected some of {STATS}")
+    if not isinstance(size, int) or size <= 0:
+        raise ValueError(f"size={size!r} must be a positive int (flat slots per batch row)")
+
+    def zeros(x: Array) -> Any:
+        z = jnp.zeros((batch, size, x.shape[-1]), x.dtype)
+        return z if bits is None else quantize(z, bits, "token")
+
+    heads = jnp.zeros((batch, kv_heads), jnp.int32)
+    slots = lambda dtype: jnp.zeros((batch, size), dtype)  # noqa: E731
+    return PackedKV(
+        keys=zeros(keys),
+        values=zeros(values),
+        index=jnp.array(0, jnp.int32),
+        offsets=heads,
+        capacities=heads,
+        lengths=heads,
+        positions=slots(jnp.int32),
+        key_mass=slots(jnp.float32) if "key_mass" in stats else None,
+        key_history=slots(jnp.uint32) if "key_history" in stats else None,
+        key_recent=slots(jnp.float32) if "key_recent" in stats else None,
+    )
+
+
+def load_packed(module: nn.Module) -> PackedKV | None:
+    """The PackedKV of `module`'s "cache" collection, or None before the creating call."""
+    if not module.has_variable("cache", PACKED_VARIABLES["keys"]):
+        return None
+    fields = {
+        field: module.get_variable("cache", name) if module.has_variable("cache", name) else None
+        for field, name in PACKED_VARIABLES.items()
+    }
+    return PackedKV(**fields)
+
+
+def store_packed(module: nn.Module, packed: PackedKV) -> None:
+    """Creates or overwrites the variables of `packed` (None fields are left out); float keys and values carry the
+    logical axes `PACKED_AXES`."""
+    for field, name in PACKED_VARIABLES.items():
+        value = getattr(packed, field)
+        if value is None:
+            continue
+        if field in ("keys", "values") and not isinstance(value, QuantizedArray):
+            value = nn.with_logical_constraint(value, PACKED_AXES)
+        module.put_variable("cache", name, value)
+
+
+def _chunk_rows(x: Any) -> Any:
+    """A chunk's entries [B, L, KVH, ...] as flat rows [B, KVH * L, ...] (row g * L + j: entry j of head g)."""
+
+    def rows(a: Array) -> Array:
+        a = jnp.swapaxes(a, 1, 2)
+        return a.reshape(a.shape[0], a.shape[1] * a.shape[2], *a.shape[3:])
+
+    return x.tokens(rows) if isinstance(x, QuantizedArray) else rows(x)
+
+
+def packed_select(
+    packed: PackedKV,
+    chunk: Candidates,
+    source: Array,
+    lengths: Array,
+    *,
+    offsets: Array | None = None,
+    capacities: Array | None = None,
+) -> PackedKV:
+    """The next packed cache: flat slot n holds entry source[b, n] int32 [B, N] of [the N packed slots, then the
+    chunk's entries, row N + g * L + j for entry j of kv head g] (chunk: `candidates` of an empty cache and the
+    chunk, L = its entries per head; their stored forms, positions and statistics are gathered); lengths [B, KVH]
+    the new filled counts; offsets / capacities: new segments (default: unchanged); index: the chunk's."""
+    size = packed.size
+
+    def pick(old: Any, new: Any) -> Any:
+        if old is None:
+            return None
+        both = jax.tree.map(lambda a, b: jnp.concatenate([a, b.astype(a.dtype)], axis=1), old, _chunk_rows(new))
+        return gather_slots(both, source)
+
+    def per_head(a: Array | None) -> Array | None:  # [B, KVH, L] -> [B, KVH * L, 1] rows, as the chunk's entries
+        return None if a is None else jnp.swapaxes(a, 1, 2)[..., None]
+
+    def stat(old: Array | None, new: Array | None) -> Array | None:
+        return None if old is None else pick(old[..., None], per_head(new))[..., 0]
+
+    if int(source.shape[1]) != size:
+        raise ValueError(f"source has shape {source.shape}; expected [batch, size] = [{packed.keys.shape[0]}, {size}]")
+    return packed.replace(
+        keys=pick(packed.keys, chunk.stored_keys),
+        values=pick(packed.values, chunk.stored_values),
+        index=chunk.index,
+        offsets=packed.offsets if offsets is None else offsets.astype(jnp.int32),
+        capacities=packed.capacities if capacities is None else capacities.astype(jnp.int32),
+        lengths=lengths.astype(jnp.int32),
+        positions=stat(packed.positions, chunk.positions),
+        key_mass=stat(packed.key_mass, chunk.key_mass),
+        key_history=stat(packed.key_history, chunk.key_history),
+        key_recent=stat(packed.key_recent, chunk.key_recent),
+    )
+
+
+def pack_counts(packed: PackedKV, chunk: Candidates, indices: Array, counts: Array, capacities: Array) -> PackedKV:
+    """A packed cache holding, in new segments of `capacities` [B, KVH] slots, the first counts [B, KVH] of the
+    chunk's entries indices int32 [B, KVH, K] per head (a policy's `keep` on a prefill's candidates, as `select`
+    takes them); every other slot is left unfilled."""
+    offsets = segment_offsets(capacities)
+    head, local, _ = slot_segments(offsets, capacities, counts, packed.size)
+    length = chunk.positions.shape[-1]
+    take = lambda a: jnp.take_along_axis(a, head, axis=1)  # noqa: E731 - [B, KVH] -> [B, N]
+    kept = (local < take(jnp.minimum(counts, capacities))) & (local >= 0)
+    per_slot = jnp.take_along_axis(
+        indices.reshape(indices.shape[0], -1),
+        head * indices.shape[-1] + jnp.clip(local, 0, indices.shape[-1] - 1),
+        axis=1,
+    )  # the chunk entry of each slot's head at its local index
+    source = jnp.where(kept, packed.size + head * length + per_slot, jnp.arange(packed.size, dtype=jnp.int32))
+    return packed_select(packed, chunk, source, jnp.minimum(counts, capacities), offsets=offsets, capacities=capacities)

@@ -50,7 +50,14 @@ from attn.core.masks import Mask
 
 Array = jax.Array
 
-__all__ = ["SplitPlan", "plan_splits", "split_kv_attention", "split_kv_decode"]
+__all__ = [
+    "SplitPlan",
+    "packed_split_kv_attention",
+    "packed_split_kv_decode",
+    "plan_splits",
+    "split_kv_attention",
+    "split_kv_decode",
+]
 
 DEFAULT_BLOCK = 128  # tile granularity (cache slots) of the partition
 DEFAULT_CHUNK = 512  # slots per split when neither num_splits nor work_units is given (fastest on CPU, see below)
@@ -236,3 +243,95 @@ def split_kv_decode(
         block=block,
         return_lse=return_lse,
     )
+
+
+def packed_split_kv_attention(
+    q: Array,
+    keys: Any,
+    values: Any,
+    offsets: Array,
+    lengths: Array,
+    *,
+    scale: float | None = None,
+    softcap: float | None = None,
+    chunk: int = DEFAULT_CHUNK,
+    return_lse: bool = False,
+) -> Array | tuple[Array, Array]:
+    """Split-KV attention of q [B, Tq, H, D] over a packed cache (`attn.core.cache.PackedKV`'s layout): keys
+    [B, N, D] / values [B, N, Dv] (arrays or per-token QuantizedArray), kv head g of row b in the flat slots
+    offsets[b, g] + 0..lengths[b, g]-1 (offsets, lengths int32 [B, KVH]). Every query sees every filled entry of its
+    kv head (h // (H / KVH)); no other mask (a policy's cache holds only past entries: the chunk being decoded is
+    attended separately and merged by `merge_partials`).
+
+    Split s gathers local slots [s C, (s + 1) C) of every head's segment (one [B, C, KVH, D] block, C = chunk,
+    clipped to the buffer, slots past a head's length masked) and its partial uses the pipeline's stages, as
+    `split_kv_attention`'s splits do; the trip count is ceil(max lengths / C), so the cost follows the longest head
+    and the extra memory is one block, not a padded per-head copy of the cache. Returns out [B, Tq, H, Dv] in
+    q.dtype, and with return_lse lse float32 [B, H, Tq] (-inf where a head holds no entry; its output is 0)."""
+    chunk = _positive_int("chunk", chunk)
+    for name, x in (("keys", keys), ("values", values)):
+        if isinstance(x, cache_lib.QuantizedArray) and x.axis != "token":
+            raise ValueError(f"{name} is quantized per {x.axis!r}; a packed cache stores per-token codes")
+    if q.ndim != 4 or len(keys.shape) != 3 or len(values.shape) != 3:
+        raise ValueError(
+            f"q {q.shape}, keys {tuple(keys.shape)}, values {tuple(values.shape)}: expected q [batch, q_len, heads, "
+            "head_dim] and packed keys / values [batch, slots, dim]"
+        )
+    batch, q_len, heads, _ = q.shape
+    total = keys.shape[1]
+    if keys.shape[0] != batch or tuple(values.shape[:2]) != tuple(keys.shape[:2]) or keys.shape[2] != q.shape[3]:
+        raise ValueError(f"keys {tuple(keys.shape)} and values {tuple(values.shape)} must match q {q.shape}")
+    lengths = jnp.asarray(lengths, jnp.int32)
+    offsets = jnp.asarray(offsets, jnp.int32)
+    if lengths.ndim != 2 or lengths.shape[0] != batch or offsets.shape != lengths.shape:
+        raise ValueError(f"offsets {offsets.shape} and lengths {lengths.shape} must both be [batch, kv_heads]")
+    kv_heads = lengths.shape[1]
+    if heads % kv_heads:
+        raise ValueError(f"num_heads={heads} (q) must be a multiple of kv_heads={kv_heads} (lengths)")
+    chunk = min(chunk, total)
+    num_splits = math.ceil(total / chunk)
+    head_lengths = jnp.repeat(lengths, heads // kv_heads, axis=1)[:, :, None, None]  # [B, H, 1, 1]
+    live_splits = jnp.clip((jnp.max(lengths) + chunk - 1) // chunk, 0, num_splits)
+
+    def split(s: Array, partials: tuple[Array, Array]) -> tuple[Array, Array]:
+        o_parts, lse_parts = partials
+        slots = cache_lib.segment_slots(offsets, s * chunk, chunk, total)  # [B, C, KVH]
+        k = cache_lib.read(cache_lib.gather_slots(keys, slots))
+        v = cache_lib.read(cache_lib.gather_slots(values, slots))
+        logits = pipeline.scores(q, k, scale=scale, softcap=softcap)  # [B, H, Tq, C]
+        local = s * chunk + jnp.arange(chunk, dtype=jnp.int32)
+        logits = jnp.where(local[None, None, None, :] < head_lengths, logits, -jnp.inf)
+        weights, lse = pipeline.softmax_weights(logits)
+        o = pipeline.mix(weights, v)  # [B, Tq, H, Dv] float32
+        o_parts = jax.lax.dynamic_update_index_in_dim(o_parts, o.astype(o_parts.dtype), s, 0)
+        lse_parts = jax.lax.dynamic_update_index_in_dim(lse_parts, jnp.swapaxes(lse, 1, 2), s, 0)
+        return o_parts, lse_parts
+
+    acc = pipeline.accumulation_dtype(q)
+    o_parts = jnp.zeros((num_splits, batch, q_len, heads, values.shape[-1]), acc)
+    lse_parts = jnp.full((num_splits, batch, q_len, heads), -jnp.inf, acc)
+    o_parts, lse_parts = jax.lax.fori_loop(0, live_splits, split, (o_parts, lse_parts))
+    out, lse = merge_partials(o_parts, lse_parts, axis=0)  # [B, Tq, H, Dv], [B, Tq, H]
+    out = out.astype(q.dtype)
+    if return_lse:
+        return out, jnp.swapaxes(lse, 1, 2).astype(jnp.float32)
+    return out
+
+
+def packed_split_kv_decode(
+    q: Array,
+    cache: cache_lib.PackedKV,
+    *,
+    scale: float | None = None,
+    softcap: float | None = None,
+    chunk: int = DEFAULT_CHUNK,
+    return_lse: bool = False,
+) -> Array | tuple[Array, Array]:
+    """`packed_split_kv_attention` of q [B, Tq, H, D] over every filled slot of a `PackedKV` (keys as stored, no
+    position applied: a layer that rotates keys reads them itself)."""
+    if not isinstance(cache, cache_lib.PackedKV):
+        raise ValueError(f"cache must be an attn.core.cache.PackedKV, got {type(cache).__name__}")
+    return packed_split_kv_attention(
+        q, cache.keys, cache.values, cache.offsets, cache.lengths, scale=scale, softcap=softcap, chunk=chunk,
+        return_lse=return_lse,
+    )  # fmt: skip

@@ -1,6 +1,7 @@
 """Ada-KV (`adakv`): the head-wise budgets, the selection and the decode after it equal the numpy loop of SnapKV's
 rule (tests/kv/prompt_selection_reference.py) with the head budgets of the official joint top-k written out here;
-heads keep ragged lengths; the cache is allocated at the largest head budget the rule allows."""
+heads keep ragged lengths; layout="padded" allocates the cache at the largest head budget the rule allows (the
+packed layout, the default: tests/kv/test_adakv_packed.py)."""
 
 import jax
 import numpy as np
@@ -34,7 +35,7 @@ def test_head_budgets_selection_and_decode_equal_reference(kv_heads):
     capacity = round(kv_heads * (BUDGET - WINDOW) * (1 - ALPHA)) + int((BUDGET - WINDOW) * ALPHA) + WINDOW + DECODE
     x = inputs(19, seed=2)  # a 16-token prompt, then 3 tokens
     cache, kept = check_against_reference(
-        build(num_kv_heads=kv_heads), x, 16, kv_heads=kv_heads, pooling="max", capacity=capacity,
+        build(num_kv_heads=kv_heads, layout="padded"), x, 16, kv_heads=kv_heads, pooling="max", capacity=capacity,
         counts=lambda b, g, scores: official_head_budgets(scores)[g], compress_from=BUDGET,
     )  # fmt: skip
     assert cache["cached_key"].shape == (B, capacity, kv_heads, D)
@@ -50,9 +51,9 @@ def test_uniform_scores_give_uniform_budgets():
     np.testing.assert_array_equal(budgets, [[round(4 * 0.8 + 0)] * 3])
 
 
-def test_bytes_follow_the_largest_head():
+def test_padded_bytes_follow_the_largest_head():
     x = inputs(8)
-    small, large = build(num_kv_heads=2), build(num_kv_heads=2, budget=2 * BUDGET)
+    small, large = build(num_kv_heads=2, layout="padded"), build(num_kv_heads=2, budget=2 * BUDGET, layout="padded")
     params = small.init(jax.random.key(1), x)
     sizes = [
         cache_lib.nbytes(jax.eval_shape(lambda m=m: m.apply(params, x, decode=True, mutable=["cache"])[1]["cache"]))
