@@ -22,9 +22,8 @@ sharded along T), `causal`, `segment_ids` int [B, T], and pad T up to a multiple
 keys no query sees. Per device, the ring holds O(T/P) keys at a time and the Ulysses step O(T) keys for H/P heads:
 activation memory per device falls as 1/P for both. Each per-device block runs with the given `implementation`:
 None picks the Pallas flash kernel on GPU/TPU (attn.core.kernels.flash_unavailable says where it cannot) and
-`softmax_attention`'s fastest path elsewhere. The kernel returns its lse as a statistic without a gradient, but the
-ring's merge needs one; the ring wraps the kernel in a custom VJP that adds the lse term (two more kernel calls per
-block in the backward pass: the forward with k as the values and that call's value-gradient).
+`softmax_attention`'s fastest path elsewhere. The ring's merge weights every block by exp(lse_block - lse), so it
+needs the block's lse with its gradient: the kernel's backward takes the lse cotangent g as delta_i = dO_i . O_i - g_i.
 """
 
 from __future__ import annotations
@@ -115,38 +114,6 @@ def _flash_lse_call(scale, q, k, v, mask, return_lse):
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash_with_lse(scale: float, q: Array, k: Array, v: Array, mask: Mask) -> tuple[Array, Array]:
-    """The flash kernel's (out [B, Tq, H, D], lse f32 [B, H, Tq]) with the lse differentiable.
-
-    The kernel returns its lse as a statistic (no gradient), but the ring's merge weights every block by
-    exp(lse_block - lse), so the lse cotangent g must reach q and k: d lse_i / d s_ij = p_ij with s = scale q k^T
-    gives dq_i += scale g_i sum_j p_ij k_j (the kernel's forward with k as the values) and
-    dk_j += scale sum_i p_ij g_i q_i (the value-gradient of that call at cotangent scale g q)."""
-    out, aux = _flash_lse_call(scale, q, k, v, mask, True)
-    return out, aux["lse"]
-
-
-def _flash_with_lse_fwd(scale, q, k, v, mask):
-    return _flash_with_lse(scale, q, k, v, mask), (q, k, v, mask)
-
-
-def _flash_with_lse_bwd(scale, residuals, cotangents):
-    q, k, v, mask = residuals
-    d_out, d_lse = cotangents
-    _, vjp = jax.vjp(lambda q, k, v: _flash_lse_call(scale, q, k, v, mask, False), q, k, v)
-    dq, dk, dv = vjp(d_out.astype(q.dtype))
-    weights = scale * jnp.swapaxes(d_lse, 1, 2)[..., None].astype(jnp.float32)  # [B, Tq, H, 1]
-    pk, vjp_value = jax.vjp(lambda value: _flash_lse_call(scale, q, k, value, mask, False), k)
-    (dk_lse,) = vjp_value((weights * q.astype(jnp.float32)).astype(q.dtype))
-    dq = (dq.astype(jnp.float32) + weights * pk.astype(jnp.float32)).astype(q.dtype)
-    dk = (dk.astype(jnp.float32) + dk_lse.astype(jnp.float32)).astype(k.dtype)
-    return dq, dk, dv, None
-
-
-_flash_with_lse.defvjp(_flash_with_lse_fwd, _flash_with_lse_bwd)
-
-
 def _block(q, k, v, mask, scale, implementation):
     """(o float32 [B, Tq, H, Dv], lse float32 [B, Tq, H]) of q over one key block under a structured `mask`: the
     Pallas flash kernel where `implementation` (None or "pallas") and the platform allow it, else
@@ -154,9 +121,9 @@ def _block(q, k, v, mask, scale, implementation):
     if implementation in (None, "pallas"):
         reason = kernels.flash_unavailable(q, v, mask, dropout_rate=0.0, return_probs=False, q_offset=0)
         if reason is None:
-            dispatch.log_choice_once("ring_attention block", "pallas", "flash kernel with a differentiable lse")
-            out, lse = _flash_with_lse(q.shape[-1] ** -0.5 if scale is None else float(scale), q, k, v, mask)
-            return out.astype(jnp.float32), jnp.swapaxes(lse, 1, 2).astype(jnp.float32)
+            dispatch.log_choice_once("ring_attention block", "pallas", "flash kernel (its lse carries a gradient)")
+            out, aux = _flash_lse_call(q.shape[-1] ** -0.5 if scale is None else float(scale), q, k, v, mask, True)
+            return out.astype(jnp.float32), jnp.swapaxes(aux["lse"], 1, 2).astype(jnp.float32)
     out, aux = softmax_attention(q, k, v, mask=mask, scale=scale, return_lse=True, implementation=implementation)
     return out.astype(jnp.float32), jnp.swapaxes(aux["lse"], 1, 2).astype(jnp.float32)
 

@@ -7,7 +7,8 @@ D <= 256; any Tq, Tk >= 1. Options: causal (top-left aligned, j <= i), window (l
 segment_ids (q_ids [B, Tq], kv_ids [B, Tk]), bias [B|1, H|1, Tq, Tk], bias_factors (u [B|1, Tq, H|1, R],
 v [B|1, Tk, H|1, R]) never materialised, softcap > 0, sinks [H] (softmax-denominator-only logits), scale
 (default D ** -0.5). Differentiable in q, k, v, bias, both bias factors and sinks. return_stats adds
-{"lse": f32 [B, H, Tq], "key_mass": f32 [B, H, Tk]} (column sums of P), not differentiated.
+{"lse": f32 [B, H, Tq], "key_mass": f32 [B, H, Tk]} (column sums of P): lse is differentiable (in the same
+inputs), key_mass is a statistic (stop_gradient).
 
 Backends: "gpu" (Pallas on Triton, gpu.py) and "tpu" (Pallas Mosaic, tpu.py), with the same normalised
 signature. block_sizes: None for the backend's defaults or a dict of ints; GPU keys (flash/gpu_plan.py):
@@ -191,7 +192,8 @@ def flash_attention(
       causal / window / segment_ids: visibility (all combined with AND); fully masked kv blocks are skipped.
       bias: [B|1, H|1, Tq, Tk] additive logits bias. bias_factors: (u, v) low-rank bias u v^T per head.
       softcap: logits soft cap (> 0). sinks: float [H] per-head sink logits. scale: default D ** -0.5.
-      return_stats: also return {"lse": f32 [B, H, Tq], "key_mass": f32 [B, H, Tk]} (stop_gradient).
+      return_stats: also return {"lse": f32 [B, H, Tq], "key_mass": f32 [B, H, Tk]} (lse differentiable,
+        key_mass stop_gradient).
       block_sizes: kernel tiling (None = backend defaults). backend: None (from the platform), "gpu" or "tpu".
       interpret: run the kernels in the Pallas interpreter (True for "gpu"; TPU interpret params for "tpu").
     Returns:

@@ -10,9 +10,12 @@ to powers of two >= 16 (zeros; skipped entirely when already aligned, e.g. D = 1
 which adds no logits: padded keys and queries are masked, padded features contribute 0 to every dot product.
 
 Kernels (see gpu_forward.py and gpu_backward.py): forward saving lse; backward = delta (XLA, O(B T H D)) + fused
-dK/dV kernel + dQ kernel, all recomputing P from lse; key_mass kernel for the stats. Sink gradient, exact and
-O(B H Tq): d sink_h = -sum_{b,i} exp(sink_h - lse_bhi) delta_bhi (the sink is a key with value 0).
-Stats (lse, key_mass) are returned under stop_gradient.
+dK/dV kernel + dQ kernel, all recomputing P from lse; key_mass kernel for the stats.
+lse is differentiable: with g = its cotangent [B, H, Tq] (0 on padded rows) and d lse_i / d s_ij = p_ij, the logit
+gradient is dS_ij = p_ij (dP_ij - delta_i) with delta_i = dO_i . O_i - g_i, so the kernels run unchanged on that
+delta (which also makes the bias, bias-factor and sink gradients of lse exact). Sink gradient, exact and
+O(B H Tq): d sink_h = -sum_{b,i} exp(sink_h - lse_bhi) delta_bhi (the sink is a key with value 0 and
+d lse / d sink = P_sink). key_mass is a statistic: returned under stop_gradient.
 """
 
 from __future__ import annotations
@@ -56,8 +59,10 @@ def _reduce_to(x: Array, shape: tuple[int, ...]) -> Array:
 
 def _flash_bwd(plan, residuals, cotangents):
     q, k, v, q_seg, kv_seg, bias, u, vf, sinks, out, lse = residuals
-    do = cotangents[0]  # the lse output is a statistic: its cotangent is ignored (stop_gradient in the wrapper)
+    do, d_lse = cotangents
+    # d lse_i / d s_ij = p_ij: the lse cotangent enters as -g_i in delta (padded rows get g = 0 from the slice).
     delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
+    delta = delta - d_lse.astype(jnp.float32)
     do = do.astype(q.dtype)
     dq, dk, dv, ds, du, dvf = gpu_backward.backward(plan, q, k, v, q_seg, kv_seg, bias, u, vf, do, lse, delta)
     dbias = None if bias is None else _reduce_to(ds, bias.shape).astype(bias.dtype)
@@ -117,11 +122,10 @@ def _flash_attention_gpu(
     out = out_p[:, :q_len, :, :head_dim]
     if not return_stats:
         return out
-    stop = jax.lax.stop_gradient
-    lse_p = stop(lse_p)
+    stop = jax.lax.stop_gradient  # key_mass is a statistic; lse keeps its gradient
     mass = gpu_forward.key_mass(
         plan, stop(qp), stop(kp), q_seg, kv_seg, None if bias_p is None else stop(bias_p),
-        None if u_p is None else stop(u_p), None if vf_p is None else stop(vf_p), lse_p,
+        None if u_p is None else stop(u_p), None if vf_p is None else stop(vf_p), stop(lse_p),
     )  # fmt: skip
     return out, lse_p[:, :, :q_len], mass[:, :, :kv_len]
 
@@ -148,7 +152,8 @@ def flash_attention_gpu(
     """Flash attention on the GPU kernels (validated, normalised arguments; see the module docstring).
 
     Returns out [B, Tq, H, D] in q.dtype, or (out, lse f32 [B, H, Tq], key_mass f32 [B, H, Tk]) when
-    return_stats. `interpret=True` runs the kernels in the Pallas interpreter (any platform, e.g. CPU tests).
+    return_stats; lse is differentiable, key_mass is stop_gradient'ed. `interpret=True` runs the kernels in the
+    Pallas interpreter (any platform, e.g. CPU tests).
     """
     return _flash_attention_gpu(
         q, k, v, q_segment_ids, kv_segment_ids, bias, bias_u, bias_v, sinks,

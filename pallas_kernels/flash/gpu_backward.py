@@ -1,6 +1,7 @@
 """GPU (Pallas on Triton) flash attention backward: a fused dK/dV kernel and a dQ kernel, both recomputing P.
 
-With the forward's lse and delta_i = dO_i . O_i (computed outside, O(B Tq H D)), for every visible tile:
+With the forward's lse and delta_i = dO_i . O_i - g_i (computed outside, O(B Tq H D);
+g the lse cotangent), for every visible tile:
 
     P = exp(S - lse);  dP = dO V^T;  dS = P * (dP - delta)          (dS = gradient w.r.t. the final logits)
     dS_raw = dS * (1 - tanh^2)  (through the soft cap, else dS_raw = dS)

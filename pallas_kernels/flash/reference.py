@@ -8,7 +8,8 @@
     out = P v;  lse = m + log(denominator) (-inf for a row with no visible key and no sink; out is 0 there)
     key_mass[b,h,j] = sum_i P[b,h,i,j]
 
-Computed in float32, output in q.dtype. Time O(B H Tq Tk D), memory O(B H Tq Tk). Stats are stop_gradient-ed.
+Computed in float32, output in q.dtype. Time O(B H Tq Tk D), memory O(B H Tq Tk).
+The lse is differentiable (as the kernels'); key_mass is a statistic (stop_gradient).
 Pure jnp: it does not import the rest of the project (tests compare it to attn.core.reference).
 """
 
@@ -106,5 +107,4 @@ def flash_attention_reference(
     if not return_stats:
         return out
     lse = jnp.where(denom == 0.0, -jnp.inf, m + jnp.log(safe))
-    stats = {"lse": lse, "key_mass": jnp.sum(probs, axis=2)}
-    return out, jax.lax.stop_gradient(stats)
+    return out, {"lse": lse, "key_mass": jax.lax.stop_gradient(jnp.sum(probs, axis=2))}

@@ -83,10 +83,11 @@ def _flash_core_fwd(cfg, q, k, v, q_seg, kv_seg, bias, u, vf, sinks):
 
 
 def _flash_core_bwd(cfg, residuals, cotangents):
-    # The lse cotangent is dropped: the public entry stop_gradients the stats.
     q, k, v, q_seg, kv_seg, bias, u, vf, sinks, out, lse = residuals
-    d_out = cotangents[0]
+    d_out, d_lse = cotangents
+    # d lse_i / d s_ij = p_ij, so the lse cotangent g enters as delta_i = dO_i . O_i - g_i (g = 0 on padded rows).
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+    delta = delta - d_lse.astype(jnp.float32)
     lse_safe = jnp.where(lse == -jnp.inf, 0.0, lse)
     ops = _ops_dict(q, k, v, q_seg, kv_seg, bias, u, vf, sinks)
     grads = backward_call(cfg, ops, lse_safe, delta, d_out.astype(q.dtype))
@@ -98,7 +99,7 @@ def _flash_core_bwd(cfg, residuals, cotangents):
         d_vf = _sum_broadcast(grads["dv_factor"], cfg.v_bcast).astype(vf.dtype)
     if cfg.has_sinks:
         # d lse_i / d sink = P_sink_i = exp(sink - lse_i) and d out_i / d sink = -P_sink_i out_i, so
-        # d sink = -sum_i P_sink_i (dO_i . O_i) = -sum_i P_sink_i delta_i (padded rows have delta = 0).
+        # d sink = sum_i P_sink_i (g_i - dO_i . O_i) = -sum_i P_sink_i delta_i (padded rows have delta = 0).
         p_sink = jnp.exp(sinks[None, :, None] - lse[..., 0])
         d_sinks = -jnp.sum(p_sink * delta[..., 0], axis=(0, 2)).astype(sinks.dtype)
     return (grads["dq"], grads["dk"], grads["dv"], None, None, d_bias, d_u, d_vf, d_sinks)
@@ -137,8 +138,8 @@ def flash_attention_tpu(
         with default pltpu.InterpretParams) or a pltpu.InterpretParams.
     Returns:
       out [B, Tq, H, D] in q.dtype; with return_stats also lse f32 [B, H, Tq] and key_mass f32 [B, H, Tk]
-      (column sums of the probabilities), both stop_gradient'ed. Differentiable in q, k, v, bias, bias_u,
-      bias_v and sinks.
+      (column sums of the probabilities). out and lse are differentiable in q, k, v, bias, bias_u, bias_v and
+      sinks; key_mass is a statistic (stop_gradient'ed).
     """
     if (q_segment_ids is None) != (kv_segment_ids is None):
         raise ValueError("q_segment_ids and kv_segment_ids must be given together (both None or both arrays)")
@@ -210,7 +211,8 @@ def flash_attention_tpu(
     out = jnp.swapaxes(out_p[:, :, :q_len, :head_dim], 1, 2)
     if not return_stats:
         return out
-    lse_p = jax.lax.stop_gradient(lse_p)
+    # lse keeps its gradient (through the custom VJP); key_mass is a statistic.
+    lse_stat = jax.lax.stop_gradient(lse_p)
     ops = jax.lax.stop_gradient(_ops_dict(qp, kp, vp, q_seg, kv_seg, bias_p, up, vfp, sinks_p))
-    mass = key_mass_call(dataclasses.replace(cfg, has_sinks=False), ops, jnp.where(lse_p == -jnp.inf, 0.0, lse_p))
+    mass = key_mass_call(dataclasses.replace(cfg, has_sinks=False), ops, jnp.where(lse_stat == -jnp.inf, 0.0, lse_stat))
     return out, lse_p[:, :, :q_len, 0], mass[:, :, 0, :kv_len]

@@ -1,6 +1,7 @@
 """Pallas Mosaic (TPU) flash-attention backward kernels (recomputation from the saved lse).
 
-With P = exp(S - lse), delta_i = dO_i . O_i, dP = dO V^T, dS = P * (dP - delta) (dS is also d(bias)), and
+With P = exp(S - lse), delta_i = dO_i . O_i - g_i (g the lse cotangent), dP = dO V^T, dS = P * (dP - delta) (dS is
+also d(bias)), and
 dS_raw = dS * (1 - tanh^2(raw / softcap)) when softcapped:
     dV = P^T dO, dK = scale dS_raw^T Q, dQ = scale dS_raw K, du = dS v_f, dv_f = dS^T u  (low-rank bias factors).
 

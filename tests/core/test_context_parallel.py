@@ -130,8 +130,8 @@ def _check_ring_against_reference(q, k, v, segments, implementation, tol):
 def test_ring_blocks_reach_the_flash_kernel_with_structured_masks(monkeypatch):
     """On a GPU platform implementation=None sends every ring block to the flash-kernel entry with a structured Mask
     (causal diagonal / fully visible, segment ids, the padded chunk's key length; never a dense mask). The kernel
-    entry here is the XLA reference, which checks the routing and the ring's own lse gradient (the kernel's lse is
-    a statistic without one) quickly; the interpreted kernel itself runs in the slow test below."""
+    entry here is the XLA reference, which checks the routing quickly; the interpreted kernel itself (its lse
+    gradient included) runs in the slow test below."""
     masks = []
 
     def kernel_entry(q, k, v, mask, *, bias, scale, softcap, sinks, return_lse):
