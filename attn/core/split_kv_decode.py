@@ -141,6 +141,27 @@ def _slice_tokens(x: Any, start: Array, size: int) -> Array:
     return take(x)
 
 
+def _merged_splits(
+    q: Array, split: Any, num_splits: int, live_splits: Array, value_dim: int, return_lse: bool, *, unroll_one: bool
+) -> Array | tuple[Array, Array]:
+    """Runs `split(s, (o_parts, lse_parts))` for s < live_splits over float32 partials [S, B, Tq, H, Dv] / [S, B, Tq,
+    H] (-inf lse: an empty split) and merges them by log-sum-exp: out [B, Tq, H, Dv] in q.dtype (+ lse f32 [B, H, Tq]
+    with return_lse). unroll_one: with a single split, call it once outside a loop."""
+    batch, q_len, heads, _ = q.shape
+    acc = pipeline.accumulation_dtype(q)
+    o_parts = jnp.zeros((num_splits, batch, q_len, heads, value_dim), acc)
+    lse_parts = jnp.full((num_splits, batch, q_len, heads), -jnp.inf, acc)
+    if unroll_one and num_splits == 1:
+        o_parts, lse_parts = split(jnp.asarray(0, jnp.int32), (o_parts, lse_parts))
+    else:
+        o_parts, lse_parts = jax.lax.fori_loop(0, live_splits, split, (o_parts, lse_parts))
+    out, lse = merge_partials(o_parts, lse_parts, axis=0)  # [B, Tq, H, Dv], [B, Tq, H]
+    out = out.astype(q.dtype)
+    if return_lse:
+        return out, jnp.swapaxes(lse, 1, 2).astype(jnp.float32)
+    return out
+
+
 def split_kv_attention(
     q: Array,
     keys: Any,
@@ -197,18 +218,7 @@ def split_kv_attention(
         lse_parts = jax.lax.dynamic_update_index_in_dim(lse_parts, jnp.swapaxes(lse, 1, 2), s, 0)
         return o_parts, lse_parts
 
-    acc = pipeline.accumulation_dtype(q)
-    o_parts = jnp.zeros((plan.num_splits, batch, q_len, heads, value_dim), acc)
-    lse_parts = jnp.full((plan.num_splits, batch, q_len, heads), -jnp.inf, acc)
-    if plan.num_splits == 1:
-        o_parts, lse_parts = split(jnp.asarray(0, jnp.int32), (o_parts, lse_parts))
-    else:
-        o_parts, lse_parts = jax.lax.fori_loop(0, live_splits, split, (o_parts, lse_parts))
-    out, lse = merge_partials(o_parts, lse_parts, axis=0)  # [B, Tq, H, Dv], [B, Tq, H]
-    out = out.astype(q.dtype)
-    if return_lse:
-        return out, jnp.swapaxes(lse, 1, 2).astype(jnp.float32)
-    return out
+    return _merged_splits(q, split, plan.num_splits, live_splits, value_dim, return_lse, unroll_one=True)
 
 
 def split_kv_decode(
@@ -307,15 +317,7 @@ def packed_split_kv_attention(
         lse_parts = jax.lax.dynamic_update_index_in_dim(lse_parts, jnp.swapaxes(lse, 1, 2), s, 0)
         return o_parts, lse_parts
 
-    acc = pipeline.accumulation_dtype(q)
-    o_parts = jnp.zeros((num_splits, batch, q_len, heads, values.shape[-1]), acc)
-    lse_parts = jnp.full((num_splits, batch, q_len, heads), -jnp.inf, acc)
-    o_parts, lse_parts = jax.lax.fori_loop(0, live_splits, split, (o_parts, lse_parts))
-    out, lse = merge_partials(o_parts, lse_parts, axis=0)  # [B, Tq, H, Dv], [B, Tq, H]
-    out = out.astype(q.dtype)
-    if return_lse:
-        return out, jnp.swapaxes(lse, 1, 2).astype(jnp.float32)
-    return out
+    return _merged_splits(q, split, num_splits, live_splits, values.shape[-1], return_lse, unroll_one=False)
 
 
 def packed_split_kv_decode(

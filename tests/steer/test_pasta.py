@@ -86,7 +86,8 @@ def test_rules_entered_inside_jit_take_the_span_as_an_argument(lm):
     mask[:, 3:6] = 1
     with attn.intervene(*steer.rules(model, mask)):
         eager = model.apply(variables, TOKENS)
-    np.testing.assert_allclose(run(variables, TOKENS, jnp.asarray(mask)), eager, rtol=1e-6, atol=1e-6)
+    # jit may fuse and reorder float32 sums: 2e-6 differences were seen on CI-like machines
+    np.testing.assert_allclose(run(variables, TOKENS, jnp.asarray(mask)), eager, rtol=1e-5, atol=1e-5)
 
 
 def test_profiling_keeps_the_best_heads(lm):

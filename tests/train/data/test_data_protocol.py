@@ -41,7 +41,7 @@ def test_registry_lists_every_source():
         ["text", "mqar", "selective_copy", "passkey", "seq2seq", "images", "image_questions", "npz", "masked_lm"]
         + ["emphasis_qa", "mil_bags", "shape_captions", "video_clips"]
         + ["tokenized_text", "aspect_sentiment"]
-        + ["user_behavior", "detection_scenes", "ordinal_successor", "text_passkey", "gcog"]
+        + ["user_behavior", "detection_scenes", "ordinal_successor", "text_passkey", "gcog", "fine_grained"]
     )
 
 
@@ -81,7 +81,7 @@ def test_processes_get_their_own_rows(name, npz_path):
     p1 = _build(name, npz_path, process_index=1, process_count=2).next_batch()
     key = (
         "images"
-        if name in ("images", "npz", "shape_captions", "detection_scenes")
+        if name in ("images", "npz", "shape_captions", "detection_scenes", "fine_grained")
         else "instances"
         if name == "mil_bags"
         else "inputs"
