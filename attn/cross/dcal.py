@@ -203,7 +203,7 @@ def classify(model: Any, images: Array, grid: tuple[int, int], *, deterministic:
     from attn.models.block import TransformerBlock
     from attn.models.encoder import classifier
     from attn.models.layers import make_norm
-    from attn.models.trunk import resolve_head_dim, resolve_layers
+    from attn.models.trunk import block_fields, resolve_layers
     from attn.models.vit import embed_patches
 
     if model.pool != "cls":
@@ -219,25 +219,11 @@ def classify(model: Any, images: Array, grid: tuple[int, int], *, deterministic:
     if any(layer != layers[0] for layer in layers):
         raise ValueError("attention='dcal' needs the same mechanism and options in every layer")
     local_ratio, pair = options.get("local_ratio", 0.1), options.get("pair", True)
-    head_dim, norm_eps = resolve_head_dim(model), model.norm_eps
+    fields = block_fields(model)
+    norm_eps = fields["norm_eps"]
 
     def block(name: str) -> nn.Module:
-        return TransformerBlock(
-            mechanism="dcal",
-            attention_options=options,
-            num_heads=model.num_heads,
-            head_dim=head_dim,
-            num_kv_heads=model.num_kv_heads,
-            mlp_dim=model.mlp_dim,
-            norm=model.norm,
-            norm_eps=norm_eps,
-            mlp=model.mlp,
-            mlp_bias=model.mlp_bias,
-            dropout_rate=model.dropout_rate,
-            dtype=model.dtype,
-            param_dtype=model.param_dtype,
-            name=name,
-        )
+        return TransformerBlock(mechanism="dcal", attention_options=options, name=name, **fields)
 
     def norm(name: str) -> nn.Module:
         return make_norm(model.norm, dtype=model.dtype, param_dtype=model.param_dtype, name=name, epsilon=norm_eps)
@@ -263,21 +249,9 @@ def classify(model: Any, images: Array, grid: tuple[int, int], *, deterministic:
     # GLCA: the selected queries of block L's input attend all of its tokens, in a block of its own.
     index = select_local_queries(rollout, local_query_count(x.shape[1] - 1, local_ratio))
     local = jnp.take_along_axis(last_input, index[..., None], axis=1)
-    g = GlobalLocalBlock(
-        num_heads=model.num_heads,
-        head_dim=head_dim,
-        mlp_dim=model.mlp_dim,
-        norm=model.norm,
-        mlp=model.mlp,
-        attention_options=options,
-        num_kv_heads=model.num_kv_heads,
-        norm_eps=norm_eps,
-        mlp_bias=model.mlp_bias,
-        dropout_rate=model.dropout_rate,
-        dtype=model.dtype,
-        param_dtype=model.param_dtype,
-        name="glca",
-    )(local, last_input, deterministic=deterministic)
+    g = GlobalLocalBlock(attention_options=options, name="glca", **fields)(
+        local, last_input, deterministic=deterministic
+    )
     glca_logits = classifier(
         model.num_classes, dtype=model.dtype, param_dtype=model.param_dtype, name="glca_classifier"
     )(norm("glca_norm")(g)[:, 0])

@@ -128,6 +128,24 @@ def resolve_cross_layers(model: Any) -> list[tuple[str | None, dict[str, Any]]]:
     return stack_options(names, options)
 
 
+def block_fields(model: Any) -> dict[str, Any]:
+    """The TransformerBlock fields every block of `model` shares (heads, widths, norm, MLP, dropout, dtypes); callers
+    add the mechanism, its options and the name."""
+    return dict(
+        num_heads=model.num_heads,
+        head_dim=resolve_head_dim(model),
+        num_kv_heads=model.num_kv_heads,
+        mlp_dim=model.mlp_dim,
+        norm=model.norm,
+        norm_eps=getattr(model, "norm_eps", 1e-6),
+        mlp=model.mlp,
+        mlp_bias=getattr(model, "mlp_bias", False),
+        dropout_rate=model.dropout_rate,
+        dtype=model.dtype,
+        param_dtype=model.param_dtype,
+    )
+
+
 def block_stack(
     model: Any,
     x: jax.Array,
@@ -148,8 +166,7 @@ def block_stack(
     context [B, Tc, E] and context_mask (an attn.Mask over (x, context) pairs) feed the cross-attention sublayers
     of a model with a `cross_attention` field; they must be None for a model without one.
     """
-    head_dim = resolve_head_dim(model)
-    norm_eps = getattr(model, "norm_eps", 1e-6)
+    fields = block_fields(model)
     norm_position = getattr(model, "norm_position", "pre")
     layers = resolve_layers(model, grid=grid)
     cross_layers = resolve_cross_layers(model)
@@ -160,20 +177,10 @@ def block_stack(
                 attention_options=options,
                 cross_attention=cross_name,
                 cross_attention_options=cross_options,
-                num_heads=model.num_heads,
-                head_dim=head_dim,
-                num_kv_heads=model.num_kv_heads,
-                mlp_dim=model.mlp_dim,
-                norm=model.norm,
-                norm_eps=norm_eps,
-                mlp=model.mlp,
-                mlp_bias=getattr(model, "mlp_bias", False),
                 norm_position=norm_position,
-                dropout_rate=model.dropout_rate,
                 grid=grid,
-                dtype=model.dtype,
-                param_dtype=model.param_dtype,
                 name=f"layers_{i}",
+                **fields,
             )(
                 x,
                 mask=mask,
@@ -185,9 +192,10 @@ def block_stack(
             )
     if norm_position == "post":
         return x
-    return make_norm(model.norm, dtype=model.dtype, param_dtype=model.param_dtype, name="final_norm", epsilon=norm_eps)(
-        x
+    final_norm = make_norm(
+        model.norm, dtype=model.dtype, param_dtype=model.param_dtype, name="final_norm", epsilon=fields["norm_eps"]
     )
+    return final_norm(x)
 
 
 def embed_tokens(
