@@ -8,9 +8,8 @@ import time
 
 import pytest
 
+from tests.train_process import REPO, sigterm_after_first_step
 from train.checkpointing import Checkpointer
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.mark.slow
@@ -30,23 +29,8 @@ def test_sigterm_under_eval_train_saves_and_exits_0(tmp_path):
         "--config.checkpoint_every=50000",
         "--config.evals=({'tool': 'sink_rate', 'every': 50000},)",
     ]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    try:
-        deadline = time.monotonic() + 240
-        for line in process.stdout:
-            lines.append(line)
-            if line.startswith("step "):  # training is under way
-                process.send_signal(signal.SIGTERM)
-                break
-            assert time.monotonic() < deadline, "no progress line:\n" + "".join(lines)
-        rest, _ = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    output = "".join(lines) + rest
-    assert process.returncode == 0, output
+    returncode, output = sigterm_after_first_step(command, {**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert returncode == 0, output
     assert "stopped by SIGTERM at step" in output and "saved checkpoint" in output, output
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=2, save_every=1)
     try:

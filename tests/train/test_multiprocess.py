@@ -1,20 +1,18 @@
 """`python -m train` as real processes: SIGTERM saves and exits 0; two CPU processes train together."""
 
 import os
-import signal
 import socket
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
 from configs import lm_tiny
+from tests.train_process import REPO, sigterm_after_first_step
 from train import trainer
 from train.checkpointing import Checkpointer
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMOKE = "configs/lm_tiny.py:smoke"
 
 
@@ -31,7 +29,7 @@ def _train_command(workdir, *overrides, config=SMOKE):
 
 def test_sigterm_saves_a_restorable_checkpoint_and_exits_0(tmp_path):
     workdir = tmp_path / "run"
-    process = subprocess.Popen(
+    returncode, output = sigterm_after_first_step(
         _train_command(
             workdir,
             "--config.total_steps=100000",  # far more than the test waits for
@@ -39,27 +37,9 @@ def test_sigterm_saves_a_restorable_checkpoint_and_exits_0(tmp_path):
             "--config.eval_every=0",
             "--config.checkpoint_every=50000",
         ),
-        cwd=REPO,
-        env=_env(8),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        _env(8),
     )
-    lines = []
-    try:
-        deadline = time.monotonic() + 240
-        for line in process.stdout:
-            lines.append(line)
-            if line.startswith("step "):  # training is under way
-                process.send_signal(signal.SIGTERM)
-                break
-            assert time.monotonic() < deadline, "no progress line:\n" + "".join(lines)
-        rest, _ = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    output = "".join(lines) + rest
-    assert process.returncode == 0, output
+    assert returncode == 0, output
     assert "SIGTERM" in output and "saved checkpoint" in output, output
 
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=2, save_every=1)
