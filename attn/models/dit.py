@@ -41,7 +41,7 @@ from attn.models.block import TransformerBlock, _check_options, check_mechanism
 from attn.models.encoder_decoder import SourceEncoder
 from attn.models.fields import AttentionOptions, hash_fields
 from attn.models.layers import ACTIVATION_AXES, Mlp
-from attn.models.trunk import resolve_cross_layers, resolve_head_dim, resolve_layers
+from attn.models.trunk import block_fields, resolve_cross_layers, resolve_head_dim, resolve_layers
 from attn.models.vit import embed_patches, patch_grid
 
 Dtype = Any
@@ -235,23 +235,16 @@ class DiT(nn.Module):
         x = embed_patches(self, images.astype(self.dtype), grid, cls_token=False, deterministic=deterministic)
         layers = resolve_layers(self, grid=grid)
         cross_layers = resolve_cross_layers(self)
+        fields = block_fields(self)  # the TransformerBlock fields every block shares (as block_stack's blocks)
         for i, ((name, options), (cross_name, cross_options)) in enumerate(zip(layers, cross_layers, strict=True)):
             x = DiTBlock(
                 mechanism=name,
                 attention_options=options,
                 cross_attention=cross_name,
                 cross_attention_options=cross_options,
-                num_heads=self.num_heads,
-                head_dim=head_dim,
-                num_kv_heads=self.num_kv_heads,
-                mlp_dim=self.mlp_dim,
-                norm=self.norm,
-                mlp=self.mlp,
-                dropout_rate=self.dropout_rate,
                 grid=grid,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
                 name=f"layers_{i}",
+                **fields,
             )(x, conditioning, context=None if cross_name is None else context, deterministic=deterministic)
 
         shift, scale = jnp.split(
