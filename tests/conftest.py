@@ -36,12 +36,29 @@ def _measured_slow() -> frozenset[str]:
         return frozenset(line.strip() for line in f if line.strip() and not line.startswith("#"))
 
 
+def _uses_own_module_fixture(item) -> bool:
+    """Whether `item` uses a module-scoped fixture defined in its own test module (typically a trained model). Such
+    tests form one xdist group (pyproject's `--dist loadgroup`), so one worker builds the fixture instead of each."""
+    module = item.nodeid.split("::")[0]
+    definitions = getattr(item, "_fixtureinfo", None)
+    if definitions is None:
+        return False
+    for name in item.fixturenames:
+        for fixturedef in definitions.name2fixturedefs.get(name, ()):
+            if fixturedef.scope == "module" and fixturedef.baseid == module:
+                return True
+    return False
+
+
 @pytest.hookimpl(tryfirst=True)  # before `-m "not slow"` deselects by marker
 def pytest_collection_modifyitems(config, items):
     measured_slow = _measured_slow()
     for item in items:
         if item.nodeid in measured_slow or item.nodeid.split("::")[0] in measured_slow:
             item.add_marker(pytest.mark.slow)
+    for item in items:
+        if _uses_own_module_fixture(item):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
     platform = _platform()
     skip_gpu = pytest.mark.skip(reason="needs a GPU (run with ATTN_TEST_ACCELERATOR=1 on a GPU machine)")
     skip_tpu = pytest.mark.skip(reason="needs a TPU (run with ATTN_TEST_ACCELERATOR=1 on a TPU machine)")
