@@ -100,42 +100,58 @@ def run(bench: Bench) -> list[dict[str, Any]]:
                     capacity=slots,
                     steps=steps,
                 )
-                record["ms_per_token"] = record["median_ms"] / steps if record["status"] == "ok" else None
-                record["best_ms_per_token"] = record["min_ms"] / steps if record["status"] == "ok" else None
-                records.append(record)
+                records.append(add_per_token(record, steps))
     return records
 
 
-def table(records: list[dict[str, Any]]) -> str:
+def add_per_token(record: dict[str, Any], steps: int) -> dict[str, Any]:
+    """Adds ms_per_token (median) and best_ms_per_token to a `Bench.measure` record of a `steps`-token loop."""
+    ok = record["status"] == "ok"
+    record["ms_per_token"] = record["median_ms"] / steps if ok else None
+    record["best_ms_per_token"] = record["min_ms"] / steps if ok else None
+    return record
+
+
+def per_token_table(records: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
+    """Markdown table of per-token decode times: `columns` are the record fields that identify a row besides its
+    `case`; the last column compares each row's best time with the "dense" case's of the same `columns`."""
     lines = [
-        "| length | allocation | case | ms / token (median) | ms / token (best) | vs dense (best) |",
-        "|---:|---|---|---:|---:|---:|",
+        f"| {' | '.join(columns)} | case | ms / token (median) | ms / token (best) | dense / this (best) |",
+        "|" + "---|" * (len(columns) + 1) + "---:|---:|---:|",
     ]
-    best = {(r["length"], r["allocation"]): r["best_ms_per_token"] for r in records if r["case"] == "dense"}
+    best = {tuple(r[c] for c in columns): r["best_ms_per_token"] for r in records if r["case"] == "dense"}
     for r in records:
+        keys = " | ".join(str(r[c]) for c in columns)
         if r["status"] != "ok":
-            lines.append(f"| {r['length']} | {r['allocation']} | {r['case']} | skipped: {r['reason']} | — | — |")
+            lines.append(f"| {keys} | {r['case']} | skipped: {r['reason']} | — | — |")
             continue
-        dense = best.get((r["length"], r["allocation"]))
+        dense = best.get(tuple(r[c] for c in columns))
         ratio = f"{dense / r['best_ms_per_token']:.2f}x" if dense else "—"
-        lines.append(
-            f"| {r['length']} | {r['allocation']} | {r['case']} | {r['ms_per_token']:.3f} | "
-            f"{r['best_ms_per_token']:.3f} | {ratio} |"
-        )
+        lines.append(f"| {keys} | {r['case']} | {r['ms_per_token']:.3f} | {r['best_ms_per_token']:.3f} | {ratio} |")
     return "\n".join(lines)
 
 
-def plot(report: dict[str, Any], path: str) -> None:
+def per_token_plot(report: dict[str, Any], path: str, *, x: str, xlabel: str, title: str) -> None:
+    """The suite's plot plus a panel of best ms per token against `x`, one line per record name."""
+
     def per_token(axis, records):
         for name in dict.fromkeys(r["name"] for r in records):
-            rows = sorted((r["length"], r["best_ms_per_token"]) for r in records if r["name"] == name)
+            rows = sorted((r[x], r["best_ms_per_token"]) for r in records if r["name"] == name)
             axis.plot(*zip(*rows, strict=True), marker="o", label=name)
-        axis.set(xscale="log", yscale="log", xlabel="filled cache length", ylabel="ms / token (best)")
-        axis.set_title("decode attention per token")
+        axis.set(xscale="log", yscale="log", xlabel=xlabel, ylabel="ms / token (best)")
+        axis.set_title(title)
         axis.grid(True, which="both", alpha=0.3)
         axis.legend(fontsize=6)
 
-    plot_report(report, path, x="length", xlabel="filled cache length", extra=per_token)
+    plot_report(report, path, x=x, xlabel=xlabel, extra=per_token)
+
+
+def table(records: list[dict[str, Any]]) -> str:
+    return per_token_table(records, ("length", "allocation"))
+
+
+def plot(report: dict[str, Any], path: str) -> None:
+    per_token_plot(report, path, x="length", xlabel="filled cache length", title="decode attention per token")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,10 @@ benchmarks/results/decode_cpu.json); below SPLIT_MIN_CAPACITY always dense. On a
 decode kernel is interpret-verified only, so it runs on request). implementation="split_kv" forces split-KV
 on every decode step (prefill calls, such as the creating call, stay dense; a logits bias is an error); any other
 implementation ("xla", "pallas", ...) goes to `softmax_attention` as before.
+
+`cached_attention` is the attention over every filled slot of a cache with per (batch, kv head) lengths and no other
+mask, returning the lse too: a policy layer's split-KV route (attn/kv/policy_layer.py) attends its cached entries with
+it (the Pallas decode kernel on a GPU, split-KV on XLA elsewhere) and merges the incoming chunk by log-sum-exp.
 """
 
 from __future__ import annotations
@@ -181,20 +185,55 @@ def decode_attention(
 
 def _kernel_decode(q, keys, values, mask, lengths, scale, softcap, num_splits) -> Array:
     """Split-KV decoding on the Pallas GPU kernel: partials from `pallas_kernels.decode`, merged by lse_merge."""
-    from pallas_kernels.decode import decode_partials
-
     batch, kv_heads = keys.shape[0], keys.shape[2]
     if lengths is None:
         lengths = jnp.broadcast_to(jnp.asarray(mask.kv_lengths, jnp.int32)[:, None], (batch, kv_heads))
     elif mask is not None and mask.kv_lengths is not None:
         lengths = jnp.minimum(lengths, jnp.asarray(mask.kv_lengths, jnp.int32)[:, None])
-    plan = plan_splits(batch, kv_heads, keys.shape[1], num_splits=num_splits)
+    causal = mask is not None and mask.causal
+    return _kernel_partials(q, keys, values, lengths, causal, scale, softcap, num_splits)[0].astype(q.dtype)
+
+
+def _kernel_partials(q, keys, values, lengths, causal, scale, softcap, num_splits, interpret=False):
+    """(out float32 [B, Tq, H, Dv], lse float32 [B, Tq, H]): the decode kernel's partials merged by log-sum-exp."""
+    from pallas_kernels.decode import decode_partials
+
+    plan = plan_splits(keys.shape[0], keys.shape[2], keys.shape[1], num_splits=num_splits)
     stored = {}
     if isinstance(keys, cache_lib.QuantizedArray):
         stored = dict(k_scale=keys.scale, k_zero=keys.zero, v_scale=values.scale, v_zero=values.zero, bits=keys.bits)
         keys, values = keys.codes, values.codes
     o_parts, lse_parts = decode_partials(
-        q, keys, values, lengths, num_splits=plan.num_splits, causal=mask is not None and mask.causal, scale=scale,
-        softcap=softcap, **stored,
+        q, keys, values, lengths, num_splits=plan.num_splits, causal=causal, scale=scale, softcap=softcap,
+        interpret=interpret, **stored,
     )  # fmt: skip
-    return merge_partials(o_parts, lse_parts, axis=0)[0].astype(q.dtype)
+    return merge_partials(o_parts, lse_parts, axis=0)
+
+
+def cached_attention(
+    q: Array,
+    keys: Any,
+    values: Any,
+    lengths: Array,
+    *,
+    scale: float | None = None,
+    softcap: float | None = None,
+    num_splits: int | None = None,
+    interpret: bool = False,
+) -> tuple[Array, Array]:
+    """Split-KV attention of q [B, Tq, H, D] over every filled slot of keys [B, L, KVH, D] / values [B, L, KVH, Dv]
+    (arrays or per-token `QuantizedArray`), lengths int32 [B, KVH] filled slots per (batch, kv head), no other mask:
+    a policy cache's entries, all older than the queries. On a GPU (or with interpret=True, the kernel in its Pallas
+    interpreter) the Pallas decode kernel, which reads per-token codes itself (a float / quantized mix is dequantised
+    first); elsewhere `split_kv_attention`. Returns (out float32 [B, Tq, H, Dv], lse float32 [B, H, Tq]; -inf and 0
+    for a query head whose kv head holds nothing)."""
+    lengths = jnp.asarray(lengths, jnp.int32)
+    if interpret or kernel_unavailable(keys, None, lengths) is None:
+        if isinstance(keys, cache_lib.QuantizedArray) != isinstance(values, cache_lib.QuantizedArray):
+            keys, values = cache_lib.read(keys), cache_lib.read(values)
+        out, lse = _kernel_partials(q, keys, values, lengths, False, scale, softcap, num_splits, interpret)
+        return out, jnp.swapaxes(lse, 1, 2)
+    out, lse = split_kv_attention(
+        q, keys, values, lengths=lengths, scale=scale, softcap=softcap, num_splits=num_splits, return_lse=True
+    )
+    return out.astype(jnp.float32), lse

@@ -9,11 +9,35 @@
                                  amounts to, where it has a mask form)
 
 The cache holds keys before RoPE (so a policy may assign positions inside the cache) with per (batch, kv head)
-lengths and original positions; queries see the entries the policy makes visible through a dense per-head mask
-[B, H, Tq, C + L] (Tq is small while decoding). Statistics: when the policy lists any (`cache.STATS`), the decode
-call runs the explicit stages and the policy's `observe` folds the weights into the statistics before `keep`
-(default: the attention each entry receives, summed over the queries and the query heads of its kv head, added to
-its mass).
+lengths and original positions. A decode call's attention takes one of two routes:
+
+    split-KV    (implementation="split_kv") when every query sees every filled cache entry, decided at run time
+                from the policy's visibility (true for the budget policies H2O, A2SF, TOVA, Scissorhands, EMS, D2O,
+                SnapKV and Attention-Gate): the C cached entries by split-KV over their per-(batch, kv head) lengths
+                (`kv_cache.cached_attention`: the Pallas decode kernel on a GPU, `split_kv_attention` elsewhere;
+                values, and keys without RoPE, read in their stored form, codes dequantised split by split), the L
+                chunk entries with the policy's visibility [B, KVH, Tq, L], the two merged by log-sum-exp;
+                statistics from the merged lse, p_ij = exp(s_ij - lse_i) per entry (0 where not visible): no
+                softmax over a materialised matrix, an elementwise function a kernel can fold into the statistics
+                (on XLA here, `entry_weights` forms p [B, H, Tq, C + L] and the policy's `observe` reduces it)
+    explicit    the pipeline's stages over every candidate with a dense per-head mask [B, H, Tq, C + L]: when the
+                policy hides a filled cache entry from a query (StreamingLLM's window once its oldest recent entry
+                leaves the query's window, Recycled Attention between full steps, a checkpoint's sliding window
+                over the cache), and always for a position bias (ALiBi, T5, Shaw: read per entry), a chunk of more
+                than MAX_DECODE_QUERIES queries (a prefill), captured weights, attention dropout, interventions,
+                and implementation None or "xla" (any value outside SPLIT_IMPLEMENTATIONS)
+
+implementation=None keeps the explicit stages, as the dense cache keeps its dense decode on CPU for caches under
+SPLIT_MIN_CAPACITY and on a GPU (where the decode kernel is interpret-verified only). A policy's cache is always full
+(it holds its budget), where split-KV does not pay on CPU, and a policy with statistics scores every entry twice on
+the split route (once inside the splits, once for p): `python -m eval.bench --suite decode_policy`
+(benchmarks/results/decode_policy_cpu.json, one token through the whole layer, budgets 256-4096, 2 shared cores)
+measured the split route at 0.23-1.54x the explicit route's speed (best of 5), mostly slower (H2O 0.23x / 0.53x /
+0.83x at 256 / 1K / 4K entries); StreamingLLM, whose full cache runs the explicit stages inside the switch, read
+0.68-3.8x: the spread is this machine's noise. Statistics: when the policy lists any (`cache.STATS`), its `observe`
+folds the weights into them before `keep` (default: the attention each entry receives, summed over the queries and
+the query heads of its kv head, added to its mass). Layers that replace `policy_attend` (KIVI, ZipCache, A2ATS,
+packed Ada-KV) choose their own attention.
 Quantized storage: `cache_bits` (8 or 4) stores per-token codes and attention reads their dequantized values.
 A causal sliding `window` (left, 0) (an imported Mistral / Qwen2 checkpoint's) is kept: the forward applies it as the
 softmax layer does, and a decode call intersects the policy's visibility with it at the entries' original positions
@@ -26,12 +50,19 @@ import jax
 import jax.numpy as jnp
 
 from attn.core import cache as cache_lib
+from attn.core import kv_cache
 from attn.core.layer import AttentionCall
+from attn.core.lse_merge import merge_partials
 from attn.core.masks import Mask
 from attn.core.softmax_layer import SoftmaxAttentionLayer
+from attn.core.split_kv_decode import split_kv_attention
 from attn.core.validation import normalize_window
 
 Array = jax.Array
+
+# implementation values that let a decode call take split-KV (`PolicyAttention.split_decode_reason`); any other
+# ("xla", ...) keeps the explicit stages.
+SPLIT_IMPLEMENTATIONS = (None, "split_kv")
 
 POLICY_OPTION_DOCS = {
     "cache_bits": "quantized cache storage: None (the layer's dtype), 8 or 4 bits per value (per-token codes)",
@@ -149,8 +180,9 @@ class PolicyAttention(SoftmaxAttentionLayer):
     def policy_attend(self, q: Array, k: Array, v: Array, call: AttentionCall) -> Array:
         """A decode call on an existing cache: q [B, L, H, D] and this chunk's k, v [B, L, KVH, D] (before RoPE)
         -> [B, L, H, Dv]; writes the policy's next cache. The stages see call.kv_positions = the candidates'
-        original positions per kv head [B, KVH, C + L]. (The flash kernel serves no decode call: dense per-head
-        masks and query offsets are outside it, so statistics come from the explicit weights stage.)"""
+        original positions per kv head [B, KVH, C + L]. Split-KV (`split_decode`) serves the call when
+        `split_decode_reason` finds nothing against it and, at run time, the policy hides no filled cache entry from
+        any query; otherwise the explicit stages (`explicit_decode`)."""
         policy = self.decode_policy(call)
         cache = cache_lib.load(self)
         cands = cache_lib.candidates(cache, k, v, self.cache_bits)
@@ -161,6 +193,42 @@ class PolicyAttention(SoftmaxAttentionLayer):
         q, keys, bias = self.cache_positions(q, cands, call.q_positions)
         mask = Mask(dense=cache_lib.head_mask(visible, self.num_heads))
         call = call.replace(mask=mask, bias=bias, kv_positions=cands.positions)
+        reason = self.split_decode_reason(q, policy, call)
+        if reason is not None:
+            y, cands = self.explicit_decode(q, keys, cands, policy, call)
+        else:
+            filled = cands.valid[:, :, None, : cache.capacity]  # [B, KVH, 1, C]
+            hidden = jnp.any(filled & ~visible[..., : cache.capacity])  # a cached entry some query must not see
+            y, cands = jax.lax.cond(
+                hidden,
+                lambda: self.explicit_decode(q, keys, cands, policy, call),
+                lambda: self.split_decode(q, keys, cands, cache, visible, policy),
+            )
+        cache_lib.store(self, policy.step(cands))
+        return y
+
+    def split_decode_reason(self, q: Array, policy: cache_lib.CachePolicy, call: AttentionCall) -> str | None:
+        """Why this decode call (q [B, L, H, D] after positions, call.bias set) takes the explicit stages whatever
+        the policy shows, or None when split-KV may serve it (see the module docstring)."""
+        if self.implementation not in SPLIT_IMPLEMENTATIONS:
+            return f"implementation={self.implementation!r} keeps the explicit stages"
+        if call.bias is not None:
+            return f"position={self.position!r} adds a per-entry logits bias, which split-KV does not read"
+        if q.shape[1] > kv_cache.MAX_DECODE_QUERIES:
+            most = kv_cache.MAX_DECODE_QUERIES
+            return f"a chunk of {q.shape[1]} queries is a prefill (split-KV serves at most {most})"
+        explicit = self.explicit_reason(call)
+        if explicit is not None:
+            return explicit or "captured weights, attention dropout or overridden stages need the explicit weights"
+        if self.implementation is None:
+            return "implementation=None keeps the explicit stages (split-KV on request: implementation='split_kv')"
+        return None
+
+    def explicit_decode(
+        self, q: Array, keys: Array, cands: cache_lib.Candidates, policy: cache_lib.CachePolicy, call: AttentionCall
+    ) -> tuple[Array, cache_lib.Candidates]:
+        """The decode attention through the pipeline's stages over every candidate with the dense per-head mask
+        call.mask [B, H, Tq, C + L]: (y [B, L, H, Dv], the candidates with the policy's statistics of this call)."""
         if policy.stats or self.window is not None:  # statistics come from the explicit weights
             logits = self.attention_logits(q, keys, call)
             weights = self.attention_weights(logits, call)
@@ -168,5 +236,43 @@ class PolicyAttention(SoftmaxAttentionLayer):
             y = self.mix(self.attention_dropout(weights, call.deterministic), cands.values).astype(q.dtype)
         else:
             y = super().attend(q, keys, cands.values, call)
-        cache_lib.store(self, policy.step(cands))
-        return y
+        return y, cands
+
+    def split_decode(
+        self,
+        q: Array,
+        keys: Array,
+        cands: cache_lib.Candidates,
+        cache: cache_lib.KVCache,
+        visible: Array,
+        policy: cache_lib.CachePolicy,
+    ) -> tuple[Array, cache_lib.Candidates]:
+        """Split-KV decode attention when every query sees every filled cache entry: the C cached entries by split-KV
+        over their per-head lengths (`kv_cache.cached_attention`: the Pallas decode kernel on a GPU, else
+        `split_kv_attention`; values read in their stored form split by split), the
+        L chunk entries with the policy's visibility visible[..., C:] [B, KVH, Tq, L], the two merged by log-sum-exp.
+        Statistics: each entry's weight p = exp(s - lse) [B, H, Tq, C + L] (0 where not visible) from the merged lse
+        (`observe`). Returns (y [B, L, H, Dv], the candidates with the policy's statistics)."""
+        capacity = cache.capacity
+        cached_keys = cache.keys if keys is cands.keys else keys[:, :capacity]  # unrotated: read the stored codes
+        cached, cached_lse = kv_cache.cached_attention(
+            q, cached_keys, cache.values, cache.filled(), scale=self.scale, softcap=self.softcap
+        )
+        chunk_mask = Mask(dense=cache_lib.head_mask(visible[..., capacity:], self.num_heads))
+        own, own_lse = split_kv_attention(
+            q, keys[:, capacity:], cands.values[:, capacity:], mask=chunk_mask, scale=self.scale,
+            softcap=self.softcap, num_splits=1, return_lse=True,
+        )  # fmt: skip
+        parts_lse = jnp.swapaxes(jnp.stack([cached_lse, own_lse]), 2, 3)  # [2, B, Tq, H]
+        y, lse = merge_partials(jnp.stack([cached, own]).astype(jnp.float32), parts_lse, axis=0)
+        if policy.stats:
+            cands = policy.observe(cands, self.entry_weights(q, keys, jnp.swapaxes(lse, 1, 2), visible))
+        return y.astype(q.dtype), cands
+
+    def entry_weights(self, q: Array, keys: Array, lse: Array, visible: Array) -> Array:
+        """float32 [B, H, Tq, E]: the softmax weight of every entry, p = exp(s - lse) where visible (bool [B, KVH, Tq,
+        E]), else 0, from the scores s of q [B, Tq, H, D] and keys [B, E, KVH, D] and the call's lse [B, H, Tq]
+        (-inf for a query that sees nothing: all its weights are 0)."""
+        scores = self.scores(q, keys)
+        seen = cache_lib.head_mask(visible, self.num_heads)
+        return jnp.where(seen, jnp.exp(scores - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None]), 0.0)

@@ -97,6 +97,38 @@ def test_quantized_cache_dequantised_split_by_split(bits):
     np.testing.assert_allclose(out, ref, **TOL)
 
 
+def numpy_lse(q, k, lengths):
+    """lse float64 [B, H, Tq] of each query over the slots j < lengths[b, h // G] (-inf when none)."""
+    q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+    group = q.shape[2] // k.shape[2]
+    out = np.full((q.shape[0], q.shape[2], q.shape[1]), -np.inf)
+    for b in range(q.shape[0]):
+        for h in range(q.shape[2]):
+            n = int(lengths[b, h // group])
+            if n:
+                s = np.einsum("id,jd->ij", q[b, :, h], k[b, :n, h // group]) / np.sqrt(q.shape[-1])
+                out[b, h] = np.log(np.exp(s - s.max(-1, keepdims=True)).sum(-1)) + s.max(-1)
+    return out
+
+
+@pytest.mark.parametrize("interpret", [False, True])
+@pytest.mark.parametrize("bits", [None, 8])
+def test_cached_attention_over_ragged_heads(bits, interpret):
+    """kv_cache.cached_attention (a policy cache's entries: every filled slot, no other mask) on split-KV (XLA) and on
+    the Pallas decode kernel in its interpreter: out and lse equal explicit loops, GQA, one empty head, float or
+    8-bit per-token codes."""
+    q, k, v = inputs(5, q_len=2, length=24)
+    if bits is not None:
+        k, v = cache_lib.quantize(k, bits), cache_lib.quantize(v, bits)
+    lengths = np.array([[24, 7], [0, 13]], np.int32)
+    out, lse = kv_cache.cached_attention(q, k, v, jnp.asarray(lengths), num_splits=3, interpret=interpret)
+    keys, values = cache_lib.read(k), cache_lib.read(v)
+    np.testing.assert_allclose(out, numpy_decode(q, keys, values, lengths), **TOL)
+    expected = numpy_lse(q, keys, lengths)
+    np.testing.assert_array_equal(np.isinf(lse), np.isinf(expected))
+    np.testing.assert_allclose(np.where(np.isinf(expected), 0, lse), np.where(np.isinf(expected), 0, expected), **TOL)
+
+
 def test_kv_cache_entry_and_unfilled_splits_never_read():
     q, k, v = inputs(4, length=64)
     lengths = np.array([[20, 9], [31, 0]], np.int32)
