@@ -188,6 +188,7 @@ def vlm_model(config: ConfigDict) -> ConfigDict:
     config.model.fusion = "cross"  # "cross" (cross-attention to the image tokens) or "prefix" (prefix-LM)
     config.model.cross_attention = "softmax"  # the decoder's cross-attention mechanism (fusion="cross")
     config.model.cross_attention_options = ConfigDict()  # attn.build options of cross_attention
+    config.model.visual_prefix_pool = 0  # fusion="cross": > 0 prepends image tokens pooled by this factor (CrossLMM)
     config.model.patch_size = 4  # square patch side in pixels; image_size must be a multiple
     config.model.vision_layers = 2  # image encoder (ViT) blocks
     config.model.vision_d_model = config_dict.placeholder(int)  # image encoder width; None = d_model
@@ -195,4 +196,5 @@ def vlm_model(config: ConfigDict) -> ConfigDict:
     config.model.vision_mlp_dim = config_dict.placeholder(int)  # image encoder MLP width; None = mlp_dim
     config.model.vision_attention = "softmax"  # image encoder mechanism ("sequence" or "spatial")
     config.model.vision_attention_options = ConfigDict()  # attn.build options of vision_attention
+    config.model.vision_position_embedding = "learned"  # image encoder positions: "learned" table or "sincos2d"
     return config.model

@@ -1,7 +1,7 @@
-"""Vision Transformer: patchify, learned positions, pre-norm blocks of any mechanism, pooled classifier.
+"""Vision Transformer: patchify, positions (learned or 2-D sin-cos), pre-norm blocks of any mechanism, a classifier.
 
     images float [B, H, W, C] -> Conv(kernel = stride = patch_size) -> [B, h*w, d_model] (+ class token)
-    -> + learned position embedding -> num_layers blocks -> final norm
+    -> + position embedding (learned table, or fixed 2-D sin-cos) -> num_layers blocks -> final norm
     -> pool ("cls": the class token; "mean": mean over patches; or a registered "pooling" mechanism such as
        attentive_pooling over the patches) -> Dense -> logits float32 [B, num_classes]
        (head="hidden": the final-normed tokens [B, (1 +) h*w, d_model] instead, Hugging Face's last_hidden_state)
@@ -49,15 +49,46 @@ def patch_grid(images: jax.Array, patch_size: int) -> tuple[int, int]:
     return height // patch_size, width // patch_size
 
 
+PATCH_POSITIONS = ("learned", "sincos2d")
+
+
+def sincos_2d_positions(grid: tuple[int, int], width: int, temperature: float = 10_000.0) -> jax.Array:
+    """Fixed 2-D sine-cosine position embeddings float32 [h*w, width] of an h x w patch grid (row-major).
+
+    As big_vision's `posemb_sincos_2d` (the MoCo v3 form): with q = width // 4 frequencies
+    omega_i = temperature ** (-i / (q - 1)), i = 0..q-1, the patch at row y, column x gets
+    [sin(x omega), cos(x omega), sin(y omega), cos(y omega)] (each a block of q channels).
+    ValueError unless width is a multiple of 4 and at least 8 (q >= 2).
+    """
+    if width % 4 or width < 8:
+        raise ValueError(f"position_embedding='sincos2d' needs a width that is a multiple of 4 and >= 8; got {width}")
+    quarter = width // 4
+    omega = 1.0 / temperature ** (jnp.arange(quarter, dtype=jnp.float32) / (quarter - 1))
+    y, x = jnp.meshgrid(jnp.arange(grid[0], dtype=jnp.float32), jnp.arange(grid[1], dtype=jnp.float32), indexing="ij")
+    x = x.reshape(-1, 1) * omega[None]
+    y = y.reshape(-1, 1) * omega[None]
+    return jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=1)
+
+
 def embed_patches(
-    model: nn.Module, images: jax.Array, grid: tuple[int, int], *, cls_token: bool, deterministic: bool
+    model: nn.Module,
+    images: jax.Array,
+    grid: tuple[int, int],
+    *,
+    cls_token: bool,
+    deterministic: bool,
+    position_embedding: str = "learned",
 ) -> jax.Array:
-    """Patch tokens [B, (1 +) h*w, d_model] of images float [B, H, W, C], with learned positions and dropout.
+    """Patch tokens [B, (1 +) h*w, d_model] of images float [B, H, W, C], with positions and dropout.
 
     Runs inside `model`'s compact method and reads its `patch_size`, `d_model`, `dropout_rate`, `dtype` and
-    `param_dtype`: the parameters are the model's own `patch_embedding`, `position_embedding` and, with
-    `cls_token`, `cls_token` (prepended as token 0). `grid` is (h, w) = (H, W) // patch_size.
+    `param_dtype`: the parameters are the model's own `patch_embedding`, with position_embedding="learned" (the
+    default) `position_embedding` (a [(1 +) h*w, d_model] table, init normal(0.02), one row per token including the
+    class token) and, with `cls_token`, `cls_token` (prepended as token 0). position_embedding="sincos2d" adds the
+    fixed `sincos_2d_positions` to the patch tokens instead (no parameter; the class token gets none, as in
+    big_vision). `grid` is (h, w) = (H, W) // patch_size.
     """
+    check_choice("position_embedding", position_embedding, PATCH_POSITIONS)
     x = nn.Conv(
         model.d_model,
         kernel_size=(model.patch_size, model.patch_size),
@@ -73,6 +104,8 @@ def embed_patches(
     )(images)
     batch = x.shape[0]
     x = x.reshape(batch, grid[0] * grid[1], model.d_model)
+    if position_embedding == "sincos2d":
+        x = x + sincos_2d_positions(grid, model.d_model).astype(model.dtype)[None]
     if cls_token:
         cls = model.param(
             "cls_token",
@@ -81,13 +114,14 @@ def embed_patches(
             model.param_dtype,
         )
         x = jnp.concatenate([jnp.broadcast_to(jnp.asarray(cls, model.dtype), (batch, 1, model.d_model)), x], 1)
-    table = model.param(
-        "position_embedding",
-        nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), ("length", "embed")),
-        (x.shape[1], model.d_model),
-        model.param_dtype,
-    )
-    x = x + jnp.asarray(table, model.dtype)[None]
+    if position_embedding == "learned":
+        table = model.param(
+            "position_embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), ("length", "embed")),
+            (x.shape[1], model.d_model),
+            model.param_dtype,
+        )
+        x = x + jnp.asarray(table, model.dtype)[None]
     x = nn.with_logical_constraint(x, ACTIVATION_AXES)
     return nn.Dropout(model.dropout_rate)(x, deterministic=deterministic)
 
@@ -112,6 +146,9 @@ class ViT(nn.Module):
         intermediates/pooler_output (Hugging Face ViTModel's pooler_output).
       image_size: when set, images must be image_size x image_size (the position table has one row per patch of
         that size, plus the class token; positions are not interpolated for other sizes).
+
+    position_embedding: "learned" (default: the `position_embedding` table) or "sincos2d" (fixed 2-D sine-cosine
+      positions of the patch grid as big_vision's ViT, no parameter; d_model a multiple of 4; any image size).
 
     token_pooling: None (default) or "tap": token-aware average pooling before every block's attention
       (attn.models.token_pooling, Guo et al. 2023 [148]; a `token_pooling` submodule in each `layers_<i>`), with
@@ -146,6 +183,7 @@ class ViT(nn.Module):
     image_size: int | None = None
     token_pooling: str | None = None
     token_pooling_scales: int = 4
+    position_embedding: str = "learned"
 
     def __hash__(self) -> int:
         return hash_fields(self)
@@ -157,7 +195,14 @@ class ViT(nn.Module):
             from attn.cross import dcal
 
             return dcal.classify(self, images, grid, deterministic=deterministic)
-        x = embed_patches(self, images, grid, cls_token=self.pool == "cls", deterministic=deterministic)
+        x = embed_patches(
+            self,
+            images,
+            grid,
+            cls_token=self.pool == "cls",
+            deterministic=deterministic,
+            position_embedding=self.position_embedding,
+        )
         # Only a class-token-free sequence maps onto the patch grid that spatial mechanisms need.
         block = TransformerBlock
         if self.token_pooling == "tap":
@@ -202,6 +247,12 @@ class ViT(nn.Module):
         if self.cls_pooler and self.pool != "cls":
             raise ValueError(f"cls_pooler=True pools the class token and needs pool='cls'; got pool={self.pool!r}")
         grid = patch_grid(images, self.patch_size)
+        check_choice("position_embedding", self.position_embedding, PATCH_POSITIONS)
+        if self.position_embedding != "learned" and "dcal" in per_layer_mechanisms(self.attention, self.num_layers):
+            raise ValueError(
+                f"position_embedding={self.position_embedding!r} is not supported with attention='dcal' (its "
+                "classify embeds the patches with the learned table); use position_embedding='learned'"
+            )
         if self.image_size is not None and images.shape[1:3] != (self.image_size, self.image_size):
             raise ValueError(
                 f"images of size {images.shape[1]}x{images.shape[2]} differ from image_size={self.image_size}: the "

@@ -11,6 +11,7 @@ import pytest
 
 import attn
 from attn.models import ViT, build_model
+from attn.models.vit import embed_patches, patch_grid
 
 BATCH, SIZE, CLASSES, PATCH = 2, 16, 5, 4
 
@@ -116,3 +117,67 @@ def test_spatial_mixing_follows_rows_of_patches(spatial_registry, quick_params):
     grid = SIZE // PATCH
     np.testing.assert_allclose(rows[0][:, :-grid], rows[1][:, :-grid], atol=1e-6)
     assert not np.allclose(rows[0][:, -grid:], rows[1][:, -grid:])
+
+
+def sincos_reference(rows: int, cols: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
+    """big_vision's posemb_sincos_2d written out as loops: patch (r, c) in row-major order, q = width // 4
+    frequencies temperature ** (-i / (q - 1)); channels [sin(c w_i) | cos(c w_i) | sin(r w_i) | cos(r w_i)]."""
+    q = width // 4
+    table = np.zeros((rows * cols, width))
+    for r in range(rows):
+        for c in range(cols):
+            for i in range(q):
+                omega = 1.0 / temperature ** (i / (q - 1))
+                token = r * cols + c
+                table[token, i] = np.sin(c * omega)
+                table[token, q + i] = np.cos(c * omega)
+                table[token, 2 * q + i] = np.sin(r * omega)
+                table[token, 3 * q + i] = np.cos(r * omega)
+    return table
+
+
+class PatchEmbedder(nn.Module):
+    """The fields embed_patches reads, and a call of it."""
+
+    patch_size: int = PATCH
+    d_model: int = 16
+    dropout_rate: float = 0.0
+    dtype: object = jnp.float32
+    param_dtype: object = jnp.float32
+    cls_token: bool = False
+    position_embedding: str = "sincos2d"
+
+    @nn.compact
+    def __call__(self, images):
+        grid = patch_grid(images, self.patch_size)
+        return embed_patches(
+            self, images, grid, cls_token=self.cls_token, deterministic=True, position_embedding=self.position_embedding
+        )
+
+
+@pytest.mark.parametrize("cls_token", [False, True])
+def test_sincos2d_patch_embedding_matches_the_numpy_formula(cls_token):
+    height, width = 3 * PATCH, 5 * PATCH  # a non-square grid: rows and columns must not be swapped
+    pixels = jax.random.normal(jax.random.key(0), (BATCH, height, width, 3))
+    module = PatchEmbedder(cls_token=cls_token)
+    variables = module.init(jax.random.key(1), pixels)
+    params = jax.tree.map(np.asarray, nn.unbox(variables)["params"])
+    assert "position_embedding" not in params
+    out = np.asarray(module.apply(variables, pixels))
+    kernel, bias = params["patch_embedding"]["kernel"], params["patch_embedding"]["bias"]
+    patches = np.asarray(pixels).reshape(BATCH, 3, PATCH, 5, PATCH, 3).transpose(0, 1, 3, 2, 4, 5)
+    conv = patches.reshape(BATCH, 15, -1) @ kernel.reshape(-1, 16) + bias
+    expected = conv + sincos_reference(3, 5, 16)[None]
+    if cls_token:  # the class token is prepended after the positions, as in big_vision: it gets none
+        np.testing.assert_allclose(out[:, 0], np.broadcast_to(params["cls_token"][0], (BATCH, 16)), atol=1e-6)
+        out = out[:, 1:]
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_sincos2d_vit_has_no_position_table_and_rejects_bad_widths():
+    params = jax.eval_shape(small_vit(position_embedding="sincos2d").init, jax.random.key(0), images())["params"]
+    assert "position_embedding" not in params and "cls_token" in params
+    with pytest.raises(ValueError, match="multiple of 4 and >= 8; got 30"):
+        jax.eval_shape(small_vit(position_embedding="sincos2d", d_model=30).init, jax.random.key(0), images())
+    with pytest.raises(ValueError, match="position_embedding"):
+        jax.eval_shape(small_vit(position_embedding="rope").init, jax.random.key(0), images())

@@ -73,3 +73,18 @@ def test_bad_fields_are_rejected():
     cross_params = jax.eval_shape(cross.init, jax.random.key(0), images(), text())
     with pytest.raises(ValueError, match="needs the image tokens"):
         jax.eval_shape(lambda p: cross.apply(p, text(), None, method="decode"), cross_params)
+
+
+def test_vision_position_embedding_sincos2d_replaces_the_table(quick_params):
+    learned = jax.eval_shape(small_model().init, jax.random.key(0), images(), text())["params"]
+    assert "position_embedding" in learned["image_encoder"]  # the default keeps the parameter and its name
+    model = small_model(fusion="prefix", vision_position_embedding="sincos2d", vision_cls_token=True)
+    params = quick_params(model, images(), text())
+    assert "position_embedding" not in params["params"]["image_encoder"]
+    # Fixed positions alone tell the patches apart: a uniform image gives a different token at every place.
+    uniform = jnp.full((1, SIZE, SIZE, 3), 0.5)
+    tokens = jax.jit(lambda im: model.apply(params, im, method="encode"))(uniform)[0]
+    assert tokens.shape == ((SIZE // 4) ** 2, 32)
+    assert np.abs(np.asarray(tokens)[:, None] - np.asarray(tokens)[None]).max(-1)[np.triu_indices(16, 1)].min() > 1e-3
+    with pytest.raises(ValueError, match="position_embedding"):
+        jax.eval_shape(small_model(vision_position_embedding="rope").init, jax.random.key(0), images(), text())
