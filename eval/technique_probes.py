@@ -19,6 +19,10 @@ training techniques claim, measured the same way for the technique and its basel
                        "evidence_top1" (the most attended context word is evidence) (the PSS claim, Tang et al.
                        2019 [223]; train.techniques.pss.aspect_attention_report's figures).
 
+    question_kinds     vision-language models on train.data "image_questions": answer accuracy per question kind
+                       (position, count, colour) on PROBE_ROWS validation questions, with each kind's question-only
+                       chance ("chance/<kind>": the best answer that reads the question but not the image).
+
 A probe is probe(run) -> {metric: float}, `run` a trainer_api.Run restored from the checkpoint (its config, task,
 data and parameters). Each probe uses fixed seeds: every run sees the same images and the same corruption. A probe
 that measures with a technique's own code takes the technique from `trainer_api.build_run` of the run's config with
@@ -179,8 +183,33 @@ def pss_attention(run: Any) -> dict[str, float]:
         return {key: float(value) for key, value in report(run.model_params).items()}
 
 
+def question_kinds(run: Any) -> dict[str, float]:
+    """{"accuracy", "accuracy/<kind>", "chance/<kind>", "chance/overall"} on PROBE_ROWS validation questions of an
+    image_questions VLM (the answer is the argmax at the last position)."""
+    if run.task.kind != "vlm" or run.config.data.name != "image_questions":
+        raise ValueError(
+            f"probe 'question_kinds' needs a VLM on data 'image_questions'; got model.kind={run.task.kind!r}, "
+            f"data.name={run.config.data.name!r}"
+        )
+    source = run.data("valid", batch_size=PROBE_ROWS, per_process=False)
+    batch = source.next_batch()
+    with run.tracing():
+        apply = jax.jit(lambda p, images, tokens: run.task.model.apply({"params": p}, images, tokens))
+        logits = apply(run.model_params, jnp.asarray(batch["images"]), jnp.asarray(batch["inputs"]))
+    correct = np.argmax(np.asarray(logits)[:, -1], axis=-1) == batch["targets"][:, -1]
+    kinds = source.question_kinds(batch["inputs"])
+    chance = source.question_only_chance()
+    out = {"accuracy": float(correct.mean()), "chance/overall": chance["overall"]}
+    for index, kind in enumerate(source.KINDS):
+        if kind in chance:
+            out[f"accuracy/{kind}"] = float(correct[kinds == index].mean())
+            out[f"chance/{kind}"] = chance[kind]
+    return out
+
+
 PROBES: dict[str, Callable[[Any], dict[str, float]]] = {
     "patch_corruption": patch_corruption,
     "aspect_evidence": aspect_evidence,
     "pss_attention": pss_attention,
+    "question_kinds": question_kinds,
 }

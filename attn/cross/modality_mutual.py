@@ -15,7 +15,9 @@ the question. AKI's mask keeps the causal mask and lifts it for one rectangle: t
 (s = image_start, N = image_tokens, P = prompt_tokens; the official code takes them per sample from the positions
 of the <image> and <|assistant|> tokens.) No parameters and no cost beyond causal attention: the mask is a function
 of (i, j) (`Mask.mask_fn`). The relaxation applies where the caller asks for causal attention; without a causal
-mask every pair is visible already. Padding masks are ANDed.
+mask every pair is visible already. Padding masks are ANDed. Over a prefix-LM mask (`Mask(causal=True,
+prefix_lengths=L)`, L an int: a prefix VLM whose image tokens are the prefix) the prefix stays visible to every row:
+allowed(i, j) = j <= i or j < L or the rectangle above.
 
 Shapes: x [B, T, E] -> [B, T, E]; the layout needs s + N + P <= T on a full forward. Cost: that of the `softmax`
 layer, O(B H T^2 D).
@@ -50,29 +52,35 @@ class ModalityMutualPattern:
     image_start: int
     image_end: int
     prompt_end: int
+    prefix_end: int = 0  # keys [0, prefix_end) are visible to every row (the prefix of a prefix-LM base mask)
 
     def __call__(self, q_idx: Array, kv_idx: Array) -> Array:
         image_row = (q_idx >= self.image_start) & (q_idx < self.image_end)
         prompt_column = (kv_idx >= self.image_end) & (kv_idx < self.prompt_end)
-        return (kv_idx <= q_idx) | (image_row & prompt_column)
+        return (kv_idx <= q_idx) | (kv_idx < self.prefix_end) | (image_row & prompt_column)
 
 
 def modality_mutual_mask(image_start: int, image_tokens: int, prompt_tokens: int, base: Mask | None = None) -> Mask:
     """`base` with its causal mask relaxed to the modality-mutual mask (see the module docstring); a `base` without
-    causal is returned unchanged (nothing to relax). ValueError for a `base` with prefix_lengths or a mask_fn."""
+    causal is returned unchanged (nothing to relax). A prefix-LM `base` (prefix_lengths a Python int L, as a
+    prefix VLM passes) keeps its prefix visible: allowed(i, j) = j <= i or j < L or the mutual rectangle. ValueError
+    for a `base` with per-row (array) prefix_lengths or a mask_fn."""
     for name, value in (("image_start", image_start), ("image_tokens", image_tokens), ("prompt_tokens", prompt_tokens)):
         non_negative_int(name, value)
     if base is None or not base.causal:
         return base
-    if base.prefix_lengths is not None or base.mask_fn is not None:
+    prefix = base.prefix_lengths
+    per_row_prefix = prefix is not None and (isinstance(prefix, bool) or not isinstance(prefix, int))
+    if per_row_prefix or base.mask_fn is not None:
         raise ValueError(
             "modality_mutual relaxes the causal mask with its own mask_fn; the given mask has "
-            f"{'prefix_lengths' if base.prefix_lengths is not None else 'a mask_fn'}; expected Mask(causal=True) "
-            "with padding only (the image/prompt layout comes from image_start, image_tokens and prompt_tokens)"
+            f"{'per-row prefix_lengths' if per_row_prefix else 'a mask_fn'}; expected Mask(causal=True) with padding "
+            "and at most one int prefix length (the image/prompt layout comes from image_start, image_tokens and "
+            "prompt_tokens)"
         )
     image_end = image_start + image_tokens
-    pattern = ModalityMutualPattern(image_start, image_end, image_end + prompt_tokens)
-    return base.replace(causal=False, mask_fn=pattern)
+    pattern = ModalityMutualPattern(image_start, image_end, image_end + prompt_tokens, prefix or 0)
+    return base.replace(causal=False, prefix_lengths=None, mask_fn=pattern)
 
 
 @register(

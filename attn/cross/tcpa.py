@@ -48,7 +48,8 @@ def match_prompts(tokens: Array, keys: Array, top_k: int) -> tuple[Array, Array]
     positive_int("top_k", top_k)
     if top_k > keys.shape[0]:
         raise ValueError(f"top_k={top_k} exceeds the {keys.shape[0]} prompts of the pool; expected top_k <= pool size")
-    unit = lambda a: a / jnp.maximum(jnp.linalg.norm(a, axis=-1, keepdims=True), 1e-12)  # noqa: E731
+    # a / max(|a|, 1e-12), with a finite gradient at a = 0 (a zero-initialised class token after a LayerNorm)
+    unit = lambda a: a * jax.lax.rsqrt(jnp.maximum(jnp.sum(a * a, axis=-1, keepdims=True), 1e-24))  # noqa: E731
     cosine = jnp.einsum("bte,pe->btp", unit(tokens.astype(jnp.float32)), unit(keys.astype(jnp.float32)))
     _, index = jax.lax.top_k(jax.lax.stop_gradient(cosine), top_k)
     selected = jnp.any(jax.nn.one_hot(index, keys.shape[0], dtype=jnp.bool_), axis=-2)

@@ -34,6 +34,15 @@ def test_mask_matches_the_explicit_loop(start, image, prompt):
     assert not mask.causal  # the mask function carries the causal part
 
 
+@pytest.mark.parametrize("prefix", [0, 2, 4, 6])
+def test_a_prefix_lm_base_keeps_its_prefix_visible(prefix):
+    # a prefix VLM: Mask(causal=True, prefix_lengths=L); every row also sees keys j < L
+    mask = modality_mutual_mask(START, IMAGE, PROMPT, attn.Mask(causal=True, prefix_lengths=prefix))
+    want = loop_mask(T, START, IMAGE, PROMPT) | (np.arange(T) < prefix)[None, :]
+    np.testing.assert_array_equal(np.asarray(mask.materialize(T, T))[0, 0], want)
+    assert mask.prefix_lengths is None and not mask.causal
+
+
 def test_padding_is_anded_and_a_bidirectional_mask_is_left_alone():
     padded = modality_mutual_mask(START, IMAGE, PROMPT, attn.Mask(causal=True, kv_lengths=jnp.array([5])))
     dense = np.asarray(padded.materialize(T, T))[0, 0]
@@ -110,7 +119,7 @@ def test_bad_input_names_the_argument():
         layer.apply(params, X[:, :5], mask=CAUSAL)
     with pytest.raises(ValueError, match="self-attention over the mixed sequence; got a context of shape"):
         layer.apply(params, X, context=X, mask=CAUSAL)
-    with pytest.raises(ValueError, match="the given mask has prefix_lengths"):
-        layer.apply(params, X, mask=attn.Mask(causal=True, prefix_lengths=2))
+    with pytest.raises(ValueError, match="the given mask has per-row prefix_lengths"):
+        layer.apply(params, X, mask=attn.Mask(causal=True, prefix_lengths=jnp.array([2, 3])))
     with pytest.raises(ValueError, match="image_tokens=-1 must be a non-negative int"):
         attn.build("modality_mutual", num_heads=H, head_dim=D, image_tokens=-1)

@@ -35,6 +35,19 @@ def test_matching_selects_the_most_similar_keys():
     np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
 
 
+def test_a_zero_token_has_finite_matching_gradients():
+    # a zero-initialised class token after a LayerNorm with zero bias is the zero vector; its cosine is 0 and the
+    # matching loss's gradient must stay finite (the training step of a VLM with vision_cls_token went NaN)
+    tokens = X.at[:, 0].set(0.0)
+    keys = jax.random.normal(jax.random.key(1), (PI, E))
+    grads = jax.grad(lambda t, k: match_prompts(t, k, KI)[1], argnums=(0, 1))(tokens, keys)
+    assert all(bool(jnp.isfinite(g).all()) for g in grads)
+    # the zero token's selected pairs have cosine 0 (loss 1 each); the other tokens' as the explicit loop
+    rest = loop_match(np.asarray(X[:, 1:], np.float64), np.asarray(keys, np.float64), KI)[1]
+    want = (rest * (T - 1) + 1.0) / T
+    np.testing.assert_allclose(match_prompts(tokens, keys, KI)[1], want, rtol=1e-5)
+
+
 def init(**options):
     layer = attn.build("tcpa", num_heads=H, head_dim=D, **options)
     return layer, {"params": nn.unbox(layer.init(jax.random.key(2), X)["params"])}

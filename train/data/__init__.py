@@ -17,7 +17,8 @@ Sources (vocabulary / output):
   ordinal_successor  ordinal tokens, a marker, then their successors; vocab 2 + num_orders * order_length
   seq2seq         reverse or sort a digit string (encoder-decoder), vocab 3 + num_digits
   images          procedural red/blue square relation images, labels in [0, num_classes)
-  image_questions "what colour is the shape at the <direction>?" about those images (vision-language), vocab 17
+  image_questions "what colour is the shape at the <direction>?" about those images (vision-language), vocab 17;
+                  questions=("position", "count", "colour") mixes in counts and colours of squares, vocab 38
   npz             user .npz images/labels
   shape_captions  coloured shapes with captions, flow-matching noise and times (text-to-image), vocab 9
   emphasis_qa     recall where one emphasised sentence decides the answer (steering), vocab 4 + n + 2s + s^2
