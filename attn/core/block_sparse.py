@@ -20,13 +20,13 @@ Index format (shared with `pallas_kernels.block_sparse`):
     blocks entirely above the diagonal are skipped.
 A query row with no selected, visible key gets output 0 and lse -inf (never NaN, in value or gradient).
 
-XLA path: the key and value blocks are viewed as [B, KVH, num_k_blocks, block_size, D]; a lax.scan over the
-max_selected slots gathers, for every (batch row, head, query block) at once, its key block of that slot
-(`jnp.take` on the block axis) and updates an online softmax (`attn.core.blockwise_softmax`). Time is
-O(B H num_q_blocks max_selected block_size^2 D), i.e. proportional to the kept blocks, and memory O(B H T D)
-(one gathered block per query block at a time). Gradients: `jax.custom_vjp` recomputing the weights from the
-saved lse, with the key/value gradients scatter-added back to the selected blocks (residuals O(T), never the
-[Tq, Tk] matrix). Accumulation in float32 (float64 for float64 inputs), output in q.dtype.
+XLA path: q, k and v are viewed as token-major blocks [B, n, bs, heads, D] (a reshape); a lax.scan over the
+max_selected slots gathers, for every (batch row, head, query block) at once, its key and value block of that slot
+straight from that view (no block-major copy of k and v; only q is relaid out, once) and updates an online softmax
+(`attn.core.blockwise_softmax`). Time is O(B H num_q_blocks max_selected block_size^2 D), i.e. proportional to the
+kept blocks, and memory O(B H T D) (one gathered block per query block at a time). Gradients: `jax.custom_vjp`
+recomputing the weights from the saved lse, with the key/value gradients scatter-added back to the selected blocks
+(residuals O(T), never the [Tq, Tk] matrix). Accumulation in float32 (float64 for float64 inputs), output in q.dtype.
 
 implementation: None (the Pallas kernel `pallas_kernels.block_sparse` on GPU/TPU when that package is present,
 else XLA; the reason is logged once at debug level), "xla", or "pallas" (raises where the kernel cannot run).
@@ -232,14 +232,11 @@ _SPARSE = Contractions(logits="bhgnqd,bhgnkd->bhgnqk", mix="bhgnqk,bhgnkd->bhgnq
 def _xla_block_sparse(q, k, v, block_indices, *, block_size, causal, q_offset, scale, return_lse):
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads, value_dim = k.shape[1], k.shape[2], v.shape[-1]
-    group = heads // kv_heads
     n_q = -(-q_len // block_size)
     q_offset = jnp.asarray(q_offset, jnp.int32)
 
-    qb = split_blocks(q, block_size, axis=1)[0]
-    qb = qb.reshape(batch, n_q, block_size, kv_heads, group, head_dim).transpose(0, 3, 4, 1, 2, 5)
-    kb = split_blocks(k, block_size, axis=1)[0].transpose(0, 3, 1, 2, 4)  # [B, KVH, nk, bs, D]
-    vb = split_blocks(v, block_size, axis=1)[0].transpose(0, 3, 1, 2, 4)  # [B, KVH, nk, bs, Dv]
+    # token-major block views (a reshape: no copy unless a length needs padding): [B, n, bs, heads, D]
+    qb, kb, vb = (split_blocks(x, block_size, axis=1)[0] for x in (q, k, v))
     indices, valid = _slots(block_indices, batch, heads, kv_heads, block_size, causal, q_offset)
 
     layout = _SparseLayout(kv_len, block_size, float(head_dim**-0.5 if scale is None else scale), causal)
@@ -270,6 +267,21 @@ def _slots(block_indices, batch, heads, kv_heads, block_size, causal, q_offset) 
     return jnp.moveaxis(ids.reshape(shape), -1, 0), jnp.moveaxis(valid.reshape(shape), -1, 0)
 
 
+def _query_blocks(qb: Array, kv_heads: int) -> Array:
+    """Token-major query blocks [B, nq, bs, H, D] -> [B, KVH, G, nq, bs, D] (query heads grouped by kv head)."""
+    batch, n_q, bs, heads, dim = qb.shape
+    return qb.reshape(batch, n_q, bs, kv_heads, heads // kv_heads, dim).transpose(0, 3, 4, 1, 2, 5)
+
+
+def _gather_token_major(blocks: Array, ids: Array) -> Array:
+    """Token-major key/value blocks [B, nk, bs, KVH, D] at ids [B, KVH, G, nq] -> [B, KVH, G, nq, bs, D]: one
+    gather that reads each block straight from the [B, T, KVH, D] layout (no block-major copy of k and v)."""
+    batch, kv_heads = blocks.shape[0], blocks.shape[3]
+    rows = jnp.arange(batch).reshape(batch, 1, 1, 1)
+    heads = jnp.arange(kv_heads).reshape(1, kv_heads, 1, 1)
+    return blocks[rows, ids, :, heads, :]
+
+
 def _gather_blocks(blocks: Array, ids: Array) -> Array:
     """blocks [B, KVH, nk, bs, D] at ids [B, KVH, G, nq] -> [B, KVH, G, nq, bs, D]."""
     return jax.vmap(jax.vmap(lambda per_head, i: jnp.take(per_head, i, axis=0)))(blocks, ids)
@@ -292,23 +304,29 @@ def _allowed(layout: _SparseLayout, ids: Array, valid: Array, q_offset: Array, n
 
 
 def _sparse_forward(layout, qb, kb, vb, ids, valid, q_offset):
-    n_q = qb.shape[3]
+    """The online softmax over the slots (a lax.scan). Each slot gathers its key/value blocks straight from the
+    token-major k/v, so only q is relaid out (once, outside the loop): with block-major copies of k and v (and XLA's
+    second copy of every loop-invariant operand into the loop's layout) the once-per-call ops took 1-1.5 slots'
+    time; now 0.25-0.35 (benchmarks/block_sparse_profile.py). Unrolling the slots instead measured slower: XLA:CPU
+    then runs the independent slots' dots concurrently on the same cores."""
+    q = _query_blocks(qb, kb.shape[3])
+    n_q = q.shape[3]
 
     def step(state, slot):
         slot_ids, slot_valid = slot
         allowed = _allowed(layout, slot_ids, slot_valid, q_offset, n_q)
-        k_slot, v_slot = _gather_blocks(kb, slot_ids), _gather_blocks(vb, slot_ids)
-        return online_step(state, qb, k_slot, v_slot, allowed, layout.scale, _SPARSE), None
+        k_slot, v_slot = _gather_token_major(kb, slot_ids), _gather_token_major(vb, slot_ids)
+        return online_step(state, q, k_slot, v_slot, allowed, layout.scale, _SPARSE), None
 
-    state = initial_state(qb.shape[:-1], vb.shape[-1], accumulation_dtype(qb, kb, vb))
+    state = initial_state(q.shape[:-1], vb.shape[-1], accumulation_dtype(qb, kb, vb))
     state, _ = jax.lax.scan(step, state, (ids, valid))
     return finish(state)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _sparse_core(layout: _SparseLayout, qb, kb, vb, ids, valid, q_offset):
-    """qb [B, KVH, G, nq, bs, D], kb [B, KVH, nk, bs, D], vb [.., Dv], ids/valid [S, B, KVH, G, nq] ->
-    (out [B, KVH, G, nq, bs, Dv], lse [B, KVH, G, nq, bs]) in the accumulation dtype."""
+    """Token-major blocks qb [B, nq, bs, H, D], kb [B, nk, bs, KVH, D], vb [.., Dv], ids/valid [S, B, KVH, G, nq]
+    -> (out [B, KVH, G, nq, bs, Dv], lse [B, KVH, G, nq, bs]) in the accumulation dtype."""
     return _sparse_forward(layout, qb, kb, vb, ids, valid, q_offset)
 
 
@@ -321,21 +339,27 @@ def _sparse_core_bwd(layout, residuals, cotangents):
     qb, kb, vb, ids, valid, q_offset, out, lse = residuals
     dout, dlse = cotangents
     safe_lse, delta = backward_inputs(out, lse, dout, dlse)
-    dtype, n_q = out.dtype, qb.shape[3]
-    do = dout.astype(qb.dtype)
+    dtype = out.dtype
+    q = _query_blocks(qb, kb.shape[3])
+    n_q = q.shape[3]
+    kbm, vbm = kb.transpose(0, 3, 1, 2, 4), vb.transpose(0, 3, 1, 2, 4)  # block-major [B, KVH, nk, bs, D]
+    do = dout.astype(q.dtype)
 
     def step(carry, slot):
         dq, dk, dv = carry
         slot_ids, slot_valid = slot
         allowed = _allowed(layout, slot_ids, slot_valid, q_offset, n_q)
-        k_slot, v_slot = _gather_blocks(kb, slot_ids), _gather_blocks(vb, slot_ids)
-        dq_s, dk_s, dv_s = grad_step(qb, k_slot, v_slot, do, safe_lse, delta, allowed, layout.scale, _SPARSE)
+        k_slot, v_slot = _gather_blocks(kbm, slot_ids), _gather_blocks(vbm, slot_ids)
+        dq_s, dk_s, dv_s = grad_step(q, k_slot, v_slot, do, safe_lse, delta, allowed, layout.scale, _SPARSE)
         dk = _scatter_add_blocks(dk, slot_ids, dk_s)
         dv = _scatter_add_blocks(dv, slot_ids, dv_s)
         return (dq + dq_s, dk, dv), None
 
-    zeros = (jnp.zeros(qb.shape, dtype), jnp.zeros(kb.shape, dtype), jnp.zeros(vb.shape, dtype))
+    zeros = (jnp.zeros(q.shape, dtype), jnp.zeros(kbm.shape, dtype), jnp.zeros(vbm.shape, dtype))
     (dq, dk, dv), _ = jax.lax.scan(step, zeros, (ids, valid))
+    # back to the token-major block views: dq [B, KVH, G, nq, bs, D] -> [B, nq, bs, H, D], dk/dv -> [B, nk, bs, KVH, D]
+    dq = dq.transpose(0, 3, 4, 1, 2, 5).reshape(qb.shape)
+    dk, dv = dk.transpose(0, 2, 3, 1, 4), dv.transpose(0, 2, 3, 1, 4)
     return dq.astype(qb.dtype), dk.astype(kb.dtype), dv.astype(vb.dtype), None, None, None
 
 
