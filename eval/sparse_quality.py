@@ -2,6 +2,7 @@
 
     python -m train --config configs/sparse_long.py --workdir runs/sparse_long
     python -m eval.sparse_quality --workdir runs/sparse_long [--densities 0.5,0.25,0.1] [--num-batches N]
+        [--seer-workdir runs/sparse_long_seer]
 
 Loads the run's latest checkpoint (a decoder trained with dense causal softmax) and swaps every layer's attention
 for each training-free system of attn.sparse, with the trained q/k/v/o weights and the system's selector at a
@@ -22,8 +23,10 @@ run's shape at T = seq_len, fresh parameters.
 
 Systems that cannot run here are listed with the reason (`NEEDS_TRAINING`, `NOT_PREFILL`). `seer` has no gate in a
 softmax checkpoint; its gate at its identity initialisation (pooled q against pooled k, no training) is its
-parameter-free mode and is measured as "seer_identity_gate". Every cell where a system scores worse than the
-static window at the same density is listed under "loses_to_window".
+parameter-free mode and is measured as "seer_identity_gate". With `--seer-workdir`, a run of
+configs/sparse_long.py:seer_gate (the gates trained by self-distillation on this run, its other weights frozen), the
+trained gate is measured too, as "seer" (that run's parameters, distill off, top_k = the budget). Every cell where a
+system scores worse than the static window at the same density is listed under "loses_to_window".
 
 Writes <output-dir>/sparse_quality_cpu.json and .png (default benchmarks/results) and prints a table.
 """
@@ -149,6 +152,28 @@ def with_fresh_extras(model: Any, params: Any, tokens: jax.Array) -> Any:
     return traverse_util.unflatten_dict(flat)
 
 
+def seer_model(run: Any, seer_run: Any) -> Any:
+    """The seer run's model (its gates trained on `run`, configs/sparse_long.py:seer_gate), checked against `run`:
+    attention "seer", the same length and the same frozen weights (so its rows differ from dense by the gate only)."""
+    model = seer_run.task.model
+    if model.attention != "seer":
+        raise ValueError(f"--seer-workdir={seer_run.workdir!r} trains attention {model.attention!r}; expected 'seer'")
+    if seer_run.config.seq_len != run.config.seq_len:
+        raise ValueError(
+            f"--seer-workdir={seer_run.workdir!r} has seq_len {seer_run.config.seq_len}; expected the run's "
+            f"{run.config.seq_len}"
+        )
+    base = traverse_util.flatten_dict(nn.meta.unbox(run.model_params))
+    seer = traverse_util.flatten_dict(nn.meta.unbox(seer_run.model_params))
+    differ = [k for k, v in base.items() if k not in seer or not np.array_equal(np.asarray(v), np.asarray(seer[k]))]
+    if differ:
+        raise ValueError(
+            f"--seer-workdir={seer_run.workdir!r}: its weight {'/'.join(differ[0])} differs from the run's; expected "
+            "a seer_gate run initialised from this run with only the gates trained"
+        )
+    return model
+
+
 def lm_sums(logits: jax.Array, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
     """Weighted sums over a batch: loss_sum (nats), correct (argmax hits) and weight; logits [B, T, V]."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
@@ -234,7 +259,7 @@ def selector_overhead(
     layer = attn.build(name, num_heads=heads, head_dim=head_dim, **options)
     if not isinstance(layer, BlockSelectorLayer) or system == "window_sinks":
         return {"selector_share": None, "note": "selection not separable from the layer's attend"}
-    if system in FRESH:
+    if system in (*FRESH, "seer"):
         return {"selector_share": None, "note": "the selection builds the gate's submodules: not callable alone"}
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((rows, seq_len, width)), jnp.float32)
@@ -263,9 +288,12 @@ def measure(
     overhead: bool = True,
     log: Callable[[str], None] = print,
     partial_path: str | None = None,
+    seer_run: Any = None,
 ) -> dict[str, Any]:
-    """The report dict: dense, window_sinks and every system at every density (see the module docstring)."""
+    """The report dict: dense, window_sinks and every system at every density (see the module docstring); with
+    `seer_run` (a configs/sparse_long.py:seer_gate run on this one) also its trained gate as "seer"."""
     model, params = run.task.model, run.model_params
+    trained_seer = None if seer_run is None else seer_model(run, seer_run)
     seq_len = run.config.seq_len
     head_dim = model.head_dim or model.d_model // model.num_heads
     text = text_batches(run, num_batches or run.config.eval.num_batches)
@@ -281,7 +309,12 @@ def measure(
         if (system, density) in done:
             return done[(system, density)]
         with run.tracing():
-            full = with_fresh_extras(swapped, params, jnp.asarray(text[0]["inputs"][:1])) if system in FRESH else params
+            if system == "seer":
+                full = seer_run.model_params
+            elif system in FRESH:
+                full = with_fresh_extras(swapped, params, jnp.asarray(text[0]["inputs"][:1]))
+            else:
+                full = params
             apply = jax.jit(lambda tokens: swapped.apply({"params": full}, tokens))
             if system == "window_sinks":
                 with nn.intercept_methods(_static_selection):
@@ -308,17 +341,24 @@ def measure(
             row = score(system, density, swapped_model(model, system, options), options)
             row["budget_blocks"] = budget
             rows.append(row)
+        if trained_seer is not None:
+            options = {"top_k": budget, "distill": False}
+            row = score("seer", density, swapped_model(trained_seer, "seer", options), options)
+            row["budget_blocks"] = budget
+            rows.append(row)
     return {
         "benchmark": "sparse_quality",
         "workdir": os.path.abspath(run.workdir),
         "step": run.step,
+        "seer_workdir": None if seer_run is None else os.path.abspath(seer_run.workdir),
+        "seer_step": None if seer_run is None else seer_run.step,
         "seq_len": seq_len,
         "block": BLOCK,
         "densities": list(densities),
         "device": jax.devices()[0].device_kind,
         "records": rows,
         "loses_to_window": losses_to_window(rows),
-        "needs_training": NEEDS_TRAINING,
+        "needs_training": {k: v for k, v in NEEDS_TRAINING.items() if k != "seer" or seer_run is None},
         "not_prefill": NOT_PREFILL,
     }
 
@@ -417,6 +457,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed calls of the overhead measurement")
     parser.add_argument("--no-overhead", action="store_true", help="skip the selector-overhead timing")
     parser.add_argument("--output-dir", default=os.path.join("benchmarks", "results"))
+    parser.add_argument(
+        "--seer-workdir", default=None, help="a configs/sparse_long.py:seer_gate run on --workdir: its trained gate"
+    )
     args = parser.parse_args(argv)
     systems = [s for s in args.systems.split(",") if s.strip()]
     unknown = [s for s in systems if s not in SYSTEMS]
@@ -426,6 +469,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"error: --passkey-rows={args.passkey_rows} must be >= 1")
     quiet_logs()
     run = open_run(args.workdir)
+    seer_run = None if args.seer_workdir is None else open_run(args.seer_workdir)
     report = measure(
         run,
         parse_densities(args.densities),
@@ -435,6 +479,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         repeats=args.repeats,
         overhead=not args.no_overhead,
         partial_path=os.path.join(args.workdir, "sparse_quality_partial.json"),
+        seer_run=seer_run,
     )
     print(table(report))
     paths = write(report, args.output_dir)

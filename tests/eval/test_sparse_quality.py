@@ -85,6 +85,21 @@ def test_text_passkey_valid_split_is_the_held_out_text():
     assert 16 < sum(asks) < 48 and rows["weights"].min() == 1.0
 
 
+def test_text_passkey_weights_only_the_answer_digits_of_passkey_rows():
+    rows = make_source("text_passkey", batch_size=64, seq_len=128, passkey_weight=7.5, num_digits=5).next_batch()
+    for inputs, targets, weights in zip(rows["inputs"], rows["targets"], rows["weights"], strict=True):
+        text = bytes(np.append(inputs, targets[-1]).astype(np.uint8))
+        if text[:-5].endswith(b" What is the pass key? The pass key is "):
+            assert text[-5:].isdigit() and list(weights[-5:]) == [7.5] * 5, text[-60:]
+            assert np.all(weights[:-5] == 1.0)
+        else:
+            assert np.all(weights == 1.0)
+    assert 16 < int(np.sum(rows["weights"] == 7.5)) // 5 < 48
+    for bad in (0, -1.0, True, "2"):
+        with pytest.raises(ValueError, match="passkey_weight"):
+            make_source("text_passkey", batch_size=1, seq_len=128, passkey_weight=bad)
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("sparse_long_smoke"))
@@ -116,3 +131,23 @@ def test_sparse_window_differs_from_dense_and_overhead_is_a_share(tiny_run):
     assert rows["window_sinks"]["loss"] != pytest.approx(rows["dense"]["loss"], rel=1e-6)
     assert rows["hip"]["budget_blocks"] == 1 and 0 < rows["hip"]["selector_share"]
     assert rows["window_sinks"]["selector_share"] is None
+
+
+@pytest.mark.slow
+def test_trained_seer_gate_run_is_measured_and_equals_dense_at_full_density(tiny_run, tmp_path):
+    config = sparse_long.get_config("smoke")
+    config.model.attention = "seer"
+    config.model.attention_options = {"block_size": 32, "gate_dim": 16, "top_k": 2, "distill": True}
+    config.init_from, config.trainable = tiny_run.workdir, ("gate_query", "gate_key")
+    train(config, str(tmp_path / "seer"))
+    seer_run = load_run(str(tmp_path / "seer"))
+    report = bsq.measure(
+        tiny_run, densities=(1.0, 0.25), systems=("hip",), overhead=False, passkey_count=8, seer_run=seer_run,
+        log=lambda _: None,
+    )  # fmt: skip
+    rows = {(r["system"], r["density"]): r for r in report["records"]}
+    assert rows[("seer", 1.0)]["loss"] == pytest.approx(rows[("dense", 1.0)]["loss"], rel=1e-5)
+    assert rows[("seer", 0.25)]["options"] == {"top_k": 1, "distill": False}
+    assert "seer" not in report["needs_training"] and report["seer_step"] == 2
+    with pytest.raises(ValueError, match="expected 'seer'"):
+        bsq.measure(tiny_run, densities=(0.5,), systems=("hip",), overhead=False, seer_run=tiny_run)

@@ -7,7 +7,9 @@ of `num_digits` random digits, written into the text at a random depth and asked
     query   b" What is the pass key? The pass key is 48213"                   (the last bytes of the window)
 
 so the last `num_digits` targets of such a row are the digits, which only the needle (up to T bytes back) tells.
-Every byte is a target (weights 1), as in `text`.
+Every byte is a target with weight 1, as in `text`, except the answer digits of a training row with a passkey, which
+weigh `passkey_weight` (default 1: plain language modelling; > 1 puts more of the loss on retrieval, the lever of
+configs/sparse_long.py: 5 answer bytes in a 1024-byte row are otherwise 0.5% of the loss).
 
 split="valid" is the held-out text walk of `text` unchanged (no passkeys): the validation loss of a run measures
 language modelling on held-out files. `passkey_batch` builds passkey rows from held-out text for retrieval
@@ -80,7 +82,12 @@ class TextPasskeySource(TextSource):
     """`text` whose training rows carry passkeys at rate `passkey_rate` (see the module docstring)."""
 
     name: ClassVar[str] = "text_passkey"
-    OPTIONS: ClassVar[dict[str, Any]] = {**TextSource.OPTIONS, "passkey_rate": 0.5, "num_digits": 5}
+    OPTIONS: ClassVar[dict[str, Any]] = {
+        **TextSource.OPTIONS,
+        "passkey_rate": 0.5,
+        "num_digits": 5,
+        "passkey_weight": 1.0,
+    }
 
     def _configure(self, seq_len: int | None, options: dict[str, Any]) -> None:
         super()._configure(seq_len, options)
@@ -91,6 +98,10 @@ class TextPasskeySource(TextSource):
         self.num_digits = check_int("num_digits", digits, 1)
         if self.num_digits > 18:
             raise ValueError(f"num_digits={digits} must be at most 18 (keys are int64)")
+        weight = options["passkey_weight"]
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight > 0:
+            raise ValueError(f"passkey_weight must be a number > 0 (1 = every byte alike), got {weight!r}")
+        self.passkey_weight = float(weight)
 
     def _make_batch(self, rng: np.random.Generator, step: int) -> dict[str, np.ndarray]:
         if self.split != "train":
@@ -99,10 +110,12 @@ class TextPasskeySource(TextSource):
         rows = np.flatnonzero(rng.random(self.global_batch_size) < self.passkey_rate)
         insert_passkeys(windows, rows, rng, self.num_digits)
         windows = windows.astype(np.int32)
+        weights = np.ones((self.global_batch_size, self.seq_len), dtype=np.float32)
+        weights[rows, self.answer_slice] = self.passkey_weight
         return {
             "inputs": np.ascontiguousarray(windows[:, :-1]),
             "targets": np.ascontiguousarray(windows[:, 1:]),
-            "weights": np.ones((self.global_batch_size, self.seq_len), dtype=np.float32),
+            "weights": weights,
         }
 
     def passkey_batch(self, rng: np.random.Generator, rows: int, depth: float | None = None) -> dict[str, np.ndarray]:
