@@ -47,7 +47,8 @@ on CPU; question-only chance 0.283: position 0.25, count 0.225, colour 0.375):
   Measured (2 CPU cores shared with four other jobs, load average 10-14, jax 0.10.2; one seed, 800 steps each,
   0.05-0.2 s/step, 4-6 minutes per preset with compilation; benchmarks/results/vlm_qa_cpu.json, tcpa from
   vlm_qa_tcpa_cpu.json after its NaN fix): eval accuracy qa 0.691, qa_prefix 0.453, qa_modality_mutual 0.527,
-  qa_moda 0.445, qa_adem 0.641, qa_tcpa 0.285 (chance: it did not train), qa_concept_centric 0.590. No run learned
+  qa_moda 0.445, qa_adem 0.641, qa_tcpa 0.285 (chance: it did not train), qa_concept_centric 0.590,
+  qa_crosslmm 0.660 (vlm_qa_crosslmm_cpu.json, load ~5). No run learned
   where a colour lies (position 0.42-0.51 of 512 questions); colour presence 0.57-0.94 and counts 0.39-0.57 are
   above their question-only chance except tcpa's.
 """
