@@ -130,7 +130,7 @@ def _train_and_read(config: ml_collections.ConfigDict, probe: str | None = None)
             train(config, workdir)
         except TrainingDiverged as error:
             diverged_at = str(error)
-        rows = _read_rows(os.path.join(workdir, "metrics.jsonl"))
+        rows = read_metric_rows(os.path.join(workdir, "metrics.jsonl"))
         probed = PROBES[probe](load_run(workdir)) if probe is not None and diverged_at is None else None
     out: dict[str, Any] = {"train_loss": {}, "eval_loss": {}, "entropy": {}, "technique_scalars": {}, "eval": {}}
     for row in rows:
@@ -154,7 +154,8 @@ def _train_and_read(config: ml_collections.ConfigDict, probe: str | None = None)
     return out
 
 
-def _read_rows(path: str) -> list[dict[str, Any]]:
+def read_metric_rows(path: str) -> list[dict[str, Any]]:
+    """The rows of a run's metrics.jsonl ([] when the file does not exist yet)."""
     if not os.path.exists(path):
         return []
     with open(path, encoding="utf-8") as f:
