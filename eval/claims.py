@@ -682,7 +682,7 @@ CLAIMS: tuple[Claim, ...] = (
         "video_timing_cpu.json",
         "python -m eval.techniques --config configs/video_timing.py --presets ,softmax --name video_timing_cpu",
         _preset_judge("default", "softmax", "plain cross-attention"),
-        note="README's 'Video task' figures were written by hand from training logs; no JSON holds them",
+        note="4 frames; eval.video_frames (video_frames_cpu.json) measures 2-16 frames, where neither learns 8+",
     ),
     Claim(
         "var_steering",
