@@ -19,3 +19,38 @@ def decode_pieces(layer, params, x, pieces):
         cache, start = state["cache"], start + size
     assert start == x.shape[1]
     return np.asarray(jnp.concatenate(outs, axis=1)), cache
+
+
+def np_rope(x, pos, base=10000.0):
+    """Rotary embedding of x [..., D] at positions pos (float64 numpy; the split-half convention of attn)."""
+    inv = base ** (-np.arange(0, x.shape[-1], 2, dtype=np.float64) / x.shape[-1])
+    angle = np.asarray(pos, np.float64)[..., None] * inv
+    x1, x2 = np.split(x, 2, axis=-1)
+    return np.concatenate([x1 * np.cos(angle) - x2 * np.sin(angle), x2 * np.cos(angle) + x1 * np.sin(angle)], -1)
+
+
+def np_mass_policy_decode(q, k, v, keep):
+    """Token-by-token decoding with a per-(batch, kv head) cache ranked by accumulated attention mass, as an explicit
+    loop: q [B, T, H, D], k, v [B, T, KVH, D] (before RoPE); each step attends the kept entries plus itself (RoPE at
+    original positions), adds every query head's weights to the entries' mass, then `keep(cands, mass, t)` returns the
+    entries kept. Returns (out [B, T, H, D], kept [B][KVH] lists, mass [B][KVH] dicts)."""
+    B, T, H, D = q.shape
+    KVH = k.shape[2]
+    out = np.zeros((B, T, H, D))
+    kept = [[[] for _ in range(KVH)] for _ in range(B)]
+    mass = [[{} for _ in range(KVH)] for _ in range(B)]
+    for b in range(B):
+        for g in range(KVH):
+            for t in range(T):
+                cands = kept[b][g] + [t]
+                mass[b][g][t] = 0.0
+                keys = np_rope(k[b, cands, g], np.array(cands))
+                for h in range(g * (H // KVH), (g + 1) * (H // KVH)):
+                    logits = keys @ np_rope(q[b, t, h], t) / np.sqrt(D)
+                    w = np.exp(logits - logits.max())
+                    w /= w.sum()
+                    out[b, t, h] = w @ v[b, cands, g]
+                    for j, wj in zip(cands, w, strict=True):
+                        mass[b][g][j] += wj
+                kept[b][g] = keep(cands, mass[b][g], t)
+    return out, kept, mass

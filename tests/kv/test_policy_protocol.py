@@ -13,6 +13,7 @@ import numpy as np
 import attn
 from attn.core import cache as cache_lib
 from attn.kv.policy_layer import PolicyAttention
+from tests.kv.decoding import np_mass_policy_decode
 
 B, T, E, H, KVH, D, SIZE = 2, 9, 16, 4, 2, 8, 3
 
@@ -43,37 +44,18 @@ class HeaviestAttention(PolicyAttention):
         return KeepHeaviest(self.size)
 
 
-def np_rope(x, pos, base=10000.0):
-    inv = base ** (-np.arange(0, x.shape[-1], 2, dtype=np.float64) / x.shape[-1])
-    angle = np.asarray(pos, np.float64)[..., None] * inv
-    x1, x2 = np.split(x, 2, axis=-1)
-    return np.concatenate([x1 * np.cos(angle) - x2 * np.sin(angle), x2 * np.cos(angle) + x1 * np.sin(angle)], -1)
-
-
 def reference(params, x):
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), nn.meta.unbox(params)["params"])
     x = np.asarray(x, np.float64)
     q = np.einsum("bte,ehd->bthd", x, p["query"]["kernel"])
     k = np.einsum("bte,ehd->bthd", x, p["key"]["kernel"])
     v = np.einsum("bte,ehd->bthd", x, p["value"]["kernel"])
-    out = np.zeros((B, T, H, D))
-    kept = [[[] for _ in range(KVH)] for _ in range(B)]
-    mass = [[{} for _ in range(KVH)] for _ in range(B)]
-    for b in range(B):
-        for g in range(KVH):
-            for t in range(T):
-                cands = kept[b][g] + [t]
-                mass[b][g][t] = 0.0
-                keys = np_rope(k[b, cands, g], np.array(cands))
-                for h in range(g * (H // KVH), (g + 1) * (H // KVH)):
-                    logits = keys @ np_rope(q[b, t, h], t) / np.sqrt(D)
-                    w = np.exp(logits - logits.max())
-                    w /= w.sum()
-                    out[b, t, h] = w @ v[b, cands, g]
-                    for j, wj in zip(cands, w, strict=True):
-                        mass[b][g][j] += wj
-                ranked = sorted(range(len(cands)), key=lambda i: (-mass[b][g][cands[i]], i))[:SIZE]
-                kept[b][g] = [cands[i] for i in sorted(ranked)]
+
+    def keep(cands, mass, t):  # the SIZE heaviest entries
+        ranked = sorted(range(len(cands)), key=lambda i: (-mass[cands[i]], i))[:SIZE]
+        return [cands[i] for i in sorted(ranked)]
+
+    out, kept, mass = np_mass_policy_decode(q, k, v, keep)
     y = np.einsum("bthd,hde->bte", out, p["out"]["kernel"])
     return y, kept, mass
 

@@ -13,6 +13,7 @@ import pytest
 
 import attn
 from attn.kv.policy_layer import PolicyAttention
+from tests.kv.decoding import np_mass_policy_decode
 
 B, T, E, H, KVH, D = 2, 9, 16, 4, 2, 8
 BUDGET, RECENT = 4, 1
@@ -55,13 +56,6 @@ def decode(layer, params, x, pieces):
 
 
 # ---------------------------------------------------------------------------------------------- numpy reference
-def np_rope(x, pos, base=10000.0):
-    inv = base ** (-np.arange(0, x.shape[-1], 2, dtype=np.float64) / x.shape[-1])
-    angle = np.asarray(pos, np.float64)[..., None] * inv
-    x1, x2 = np.split(x, 2, axis=-1)
-    return np.concatenate([x1 * np.cos(angle) - x2 * np.sin(angle), x2 * np.cos(angle) + x1 * np.sin(angle)], -1)
-
-
 def np_quantize(x, bits):
     """Per-token asymmetric min/max codes over the last axis, dequantised (float32 arithmetic, round half to even)."""
     x = np.asarray(x, np.float32)
@@ -83,25 +77,13 @@ def h2o_reference(params, x, bits=None):
     if bits is not None:
         k, v = np_quantize(k, bits), np_quantize(v, bits)
     k, v = k.astype(np.float64), v.astype(np.float64)
-    out = np.zeros((B, T, H, D))
-    kept = [[[] for _ in range(KVH)] for _ in range(B)]
-    mass = [[{} for _ in range(KVH)] for _ in range(B)]
-    for b in range(B):
-        for g in range(KVH):
-            for t in range(T):
-                cands = kept[b][g] + [t]
-                mass[b][g][t] = 0.0
-                keys = np_rope(k[b, cands, g], np.array(cands))
-                for h in range(g * (H // KVH), (g + 1) * (H // KVH)):
-                    logits = keys @ np_rope(q[b, t, h], t) / np.sqrt(D)
-                    w = np.exp(logits - logits.max())
-                    w /= w.sum()
-                    out[b, t, h] = w @ v[b, cands, g]
-                    for j, wj in zip(cands, w, strict=True):
-                        mass[b][g][j] += wj
-                recent = [j for j in cands if j >= t + 1 - RECENT]
-                older = sorted((j for j in cands if j not in recent), key=lambda j: (-mass[b][g][j], j))
-                kept[b][g] = sorted(recent + older[: BUDGET - RECENT])
+
+    def keep(cands, mass, t):  # H2O: the recent window plus the heaviest older entries
+        recent = [j for j in cands if j >= t + 1 - RECENT]
+        older = sorted((j for j in cands if j not in recent), key=lambda j: (-mass[j], j))
+        return sorted(recent + older[: BUDGET - RECENT])
+
+    out, kept, mass = np_mass_policy_decode(q, k, v, keep)
     y = np.einsum("bthd,hde->bte", out, p["out"]["kernel"].astype(np.float64))
     return y, kept, mass
 
