@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tests.kv.score_reference import np_rope
+
 
 def decode_pieces(layer, params, x, pieces):
     """Creates the decode cache with a call on x [B, T, E], then decodes x in `pieces` (chunk sizes summing to T).
@@ -19,14 +21,6 @@ def decode_pieces(layer, params, x, pieces):
         cache, start = state["cache"], start + size
     assert start == x.shape[1]
     return np.asarray(jnp.concatenate(outs, axis=1)), cache
-
-
-def np_rope(x, pos, base=10000.0):
-    """Rotary embedding of x [..., D] at positions pos (float64 numpy; the split-half convention of attn)."""
-    inv = base ** (-np.arange(0, x.shape[-1], 2, dtype=np.float64) / x.shape[-1])
-    angle = np.asarray(pos, np.float64)[..., None] * inv
-    x1, x2 = np.split(x, 2, axis=-1)
-    return np.concatenate([x1 * np.cos(angle) - x2 * np.sin(angle), x2 * np.cos(angle) + x1 * np.sin(angle)], -1)
 
 
 def np_mass_policy_decode(q, k, v, keep):

@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from tests.kv.test_policy_protocol import np_rope
+from tests.kv.score_reference import np_rope
 
 
 def projections(params, x):

@@ -14,6 +14,7 @@ import pytest
 import attn
 from attn.models import DecoderLM, generate, init_cache
 from tests.kv.decoding import decode_pieces
+from tests.kv.score_reference import np_rope
 
 B, T, E, H, KVH, D = 2, 13, 16, 4, 2, 8
 G, R = 4, 4
@@ -28,14 +29,6 @@ def build(**options):
 
 def inputs(seed=0, length=T):
     return 2.0 * jax.random.normal(jax.random.key(seed), (B, length, E))
-
-
-def np_rope(x, pos, base=10000.0):
-    """x [n, heads, D] rotated at positions pos [n] (half-split pairs)."""
-    inv = base ** (-np.arange(0, x.shape[-1], 2, dtype=np.float64) / x.shape[-1])
-    angle = np.asarray(pos, np.float64)[:, None, None] * inv
-    x1, x2 = np.split(x, 2, axis=-1)
-    return np.concatenate([x1 * np.cos(angle) - x2 * np.sin(angle), x2 * np.cos(angle) + x1 * np.sin(angle)], -1)
 
 
 def np_quantize(block, bits):
@@ -86,12 +79,12 @@ def reference(params, x, pieces, bits=2):
             start = 0
             for size in pieces:
                 span = np.arange(start, start + size)
-                ck, cv = np_rope(k[b, span, g][:, None], span)[:, 0], v[b, span, g]
+                ck, cv = np_rope(k[b, span, g], span), v[b, span, g]
                 keys, values = np.concatenate([kq, kr, ck]), np.concatenate([vq, vr, cv])
                 for i, t in enumerate(span):
                     seen = start + i + 1  # stored entries and the call's tokens up to t
                     for h in range(g * group, (g + 1) * group):
-                        qt = np_rope(q[b, t, h][None, None], [t])[0, 0]
+                        qt = np_rope(q[b, t, h], t)
                         logits = keys[:seen] @ qt / np.sqrt(D)
                         wts = np.exp(logits - logits.max())
                         out[b, t, h] = (wts / wts.sum()) @ values[:seen]
@@ -126,7 +119,7 @@ def test_stored_entries_within_half_a_step_of_the_exact_ones():
     key_split, value_split = (T // R) * R, T - R  # positions below are quantized
     for b in range(B):
         for g in range(KVH):
-            exact_k = np_rope(k[b, :, g][:, None], np.arange(T))[:, 0]
+            exact_k = np_rope(k[b, :, g], np.arange(T))
             dk = np.asarray(keys.dequantize())[b, :key_split, g]
             dv = np.asarray(values.dequantize())[b, :value_split, g]
             key_step = np.repeat(np.asarray(keys.scale)[b, : key_split // G, g], G, axis=0)

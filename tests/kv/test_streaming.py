@@ -13,6 +13,7 @@ import attn
 from attn.core import cache as cache_lib
 from attn.models import DecoderLM, generate, init_cache
 from tests.kv.decoding import decode_pieces
+from tests.kv.score_reference import np_rope
 
 B, T, E, H, D = 2, 13, 16, 4, 8
 SINKS, BUDGET = 2, 5
@@ -25,14 +26,6 @@ def build(**options):
 
 def inputs(seed=0, length=T):
     return jax.random.normal(jax.random.key(seed), (B, length, E))
-
-
-def np_rope(x, pos, base=10000.0):
-    """x [n, heads, D] rotated at positions pos [n] (half-split pairs)."""
-    inv = base ** (-np.arange(0, x.shape[-1], 2, dtype=np.float64) / x.shape[-1])
-    angle = np.asarray(pos, np.float64)[:, None, None] * inv
-    x1, x2 = np.split(x, 2, axis=-1)
-    return np.concatenate([x1 * np.cos(angle) - x2 * np.sin(angle), x2 * np.cos(angle) + x1 * np.sin(angle)], -1)
 
 
 def np_alibi_slopes(n):
@@ -62,7 +55,7 @@ def reference(params, x, *, shift, kv_heads, position="rope"):
             keys, qt = k[b, cache], q[b, t][None]
             bias = np.zeros((H, len(cache)))
             if position == "rope":
-                keys, qt = np_rope(keys, kv_pos), np_rope(qt, [q_pos])
+                keys, qt = np_rope(keys, kv_pos[:, None]), np_rope(qt, q_pos)
             elif position == "alibi":
                 bias = -np_alibi_slopes(H)[:, None] * np.abs(q_pos - kv_pos)[None]
             for h in range(H):
