@@ -35,6 +35,7 @@ from typing import Any
 
 import jax
 
+from .run_metrics import last_metrics
 from .trainer_api import build_run, load_config_file, train, unknown_override_message
 
 
@@ -78,24 +79,6 @@ def chance_level(config: Any) -> float | None:
     """Accuracy of guessing for classification tasks (1 / num_classes), None where it is not defined."""
     num_classes = config.model.get("num_classes") if "model" in config else None
     return 1.0 / num_classes if num_classes else None
-
-
-def last_metrics(workdir: str) -> tuple[dict[str, float], dict[str, float]]:
-    """The last logged eval/ and train/ scalars of a run, read from its metrics.jsonl."""
-    eval_metrics: dict[str, float] = {}
-    train_metrics: dict[str, float] = {}
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return eval_metrics, train_metrics
-    with open(path) as f:
-        for line in f:
-            row = json.loads(line)
-            step = row.pop("step")
-            if any(key.startswith("eval/") for key in row):
-                eval_metrics = {"step": step, **{k: v for k, v in row.items() if k.startswith("eval/")}}
-            if any(key.startswith("train/") for key in row):
-                train_metrics = {"step": step, **{k: v for k, v in row.items() if k.startswith("train/")}}
-    return eval_metrics, train_metrics
 
 
 def mechanism_config(config: Any, name: str, options: Mapping[str, Any]) -> Any:

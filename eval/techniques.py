@@ -120,6 +120,7 @@ def _train_and_read(config: ml_collections.ConfigDict, probe: str | None = None)
     """Trains `config` in a temporary workdir; {"train_loss": {step: v}, "eval_loss": {...}, "entropy": {layer:
     {step: v}}, "seconds", "diverged_at", "probe": {metric: v} of eval.technique_probes' `probe` on the final
     checkpoint (None without a probe or after a divergence)}."""
+    from .run_metrics import read_metric_rows
     from .technique_probes import PROBES
     from .trainer_api import TrainingDiverged, load_run, train
 
@@ -130,7 +131,7 @@ def _train_and_read(config: ml_collections.ConfigDict, probe: str | None = None)
             train(config, workdir)
         except TrainingDiverged as error:
             diverged_at = str(error)
-        rows = read_metric_rows(os.path.join(workdir, "metrics.jsonl"))
+        rows = read_metric_rows(workdir)
         probed = PROBES[probe](load_run(workdir)) if probe is not None and diverged_at is None else None
     out: dict[str, Any] = {"train_loss": {}, "eval_loss": {}, "entropy": {}, "technique_scalars": {}, "eval": {}}
     for row in rows:
@@ -152,14 +153,6 @@ def _train_and_read(config: ml_collections.ConfigDict, probe: str | None = None)
     out["diverged_at"] = diverged_at
     out["probe"] = probed
     return out
-
-
-def read_metric_rows(path: str) -> list[dict[str, Any]]:
-    """The rows of a run's metrics.jsonl ([] when the file does not exist yet)."""
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def _summary(run: dict[str, Any]) -> dict[str, Any]:

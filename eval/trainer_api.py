@@ -15,6 +15,7 @@ from . import TRAIN_PACKAGE
 
 run = import_module(f"{TRAIN_PACKAGE}.run")  # train.run, or attn_train.run when installed
 
+METRICS_FILE = run.METRICS_FILE
 RUN_ERRORS = run.RUN_ERRORS
 CheckpointDamaged = run.CheckpointDamaged
 Run = run.Run

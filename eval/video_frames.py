@@ -54,8 +54,8 @@ from ml_collections import ConfigDict
 from .claims import two_se
 from .machine import load_average, machine_record
 from .results import rerender_report, write_report
-from .sweep import last_metrics, set_field, split_assignment
-from .techniques import read_metric_rows
+from .run_metrics import last_metrics, read_metric_rows
+from .sweep import set_field, split_assignment
 from .trainer_api import build_run, load_config_file, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -167,7 +167,7 @@ def run_one(run: Mapping[str, Any], workdir: str) -> dict[str, Any]:
     eval_metrics, train_metrics = last_metrics(workdir)
     accuracy = eval_metrics.get("eval/accuracy")
     n = config.eval.num_batches * config.batch_size
-    rows = read_metric_rows(os.path.join(workdir, "metrics.jsonl"))
+    rows = read_metric_rows(workdir)
     step_times = sorted(r["perf/step_time_s"] for r in rows if "perf/step_time_s" in r)
     record.update(
         # the median train-step time the trainer logged (no compilation, evaluation or checkpoints)

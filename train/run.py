@@ -33,12 +33,14 @@ from .config_checks import unknown_override_message
 from .config_file import load_config_file
 from .data import make_source, source_class
 from .data.text import corpus_text  # eval's way to the corpus (eval imports only train.run)
+from .metrics import METRICS_FILE  # the workdir's scalar log, read back by eval.run_metrics
 from .optim import make_optimizer
 from .state import TrainState
 from .techniques import effective_params
 from .trainer import RUN_ERRORS, TrainingDiverged  # RUN_ERRORS: the one-line errors of a run
 
 __all__ = [
+    "METRICS_FILE",
     "RUN_ERRORS",
     "CheckpointDamaged",
     "Run",
