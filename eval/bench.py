@@ -191,22 +191,21 @@ def plot_report(
 ) -> None:
     """PNG with median time and peak memory against record[x], one line per record name (log-log). `extra`, if
     given, draws a third panel: extra(axis, records)."""
-    import matplotlib
+    from .analysis.evaluator import pyplot, series_style
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     records = [r for r in report["records"] if r["status"] == "ok"]
     panels = 3 if extra else 2
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2))
     names = list(dict.fromkeys(r["name"] for r in records))
     for axis, key, ylabel in ((axes[0], "median_ms", "median time (ms)"), (axes[1], "peak_memory_bytes", "MiB")):
-        for name in names:
+        for index, name in enumerate(names):
             rows = sorted((r[x], r[key]) for r in records if r["name"] == name and r.get(key) is not None)
             if rows:
                 xs, ys = zip(*rows, strict=True)
                 ys = [y / 2**20 for y in ys] if key == "peak_memory_bytes" else ys
-                axis.plot(xs, ys, marker="o", label=name)
+                axis.plot(xs, ys, label=name, **series_style(index))
         axis.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=ylabel)
         axis.grid(True, which="both", alpha=0.3)
         axis.legend(fontsize=8)

@@ -66,7 +66,7 @@ from attn.core import cache as cache_lib
 from attn.models.fields import per_layer_mechanisms, per_layer_options
 from attn.models.generate import init_cache
 
-from .analysis.evaluator import pyplot, unboxed
+from .analysis.evaluator import pyplot, series_style, unboxed
 from .lm import open_run, quiet_logs
 from .trainer_api import make_source
 
@@ -502,10 +502,11 @@ def plot(report: Mapping[str, Any], path: str) -> None:
         mine = [entry for entry in entries if entry.get("run", "") == name and entry["task"] == task]
         full = next(entry for entry in mine if entry["policy"] == FULL)
         axis.axhline(full[metric], color="black", linestyle="--", label=f"full cache ({full[metric]:.3g})")
-        for policy in dict.fromkeys(entry["policy"] for entry in mine if entry["policy"] != FULL):
+        policies = dict.fromkeys(entry["policy"] for entry in mine if entry["policy"] != FULL)
+        for index, policy in enumerate(policies):
             points = sorted((e["cache_ratio"], e[metric]) for e in mine if e["policy"] == policy)
             xs, ys = zip(*points, strict=True)
-            axis.plot(xs, ys, marker="o", label=policy)
+            axis.plot(xs, ys, label=policy, **series_style(index))
         axis.set_xscale("log")
         title = f"{name}: {task} {metric}" if name else f"{task}: {metric}"
         axis.set(xlabel="cache bytes / full cache bytes (measured)", ylabel=metric, title=title)

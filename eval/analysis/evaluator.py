@@ -201,6 +201,22 @@ def pyplot() -> Any:
     return plt
 
 
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+_LINESTYLES = ("-", "--", "-.", ":")
+
+
+def series_style(index: int) -> dict[str, Any]:
+    """Line keywords (color, marker, linestyle) for the `index`-th series of a plot, distinct for the first 280:
+    matplotlib's default cycle repeats its 10 colours, so a leaderboard of 15 policies showed pairs alike."""
+    if index < 0:
+        raise ValueError(f"index must be >= 0, got {index}")
+    return {
+        "color": f"C{index % 10}",
+        "marker": _MARKERS[(index // 10) % len(_MARKERS)],
+        "linestyle": _LINESTYLES[(index // (10 * len(_MARKERS))) % len(_LINESTYLES)],
+    }
+
+
 def layer_head_heatmap(axis: Any, matrix: Any, title: str, label: str, **imshow: Any) -> None:
     """A layer x head heatmap of `matrix` [L, H] on `axis`, values written in the cells when small enough."""
     values = np.asarray(matrix, np.float64)
