@@ -1,4 +1,5 @@
-"""The decode loop the cache-policy tests share: create the cache on x, then feed x again in chunks."""
+"""What the cache-policy tests share: the decode loop (create the cache on x, then feed x again in chunks), the
+bytes of a decode cache, the full-budget reduction to softmax, and the numpy decode of accumulated-mass policies."""
 
 import functools
 
@@ -6,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import attn
+from attn.core import cache as cache_lib
 from tests.kv.score_reference import np_rope
 
 
@@ -21,6 +24,23 @@ def decode_pieces(layer, params, x, pieces):
         cache, start = state["cache"], start + size
     assert start == x.shape[1]
     return np.asarray(jnp.concatenate(outs, axis=1)), cache
+
+
+def decode_cache_bytes(layer, params, x):
+    """Bytes of the cache a decode call of `layer` on x [B, T, E] creates (shapes only: jax.eval_shape runs nothing;
+    params may be arrays or ShapeDtypeStructs)."""
+    shapes = jax.eval_shape(lambda p: layer.apply(p, x, decode=True, mutable=["cache"])[1], params)
+    return cache_lib.nbytes(shapes["cache"])
+
+
+def decode_equals_softmax(layer, params, x, pieces, *, mask, atol=2e-5):
+    """Asserts that decoding x in `pieces` through `layer` (a cache policy whose budget holds every token) equals
+    plain softmax attention ("softmax" with the layer's head shapes and the same parameters) on x under `mask`;
+    returns (y, cache) of the decode."""
+    y, cache = decode_pieces(layer, params, x, pieces)
+    softmax = attn.build("softmax", num_heads=layer.num_heads, head_dim=layer.head_dim, num_kv_heads=layer.num_kv_heads)
+    np.testing.assert_allclose(y, softmax.apply(params, x, mask=mask), atol=atol)
+    return y, cache
 
 
 def np_mass_policy_decode(q, k, v, keep):

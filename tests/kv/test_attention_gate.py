@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 
 import attn
-from attn.core import cache as cache_lib
 from attn.kv import attention_gate
-from tests.kv.decoding import decode_pieces
+from tests.kv.decoding import decode_cache_bytes, decode_pieces
 from tests.kv.score_reference import np_rope, projections
 
 B, T, E, H, D, KVH = 2, 10, 16, 4, 8, 2
@@ -160,8 +159,7 @@ def test_cache_is_allocated_at_the_budget():
     params = jax.eval_shape(init)
 
     def cache_bytes(layer, length):
-        apply = lambda p: layer.apply(p, x[:, :length], decode=True, mutable=["cache"])[1]  # noqa: E731
-        return cache_lib.nbytes(jax.eval_shape(apply, params)["cache"])
+        return decode_cache_bytes(layer, params, x[:, :length])
 
     gate_per_token = B * GATE_HEADS * GATE_DIM * 2 * 4  # the gate's own keys and values (float32), a dense cache
     assert cache_bytes(small, 20) - cache_bytes(small, 8) == 12 * gate_per_token

@@ -11,7 +11,7 @@ import pytest
 import attn
 from attn.core import cache as cache_lib
 from attn.kv import ems
-from tests.kv.decoding import decode_pieces
+from tests.kv.decoding import decode_cache_bytes, decode_equals_softmax, decode_pieces
 from tests.kv.score_reference import np_rope, projections
 
 B, T, E, H, D = 2, 12, 16, 4, 8
@@ -143,9 +143,7 @@ def test_budget_at_least_length_is_softmax():
     x = inputs(length=6)
     layer = build(budget=6, num_kv_heads=2)
     params = layer.init(jax.random.key(1), x, mask=CAUSAL)
-    softmax = attn.build("softmax", num_heads=H, head_dim=D, num_kv_heads=2)
-    y, cache = decode_pieces(layer, params, x, (2, 1, 3))
-    np.testing.assert_allclose(y, softmax.apply(params, x, mask=CAUSAL), atol=2e-5)
+    _, cache = decode_equals_softmax(layer, params, x, (2, 1, 3), mask=CAUSAL)
     np.testing.assert_array_equal(cache["cache_positions"], np.broadcast_to(range(6), (B, 2, 6)))
 
 
@@ -155,8 +153,7 @@ def test_cache_is_allocated_at_the_budget():
     params = small.init(jax.random.key(1), x[:, :4], mask=CAUSAL)
 
     def cache_bytes(layer, length):
-        shapes = jax.eval_shape(lambda: layer.apply(params, x[:, :length], decode=True, mutable=["cache"])[1])
-        return cache_lib.nbytes(shapes["cache"])
+        return decode_cache_bytes(layer, params, x[:, :length])
 
     assert cache_bytes(small, 8) == cache_bytes(small, 20)
     per_slot = B * 2 * (2 * D * 4 + 4 + 4 + 4)  # keys, values (float32), position, global and local statistics

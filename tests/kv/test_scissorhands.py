@@ -12,7 +12,7 @@ import pytest
 
 import attn
 from attn.core import cache as cache_lib
-from tests.kv.decoding import decode_pieces
+from tests.kv.decoding import decode_cache_bytes, decode_equals_softmax, decode_pieces
 from tests.kv.score_reference import decode
 
 B, T, E, H, D = 2, 16, 16, 4, 8
@@ -122,10 +122,8 @@ def test_budget_at_least_length_is_softmax(caplog):
     x = inputs(length=7)
     layer = build(budget=7, num_kv_heads=2)
     params = layer.init(jax.random.key(1), x, mask=CAUSAL)
-    softmax = attn.build("softmax", num_heads=H, head_dim=D, num_kv_heads=2)
     with caplog.at_level(logging.INFO):
-        y, cache = decode_pieces(layer, params, x, (1,) * 7)
-    np.testing.assert_allclose(y, softmax.apply(params, x, mask=CAUSAL), atol=2e-5)
+        y, cache = decode_equals_softmax(layer, params, x, (1,) * 7, mask=CAUSAL)
     np.testing.assert_allclose(layer.apply(params, x, mask=CAUSAL), y, atol=2e-5)
     np.testing.assert_array_equal(cache["cache_positions"], np.broadcast_to(range(7), (B, 2, 7)))
     assert "budget=7 >= length 7 of the cache: nothing is evicted" in caplog.text
@@ -140,8 +138,7 @@ def test_cache_is_allocated_at_the_budget():
     assert cache["cache_key_history"].dtype == np.uint32 and int(cache["cache_index"]) == 24
 
     def cache_bytes(layer, length):
-        shapes = jax.eval_shape(lambda: layer.apply(params, x[:, :length], decode=True, mutable=["cache"])[1])
-        return cache_lib.nbytes(shapes["cache"])
+        return decode_cache_bytes(layer, params, x[:, :length])
 
     assert cache_bytes(small, 8) == cache_bytes(small, 24) == cache_lib.nbytes(cache)
     per_slot = B * 2 * (2 * D * 4 + 4 + 4)  # keys, values (float32), position, history

@@ -9,7 +9,7 @@ import pytest
 
 import attn
 from attn.core import cache as cache_lib
-from tests.kv.decoding import decode_pieces
+from tests.kv.decoding import decode_cache_bytes, decode_equals_softmax, decode_pieces
 from tests.kv.score_reference import decode, last_query_mean, top_scores
 
 B, T, E, H, D = 2, 12, 16, 4, 8
@@ -65,9 +65,7 @@ def test_budget_at_least_length_is_softmax():
     x = inputs(length=6)
     layer = build(budget=6, num_kv_heads=2)
     params = layer.init(jax.random.key(1), x, mask=CAUSAL)
-    softmax = attn.build("softmax", num_heads=H, head_dim=D, num_kv_heads=2)
-    y, cache = decode_pieces(layer, params, x, (2, 1, 3))
-    np.testing.assert_allclose(y, softmax.apply(params, x, mask=CAUSAL), atol=2e-5)
+    _, cache = decode_equals_softmax(layer, params, x, (2, 1, 3), mask=CAUSAL)
     np.testing.assert_array_equal(cache["cache_positions"], np.broadcast_to(range(6), (B, 2, 6)))
 
 
@@ -77,8 +75,7 @@ def test_cache_is_allocated_at_the_budget():
     params = small.init(jax.random.key(1), x[:, :4], mask=CAUSAL)
 
     def cache_bytes(layer, length):
-        shapes = jax.eval_shape(lambda: layer.apply(params, x[:, :length], decode=True, mutable=["cache"])[1])
-        return cache_lib.nbytes(shapes["cache"])
+        return decode_cache_bytes(layer, params, x[:, :length])
 
     _, cache = decode_pieces(small, params, x, (1,) * 20)
     assert cache["cached_key"].shape == (B, BUDGET, 2, D)
