@@ -17,6 +17,7 @@ budget of k = max(1, round(density * T / block)) key blocks of `block` tokens pe
 Per (system, density): validation loss / perplexity / next-byte accuracy on the run's held-out text (the run's valid
 split, the batches eval.lm reads), and passkey accuracy on `--passkey-rows` rows of held-out text with a passkey at
 depths spread over [0, 1] (train.data.text_passkey; the answer digits teacher-forced: "digit_accuracy" per digit,
+"accuracy_by_digit" for each position of the key, "digit_nll" the mean NLL of the answer digits (chance: ln 10),
 "key_accuracy" all digits right). Selector overhead (block selectors only): the median time of the selection alone
 (`select_with_values` on the layer's q, k, v) over the median time of the whole layer's forward, one layer of the
 run's shape at T = seq_len, fresh parameters.
@@ -188,25 +189,28 @@ def evaluate_model(
     text: Sequence[Mapping[str, Any]],
     passkey: Sequence[Mapping[str, Any]],
 ) -> dict[str, float]:
-    """loss / perplexity / accuracy over the `text` batches, digit / key accuracy on the `passkey` batches."""
+    """loss / perplexity / accuracy over the `text` batches; on the `passkey` batches digit / key accuracy, the
+    accuracy of each answer digit by its position in the key, and the mean NLL (nats) of the answer digits."""
     totals = {"loss_sum": 0.0, "correct": 0.0, "weight": 0.0}
     for batch in text:
         for key, value in lm_sums(apply(jnp.asarray(batch["inputs"])), batch).items():
             totals[key] += float(value)
     loss = totals["loss_sum"] / totals["weight"]
-    right = np.concatenate(
-        [
-            np.asarray(jnp.argmax(apply(jnp.asarray(b["inputs"]))[:, b["answer"]], axis=-1))
-            == b["targets"][:, b["answer"]]
-            for b in passkey
-        ]
-    )
+    right, nll = [], []
+    for b in passkey:
+        logp = np.asarray(jax.nn.log_softmax(apply(jnp.asarray(b["inputs"]))[:, b["answer"]].astype(jnp.float32)))
+        answer = np.asarray(b["targets"])[:, b["answer"]]  # [rows, digits]
+        right.append(logp.argmax(axis=-1) == answer)
+        nll.append(-np.take_along_axis(logp, answer[..., None], axis=-1)[..., 0])
+    hits = np.concatenate(right)
     return {
         "loss": loss,
         "perplexity": math.exp(min(loss, 700.0)),
         "accuracy": totals["correct"] / totals["weight"],
-        "passkey_digit_accuracy": float(right.mean()),
-        "passkey_key_accuracy": float(right.all(axis=1).mean()),
+        "passkey_digit_accuracy": float(hits.mean()),
+        "passkey_key_accuracy": float(hits.all(axis=1).mean()),
+        "passkey_accuracy_by_digit": [float(v) for v in hits.mean(axis=0)],
+        "passkey_digit_nll": float(np.concatenate(nll).mean()),
     }
 
 
@@ -329,7 +333,8 @@ def measure(
                 json.dump([*rows, row], f, indent=1)
         log(
             f"{system:>20} density {density:.2f}: loss {metrics['loss']:.4f}, passkey key accuracy "
-            f"{metrics['passkey_key_accuracy']:.3f} (digits {metrics['passkey_digit_accuracy']:.3f})"
+            f"{metrics['passkey_key_accuracy']:.3f} (digits {metrics['passkey_digit_accuracy']:.3f}, digit NLL "
+            f"{metrics['passkey_digit_nll']:.3f})"
         )
         return row
 
@@ -390,14 +395,15 @@ def losses_to_window(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 def table(report: Mapping[str, Any]) -> str:
     lines = [
-        "| system | density | loss | accuracy | passkey keys | passkey digits | selector share |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| system | density | loss | accuracy | passkey keys | passkey digits | digit 1 | digit NLL | selector share |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["records"]:
         share = r.get("selector_share")
         lines.append(
             f"| {r['system']} | {r['density']:.2f} | {r['loss']:.4f} | {r['accuracy']:.4f} | "
             f"{r['passkey_key_accuracy']:.3f} | {r['passkey_digit_accuracy']:.3f} | "
+            f"{r['passkey_accuracy_by_digit'][0]:.3f} | {r['passkey_digit_nll']:.3f} | "
             f"{'—' if share is None else f'{share:.2f}'} |"
         )
     return "\n".join(lines)
@@ -405,11 +411,12 @@ def table(report: Mapping[str, Any]) -> str:
 
 def plot(report: Mapping[str, Any], path: str) -> None:
     plt = pyplot()
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    figure, axes = plt.subplots(1, 3, figsize=(16, 4))
     dense = next(r for r in report["records"] if r["system"] == "dense")
     for axis, metric, label in (
         (axes[0], "loss", "validation loss (nats/byte)"),
         (axes[1], "passkey_key_accuracy", "passkey accuracy (all digits)"),
+        (axes[2], "passkey_digit_nll", "passkey answer-digit NLL (nats, chance 2.30)"),
     ):
         systems = dict.fromkeys(r["system"] for r in report["records"] if r["system"] != "dense")
         for system in systems:
