@@ -13,6 +13,14 @@ Expected (measured, on 2 cores shared with other jobs at load ~16): about 6 s pe
 (benchmarks/results/kv_grid_cpu.json) used the checkpoint of step 226 (stopped with SIGTERM to leave the machine to
 the grid): eval loss 1.89 nats/byte at step 200 (perplexity 6.6, next-byte accuracy 0.51); the first key receives
 0.6-0.9% of the attention (no attention sink at this size).
+Measured (the full 400 steps: the step-226 checkpoint resumed with the same command, 1.2-1.4 s/step at load ~4-5,
+9.8-17.6 s/step at load 8-10): eval loss 1.589 nats/byte, perplexity 4.90, next-byte accuracy 0.597 at step 400 (the
+same figures as an uninterrupted 400-step run). The grid of every policy on it (benchmarks/results/kv_text_cpu.json,
+7.5 minutes wall at load ~4-5; full cache perplexity 8.349 over the 4 x 480 decoded bytes):
+
+    P=h2o,a2sf,tova,scissorhands,streaming,streaming:sinks=0,snapkv,pyramidkv,adakv,d2o,ems,kivi,zipcache,a2ats
+    python -m eval.kv --workdir runs/kv_text --policies $P,zipvl_cache --budgets 0.5,0.2 --rows 4 \
+        --output benchmarks/results/kv_text_cpu.json
 
 Presets (`--config configs/kv_text.py:<preset>`):
   smoke  a few steps of a toy model at 64 tokens (tests).
