@@ -64,23 +64,47 @@ class MQARSource(_TokenTask):
     [vocab_size // 2, vocab_size) (disjoint halves). With N = num_kv_pairs, the sequence S (length T+1) is
 
       S[0 : 2N]  = k_1 v_1 k_2 v_2 ... k_N v_N      N distinct keys, each with a random value
-      S[2N : ]   = filler 0, except N query slots at random distinct even offsets 2N + 2j, each holding
-                   a queried key k followed by its value v (every key queried once, in random order)
+      S[2N : ]   = filler 0, except Q query slots at random distinct even offsets 2N + 2j, each holding
+                   a queried key k followed by its value v
 
     inputs = S[:T], targets = S[1:]; weights are 1 exactly at the query-key positions, where the target is
     the value that was paired with that key in the first 2N tokens. Values are present in `inputs` after
     the query (teacher forcing), so the task is meant for causal models.
-    Needs seq_len >= 4 * num_kv_pairs and vocab_size >= 2 * (num_kv_pairs + 1).
+
+    Which keys the Q slots ask (`query_keys`): "each_once" (the default, Zoology's layout: Q = N, every key once in
+    random order) or "random" (each slot's key drawn uniformly from the N pairs, with replacement; Q =
+    `num_queries`, default N). With "each_once" a model can score without recall: the j-th query's answer is one of
+    the N - j values not yet asked for (1/(N - j), 0.34 on average for N = 8); "random" leaves recall the only way
+    above 1/N. Needs seq_len >= 2 * num_kv_pairs + 2 * Q and vocab_size >= 2 * (num_kv_pairs + 1).
     """
 
     name: ClassVar[str] = "mqar"
-    OPTIONS: ClassVar[dict[str, Any]] = {"num_kv_pairs": 8, "vocab_size": 8192}
+    OPTIONS: ClassVar[dict[str, Any]] = {
+        "num_kv_pairs": 8,
+        "vocab_size": 8192,
+        "query_keys": "each_once",
+        "num_queries": None,
+    }
+    QUERY_KEYS: ClassVar[tuple[str, ...]] = ("each_once", "random")
 
     def _configure(self, seq_len: int | None, options: dict[str, Any]) -> None:
         super()._configure(seq_len, options)
         self.num_kv_pairs = check_int("num_kv_pairs", options["num_kv_pairs"], 1)
         n = self.num_kv_pairs
-        self._require("seq_len", self.seq_len, 4 * n, f"4 * num_kv_pairs with num_kv_pairs={n}")
+        self.query_keys = options["query_keys"]
+        if self.query_keys not in self.QUERY_KEYS:
+            raise ValueError(f"query_keys must be one of {self.QUERY_KEYS}, got {self.query_keys!r}")
+        queries = options["num_queries"]
+        if self.query_keys == "each_once" and queries not in (None, n):
+            raise ValueError(
+                f"num_queries={queries!r} needs query_keys='random': with 'each_once' every one of the "
+                f"num_kv_pairs={n} keys is asked exactly once"
+            )
+        self.num_queries = n if queries is None else check_int("num_queries", queries, 1)
+        q = self.num_queries
+        self._require(
+            "seq_len", self.seq_len, 2 * n + 2 * q, f"2 * num_kv_pairs + 2 * num_queries with {n} pairs, {q} queries"
+        )
         self._require("vocab_size", self.vocab_size, 2 * (n + 1), f"num_kv_pairs={n} distinct keys in [1, vocab/2)")
 
     def _make_batch(self, rng: np.random.Generator, step: int) -> dict[str, np.ndarray]:
@@ -91,10 +115,14 @@ class MQARSource(_TokenTask):
         seq = np.zeros((b, t + 1), dtype=np.int64)
         seq[:, 0 : 2 * n : 2] = keys
         seq[:, 1 : 2 * n : 2] = values
-        slots = _distinct(rng, b, (t - 2 * n) // 2, n)
-        positions = 2 * n + 2 * slots  # [b, n] input positions of the queried keys
+        q = self.num_queries
+        slots = _distinct(rng, b, (t - 2 * n) // 2, q)
+        positions = 2 * n + 2 * slots  # [b, q] input positions of the queried keys
         rows = np.arange(b)[:, None]
-        queried = _distinct(rng, b, n, n)  # which pair each query slot asks about
+        if self.query_keys == "each_once":
+            queried = _distinct(rng, b, n, n)  # which pair each query slot asks about: a permutation
+        else:
+            queried = rng.integers(0, n, size=(b, q))  # any pair, with replacement
         seq[rows, positions] = np.take_along_axis(keys, queried, axis=1)
         seq[rows, positions + 1] = np.take_along_axis(values, queried, axis=1)
         weights = np.zeros((b, t), dtype=np.float32)

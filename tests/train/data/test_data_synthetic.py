@@ -30,6 +30,36 @@ def test_mqar_rejects_short_sequences_and_small_vocabularies():
         make_source("mqar", batch_size=2, seq_len=64, seed=0, num_kv_pairs=8, vocab_size=16)
 
 
+def test_mqar_random_queries_ask_any_pair_with_replacement():
+    n, q, vocab = 4, 12, 40
+    source = make_source(
+        "mqar", batch_size=32, seq_len=40, seed=2, num_kv_pairs=n, vocab_size=vocab, query_keys="random", num_queries=q
+    )
+    batch, repeats = source.next_batch(), 0
+    for inputs, targets, weights in zip(batch["inputs"], batch["targets"], batch["weights"], strict=True):
+        keys, values = inputs[0 : 2 * n : 2], inputs[1 : 2 * n : 2]
+        answer_positions = np.flatnonzero(weights)
+        assert len(answer_positions) == q and answer_positions.min() >= 2 * n
+        assert np.all(answer_positions % 2 == 0)  # a query key sits at an even offset, its value right after
+        queried = inputs[answer_positions]
+        assert set(queried) <= set(keys)
+        lookup = dict(zip(keys, values, strict=True))
+        assert [lookup[k] for k in queried] == list(targets[answer_positions])
+        repeats += len(queried) - len(set(queried))
+    assert repeats >= 32 * (q - n)  # 12 queries over 4 keys repeat at least 8 times per row
+
+
+def test_mqar_query_option_errors():
+    with pytest.raises(ValueError, match=r"query_keys must be one of \('each_once', 'random'\), got 'all'"):
+        make_source("mqar", batch_size=2, seq_len=64, seed=0, num_kv_pairs=4, vocab_size=40, query_keys="all")
+    with pytest.raises(ValueError, match=r"num_queries=6 needs query_keys='random'"):
+        make_source("mqar", batch_size=2, seq_len=64, seed=0, num_kv_pairs=4, vocab_size=40, num_queries=6)
+    with pytest.raises(ValueError, match=r"seq_len=30 is too small for mqar: need seq_len >= 32"):
+        make_source(
+            "mqar", batch_size=2, seq_len=30, seed=0, num_kv_pairs=4, vocab_size=40, query_keys="random", num_queries=12
+        )
+
+
 def test_mqar_long_sequences_use_the_sparse_sampler():
     batch = make_source("mqar", batch_size=2, seq_len=4096, seed=0, num_kv_pairs=16, vocab_size=256).next_batch()
     assert batch["weights"].sum() == 2 * 16
