@@ -119,7 +119,12 @@ def test_unknown_source_names_the_closest():
 def test_unknown_option_names_it_and_the_valid_ones():
     with pytest.raises(ValueError, match=r"'num_pairs' \(did you mean 'num_kv_pairs'\?\).*valid options: \["):
         make_source("mqar", batch_size=2, seq_len=32, seed=0, num_pairs=2)
-    assert source_options("mqar") == {"num_kv_pairs": 8, "vocab_size": 8192}
+    assert source_options("mqar") == {
+        "num_kv_pairs": 8,
+        "vocab_size": 8192,
+        "query_keys": "each_once",
+        "num_queries": None,
+    }
 
 
 def test_bad_split_and_seed_are_rejected():
