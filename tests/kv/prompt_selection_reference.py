@@ -5,20 +5,9 @@ torch's avg_pool1d / max_pool1d (padding kernel // 2, zero / -inf padding), each
 best prompt keys (ties: the earlier key) plus the window; decoding appends and, once `capacity` is reached, keeps
 the first `capacity - window - decode_budget` entries and the latest `window + decode_budget` tokens."""
 
-import flax.linen as nn
-import jax
 import numpy as np
 
-from tests.kv.score_reference import np_rope
-
-
-def projections(params, x):
-    p = jax.tree.map(lambda a: np.asarray(a, np.float64), nn.meta.unbox(params)["params"])
-    x = np.asarray(x, np.float64)
-    q = np.einsum("bte,ehd->bthd", x, p["query"]["kernel"])
-    k = np.einsum("bte,ehd->bthd", x, p["key"]["kernel"])
-    v = np.einsum("bte,ehd->bthd", x, p["value"]["kernel"])
-    return q, k, v, p["out"]["kernel"]
+from tests.kv.score_reference import np_rope, projections
 
 
 def softmax_row(q_t, t, keys, positions):

@@ -12,7 +12,8 @@ import pytest
 from attn.core import cache as cache_lib
 from attn.core.split_kv_decode import packed_split_kv_attention, split_kv_attention
 from tests.kv.decoding import decode_pieces
-from tests.kv.prompt_selection_reference import pooled_votes, projections, softmax_row, top_keys
+from tests.kv.prompt_selection_reference import pooled_votes, softmax_row, top_keys
+from tests.kv.score_reference import projections
 from tests.kv.test_adakv import build, official_head_budgets
 from tests.kv.test_snapkv import BUDGET, CAUSAL, DECODE, KERNEL, WINDOW, B, D, H, inputs, prefill_then_decode
 

@@ -5,7 +5,6 @@ received; the cache holds ragged per-head positions and their masses."""
 
 import dataclasses
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +13,7 @@ import attn
 from attn.core import cache as cache_lib
 from attn.kv.policy_layer import PolicyAttention
 from tests.kv.decoding import np_mass_policy_decode
+from tests.kv.score_reference import projections
 
 B, T, E, H, KVH, D, SIZE = 2, 9, 16, 4, 2, 8, 3
 
@@ -45,18 +45,14 @@ class HeaviestAttention(PolicyAttention):
 
 
 def reference(params, x):
-    p = jax.tree.map(lambda a: np.asarray(a, np.float64), nn.meta.unbox(params)["params"])
-    x = np.asarray(x, np.float64)
-    q = np.einsum("bte,ehd->bthd", x, p["query"]["kernel"])
-    k = np.einsum("bte,ehd->bthd", x, p["key"]["kernel"])
-    v = np.einsum("bte,ehd->bthd", x, p["value"]["kernel"])
+    q, k, v, out_kernel = projections(params, x)
 
     def keep(cands, mass, t):  # the SIZE heaviest entries
         ranked = sorted(range(len(cands)), key=lambda i: (-mass[cands[i]], i))[:SIZE]
         return [cands[i] for i in sorted(ranked)]
 
     out, kept, mass = np_mass_policy_decode(q, k, v, keep)
-    y = np.einsum("bthd,hde->bte", out, p["out"]["kernel"])
+    y = np.einsum("bthd,hde->bte", out, out_kernel)
     return y, kept, mass
 
 
