@@ -24,7 +24,7 @@ Measured (the run above, stopped with SIGTERM at step 281 for lack of CPU time):
 0.075, digit NLL 2.39 nats; step 250 0/16 keys, digits 0.100, digit NLL 2.33 (chance 2.30). Resume it with the same
 command (add --config.total_steps=N --config.allow_changes=total_steps to train longer).
 
-Curriculum (this session; the model eval.sparse_quality is meant to read: runs/sparse_long_c1024):
+Curriculum (measured 2026-12-07; the model eval.sparse_quality is meant to read: runs/sparse_long_c1024):
 
     python -m train --config configs/sparse_long.py:curriculum_short --workdir runs/sparse_long_c256
     python -m train --config configs/sparse_long.py:curriculum --workdir runs/sparse_long_c1024
