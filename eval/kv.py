@@ -22,6 +22,9 @@ For every policy x budget, on `--rows` sequences of `--context` tokens per task:
 Tasks: the run's own validation data (its `data.name`: "text" perplexity on held-out bytes, "mqar" recall, ...), plus
 any of "mqar" and "passkey" (train.data's synthetic retrieval tasks, built at the model's vocabulary) named in
 `--tasks`. A model only retrieves what it was trained to: a task it never saw scores near chance at every budget.
+On a run trained on "text_passkey" (configs/sparse_long.py), "passkey" is that run's own needle in held-out text
+(eval.passkey_rows: depths evenly over the row, the 5 answer digits scored); pass `--prompt` = the context - 5 to
+prefill (and compress) everything up to the answer and decode only the digits, as kvpress compresses a question.
 
 Budgets are fractions of the context: a token policy keeps round(budget * context) entries per (batch, kv head) (the
 prompt-compressing ones split them between the prompt and the generated tokens, see `policy_options`). The memory of
@@ -68,6 +71,7 @@ from attn.models.generate import init_cache
 
 from .analysis.evaluator import pyplot, series_style, unboxed
 from .lm import open_run, quiet_logs
+from .passkey_rows import in_batches, passkey_rows
 from .trainer_api import make_source
 
 FULL = "full"
@@ -98,7 +102,7 @@ def parse_policy(spec: str) -> tuple[str, dict[str, Any]]:
     return name, options
 
 
-def policy_options(name: str, budget: int, prompt: int, head_dim: int) -> dict[str, Any]:
+def policy_options(name: str, budget: int, prompt: int, head_dim: int, decoded: int | None = None) -> dict[str, Any]:
     """The options that give policy `name` a cache of `budget` entries per (batch, kv head) after a prompt of
     `prompt` tokens (the user's spec options override them).
 
@@ -109,10 +113,12 @@ def policy_options(name: str, budget: int, prompt: int, head_dim: int) -> dict[s
     token (a quarter local window, min(4, budget / 8) sinks, the rest retrieved by codeword score; w = 256, half the
     512-token context of the runs here; prompt / 2 codewords fitted on the prompt), every token stored;
     snapkv / pyramidkv / adakv: half the budget for the prompt (an observation window of up to 16 tokens), half for
-    generated tokens; kivi: groups of min(32, head_dim) channels and a residual of one group (its memory is set by
-    `bits`); zipcache: the paper's 4-bit salient / 2-bit other tokens, 40% at 2 bits, a full-precision window of
-    min(64, budget / 8) tokens (its memory is set by its bits; it runs at the first budget only); zipvl_cache: the
-    same bits and window, the 4-bit share per layer from tau = 0.975 of the attention (the paper's; no cap)."""
+    generated tokens (when only `decoded` < half the budget are generated, e.g. a passkey's 5 digits, those many
+    slots and the rest for the prompt); kivi: groups of min(32, head_dim) channels and a residual of one group (its
+    memory is set by `bits`); zipcache: the paper's 4-bit salient / 2-bit other tokens, 40% at 2 bits, a
+    full-precision window of min(64, budget / 8) tokens (its memory is set by its bits; it runs at the first budget
+    only); zipvl_cache: the same bits and window, the 4-bit share per layer from tau = 0.975 of the attention (the
+    paper's; no cap)."""
     if name == "streaming":
         return {"budget": budget, "sinks": min(4, budget - 1)}
     if name in ("h2o", "a2sf"):
@@ -139,6 +145,8 @@ def policy_options(name: str, budget: int, prompt: int, head_dim: int) -> dict[s
         return {"budget": budget, "recent": min(budget // 4, budget - drop), "drop": drop, "history": 32}
     if name in PROMPT_COMPRESSING:
         prompt_budget = max(2, budget // 2)
+        if decoded is not None and decoded < budget - prompt_budget:  # a short answer: the rest goes to the prompt
+            prompt_budget = max(2, budget - max(1, decoded))
         window = max(1, min(16, prompt_budget // 2))
         return {"budget": prompt_budget, "observation_window": window, "decode_budget": budget - prompt_budget}
     if name == "kivi":
@@ -164,6 +172,14 @@ def policy_model(model: Any, name: str, options: Mapping[str, Any]) -> Any:
 def task_batches(run: Any, task: str, rows: int, context: int, num_batches: int) -> list[dict[str, np.ndarray]]:
     """`num_batches` batches {"inputs", "targets", "weights"} [rows, context] of `task`: the run's validation data
     when task is its data source, else train.data's synthetic task at the model's vocabulary."""
+    if task == "passkey" and run.config.data.name == "text_passkey":  # a byte model trained on hidden passkeys
+        if context != run.config.seq_len:
+            raise ValueError(
+                f"context={context}: the passkey rows of a text_passkey run are built at its seq_len "
+                f"{run.config.seq_len}; leave --context out"
+            )
+        rows_ = passkey_rows(run, rows * num_batches, seed=run.config.seed)
+        return [{key: part[key] for key in ("inputs", "targets", "weights")} for part in in_batches(rows_, rows)]
     if task == run.config.data.name:
         source = run.data("valid", batch_size=rows, seq_len=context, per_process=False)
     elif task in RETRIEVAL_TASKS:
@@ -461,7 +477,7 @@ def grid(
         for spec, name, overrides in parsed:
             for budget in budgets if name not in BUDGET_FREE else budgets[:1]:
                 entries_kept = max(2, round(budget * context))
-                options = {**policy_options(name, entries_kept, prompt, head_dim), **overrides}
+                options = {**policy_options(name, entries_kept, prompt, head_dim, context - prompt), **overrides}
                 with tracing():
                     metrics = evaluate_policy(policy_model(model, name, options), params, task_batches_, prompt)
                 entry = {
