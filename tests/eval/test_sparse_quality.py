@@ -46,15 +46,33 @@ def test_block_budget_and_options_reject_bad_input():
 
 
 def test_losses_to_window_lists_every_worse_cell():
+    def row(system, density, loss, keys, digits, nll):
+        return {
+            "system": system,
+            "density": density,
+            "loss": loss,
+            "passkey_key_accuracy": keys,
+            "passkey_digit_accuracy": digits,
+            "passkey_digit_nll": nll,
+        }
+
     rows = [
-        {"system": "dense", "density": 1.0, "loss": 1.0, "passkey_key_accuracy": 1.0},
-        {"system": "window_sinks", "density": 0.5, "loss": 1.5, "passkey_key_accuracy": 0.5},
-        {"system": "hip", "density": 0.5, "loss": 1.4, "passkey_key_accuracy": 0.25},
-        {"system": "top_m", "density": 0.5, "loss": 1.6, "passkey_key_accuracy": 0.75},
-        {"system": "hcam", "density": 0.5, "loss": 1.5, "passkey_key_accuracy": 0.5},
+        row("dense", 1.0, 1.0, 1.0, 1.0, 0.1),
+        row("window_sinks", 0.5, 1.5, 0.5, 0.6, 1.0),
+        row("hip", 0.5, 1.4, 0.25, 0.6, 1.0),  # fewer keys
+        row("top_m", 0.5, 1.6, 0.75, 0.8, 0.5),  # a higher loss
+        row("hcam", 0.5, 1.5, 0.5, 0.4, 1.2),  # fewer digits, a higher digit NLL
+        row("hyper", 0.5, 1.5, 0.5, 0.6, 1.0),  # ties are not losses
+        {"system": "longheads", "density": 0.5, "loss": 1.7, "passkey_key_accuracy": 0.5},  # an older report's row
     ]
     cells = {(c["system"], c["metric"]) for c in bsq.losses_to_window(rows)}
-    assert cells == {("hip", "passkey_key_accuracy"), ("top_m", "loss")}
+    assert cells == {
+        ("hip", "passkey_key_accuracy"),
+        ("top_m", "loss"),
+        ("hcam", "passkey_digit_accuracy"),
+        ("hcam", "passkey_digit_nll"),
+        ("longheads", "loss"),
+    }
 
 
 def test_text_passkey_rows_hide_the_key_and_ask_for_it_at_the_end():
