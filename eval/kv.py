@@ -14,7 +14,8 @@ For every policy x budget, on `--rows` sequences of `--context` tokens per task:
   decode    the remaining tokens one per call, teacher-forced (the true token is fed, whatever the model predicted),
             through the compressed cache, so eviction happens at every step once the cache is full;
   score     next-token loss (perplexity) and accuracy over the decoded positions with the task's weights (text: every
-            position; mqar: the recalled values; passkey: the passkey digits);
+            position; mqar: the recalled values; passkey: the passkey digits); when every row scores the same few
+            positions, also "accuracy_by_position" (the passkey's 1st..5th digit, MQAR's 1st..nth query);
   memory    bytes of the cache arrays allocated after decoding (`attn.core.cache.nbytes` of the "cache" collection:
             keys, values or their codes and scales, positions, statistics) and their ratio to the full cache's;
   speed     decode milliseconds per step (one token for each of the rows), the compiled decode loop timed alone.
@@ -24,7 +25,8 @@ any of "mqar" and "passkey" (train.data's synthetic retrieval tasks, built at th
 `--tasks`. A model only retrieves what it was trained to: a task it never saw scores near chance at every budget.
 On a run trained on "text_passkey" (configs/sparse_long.py), "passkey" is that run's own needle in held-out text
 (eval.passkey_rows: depths evenly over the row, the 5 answer digits scored); pass `--prompt` = the context - 5 to
-prefill (and compress) everything up to the answer and decode only the digits, as kvpress compresses a question.
+prefill (and compress) everything up to the answer and decode only the digits, as kvpress compresses a question
+(`--norun_task` leaves out the run's own text, which such a prompt would score on 5 bytes only).
 
 Budgets are fractions of the context: a token policy keeps round(budget * context) entries per (batch, kv head) (the
 prompt-compressing ones split them between the prompt and the generated tokens, see `policy_options`). The memory of
@@ -378,44 +380,64 @@ def decode_through_cache(model: Any, params: Any, tokens: jax.Array, prompt: int
     return jnp.concatenate([head, tail], axis=1), cache, seconds
 
 
-def score(logits: jax.Array, batch: Mapping[str, np.ndarray], prompt: int) -> dict[str, float]:
-    """Loss sum, correct count and weight over the decoded positions (>= prompt) of one batch."""
+MAX_ANSWER_POSITIONS = 64  # answers of up to this many scored positions per row also get accuracy per position
+
+
+def score(logits: jax.Array, batch: Mapping[str, np.ndarray], prompt: int) -> dict[str, Any]:
+    """Loss sum, correct count and weight over the decoded positions (>= prompt) of one batch; when every row scores
+    the same number n <= MAX_ANSWER_POSITIONS of positions (a passkey's digits, MQAR's queries), also "by_position":
+    correct counts float64 [n] of the rows' 1st, 2nd, ... scored position (None otherwise)."""
     logits = np.asarray(logits[:, prompt:], np.float64)
     targets, weights = batch["targets"][:, prompt:], batch["weights"][:, prompt:]
     top = logits.max(axis=-1, keepdims=True)
     logz = np.log(np.exp(logits - top).sum(axis=-1)) + top[..., 0]
     nll = logz - np.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     correct = logits.argmax(axis=-1) == targets
+    counts = (weights > 0).sum(axis=1)
+    by_position = None
+    if len(counts) and (counts == counts[0]).all() and 0 < counts[0] <= MAX_ANSWER_POSITIONS:
+        by_position = np.stack([correct[row][weights[row] > 0] for row in range(len(counts))]).sum(axis=0)
     return {
         "loss_sum": float((nll * weights).sum()),
         "correct": float((correct * weights).sum()),
         "weight": float(weights.sum()),
+        "by_position": by_position,
+        "rows": len(counts),
     }
 
 
 def evaluate_policy(
     model: Any, params: Any, batches: Sequence[Mapping[str, np.ndarray]], prompt: int
-) -> dict[str, float | int]:
-    """{"loss", "perplexity", "accuracy", "cache_bytes", "decode_ms_per_step"} of `model` over `batches`."""
+) -> dict[str, Any]:
+    """{"loss", "perplexity", "accuracy", "cache_bytes", "decode_ms_per_step"} of `model` over `batches`, and
+    "accuracy_by_position" (accuracy of each row's 1st, 2nd, ... scored position) when every row scores the same
+    few positions (see `score`)."""
     totals = {"loss_sum": 0.0, "correct": 0.0, "weight": 0.0}
+    by_position, rows = [], 0
     seconds, steps, nbytes = 0.0, 0, 0
     for batch in batches:
         logits, cache, elapsed = decode_through_cache(model, params, jnp.asarray(batch["inputs"]), prompt)
-        for key, value in score(logits, batch, prompt).items():
-            totals[key] += value
+        scored = score(logits, batch, prompt)
+        for key in totals:
+            totals[key] += scored[key]
+        by_position.append(scored["by_position"])
+        rows += scored["rows"]
         seconds += elapsed
         steps += batch["inputs"].shape[1] - prompt
         nbytes = cache_lib.nbytes(cache)
     if totals["weight"] == 0:
         raise ValueError(f"prompt={prompt} covers every scored position of the task; use a shorter --prompt")
     loss = totals["loss_sum"] / totals["weight"]
-    return {
+    metrics = {
         "loss": loss,
         "perplexity": math.exp(min(loss, 700.0)),
         "accuracy": totals["correct"] / totals["weight"],
         "cache_bytes": nbytes,
         "decode_ms_per_step": 1000.0 * seconds / steps,
     }
+    if all(b is not None for b in by_position) and len({len(b) for b in by_position}) == 1:
+        metrics["accuracy_by_position"] = [float(c) / rows for c in np.sum(by_position, axis=0)]
+    return metrics
 
 
 def run_grid(
@@ -496,9 +518,11 @@ def grid(
 
 
 def summary(task: str, metrics: Mapping[str, Any]) -> str:
+    first = metrics.get("accuracy_by_position")
     return (
-        f"ppl {metrics['perplexity']:.3f} acc {metrics['accuracy']:.3f} cache {metrics['cache_bytes']} B "
-        f"{metrics['decode_ms_per_step']:.2f} ms/step"
+        f"ppl {metrics['perplexity']:.3f} acc {metrics['accuracy']:.3f}"
+        + (f" (1st {first[0]:.3f})" if first else "")
+        + f" cache {metrics['cache_bytes']} B {metrics['decode_ms_per_step']:.2f} ms/step"
     )
 
 
@@ -596,7 +620,10 @@ def main(argv: Sequence[str]) -> None:
             raise SystemExit(
                 f"error: --prompt={prompt} must be in [1, context={context}) (decoding needs tokens after)"
             )
-        tasks = list(dict.fromkeys([run.config.data.name, *(split_list("tasks", args.tasks) if args.tasks else [])]))
+        extra = split_list("tasks", args.tasks) if args.tasks else []
+        tasks = list(dict.fromkeys([run.config.data.name, *extra] if args.run_task else extra))
+        if not tasks:
+            raise SystemExit("error: --norun_task needs --tasks (no task left to measure)")
         name = os.path.basename(os.path.normpath(workdir))
         try:
             grid = run_grid(
@@ -657,6 +684,7 @@ if __name__ == "__main__":
     flags.DEFINE_string("policies", "h2o,streaming,tova,snapkv,kivi", "Comma-separated policy specs, name[:opt=val].")
     flags.DEFINE_string("budgets", "1.0,0.5,0.25,0.1", "Cache budgets as fractions of the context.")
     flags.DEFINE_string("tasks", None, "Extra tasks besides the run's own data: mqar, passkey (--checkpoint: passkey).")
+    flags.DEFINE_bool("run_task", True, "Measure the run's own validation data too (--norun_task: --tasks only).")
     flags.DEFINE_integer("context", None, "Tokens per sequence (default: the run's seq_len; checkpoint: <= 512).")
     flags.DEFINE_integer("prompt", None, "Tokens prefilled in one call before token-by-token decoding (default: 1/16).")
     flags.DEFINE_integer("rows", 8, "Sequences per batch.")

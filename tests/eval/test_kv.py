@@ -6,6 +6,7 @@ import dataclasses
 import json
 
 import jax
+import numpy as np
 import pytest
 
 from configs import kv_retrieval
@@ -58,3 +59,26 @@ def test_bad_policy_specs(spec, message):
 def test_policy_spec_options():
     assert kv.parse_policy("streaming:sinks=0") == ("streaming", {"sinks": 0})
     assert kv.parse_policy("snapkv:pooling=avg") == ("snapkv", {"pooling": "avg"})
+
+
+def test_score_counts_each_rows_answer_positions_in_order():
+    rng = np.random.default_rng(0)
+    rows, length, vocab, prompt = 3, 10, 7, 4
+    logits = rng.standard_normal((rows, length, vocab))
+    targets = rng.integers(0, vocab, size=(rows, length))
+    weights = np.zeros((rows, length), np.float32)
+    answers = [(4, 6), (5, 9), (7, 8)]  # each row's two scored positions, at different places
+    for row, places in enumerate(answers):
+        weights[row, list(places)] = 1.0
+    targets[0, 4] = logits[0, 4].argmax()  # row 0 right on its first answer
+    targets[2, 8] = logits[2, 8].argmax()  # row 2 right on its second
+    batch = {"inputs": targets, "targets": targets, "weights": weights}
+    scored = kv.score(logits, batch, prompt)
+    expected = np.zeros(2)
+    for row, places in enumerate(answers):
+        for slot, t in enumerate(places):
+            expected[slot] += float(max(range(vocab), key=lambda v: logits[row, t, v]) == targets[row, t])
+    assert scored["by_position"].tolist() == expected.tolist() and scored["rows"] == rows
+    assert scored["correct"] == expected.sum() and scored["weight"] == 6
+    weights[1, 6] = 1.0  # rows scoring different counts: no per-position accuracy
+    assert kv.score(logits, {**batch, "weights": weights}, prompt)["by_position"] is None
