@@ -76,9 +76,17 @@ def query_metric(rotated_queries: Array, kv_heads: int, eps: float = METRIC_EPS)
 
 def metric_distances(keys: Array, codebook: Array, metric: Array) -> Array:
     """float32 [B, KVH, N, S]: (k_n - c_s)^T M (k_n - c_s) for keys [B, N, KVH, D], codebook [B, KVH, S, D] and
-    metric [B, KVH, D, D]."""
-    diff = keys.astype(jnp.float32).transpose(0, 2, 1, 3)[:, :, :, None, :] - codebook[:, :, None, :, :]
-    return jnp.einsum("bgnsd,bgde,bgnse->bgns", diff, metric, diff)
+    metric [B, KVH, D, D]. Expanded as k^T M k - 2 k^T M c + c^T M c (M symmetrised, which leaves every quadratic
+    form unchanged), so no [B, KVH, N, S, D] difference is materialised: a 2K prompt with a thousand codewords would
+    need tens of GB."""
+    keys = keys.astype(jnp.float32).transpose(0, 2, 1, 3)  # [B, KVH, N, D]
+    symmetric = 0.5 * (metric + jnp.swapaxes(metric, -1, -2))
+    mapped_keys = jnp.einsum("bgnd,bgde->bgne", keys, symmetric)
+    mapped_codes = jnp.einsum("bgsd,bgde->bgse", codebook, symmetric)
+    key_norms = jnp.sum(mapped_keys * keys, axis=-1)  # [B, KVH, N]
+    code_norms = jnp.sum(mapped_codes * codebook, axis=-1)  # [B, KVH, S]
+    cross = jnp.einsum("bgne,bgse->bgns", mapped_keys, codebook)
+    return key_norms[..., None] - 2.0 * cross + code_norms[:, :, None, :]
 
 
 def assign_codes(keys: Array, codebook: Array, metric: Array) -> Array:
