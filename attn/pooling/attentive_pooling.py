@@ -36,10 +36,10 @@ import jax
 import jax.numpy as jnp
 
 from attn import functional as F
-from attn.core.layer import AttentionLayer
 from attn.core.masks import Mask
-from attn.core.padding import masked_softmax, padding_lengths, valid_tokens
+from attn.core.padding import masked_softmax, valid_tokens
 from attn.core.pipeline import dropout_weights
+from attn.core.pooling_layer import PoolingLayer
 from attn.core.validation import check_rank, choice, positive_int
 from attn.registry import register
 
@@ -109,7 +109,7 @@ def efficient_probing(
     "the standard attentive-probe baseline",
     validators={"variant": choice(*VARIANTS), "num_queries": positive_int, "d_out": positive_int},
 )
-class AttentivePooling(AttentionLayer):
+class AttentivePooling(PoolingLayer):
     """Attentive pooling probe. `__call__(x [B, N, C], *, mask=None, ...)` -> [B, C // d_out] (EP) or [B, C].
 
     mask: an attn.Mask holding only padding lengths. context, positions and decode are not supported.
@@ -121,23 +121,8 @@ class AttentivePooling(AttentionLayer):
 
     mechanism_name: ClassVar[str] = "attentive_pooling"
 
-    @nn.compact
-    def __call__(
-        self,
-        x: Array,
-        *,
-        context: Array | None = None,
-        mask: Mask | None = None,
-        positions: Array | None = None,
-        decode: bool = False,
-        deterministic: bool = True,
-    ) -> Array:
-        self.check_input(x, context)
-        self.check_options()
-        if context is not None or decode:
-            raise ValueError(f"{self.mechanism_name} pools its input x; context and decode=True are not supported")
+    def pool(self, x: Array, lengths: Array | None, deterministic: bool) -> Array:
         batch, _, channels = x.shape
-        lengths = padding_lengths(mask, batch, self.mechanism_name)
         init = nn.initializers.normal(0.02)  # the official EP init of its queries
         queries = self.param(
             "queries",

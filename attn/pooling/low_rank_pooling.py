@@ -33,10 +33,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from attn.core.layer import AttentionLayer
-from attn.core.masks import Mask
-from attn.core.padding import masked_softmax, padding_lengths, valid_tokens
+from attn.core.padding import masked_softmax, valid_tokens
 from attn.core.pipeline import dropout_weights
+from attn.core.pooling_layer import PoolingLayer
 from attn.core.validation import check_choice, check_rank, choice, positive_int
 from attn.registry import register
 
@@ -108,7 +107,7 @@ def low_rank_pooling(
     "reconstruction",
     validators={"rank": positive_int, "activation": choice(*ACTIVATIONS)},
 )
-class LowRankPooling(AttentionLayer):
+class LowRankPooling(PoolingLayer):
     """LAMA pooling. `__call__(x [B, T, E], *, mask=None, ...)` -> [B, num_heads * E]."""
 
     rank: int = 16
@@ -116,23 +115,8 @@ class LowRankPooling(AttentionLayer):
 
     mechanism_name: ClassVar[str] = "low_rank_pooling"
 
-    @nn.compact
-    def __call__(
-        self,
-        x: Array,
-        *,
-        context: Array | None = None,
-        mask: Mask | None = None,
-        positions: Array | None = None,
-        decode: bool = False,
-        deterministic: bool = True,
-    ) -> Array:
-        self.check_input(x, context)
-        self.check_options()
-        if context is not None or decode:
-            raise ValueError(f"{self.mechanism_name} pools its input x; context and decode=True are not supported")
-        batch, _, features = x.shape
-        lengths = padding_lengths(mask, batch, self.mechanism_name)
+    def pool(self, x: Array, lengths: Array | None, deterministic: bool) -> Array:
+        features = x.shape[-1]
         lecun = nn.initializers.lecun_normal()
 
         def param(name, init, shape, axes):
