@@ -41,17 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .evaluator import Evaluator, is_task, pyplot, unboxed
-from .icl_regression import (
-    check_positive,
-    circuit_plot,
-    circuits,
-    context_layer,
-    dynamics_plot,
-    fit,
-    head_patterns,
-    predict,
-)
+from .icl_layer import InContextLayerTool, check_positive, head_patterns, predict
 
 
 def softmax_prompts(key: jax.Array, rows: int, dim: int, context: int, queries: int, radius: float) -> dict:
@@ -88,7 +78,7 @@ def half_squared_error(prediction: np.ndarray, target: np.ndarray) -> float:
 
 
 @dataclasses.dataclass(frozen=True)
-class SoftmaxRegressionICL(Evaluator):
+class SoftmaxRegressionICL(InContextLayerTool):
     """Options: dim (d), context (n rows), queries (m rows), radius (|x*| scale), num_heads, head_dim, steps, batch,
     learning_rate, log_every (training), eval_rows (held-out prompts), seed."""
 
@@ -113,7 +103,9 @@ class SoftmaxRegressionICL(Evaluator):
         "arXiv 2304.13276); the prompt layout, the trained single layer and the comparison metrics are this tool's "
         "(the paper states bounds, no protocol); no official code"
     )
-    standalone = True  # `python -m eval.analysis softmax_regression_icl` trains its own layer: no --workdir
+    prompt_options = ("context", "queries", "dim")
+    loss_key, loss_names, loss_title, loss_label = "loss", ("model", "gd", "uniform"), "held-out loss", "1/2 |f - b'|^2"
+    reference_lines = (("gd", "--"), ("uniform", "-."))
 
     def __post_init__(self) -> None:
         names = ("dim", "context", "queries", "num_heads", "head_dim", "steps", "batch", "log_every", "eval_rows")
@@ -122,59 +114,24 @@ class SoftmaxRegressionICL(Evaluator):
         check_positive("learning_rate", self.learning_rate, float)
         check_positive("radius", self.radius, float)
 
+    @property
+    def prompt_shape(self) -> tuple[int, int]:
+        return self.context + self.queries, self.dim + 1
+
     def sample(self, key: jax.Array, rows: int) -> dict[str, jax.Array]:
         """`rows` prompts of this tool's setting (see softmax_prompts)."""
         return softmax_prompts(key, rows, self.dim, self.context, self.queries, self.radius)
 
-    def train(self) -> tuple[nn.Module, Any, dict[str, list]]:
-        """(layer, trained params, curve): Adam on L of fresh prompts (see icl_regression.fit)."""
-        model = context_layer(self.num_heads, self.head_dim)
-        shape = (1, self.context + self.queries, self.dim + 1)
-        params = unboxed(model.init(jax.random.key(self.seed), jnp.zeros(shape))["params"])
-
-        def loss(params: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
-            prediction = jax.nn.softmax(predict(model, params, batch["inputs"], self.context), axis=-1)
-            return jnp.mean(0.5 * jnp.sum((prediction - batch["targets"]) ** 2, axis=-1))
-
-        def probe(params: Any) -> dict[str, Any]:
-            heads, _ = head_patterns(*circuits(jax.device_get(params)))
-            return {"kq_diag": [h["kq_diag"] for h in heads], "ov_last": [h["ov_last"] for h in heads]}
-
-        params, curve = fit(
-            model,
-            params,
-            lambda key: self.sample(key, self.batch),
-            loss,
-            steps=self.steps,
-            learning_rate=self.learning_rate,
-            seed=self.seed + 1,
-            log_every=self.log_every,
-            probe=probe,
-        )
-        return model, params, curve
-
-    def standalone_run(self) -> dict[str, Any]:
-        """Trains the layer, then evaluates it on `eval_rows` held-out prompts; the result holds the curve too."""
-        model, params, curve = self.train()
-        held_out = self.sample(jax.random.key(self.seed + 2), self.eval_rows)
-        return {**self.evaluate(model, params, [held_out]), "curve": curve}
+    def training_loss(self, model: nn.Module, params: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
+        """L = 1/2 |softmax over the queries of the model's logits - b'|^2, mean over prompts."""
+        prediction = jax.nn.softmax(predict(model, params, batch["inputs"], self.context), axis=-1)
+        return jnp.mean(0.5 * jnp.sum((prediction - batch["targets"]) ** 2, axis=-1))
 
     def run(self, model: Any, params: Any, batches: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        if is_task(model):
-            raise ValueError(
-                "softmax_regression_icl analyses one attention layer on real-valued prompts, not a training run's "
-                "task; it trains its own: python -m eval.analysis softmax_regression_icl --output O"
-            )
-        kq, ov = circuits(params)
-        length, width = self.context + self.queries, self.dim + 1
+        kq, ov = self.layer_circuits(model, params)
         logits, targets, reference = [], [], []
         for batch in batches:
-            inputs = jnp.asarray(batch["inputs"], jnp.float32)
-            if inputs.ndim != 3 or inputs.shape[1:] != (length, width):
-                raise ValueError(
-                    f"prompts of shape {inputs.shape}; expected [B, {length}, {width}] (context={self.context}, "
-                    f"queries={self.queries}, dim={self.dim})"
-                )
+            inputs = self.prompt_inputs(batch)
             logits.append(np.asarray(predict(model, params, inputs, self.context), np.float64))
             targets.append(np.asarray(batch["targets"], np.float64))
             reference.append(gd_logits(np.asarray(inputs), self.context))
@@ -204,28 +161,10 @@ class SoftmaxRegressionICL(Evaluator):
             "ov": ov.tolist(),
         }
 
-    def plot(self, result: dict[str, Any], path: str) -> None:
-        plt = pyplot()
-        fig, axes = plt.subplots(1, 4, figsize=(22, 4.5), gridspec_kw={"width_ratios": [1, 1, 1.3, 1.3]})
+    def headline(self, result: dict[str, Any]) -> str:
         loss = result["loss"]
-        if "curve" in result:
-            axes[0].plot(result["curve"]["step"], result["curve"]["loss"], label="training loss (model)")
-            for name, style in (("gd", "--"), ("uniform", "-.")):
-                axes[0].axhline(loss[name], ls=style, color="k", lw=0.8, label=f"{name} {loss[name]:.3g}")
-            axes[0].set(xlabel="step", ylabel="1/2 |f - b'|^2", ylim=(0, 1.1 * loss["uniform"]), title="training loss")
-            axes[0].legend(fontsize=7)
-            dynamics_plot(axes[1], result["curve"])
-        else:
-            axes[1].axis("off")
-            axes[0].bar(range(3), [loss[name] for name in ("model", "gd", "uniform")])
-            axes[0].set(xticks=range(3), ylabel="1/2 |f - b'|^2", title="held-out loss")
-            axes[0].set_xticklabels(["model", "gd", "uniform"])
-        circuit_plot(axes[2:], result)
-        fig.suptitle(
+        return (
             f"softmax_regression_icl [177]: model {loss['model']:.3g} vs one GD step {loss['gd']:.3g} "
             f"(eta {result['step_size']:.3g}); GD logits explain {result['agreement']['explained']:.3f}, "
             f"prediction gap {result['prediction_gap']:.3g}"
         )
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
