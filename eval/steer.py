@@ -30,10 +30,6 @@ and a PNG with the same stem. Bad input ends with one line on stderr and exit st
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -51,38 +47,30 @@ from attn.steer import soft_injection as soft_lib
 from attn.steer.common import HeadConfig
 
 from . import steer_vlm
-from .analysis.evaluator import layer_head_heatmap, layer_of, pyplot, unboxed
-from .trainer_api import make_source, source_class
+from .analysis.evaluator import layer_head_heatmap, layer_of, pyplot
+from .results import write_report
+from .steer_harness import (
+    DEVICE,
+    accuracy_bars,
+    answer_accuracy,
+    check_rows,
+    held_out_source,
+    measured,
+    system_records,
+    trained_model,
+)
+from .trainer_api import source_class
 
 EmphasisSource = source_class("emphasis_qa")
 
 CONFIG = "configs/steer_emphasis.py"
-DEVICE = "CPU, 2 cores shared with other jobs"
 
 
 # ---------------------------------------------------------------------------------------------------- model
-def trained_model(workdir: str, config: str = CONFIG) -> tuple[Any, Any, dict[str, Any]]:
-    """(DecoderLM, params, info) of the run in `workdir`, trained there first from `config` (a config file, with
-    an optional ":preset") when it holds no checkpoint."""
-    from .trainer_api import load_config_file, load_run, train
-
-    info: dict[str, Any] = {"workdir": os.path.abspath(workdir), "config": config}
-    checkpoints = os.path.join(workdir, "checkpoints")
-    if not (os.path.isdir(checkpoints) and os.listdir(checkpoints)):
-        start = time.perf_counter()
-        train(load_config_file(config), workdir)
-        info["train_seconds"] = round(time.perf_counter() - start, 1)
-    run = load_run(workdir)
-    info.update(step=run.step, config_data=run.config.data.to_dict())
-    return run.task.model, unboxed(run.model_params), info
-
-
 def rows(config: dict[str, Any], fmt: str, count: int, seed: int) -> dict[str, np.ndarray]:
     """`count` emphasis_qa rows of format `fmt` (one batch) from seed `seed`, with their "source"."""
-    options = {k: v for k, v in config.items() if k in EmphasisSource.OPTIONS}
-    seq_len = 3 * options["num_sentences"] + 3 * options["num_questions"] - 1
-    options["format"] = fmt
-    source = make_source("emphasis_qa", split="valid", batch_size=count, seq_len=seq_len, seed=seed, **options)
+    seq_len = 3 * config["num_sentences"] + 3 * config["num_questions"] - 1
+    source = held_out_source("emphasis_qa", config, count, seed, seq_len=seq_len, format=fmt)
     return {**source.next_batch(), "source": source}
 
 
@@ -155,10 +143,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     seq_len = test["inputs"].shape[1]
     n = data["num_sentences"]
     result: dict[str, Any] = {"tool": "steer", "device": DEVICE, "model": info, "options": vars(args)}
-    result["systems"] = {name: {"paper": s.paper, "fidelity": s.fidelity, "reference": s.reference,
-                                "no_op": s.no_op} for name, s in STEERERS.items()}  # fmt: skip
-    mix_pred = np.asarray(jnp.argmax(last_logits(model, params, train_mix["inputs"]), axis=-1))
-    result["training_mixture_accuracy"] = float(np.mean(mix_pred == train_mix["targets"][:, -1]))
+    result["systems"] = system_records(list(STEERERS))
+    result["training_mixture_accuracy"] = answer_accuracy(last_logits(model, params, train_mix["inputs"]), train_mix)
     result["baseline"] = answer_stats(last_logits(model, params, test["inputs"]), test)
 
     # pasta: the marked sentence is the emphasised span
@@ -287,11 +273,9 @@ def plot(result: dict[str, Any], path: str) -> None:
         result["act"]["accuracy"],
         result["act"]["all_heads_accuracy"],
     ]
-    axes[0].bar(range(len(values)), values, color=["grey", "C0", "C1", "C2", "C2"])
-    axes[0].set_xticks(range(len(values)), names, rotation=25, ha="right", fontsize=8)
-    axes[0].set(ylim=(0, 1), ylabel="accuracy (marked sentence's value)", title="conflict questions")
-    for i, v in enumerate(values):
-        axes[0].text(i, v + 0.02, f"{v:.2f}", ha="center", fontsize=8)
+    colors = ["grey", "C0", "C1", "C2", "C2"]
+    ylabel = "accuracy (marked sentence's value)"
+    accuracy_bars(axes[0], names, values, colors, rotation=25, ylabel=ylabel, title="conflict questions")
     before, after = result["act"]["sinks_before"]["hidden"], result["act"]["sinks_after_all_heads"]["hidden"]
     top = max(max(map(max, before)), 1e-6)
     layer_head_heatmap(axes[1], before, "hidden-sink mass, no calibration", "mass", vmin=0, vmax=top)
@@ -337,32 +321,23 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     for name, default in zip(("workdir", "config", "output"), defaults, strict=True):
         if getattr(args, name) is None:
             setattr(args, name, default)
-    for name in ("rows", "profile_rows"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+    check_rows(args, ("rows", "profile_rows"))
     return args
 
 
+def measure_any(args: argparse.Namespace) -> dict[str, Any]:
+    """The decoder's systems (measure), or with --vlm the VLM's (eval.steer_vlm.measure_vlm); "device" added."""
+    result = steer_vlm.measure_vlm(args, trained_model) if args.vlm else measure(args)
+    result["device"] = DEVICE
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    try:
-        args = parse(argv)
-        start = time.perf_counter()
-        result = steer_vlm.measure_vlm(args, trained_model) if args.vlm else measure(args)
-        result["device"] = DEVICE
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-    result["measure_seconds"] = round(time.perf_counter() - start, 1)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
-    if not args.no_plot:
-        (steer_vlm.plot_vlm if args.vlm else plot)(result, os.path.splitext(args.output)[0] + ".png")
+    args, result = measured(argv, parse, measure_any)
     systems = ("baseline", *steer_vlm.VLM_SYSTEMS) if args.vlm else ("baseline", "pasta", "autopasta", "act")
     summary = {k: result[k]["accuracy"] for k in systems}
-    print(f"eval.steer: accuracy {summary}; wrote {args.output}")
-    return result
+    plot_fn = None if args.no_plot else (steer_vlm.plot_vlm if args.vlm else plot)
+    return write_report(result, args.output, plot=plot_fn, table=lambda _: f"eval.steer: accuracy {summary}")
 
 
 if __name__ == "__main__":

@@ -33,32 +33,19 @@ import numpy as np
 
 import attn
 from attn.interventions import run_with_cache
-from attn.steer import STEERERS, Carve, Damro, ImbalanceFix, Var, Vhr
+from attn.steer import Carve, Damro, ImbalanceFix, Var, Vhr
 from attn.steer import damro as damro_lib
 from attn.steer import var as var_lib
 from attn.steer import vhr as vhr_lib
 from attn.steer.vision import DECODER_SELF_ATTENTION, num_image_tokens
 
 from .analysis.evaluator import layer_head_heatmap, pyplot
-from .trainer_api import make_source, source_class
+from .steer_harness import accuracy_bars, question_rows, system_records
+from .steer_harness import answer_accuracy as accuracy
 
 CONFIG = "configs/steer_vlm.py"
 VLM_SYSTEMS = ("var", "vhr", "damro", "imbalance_fix", "carve")
 DEFAULTS = ("runs/steer_vlm", CONFIG, "benchmarks/results/steer_vlm_cpu.json")  # --workdir, --config, --output
-QuestionSource = source_class("image_questions")
-
-
-def question_rows(config_data: dict[str, Any], count: int, seed: int) -> dict[str, np.ndarray]:
-    """`count` held-out image questions (one batch): images, inputs, targets."""
-    options = {k: v for k, v in config_data.items() if k in QuestionSource.OPTIONS}
-    source = make_source("image_questions", split="valid", batch_size=count, seed=seed, **options)
-    return source.next_batch()
-
-
-def accuracy(logits: jax.Array, batch: dict[str, np.ndarray]) -> float:
-    """Share of rows whose last-position argmax is the answer (logits [B, V] or [B, T, V])."""
-    last = logits[:, -1] if logits.ndim == 3 else logits
-    return float(np.mean(np.asarray(jnp.argmax(last, axis=-1)) == batch["targets"][:, -1]))
 
 
 def attention_maps(model: Any, params: Any, images: jax.Array, tokens: jax.Array, rules: Any = ()) -> list[jax.Array]:
@@ -84,8 +71,7 @@ def measure_vlm(args: argparse.Namespace, trained_model: Any) -> dict[str, Any]:
     n = num_image_tokens(model, images)
     span = (0, n)
     result: dict[str, Any] = {"tool": "steer --vlm", "model": info, "options": vars(args), "image_tokens": n}
-    result["systems"] = {name: {k: getattr(STEERERS[name], k) for k in ("paper", "fidelity", "reference", "no_op")}
-                         for name in VLM_SYSTEMS}  # fmt: skip
+    result["systems"] = system_records(VLM_SYSTEMS)
 
     def logits(rules: Any = (), images: jax.Array = images) -> jax.Array:
         return jax.jit(lambda p, x, t: _apply(model, p, x, t, rules))(params, images, tokens)
@@ -190,11 +176,8 @@ def plot_vlm(result: dict[str, Any], path: str) -> None:
         result["carve"]["accuracy"],
         result["carve"]["attention_mask_accuracy"],
     ]
-    axes[0].bar(range(len(values)), values, color=["grey"] + [f"C{i}" for i in range(len(values) - 1)])
-    axes[0].set_xticks(range(len(values)), names, rotation=30, ha="right", fontsize=8)
-    axes[0].set(ylim=(0, 1), ylabel="accuracy", title="image questions (chance 0.25)")
-    for i, v in enumerate(values):
-        axes[0].text(i, v + 0.02, f"{v:.2f}", ha="center", fontsize=8)
+    colors = ["grey"] + [f"C{i}" for i in range(len(values) - 1)]
+    accuracy_bars(axes[0], names, values, colors, rotation=30, ylabel="accuracy", title="image questions (chance 0.25)")
     var = result["var"]
     top = max(max(map(max, var["sink_mass_before"])), 1e-6)
     layer_head_heatmap(axes[1], var["sink_mass_before"], "visual-sink mass, no steering", "mass", vmin=0, vmax=top)

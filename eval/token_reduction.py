@@ -26,10 +26,6 @@ PNG with the same stem. Bad input ends with one line on stderr and exit status 2
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,29 +33,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attn.steer import STEERERS, GSearch, VmtcCmai, VtcCls, ZipVL
+from attn.steer import GSearch, VmtcCmai, VtcCls, ZipVL
 from attn.steer import g_search as g_lib
 from attn.steer import visual_tokens as vt
 
 from .analysis.evaluator import pyplot
-from .steer import trained_model
-from .trainer_api import make_source, source_class
+from .results import write_report
+from .steer_harness import DEVICE, answer_accuracy, check_rows, measured, system_records, trained_model
+from .steer_harness import question_rows as questions
 
 CONFIG = "configs/token_reduction.py"
-DEVICE = "CPU, 2 cores shared with other jobs"
 SYSTEMS = ("random", "stride", "vtc_cls", "vmtc", "vmtc_cmai", "g_search", "zipvl")
-
-
-def questions(config: dict[str, Any], count: int, seed: int) -> dict[str, np.ndarray]:
-    """`count` held-out image questions (one batch) from seed `seed`."""
-    options = {k: v for k, v in config.items() if k in source_class("image_questions").OPTIONS}
-    return make_source("image_questions", split="valid", batch_size=count, seed=seed, **options).next_batch()
 
 
 def accuracy(model: Any, params: Any, reduction: vt.Reduction, batch: dict[str, np.ndarray]) -> float:
     """The share of answers (the last position's argmax) equal to the target."""
-    logits = vt.reduced_logits(model, params, reduction, jnp.asarray(batch["inputs"]))
-    return float(np.mean(np.asarray(jnp.argmax(logits[:, -1], axis=-1)) == batch["targets"][:, -1]))
+    return answer_accuracy(vt.reduced_logits(model, params, reduction, jnp.asarray(batch["inputs"])), batch)
 
 
 def kept_prefix(model: Any, params: Any, images: jax.Array, indices: jax.Array) -> vt.Reduction:
@@ -94,10 +83,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     n = vt.image_tokens(model, params, images[:1]).shape[1]
     result: dict[str, Any] = {"tool": "token_reduction", "device": DEVICE, "model": info, "options": vars(args)}
     result["image_tokens"] = int(n)
-    result["systems"] = {
-        name: {k: getattr(STEERERS[name], k) for k in ("paper", "fidelity", "reference", "no_op")}
-        for name in ("vtc_cls", "zipvl", "g_search", "vmtc_cmai")
-    }
+    result["systems"] = system_records(("vtc_cls", "zipvl", "g_search", "vmtc_cmai"))
     curves: dict[str, list[dict[str, Any]]] = {name: [] for name in SYSTEMS}
     rows = images.shape[0]
 
@@ -197,9 +183,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--tolerance", type=float, default=0.01, help="G-Search: accuracy drop allowed")
     parser.add_argument("--no-plot", action="store_true", help="write only the JSON")
     args = parser.parse_args(argv)
-    for name in ("rows", "calibration_rows"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+    check_rows(args, ("rows", "calibration_rows"))
     for budget in args.budgets:
         vt.check_ratio("--budgets", budget)
     for tau in args.taus:
@@ -208,23 +192,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    try:
-        args = parse(argv)
-        start = time.perf_counter()
-        result = measure(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-    result["measure_seconds"] = round(time.perf_counter() - start, 1)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
-    if not args.no_plot:
-        plot(result, os.path.splitext(args.output)[0] + ".png")
+    args, result = measured(argv, parse, measure)
     summary = {name: [round(p["accuracy"], 3) for p in points] for name, points in result["curves"].items()}
-    print(f"eval.token_reduction: accuracy per budget {summary}; wrote {args.output}")
-    return result
+    line = f"eval.token_reduction: accuracy per budget {summary}"
+    return write_report(result, args.output, plot=None if args.no_plot else plot, table=lambda _: line)
 
 
 if __name__ == "__main__":
