@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from .evaluator import Evaluator, pyplot
-from .icl_regression import check_positive
+from .icl_layer import check_positive
 
 FIDELITY_LEVEL = float(np.sqrt(0.5))  # cosine 1/sqrt(2): crosstalk as strong as the signal ((N - 1) / d_k = 1)
 

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .evaluator import Evaluator, attention_maps, forward, is_task, pyplot
-from .icl_regression import check_positive
+from .icl_layer import check_positive
 from .stiffness import spearman
 
 METHODS = ("attention", "rollout", "saliency", "grad_input", "integrated_gradients", "occlusion")

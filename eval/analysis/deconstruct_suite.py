@@ -55,7 +55,7 @@ from attn.core.masks import Mask
 from attn.softmax.multi_head import MultiHeadAttention
 
 from .evaluator import Evaluator, is_task, pyplot, unboxed
-from .icl_regression import check_positive, fit
+from .icl_layer import check_positive, fit
 
 Array = jax.Array
 

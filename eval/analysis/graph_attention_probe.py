@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from .evaluator import Evaluator, attention_maps, layer_head_heatmap, pyplot
-from .icl_regression import check_positive
+from .icl_layer import check_positive
 from .stiffness import spearman
 
 

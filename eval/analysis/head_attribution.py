@@ -54,7 +54,7 @@ from .evaluator import (
     pyplot,
 )
 from .head_patching import patched_logit_difference
-from .icl_regression import check_positive
+from .icl_layer import check_positive
 
 OPERATORS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 ENCODINGS = ("bytes", "compact")

@@ -52,15 +52,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# The single-layer plumbing lives in icl_layer; the names other tools and tests import from here stay importable.
-from .icl_layer import (  # noqa: F401
+from .icl_layer import (
     InContextLayerTool,
     check_positive,
-    circuit_plot,
-    circuits,
-    context_layer,
-    dynamics_plot,
-    fit,
     head_patterns,
     predict,
 )

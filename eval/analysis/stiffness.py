@@ -42,7 +42,7 @@ import numpy as np
 from attn.models.block import TransformerBlock
 
 from .evaluator import Evaluator, forward, pyplot
-from .icl_regression import check_positive
+from .icl_layer import check_positive
 
 
 def spectrum_stats(eigenvalues: np.ndarray, tolerance: float) -> dict[str, float]:

@@ -9,7 +9,8 @@ import pytest
 
 from eval.analysis import TOOLS
 from eval.analysis.__main__ import main
-from eval.analysis.icl_regression import ICLRegression, closed_forms, context_layer, predict, regression_prompts
+from eval.analysis.icl_layer import context_layer, predict
+from eval.analysis.icl_regression import ICLRegression, closed_forms, regression_prompts
 
 DIM, CONTEXT, OMEGA = 3, 8, 0.02
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from eval.analysis import TOOLS
-from eval.analysis.icl_regression import context_layer
+from eval.analysis.icl_layer import context_layer
 from eval.analysis.softmax_regression_icl import SoftmaxRegressionICL, gd_logits, softmax_prompts
 
 DIM, CONTEXT, QUERIES, OMEGA = 3, 8, 3, 0.02
