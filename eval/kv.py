@@ -37,8 +37,9 @@ cache (the run's softmax attention) is always measured first; the plot's x axis 
 
 `--workdir` takes several runs separated by commas (e.g. a text model for perplexity and a retrieval model): one
 report, every entry naming its run. Writes JSON to <workdir>/eval_kv.json (and --output), and the leaderboard PNG next
-to each (score against cache bytes, one line per policy, one panel per run and task). Contexts of 2K-4K decode too
-slowly on a 2-core CPU (every token of every policy x budget is a separate step): use a GPU there.
+to each (score against cache bytes, one line per policy, one panel per run and task). Every decoded token of every
+policy x budget is a separate step, so at 2K-4K on a CPU prefill most of the context (`--prompt`): the README's 2K
+grids (2048 bytes, prefill 2043 or 1792) take 11-12 minutes on 2 cores.
 
 `--checkpoint HF_DIR` (a Hugging Face directory: GPT-2, Llama, Qwen2 or Mistral, loaded by `attn.pretrained.load`
 with its tokenizer.json) runs the same grid on an imported model, the policies swapped into its softmax layers the
