@@ -70,6 +70,9 @@ Presets (`--config configs/kv_retrieval.py:<preset>`):
   recall_curriculum  stage 2: the `recall` preset's data (vocabulary 64, 8 pairs, 32 random queries, 128 tokens) with
           4 heads of 16 and lr 3e-3, starting from the parameters of the recall_warmup run (init_from, fresh
           optimizer). This is the model that recalls (commands and figures below).
+  recall_long        stage 3: the same data at 2048 tokens (8 pairs, then 32 random queries anywhere in the 2032
+          slots after them), 8 rows a step, lr 1e-3, from the recall_curriculum run (init_from); the 2K MQAR model of
+          eval.kv (see "At 2K" below).
 
 The recall curriculum (the first 128-token model here that recalls instead of guessing among the context's values):
 
@@ -100,6 +103,14 @@ minutes wall, load ~1-2): full cache accuracy 1.000; at budget 0.5 / 0.2 / 0.1: 
 entry: cache bytes 1.125x the full cache's); kivi 0.928 (0.313 of the bytes), zipcache 0.986 (0.366), zipvl_cache
 0.994 (0.608). Even a budget of 0.1 stays above 1/8: queries repeat keys (32 queries of 8 pairs), so an earlier
 query's answer often sits in the recent window.
+At 2K (recall_long, measured 2026-12-07 on the 2 shared cores, load 2-4: 3.0-5.2 s/step):
+
+    python -m train --config configs/kv_retrieval.py:recall_long --workdir runs/kv_recall_2k  # init_from runs/kv_recall
+
+The 128-token model does not transfer by itself (at 512 tokens it recalls 0.570, the first query always; at 2048 the
+first logged training loss is 4.3 nats); continued at 2048 tokens it recalls again: eval accuracy 0.962 at step 100
+(loss 0.146) and 0.996 at step 200 (loss 0.012; 1024 recalls). Stopped with SIGTERM at step 221 (14 minutes wall) to
+leave CPU time for the grid; the preset's 400 steps are more than needed.
 Failed probes on the way (recall data, random queries, all from scratch unless noted; eval accuracy by step):
   --config.data.num_kv_pairs=2 (128 tokens)                       0.556 at 100, 0.534 at 200 (chance 0.5; loss
                                                                   0.97 > ln 2), stopped at 247 (2-3.4 s/step)
@@ -122,7 +133,7 @@ from ml_collections import ConfigDict
 
 from configs import common
 
-PRESETS = ("", "smoke", "mqar512", "recall", "recall_warmup", "recall_curriculum")
+PRESETS = ("", "smoke", "mqar512", "recall", "recall_warmup", "recall_curriculum", "recall_long")
 
 
 def get_config(arg: str | None = None) -> ConfigDict:
@@ -166,10 +177,10 @@ def get_config(arg: str | None = None) -> ConfigDict:
         model.vocab_size = 256
         config.optimizer.learning_rate = 3e-3
         config.optimizer.warmup_steps = 60
-    if preset in ("recall", "recall_warmup", "recall_curriculum"):
+    if preset in ("recall", "recall_warmup", "recall_curriculum", "recall_long"):
         config.data.query_keys = "random"  # each query asks any pair (with replacement): no elimination shortcut
         config.data.num_queries = 32  # 32 of the 56 query slots: 4x the answers per row of the default
-    if preset in ("recall_warmup", "recall_curriculum"):
+    if preset in ("recall_warmup", "recall_curriculum", "recall_long"):
         config.total_steps = 1500  # warmup: solved by step 300; curriculum: 0.89 at 900 (see the docstring)
         model.num_heads = 4  # 16-wide heads (the passkey decoder's shape, which found its recall quickly)
         config.optimizer.learning_rate = 3e-3  # the passkey decoder's rate
@@ -182,6 +193,16 @@ def get_config(arg: str | None = None) -> ConfigDict:
         config.data.vocab_size = 16  # keys from [1, 8), values from [8, 16): 7 keys to tell apart (the model keeps 64)
     if preset == "recall_curriculum":
         config.init_from = "runs/kv_recall_warmup"  # the recall_warmup run's workdir (parameters, fresh optimizer)
+    if preset == "recall_long":
+        config.init_from = "runs/kv_recall"  # the recall_curriculum run's workdir (parameters, fresh optimizer)
+        config.seq_len = 2048  # 16 tokens of pairs, then 32 queries over the remaining 2032
+        config.batch_size = 8  # rows per step (8 x 32 = 256 answers)
+        config.total_steps = 400  # 0.96 eval accuracy at step 100 (see the docstring)
+        config.log_every = 10  # steps between train-metric logs (3-5 s a step)
+        config.eval_every = 100  # four evaluations
+        config.checkpoint_every = 50  # a restart loses at most 50 steps
+        config.optimizer.learning_rate = 1e-3  # below stage 2's: the circuit exists, it only has to reach 2K
+        config.optimizer.warmup_steps = 20  # 5% of the run
     if preset == "smoke":
         config.total_steps = 4
         config.batch_size = 8
